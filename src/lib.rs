@@ -1,0 +1,5 @@
+pub mod crdt;
+pub mod ids;
+pub mod op;
+pub mod store;
+pub mod net;

@@ -1,0 +1,1 @@
+//! libp2p behaviours and wire formats (see the swarm issue).

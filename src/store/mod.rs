@@ -1,0 +1,189 @@
+//! The replicated state on disk: op log, registers, counters, leases, version vector and state root,
+//! in one redb database.
+//!
+//! Reads go straight to redb (readers never block the writer). All writes go through one writer thread
+//! ([`writer`]) that group-commits: it takes every request queued while the previous commit was being
+//! made, applies them in one transaction (log + state + version vector together) and answers each
+//! request only after the commit is durable.
+//!
+//! Must never depend on: the network, the sync logic or the node.
+
+mod apply;
+mod error;
+mod read;
+pub mod root;
+mod tables;
+mod vv;
+mod writer;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, RwLock};
+
+use redb::{Database, ReadableDatabase, ReadableTable};
+use tokio::sync::watch;
+
+use crate::crdt::Hlc;
+use crate::ids::{Origin, Seq, StateRoot};
+use crate::op::ChainHash;
+use tables::*;
+
+pub use apply::Effect;
+pub use error::StoreError;
+pub use read::{ListPage, LogReport};
+pub use root::Buckets;
+pub use vv::VersionVector;
+pub use writer::{
+    AppliedOp, CommitEvent, LocalIntent, RemoteOutcome, WriteHandle, WriterConfig, WriterError,
+};
+
+/// Where each origin's log stands: highest contiguous seq and the chain hash there.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct OriginProgress {
+    pub seq: Seq,
+    pub chain: ChainHash,
+}
+
+/// The part of the state kept in memory and shared with readers: always the state of the last
+/// committed transaction.
+#[derive(Debug, Clone, Default)]
+pub struct Mirror {
+    pub progress: BTreeMap<Origin, OriginProgress>,
+    pub buckets: Buckets,
+    pub hlc: Hlc,
+}
+
+impl Mirror {
+    pub fn version_vector(&self) -> VersionVector {
+        VersionVector(self.progress.iter().map(|(o, p)| (*o, p.seq)).collect())
+    }
+}
+
+/// Read access to the store. Cloneable; cheap to share.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    /// The state as of the last commit; written only by the writer thread.
+    mirror: Arc<RwLock<Mirror>>,
+    /// The version vector as of the last commit, for callers waiting until a write is applied.
+    vv_watch: Arc<watch::Sender<VersionVector>>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store").finish_non_exhaustive()
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the database at `path` and loads the in-memory mirror.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let db = Database::create(path).map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
+        let txn = db.begin_write()?;
+        {
+            let mut meta = txn.open_table(META)?;
+            let found = meta.get(META_FORMAT)?.map(|v| be_u64(v.value()));
+            match found {
+                None => {
+                    meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
+                }
+                Some(Ok(v)) if v == FORMAT_VERSION => {}
+                Some(v) => return Err(StoreError::Format { path: path.to_owned(), found: v.ok() }),
+            }
+            txn.open_table(OPLOG)?;
+            txn.open_table(HEADS)?;
+            txn.open_table(REGISTERS)?;
+            txn.open_table(COUNTERS)?;
+            txn.open_table(LEASES)?;
+            txn.open_table(VERSION_VECTOR)?;
+            txn.open_table(LOG_FLOORS)?;
+            txn.open_table(BUCKETS)?;
+        }
+        txn.commit()?;
+        let db = Arc::new(db);
+        let mirror = load_mirror(&db)?;
+        let vv_watch = Arc::new(watch::Sender::new(mirror.version_vector()));
+        Ok(Store { db, mirror: Arc::new(RwLock::new(mirror)), vv_watch })
+    }
+
+    /// A copy of the in-memory view of the last commit.
+    pub fn mirror(&self) -> Mirror {
+        self.mirror.read().expect("mirror lock").clone()
+    }
+
+    pub fn version_vector(&self) -> VersionVector {
+        self.mirror.read().expect("mirror lock").version_vector()
+    }
+
+    /// The state root and the version vector it belongs to, read together.
+    pub fn state_root(&self) -> (StateRoot, VersionVector) {
+        let m = self.mirror.read().expect("mirror lock");
+        (m.buckets.root(), m.version_vector())
+    }
+
+    /// Follows the version vector: changes after each commit that applied ops.
+    pub fn watch_version_vector(&self) -> watch::Receiver<VersionVector> {
+        self.vv_watch.subscribe()
+    }
+
+    pub(crate) fn db(&self) -> &Database {
+        &self.db
+    }
+}
+
+/// Loads the mirror from the committed tables (at open, and after a failed commit).
+fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
+    let txn = db.begin_read()?;
+    let mut mirror = Mirror::default();
+    for row in txn.open_table(VERSION_VECTOR)?.iter()? {
+        let (k, v) = row?;
+        let origin = origin_from_bytes(k.value())?;
+        mirror.progress.insert(origin, decode_progress(v.value())?);
+    }
+    for row in txn.open_table(BUCKETS)?.iter()? {
+        let (k, v) = row?;
+        let idx = k.value() as usize;
+        let hash: [u8; 32] = v.value().try_into().map_err(|_| StoreError::Corrupt(format!("bucket {idx} is not 32 bytes")))?;
+        *mirror.buckets.0.get_mut(idx).ok_or_else(|| StoreError::Corrupt(format!("bucket index {idx} out of range")))? = hash;
+    }
+    if let Some(v) = txn.open_table(META)?.get(META_HLC)? {
+        mirror.hlc = decode_hlc(v.value())?;
+    }
+    Ok(mirror)
+}
+
+pub(crate) fn origin_from_bytes(bytes: &[u8]) -> Result<Origin, StoreError> {
+    Origin::from_bytes(bytes).map_err(|_| StoreError::Corrupt("stored origin is not a valid peer id".into()))
+}
+
+fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| StoreError::Corrupt("expected 8 bytes".into()))?))
+}
+
+pub(crate) fn encode_progress(p: &OriginProgress) -> [u8; 40] {
+    let mut out = [0; 40];
+    out[..8].copy_from_slice(&p.seq.0.to_be_bytes());
+    out[8..].copy_from_slice(&p.chain.0);
+    out
+}
+
+pub(crate) fn decode_progress(bytes: &[u8]) -> Result<OriginProgress, StoreError> {
+    if bytes.len() != 40 {
+        return Err(StoreError::Corrupt("version vector entry is not 40 bytes".into()));
+    }
+    Ok(OriginProgress { seq: Seq(be_u64(&bytes[..8])?), chain: ChainHash(bytes[8..].try_into().expect("32 bytes")) })
+}
+
+pub(crate) fn encode_hlc(h: Hlc) -> [u8; 12] {
+    let mut out = [0; 12];
+    out[..8].copy_from_slice(&h.wall_ms.to_be_bytes());
+    out[8..].copy_from_slice(&h.logical.to_be_bytes());
+    out
+}
+
+fn decode_hlc(bytes: &[u8]) -> Result<Hlc, StoreError> {
+    if bytes.len() != 12 {
+        return Err(StoreError::Corrupt("stored hlc is not 12 bytes".into()));
+    }
+    Ok(Hlc::new(be_u64(&bytes[..8])?, u32::from_be_bytes(bytes[8..].try_into().expect("4 bytes"))))
+}

@@ -1,0 +1,44 @@
+//! Every redb table peersync keeps, in one place. Each name carries a format version (`_v1`) so a
+//! later format can migrate table by table. Byte layouts are described beside each constant; integers
+//! inside values are big-endian.
+
+use redb::TableDefinition;
+
+/// Op log. Key: (origin peer id bytes, seq). Value: 32-byte chain hash after the op, then the op's
+/// canonical bytes. Holds seqs `floor+1 ..= vv[origin]` of every origin, contiguous.
+pub(crate) const OPLOG: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("oplog_v1");
+
+/// Signed heads. Key: (origin peer id bytes, seq). Value: the origin's 64-byte ed25519 signature over
+/// its chain hash at that seq (the chain hash itself is in `OPLOG`). One per batch the origin signed.
+pub(crate) const HEADS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("signed_heads_v1");
+
+/// Register state. Key: (register name, key bytes). Value: postcard `crdt::RegisterValue`.
+pub(crate) const REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("registers_v1");
+
+/// Counter state. Key: (counter name, key bytes). Value: postcard `crdt::PnCounter`.
+pub(crate) const COUNTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("counters_v1");
+
+/// Lease state. Key: (lease name, key bytes). Value: postcard `crdt::LeaseState`.
+pub(crate) const LEASES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("leases_v1");
+
+/// Version vector. Key: origin peer id bytes. Value: 8-byte highest contiguous seq applied, then the
+/// 32-byte chain hash at that seq.
+pub(crate) const VERSION_VECTOR: TableDefinition<&[u8], &[u8]> = TableDefinition::new("version_vector_v1");
+
+/// Log floors. Key: origin peer id bytes. Value: highest seq compacted out of `OPLOG` (0 = none).
+pub(crate) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new("log_floors_v1");
+
+/// State-root buckets. Key: bucket index. Value: 32-byte XOR of the entry hashes in the bucket.
+pub(crate) const BUCKETS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
+
+/// Node metadata. Key: one of the `META_*` names. Value: as described at each name.
+pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
+
+/// 8-byte on-disk format version; see [`FORMAT_VERSION`].
+pub(crate) const META_FORMAT: &str = "format_version";
+/// The greatest HLC issued or observed: 8-byte wall ms, 4-byte logical. Keeps the clock monotonic
+/// across restarts even if the wall clock went back.
+pub(crate) const META_HLC: &str = "hlc";
+
+/// Format version written by this build; a database with another version is refused.
+pub(crate) const FORMAT_VERSION: u64 = 1;

@@ -1,0 +1,458 @@
+//! The single writer: a thread that group-commits local writes and remote op batches.
+//!
+//! Requests queue on a bounded channel. The thread takes the first, then every request already queued
+//! (up to [`WriterConfig::max_group_ops`]), applies them all in one redb transaction and answers each
+//! one only after the commit is durable. Under load many writes share one fsync; an idle writer
+//! commits a lone request at once, so grouping adds no waiting.
+//!
+//! Local ops are numbered, stamped and threaded into this node's hash chain here, and the chain head
+//! is signed every [`WriterConfig::batch_max_ops`] ops or [`WriterConfig::batch_max_bytes`] bytes,
+//! so the batches published afterwards stay under the gossip size limit.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cid::Cid;
+use serde_bytes::ByteBuf;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::apply::{Effect, Tables};
+use super::tables::*;
+use super::{encode_hlc, encode_progress, load_mirror, Mirror, OriginProgress, Store, StoreError};
+use crate::crdt::{decide_lease, HlcClock, LeaseError, LeaseRequest, LeaseState};
+use crate::ids::{Origin, Seq, Token};
+use crate::op::{cid_from_digest, ChainHash, Op, OpBatch, OpBody, Signer, VerifiedBatch};
+
+/// Limits of the writer. Every queue and group is bounded.
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    /// Requests that may wait for the writer; callers wait (backpressure) beyond it. Default 4096.
+    pub queue: usize,
+    /// Ops in one transaction at most; bounds the latency a group adds. Default 16384.
+    pub max_group_ops: usize,
+    /// Local ops under one signed head at most (one published batch). Default 256.
+    pub batch_max_ops: usize,
+    /// Op bytes under one signed head at most, to stay under the gossip transmit limit. Default 48 KiB.
+    pub batch_max_bytes: usize,
+}
+
+impl Default for WriterConfig {
+    fn default() -> Self {
+        WriterConfig { queue: 4096, max_group_ops: 16384, batch_max_ops: 256, batch_max_bytes: 48 * 1024 }
+    }
+}
+
+/// A local mutation asked for by a client.
+#[derive(Debug, Clone)]
+pub enum LocalIntent {
+    Put { register: String, key: Vec<u8>, value: Vec<u8> },
+    Delete { register: String, key: Vec<u8> },
+    CounterAdd { counter: String, key: Vec<u8>, delta: i64 },
+    Lease { lease: String, key: Vec<u8>, request: LeaseRequest },
+}
+
+/// A local op once committed.
+#[derive(Debug, Clone)]
+pub struct AppliedOp {
+    pub token: Token,
+    pub cid: Cid,
+    pub effect: Effect,
+}
+
+/// What became of a remote batch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RemoteOutcome {
+    /// `ops` new ops were applied (the rest of the batch was already here).
+    Applied { ops: usize },
+    /// Every op of the batch was already applied.
+    Duplicate,
+    /// The batch starts after `have + 1`: ops are missing in between. Nothing was applied.
+    Gap { have: Seq, batch_after: Seq },
+    /// The batch does not continue the chain this node holds for its origin: the origin signed two
+    /// different histories, or this node's log is not the origin's. Nothing was applied.
+    Fork { at: Seq },
+}
+
+/// What one commit changed, for subscribers (gossip publishing, events, waiters).
+#[derive(Debug, Clone, Default)]
+pub struct CommitEvent {
+    /// Local ops of this commit, as signed batches ready to publish.
+    pub local_batches: Vec<Arc<OpBatch>>,
+    /// Ranges `(origin, first, last)` of remote ops applied.
+    pub remote: Vec<(Origin, Seq, Seq)>,
+    /// Leases whose state changed: (lease, key, new state).
+    pub leases: Vec<(String, Vec<u8>, LeaseState)>,
+    /// Register writes that arrived after a newer concurrent write and lost, plus writes that
+    /// replaced another origin's value.
+    pub conflicts: u64,
+}
+
+/// Why a write failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum WriterError {
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
+    #[error("write not committed: {0}")]
+    Store(Arc<StoreError>),
+    #[error("the store is shutting down")]
+    Closed,
+}
+
+enum Request {
+    Local { intents: Vec<LocalIntent>, reply: oneshot::Sender<Result<Vec<AppliedOp>, WriterError>> },
+    Remote { batch: VerifiedBatch, reply: oneshot::Sender<Result<RemoteOutcome, WriterError>> },
+}
+
+impl Request {
+    fn ops(&self) -> usize {
+        match self {
+            Request::Local { intents, .. } => intents.len(),
+            Request::Remote { batch, .. } => batch.ops.len(),
+        }
+    }
+}
+
+/// Sends writes to the writer thread. Cloneable.
+#[derive(Clone, Debug)]
+pub struct WriteHandle {
+    tx: mpsc::Sender<Request>,
+}
+
+impl WriteHandle {
+    /// Commits the intents atomically (all or none) and returns one applied op per intent.
+    pub async fn local(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Local { intents, reply }).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// Applies a verified batch of another origin's ops.
+    pub async fn remote(&self, batch: VerifiedBatch) -> Result<RemoteOutcome, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Remote { batch, reply }).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+}
+
+impl Store {
+    /// Starts the writer thread. It stops when every [`WriteHandle`] is dropped.
+    pub fn spawn_writer(
+        &self,
+        signer: Signer,
+        config: WriterConfig,
+        events: broadcast::Sender<Arc<CommitEvent>>,
+    ) -> (WriteHandle, std::thread::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(config.queue.max(1));
+        let mirror = self.mirror();
+        let writer = Writer { store: self.clone(), clock: HlcClock::resume(mirror.hlc), mirror, signer, config, events };
+        let join = std::thread::Builder::new().name("peersync-writer".into()).spawn(move || writer.run(rx)).expect("spawn writer thread");
+        (WriteHandle { tx }, join)
+    }
+}
+
+struct Writer {
+    store: Store,
+    /// Working copy of the mirror; published to readers after each commit.
+    mirror: Mirror,
+    clock: HlcClock,
+    signer: Signer,
+    config: WriterConfig,
+    events: broadcast::Sender<Arc<CommitEvent>>,
+}
+
+/// An answer held back until the commit is durable.
+enum Pending {
+    Local(oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>, Result<Vec<AppliedOp>, WriterError>),
+    Remote(oneshot::Sender<Result<RemoteOutcome, WriterError>>, Result<RemoteOutcome, WriterError>),
+}
+
+/// The local ops of the group not yet under a signed head.
+#[derive(Default)]
+struct OpenBatch {
+    after: Seq,
+    ops: Vec<ByteBuf>,
+    bytes: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Writer {
+    fn run(mut self, mut rx: mpsc::Receiver<Request>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut ops = first.ops();
+            let mut group = vec![first];
+            while ops < self.config.max_group_ops {
+                match rx.try_recv() {
+                    Ok(r) => {
+                        ops += r.ops();
+                        group.push(r);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+        tracing::debug!("writer stopped: every handle dropped");
+    }
+
+    fn commit_group(&mut self, group: Vec<Request>) {
+        let mut event = CommitEvent::default();
+        match self.try_commit(group, &mut event) {
+            Ok(pending) => {
+                *self.store.mirror.write().expect("mirror lock") = self.mirror.clone();
+                let vv = self.mirror.version_vector();
+                self.store.vv_watch.send_replace(vv);
+                for p in pending {
+                    match p {
+                        Pending::Local(tx, r) => drop(tx.send(r)),
+                        Pending::Remote(tx, r) => drop(tx.send(r)),
+                    }
+                }
+                if !(event.local_batches.is_empty() && event.remote.is_empty() && event.leases.is_empty()) {
+                    // No subscriber is fine: a node without network has nobody to publish to.
+                    let _ = self.events.send(Arc::new(event));
+                }
+            }
+            Err((e, pending)) => {
+                tracing::error!(error = %e, "group commit failed; its writes were not acknowledged");
+                let e = Arc::new(e);
+                for p in pending {
+                    match p {
+                        Pending::Local(tx, _) => drop(tx.send(Err(WriterError::Store(e.clone())))),
+                        Pending::Remote(tx, _) => drop(tx.send(Err(WriterError::Store(e.clone())))),
+                    }
+                }
+                // The working copy may hold changes of the rolled-back transaction: reload it.
+                match load_mirror(self.store.db()) {
+                    Ok(m) => self.mirror = m,
+                    Err(e) => tracing::error!(error = %e, "cannot reload the store after a failed commit"),
+                }
+            }
+        }
+    }
+
+    /// Applies and commits a group. On error nothing of the group was committed, and the returned
+    /// reply channels let each caller be told.
+    fn try_commit(&mut self, group: Vec<Request>, event: &mut CommitEvent) -> Result<Vec<Pending>, (StoreError, Vec<Pending>)> {
+        let txn = match self.store.db().begin_write() {
+            Ok(t) => t,
+            Err(e) => return Err((e.into(), group.into_iter().map(abandon).collect())),
+        };
+        let mut pending = Vec::with_capacity(group.len());
+        if let Err(e) = self.apply_group(&txn, group, &mut pending, event) {
+            return Err((e, pending));
+        }
+        match txn.commit() {
+            Ok(()) => Ok(pending),
+            Err(e) => Err((e.into(), pending)),
+        }
+    }
+
+    fn apply_group(
+        &mut self,
+        txn: &redb::WriteTransaction,
+        group: Vec<Request>,
+        pending: &mut Vec<Pending>,
+        event: &mut CommitEvent,
+    ) -> Result<(), StoreError> {
+        let me = self.signer.origin();
+        let mut tables = Tables::open(txn)?;
+        let mut open = OpenBatch::default();
+        let mut touched = BTreeSet::new();
+        let mut requests = group.into_iter();
+        while let Some(request) = requests.next() {
+            let failure = match request {
+                Request::Local { intents, reply } => match self.apply_local(&mut tables, intents, &mut open, event) {
+                    Ok(applied) => {
+                        touched.insert(me);
+                        pending.push(Pending::Local(reply, Ok(applied)));
+                        None
+                    }
+                    Err(LocalFailure::Refused(e)) => {
+                        pending.push(Pending::Local(reply, Err(e.into())));
+                        None
+                    }
+                    Err(LocalFailure::Store(e)) => {
+                        pending.push(Pending::Local(reply, Err(WriterError::Closed)));
+                        Some(e)
+                    }
+                },
+                Request::Remote { batch, reply } => {
+                    let origin = batch.origin;
+                    match self.apply_remote(&mut tables, batch, event) {
+                        Ok(outcome) => {
+                            if matches!(outcome, RemoteOutcome::Applied { .. }) {
+                                touched.insert(origin);
+                            }
+                            pending.push(Pending::Remote(reply, Ok(outcome)));
+                            None
+                        }
+                        Err(e) => {
+                            pending.push(Pending::Remote(reply, Err(WriterError::Closed)));
+                            Some(e)
+                        }
+                    }
+                }
+            };
+            if let Some(e) = failure {
+                pending.extend(requests.map(abandon));
+                return Err(e);
+            }
+        }
+        self.seal_batch(&mut tables, &mut open, event)?;
+        let dirty = std::mem::take(&mut tables.dirty);
+        drop(tables);
+
+        let mut vv = txn.open_table(VERSION_VECTOR)?;
+        for origin in &touched {
+            if let Some(p) = self.mirror.progress.get(origin) {
+                vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
+            }
+        }
+        let mut buckets = txn.open_table(BUCKETS)?;
+        for b in dirty {
+            buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
+        }
+        self.mirror.hlc = self.clock.last();
+        txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
+        Ok(())
+    }
+
+    /// Turns intents into ops of this node and applies them. Lease requests are decided first, so a
+    /// refused request writes nothing.
+    fn apply_local(
+        &mut self,
+        tables: &mut Tables,
+        intents: Vec<LocalIntent>,
+        open: &mut OpenBatch,
+        event: &mut CommitEvent,
+    ) -> Result<Vec<AppliedOp>, LocalFailure> {
+        let now = now_ms();
+        let mut bodies = Vec::with_capacity(intents.len());
+        for intent in intents {
+            bodies.push(match intent {
+                LocalIntent::Put { register, key, value } => OpBody::RegisterPut { register, key, value },
+                LocalIntent::Delete { register, key } => OpBody::RegisterDelete { register, key },
+                LocalIntent::CounterAdd { counter, key, delta } => OpBody::CounterAdd { counter, key, delta },
+                LocalIntent::Lease { lease, key, request } => {
+                    let current = tables.lease(&lease, &key)?;
+                    let grant = decide_lease(current.as_ref(), &request, now).map_err(LocalFailure::Refused)?;
+                    OpBody::LeaseSet { lease, key, holder: grant.holder, token: grant.token, expires_at_ms: grant.expires_at_ms }
+                }
+            });
+        }
+        let me = self.signer.origin();
+        let me_bytes = me.to_bytes();
+        let mut applied = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let prev = self.mirror.progress.get(&me).copied().unwrap_or_default();
+            let op = Op { origin: me, seq: prev.seq.next(), hlc: self.clock.now(now), body };
+            let bytes = op.encode();
+            let digest = *blake3::hash(&bytes).as_bytes();
+            let chain = prev.chain.extend(&digest);
+            let effect = tables.apply(&mut self.mirror.buckets, &op)?;
+            tables.oplog.insert((me_bytes.as_slice(), op.seq.0), log_value(&chain, &bytes).as_slice()).map_err(StoreError::from)?;
+            self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
+            note_effect(event, &op, &effect);
+            if open.ops.is_empty() {
+                open.after = prev.seq;
+            }
+            open.bytes += bytes.len();
+            open.ops.push(ByteBuf::from(bytes));
+            if open.ops.len() >= self.config.batch_max_ops || open.bytes >= self.config.batch_max_bytes {
+                self.seal_batch(tables, open, event)?;
+            }
+            applied.push(AppliedOp { token: op.token(), cid: cid_from_digest(&digest), effect });
+        }
+        Ok(applied)
+    }
+
+    /// Signs the chain head after the open local ops and turns them into a publishable batch.
+    fn seal_batch(&mut self, tables: &mut Tables, open: &mut OpenBatch, event: &mut CommitEvent) -> Result<(), StoreError> {
+        if open.ops.is_empty() {
+            return Ok(());
+        }
+        let me = self.signer.origin();
+        let p = self.mirror.progress[&me];
+        let head = self.signer.sign_head(p.seq, p.chain);
+        tables.heads.insert((me.to_bytes().as_slice(), p.seq.0), head.signature.as_slice())?;
+        let ops = std::mem::take(&mut open.ops);
+        open.bytes = 0;
+        event.local_batches.push(Arc::new(OpBatch { after: open.after, ops, head }));
+        Ok(())
+    }
+
+    /// Applies the part of a verified batch this node does not have yet.
+    fn apply_remote(&mut self, tables: &mut Tables, batch: VerifiedBatch, event: &mut CommitEvent) -> Result<RemoteOutcome, StoreError> {
+        let origin = batch.origin;
+        let have = self.mirror.progress.get(&origin).copied().unwrap_or_default();
+        let after = Seq(batch.ops[0].op.seq.0 - 1);
+        if batch.head.seq <= have.seq {
+            return Ok(RemoteOutcome::Duplicate);
+        }
+        if after > have.seq {
+            return Ok(RemoteOutcome::Gap { have: have.seq, batch_after: after });
+        }
+        let new = &batch.ops[(have.seq.0 - after.0) as usize..];
+        if have.chain.extend(&new[0].digest) != new[0].chain {
+            return Ok(RemoteOutcome::Fork { at: new[0].op.seq });
+        }
+        let origin_bytes = origin.to_bytes();
+        let horizon = now_ms().saturating_add(MAX_CLOCK_AHEAD_MS);
+        for v in new {
+            // A remote clock far ahead would drag this node's clock with it; apply, but don't follow.
+            if v.op.hlc.wall_ms <= horizon {
+                self.clock.observe(v.op.hlc);
+            }
+            let effect = tables.apply(&mut self.mirror.buckets, &v.op)?;
+            tables.oplog.insert((origin_bytes.as_slice(), v.op.seq.0), log_value(&v.chain, &v.bytes).as_slice())?;
+            note_effect(event, &v.op, &effect);
+        }
+        tables.heads.insert((origin_bytes.as_slice(), batch.head.seq.0), batch.head.signature.as_slice())?;
+        self.mirror.progress.insert(origin, OriginProgress { seq: batch.head.seq, chain: batch.head.head });
+        event.remote.push((origin, new[0].op.seq, batch.head.seq));
+        Ok(RemoteOutcome::Applied { ops: new.len() })
+    }
+}
+
+/// How far ahead of the local wall clock a remote timestamp may pull the local HLC.
+const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
+enum LocalFailure {
+    Refused(LeaseError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for LocalFailure {
+    fn from(e: StoreError) -> Self {
+        LocalFailure::Store(e)
+    }
+}
+
+/// The op log value: chain hash after the op, then the op bytes.
+pub(crate) fn log_value(chain: &ChainHash, bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 + bytes.len());
+    v.extend_from_slice(&chain.0);
+    v.extend_from_slice(bytes);
+    v
+}
+
+fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect) {
+    match (effect, &op.body) {
+        (Effect::Register { won: false, .. }, _) | (Effect::Register { replaced_other_origin: true, .. }, _) => event.conflicts += 1,
+        (Effect::Lease { state, won: true }, OpBody::LeaseSet { lease, key, .. }) => {
+            event.leases.push((lease.clone(), key.clone(), state.clone()))
+        }
+        _ => {}
+    }
+}
+
+fn abandon(r: Request) -> Pending {
+    match r {
+        Request::Local { reply, .. } => Pending::Local(reply, Err(WriterError::Closed)),
+        Request::Remote { reply, .. } => Pending::Remote(reply, Err(WriterError::Closed)),
+    }
+}
