@@ -1,1 +1,250 @@
-fn main() {}
+//! The `peersync` binary: parses flags, sets up logging, and calls the library.
+
+use std::io::{IsTerminal, Write};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use peersync::api::client::{segment, Client, ClientError};
+use peersync::node::{Node, NodeConfig, Role};
+use reqwest::Method;
+
+#[derive(Parser)]
+#[command(name = "peersync", version, about = "Peer-to-peer sync node: replicated registers, counters and leases")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a node.
+    Node(NodeArgs),
+    /// Print the node's PeerId, creating its identity if missing.
+    Id {
+        #[arg(long, default_value = "./peersync-data")]
+        data_dir: PathBuf,
+    },
+    /// Write a register value.
+    Put {
+        register: String,
+        key: String,
+        value: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Read a register value (printed raw).
+    Get {
+        register: String,
+        key: String,
+        /// Wait until these writes (ORIGIN:SEQ, comma-separated) are applied on the node.
+        #[arg(long)]
+        after: Option<String>,
+        /// Answer even while the node is still syncing.
+        #[arg(long)]
+        stale: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Delete a register key.
+    Del {
+        register: String,
+        key: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Add to a counter (default +1) and print its value.
+    Incr {
+        counter: String,
+        key: String,
+        #[arg(allow_hyphen_values = true)]
+        delta: Option<i64>,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Acquire, renew or release a lease.
+    Lease {
+        #[arg(value_parser = ["acquire", "renew", "release"])]
+        verb: String,
+        lease: String,
+        key: String,
+        #[arg(long)]
+        holder: String,
+        #[arg(long)]
+        ttl_ms: Option<u64>,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Print the node's status.
+    Status {
+        /// Print it again every second.
+        #[arg(long)]
+        watch: bool,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+}
+
+#[derive(Args)]
+struct ApiArg {
+    /// The node's HTTP API.
+    #[arg(long, default_value = "http://127.0.0.1:7700", env = "PEERSYNC_API")]
+    api: String,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[arg(long, default_value = "./peersync-data")]
+    data_dir: PathBuf,
+    /// Multiaddr to listen on (repeatable).
+    #[arg(long, value_name = "MULTIADDR", default_value = "/ip4/0.0.0.0/tcp/4001")]
+    listen: Vec<libp2p::Multiaddr>,
+    /// Multiaddr of a peer to join through (repeatable).
+    #[arg(long, value_name = "MULTIADDR")]
+    bootstrap: Vec<libp2p::Multiaddr>,
+    /// Address of the HTTP API (port 0 picks a free port).
+    #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7700")]
+    api: SocketAddr,
+    #[arg(long, default_value = "primary")]
+    role: Role,
+    #[arg(long, default_value = "default")]
+    cluster: String,
+    /// Turn off mDNS discovery on the LAN.
+    #[arg(long)]
+    no_mdns: bool,
+    /// Largest register value in bytes.
+    #[arg(long, default_value_t = 1 << 20)]
+    max_value_bytes: usize,
+    /// Largest HTTP request body in bytes.
+    #[arg(long, default_value_t = 16 << 20)]
+    max_body_bytes: usize,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Node(args) => run_node(args).await,
+        Command::Id { data_dir } => {
+            let key = peersync::node::identity::load_or_create(&data_dir)?;
+            println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Put { register, key, value, api } => {
+            let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
+            print_json(Client::new(&api.api)?.call(Method::PUT, &path, Some(value.into_bytes())).await?)
+        }
+        Command::Get { register, key, after, stale, api } => {
+            let mut path = format!("/v1/registers/{}/{}?stale={stale}", segment(&register), segment(&key));
+            if let Some(after) = after {
+                path.push_str(&format!("&after={}", segment(&after)));
+            }
+            let value = Client::new(&api.api)?.call(Method::GET, &path, None).await?;
+            let mut out = std::io::stdout().lock();
+            out.write_all(&value)?;
+            out.write_all(b"\n")?;
+            Ok(())
+        }
+        Command::Del { register, key, api } => {
+            let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
+            print_json(Client::new(&api.api)?.call(Method::DELETE, &path, None).await?)
+        }
+        Command::Incr { counter, key, delta, api } => {
+            let path = format!("/v1/counters/{}/{}", segment(&counter), segment(&key));
+            let body = serde_json::json!({ "delta": delta.unwrap_or(1) }).to_string().into_bytes();
+            print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
+        }
+        Command::Lease { verb, lease, key, holder, ttl_ms, api } => {
+            let path = format!("/v1/leases/{}/{}/{verb}", segment(&lease), segment(&key));
+            let body = serde_json::json!({ "holder": holder, "ttl_ms": ttl_ms }).to_string().into_bytes();
+            print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
+        }
+        Command::Status { watch, api } => {
+            let client = Client::new(&api.api)?;
+            loop {
+                print_json(client.call(Method::GET, "/v1/status", None).await?)?;
+                if !watch {
+                    return Ok(());
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = tokio::signal::ctrl_c() => return Ok(()),
+                }
+            }
+        }
+    }
+}
+
+fn print_json(body: Vec<u8>) -> anyhow::Result<()> {
+    let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| ClientError::Api {
+        status: reqwest::StatusCode::OK,
+        code: "bad_response".into(),
+        message: String::from_utf8_lossy(&body).into_owned(),
+    })?;
+    println!("{}", serde_json::to_string_pretty(&value)?);
+    Ok(())
+}
+
+async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+    let mut config = NodeConfig { data_dir: args.data_dir, api_addr: args.api, role: args.role, cluster: args.cluster, ..Default::default() };
+    config.limits.max_value_bytes = args.max_value_bytes;
+    config.limits.max_body_bytes = args.max_body_bytes;
+    let _ = (args.listen, args.bootstrap, args.no_mdns); // taken by the network layer
+    let listener = tokio::net::TcpListener::bind(config.api_addr)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on --api {}: {e}", config.api_addr))?;
+    let node = Node::start(config).await?;
+    let handle = node.handle();
+    let api_addr = listener.local_addr()?;
+    // Scripts and tests read these two lines to find the node.
+    println!("peer_id: {}", handle.peer_id());
+    println!("api: http://{api_addr}");
+    std::io::stdout().flush()?;
+
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(peersync::api::serve(listener, handle, async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(std::time::Duration::from_secs(10), server).await {
+        Ok(Ok(Ok(()))) => {}
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "http server stopped with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "http server task failed"),
+        Err(_) => tracing::warn!("http server did not stop within 10 s"),
+    }
+    node.shutdown().await;
+    Ok(())
+}
+
+/// Completes on Ctrl-C or SIGTERM.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+}

@@ -102,6 +102,8 @@ pub enum WriterError {
 enum Request {
     Local { intents: Vec<LocalIntent>, reply: oneshot::Sender<Result<Vec<AppliedOp>, WriterError>> },
     Remote { batch: VerifiedBatch, reply: oneshot::Sender<Result<RemoteOutcome, WriterError>> },
+    /// Commit what came before, then stop: later writes fail with `Closed`.
+    Stop,
 }
 
 impl Request {
@@ -109,6 +111,7 @@ impl Request {
         match self {
             Request::Local { intents, .. } => intents.len(),
             Request::Remote { batch, .. } => batch.ops.len(),
+            Request::Stop => 0,
         }
     }
 }
@@ -132,6 +135,11 @@ impl WriteHandle {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Request::Remote { batch, reply }).await.map_err(|_| WriterError::Closed)?;
         rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// Asks the writer to stop after committing every write queued before this call.
+    pub async fn stop(&self) {
+        let _ = self.tx.send(Request::Stop).await;
     }
 }
 
@@ -181,7 +189,9 @@ fn now_ms() -> u64 {
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
-        while let Some(first) = rx.blocking_recv() {
+        let mut stopping = false;
+        while !stopping {
+            let Some(first) = rx.blocking_recv() else { break };
             let mut ops = first.ops();
             let mut group = vec![first];
             while ops < self.config.max_group_ops {
@@ -193,9 +203,20 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            self.commit_group(group);
+            if let Some(i) = group.iter().position(|r| matches!(r, Request::Stop)) {
+                stopping = true;
+                group.drain(i..).for_each(abandon);
+            }
+            if !group.is_empty() {
+                self.commit_group(group);
+            }
         }
-        tracing::debug!("writer stopped: every handle dropped");
+        rx.close();
+        // Whatever raced in after the stop is refused, not silently dropped.
+        while let Ok(late) = rx.try_recv() {
+            abandon(late);
+        }
+        tracing::debug!("writer stopped");
     }
 
     fn commit_group(&mut self, group: Vec<Request>) {
@@ -239,7 +260,10 @@ impl Writer {
     fn try_commit(&mut self, group: Vec<Request>, event: &mut CommitEvent) -> Result<Vec<Pending>, (StoreError, Vec<Pending>)> {
         let txn = match self.store.db().begin_write() {
             Ok(t) => t,
-            Err(e) => return Err((e.into(), group.into_iter().map(abandon).collect())),
+            Err(e) => {
+                group.into_iter().for_each(abandon);
+                return Err((e.into(), Vec::new()));
+            }
         };
         let mut pending = Vec::with_capacity(group.len());
         if let Err(e) = self.apply_group(&txn, group, &mut pending, event) {
@@ -296,9 +320,10 @@ impl Writer {
                         }
                     }
                 }
+                Request::Stop => None,
             };
             if let Some(e) = failure {
-                pending.extend(requests.map(abandon));
+                requests.for_each(abandon);
                 return Err(e);
             }
         }
@@ -450,9 +475,11 @@ fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect) {
     }
 }
 
-fn abandon(r: Request) -> Pending {
+/// Answers a request that will not be carried out with `Closed`.
+fn abandon(r: Request) {
     match r {
-        Request::Local { reply, .. } => Pending::Local(reply, Err(WriterError::Closed)),
-        Request::Remote { reply, .. } => Pending::Remote(reply, Err(WriterError::Closed)),
+        Request::Local { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
+        Request::Remote { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
+        Request::Stop => {}
     }
 }

@@ -1,0 +1,73 @@
+//! A small HTTP client for the API, used by the CLI commands (`peersync put|get|...`).
+
+use std::time::Duration;
+
+use reqwest::{Method, StatusCode};
+
+/// Why a client call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("invalid --api URL {0:?}: expected http://HOST:PORT")]
+    BadUrl(String),
+    #[error("cannot reach the node at {url}: {source}; is `peersync node` running there?")]
+    Unreachable { url: String, source: reqwest::Error },
+    /// The node answered with an error status; `code` and `message` come from its JSON body.
+    #[error("{code}: {message}")]
+    Api { status: StatusCode, code: String, message: String },
+}
+
+/// Talks to one node's HTTP API.
+#[derive(Debug, Clone)]
+pub struct Client {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl Client {
+    /// `api` is `http://HOST:PORT` (a bare `HOST:PORT` is accepted too).
+    pub fn new(api: &str) -> Result<Client, ClientError> {
+        let base = if api.contains("://") { api.to_owned() } else { format!("http://{api}") };
+        let base = base.trim_end_matches('/').to_owned();
+        let parsed = reqwest::Url::parse(&base).map_err(|_| ClientError::BadUrl(api.to_owned()))?;
+        if parsed.scheme() != "http" || parsed.host().is_none() {
+            return Err(ClientError::BadUrl(api.to_owned()));
+        }
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("http client builds");
+        Ok(Client { base, http })
+    }
+
+    /// Sends a request to `path` (already percent-encoded) and returns the body of a 2xx answer.
+    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, ClientError> {
+        let url = format!("{}{path}", self.base);
+        let mut req = self.http.request(method, &url);
+        if let Some(b) = body {
+            req = req.body(b);
+        }
+        let resp = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
+        if status.is_success() {
+            return Ok(bytes.to_vec());
+        }
+        let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
+        let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(|v| v.as_str()).map(str::to_owned);
+        Err(ClientError::Api {
+            status,
+            code: field("error").unwrap_or_else(|| status.as_u16().to_string()),
+            message: field("message").unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+        })
+    }
+}
+
+/// Percent-encodes one path segment (everything but RFC 3986 unreserved characters).
+pub fn segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}

@@ -1,0 +1,251 @@
+//! [`NodeHandle`]: the cloneable library API of a running node.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::broadcast;
+
+use super::config::{NodeConfig, Role};
+use super::events::NodeEvent;
+use super::metrics::Metrics;
+use super::{validate, NodeError};
+use crate::crdt::LeaseRequest;
+use crate::ids::{Origin, Token};
+use crate::store::{AppliedOp, Effect, ListPage, LocalIntent, Store, WriteHandle};
+
+/// Names a committed write: where it came from, its position, its content address.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct WriteReceipt {
+    pub origin: String,
+    pub seq: u64,
+    pub cid: String,
+    /// `ORIGIN:SEQ`, to pass as `after` to a read on any node.
+    pub token: String,
+}
+
+impl From<&AppliedOp> for WriteReceipt {
+    fn from(a: &AppliedOp) -> Self {
+        WriteReceipt { origin: a.token.origin.to_string(), seq: a.token.seq.0, cid: a.cid.to_string(), token: a.token.to_string() }
+    }
+}
+
+/// A granted lease request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct LeaseInfo {
+    /// `None` after a release.
+    pub holder: Option<String>,
+    /// Fencing token: consumers reject requests carrying a lower one.
+    pub token: u64,
+    pub expires_at_ms: u64,
+    /// The write that recorded the grant.
+    pub write: WriteReceipt,
+}
+
+/// Whether the node may be trusted to be current.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SyncState {
+    Syncing,
+    Active,
+}
+
+/// A snapshot of the node's state for `GET /v1/status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct Status {
+    pub peer_id: String,
+    pub role: Role,
+    pub state: SyncState,
+    pub cluster: String,
+    pub listen_addrs: Vec<String>,
+    pub version_vector: BTreeMap<String, u64>,
+    pub state_root: String,
+    pub log_ops: u64,
+    pub peers: Vec<serde_json::Value>,
+    pub sync: serde_json::Value,
+}
+
+pub(crate) struct Inner {
+    pub peer_id: Origin,
+    pub config: NodeConfig,
+    pub store: Store,
+    pub writer: WriteHandle,
+    pub events: broadcast::Sender<NodeEvent>,
+    pub metrics: Arc<Metrics>,
+}
+
+/// The library API of a running node. Cloneable; every clone talks to the same node.
+#[derive(Clone)]
+pub struct NodeHandle {
+    pub(crate) inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for NodeHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeHandle").field("peer_id", &self.inner.peer_id).finish_non_exhaustive()
+    }
+}
+
+impl NodeHandle {
+    pub fn peer_id(&self) -> Origin {
+        self.inner.peer_id
+    }
+
+    pub fn config(&self) -> &NodeConfig {
+        &self.inner.config
+    }
+
+    /// Direct read access to the store (for tools and tests; writes go through the handle).
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.inner.metrics
+    }
+
+    /// Node events from now on. A subscriber that falls far behind misses events (bounded buffer).
+    pub fn events(&self) -> broadcast::Receiver<NodeEvent> {
+        self.inner.events.subscribe()
+    }
+
+    /// Writes `value` under `key` in `register`.
+    pub async fn put(&self, register: &str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<WriteReceipt, NodeError> {
+        self.put_batch(register, vec![(key.into(), value.into())]).await
+    }
+
+    /// Writes every entry atomically (all or none, one transaction) and returns the last write's receipt.
+    pub async fn put_batch(&self, register: &str, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<WriteReceipt, NodeError> {
+        let l = &self.inner.config.limits;
+        validate::name("register", register)?;
+        if entries.is_empty() || entries.len() > l.max_batch_entries {
+            return Err(NodeError::InvalidInput(format!("a batch holds 1 to {} entries", l.max_batch_entries)));
+        }
+        for (k, v) in &entries {
+            validate::key(k, l.max_key_bytes)?;
+            validate::value(v, l.max_value_bytes)?;
+        }
+        let intents = entries.into_iter().map(|(key, value)| LocalIntent::Put { register: register.to_owned(), key, value }).collect();
+        let applied = self.write(intents).await?;
+        Ok(WriteReceipt::from(applied.last().expect("one op per entry")))
+    }
+
+    /// Deletes `key` (writes a tombstone).
+    pub async fn delete(&self, register: &str, key: impl Into<Vec<u8>>) -> Result<WriteReceipt, NodeError> {
+        let key = key.into();
+        validate::name("register", register)?;
+        validate::key(&key, self.inner.config.limits.max_key_bytes)?;
+        let applied = self.write(vec![LocalIntent::Delete { register: register.to_owned(), key }]).await?;
+        Ok(WriteReceipt::from(&applied[0]))
+    }
+
+    /// The value of `key`, `None` when absent or deleted.
+    pub async fn get(&self, register: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
+        validate::name("register", register)?;
+        validate::key(key, self.inner.config.limits.max_key_bytes)?;
+        Ok(self.inner.store.register(register, key)?.and_then(|v| v.value))
+    }
+
+    /// A page of live entries whose key starts with `prefix`, after `after`.
+    pub async fn list(&self, register: &str, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<ListPage, NodeError> {
+        validate::name("register", register)?;
+        let max = self.inner.config.limits.max_list_limit;
+        if limit == 0 || limit > max {
+            return Err(NodeError::InvalidInput(format!("limit must be between 1 and {max}")));
+        }
+        Ok(self.inner.store.list_register(register, prefix, after, limit)?)
+    }
+
+    /// Adds `delta` to a counter and returns its value after the add, with the write's receipt.
+    pub async fn counter_add(&self, counter: &str, key: impl Into<Vec<u8>>, delta: i64) -> Result<(i64, WriteReceipt), NodeError> {
+        let key = key.into();
+        validate::name("counter", counter)?;
+        validate::key(&key, self.inner.config.limits.max_key_bytes)?;
+        let applied = self.write(vec![LocalIntent::CounterAdd { counter: counter.to_owned(), key, delta }]).await?;
+        let value = match applied[0].effect {
+            Effect::Counter { value } => value,
+            ref other => unreachable!("a counter op had effect {other:?}"),
+        };
+        Ok((value, WriteReceipt::from(&applied[0])))
+    }
+
+    pub async fn counter_get(&self, counter: &str, key: &[u8]) -> Result<i64, NodeError> {
+        validate::name("counter", counter)?;
+        validate::key(key, self.inner.config.limits.max_key_bytes)?;
+        Ok(self.inner.store.counter(counter, key)?)
+    }
+
+    /// Acquires, renews or releases a lease. A lease held by another holder answers
+    /// [`NodeError::LeaseHeld`] naming the holder and the expiry.
+    pub async fn lease(&self, lease: &str, key: impl Into<Vec<u8>>, request: LeaseRequest) -> Result<LeaseInfo, NodeError> {
+        let key = key.into();
+        let l = &self.inner.config.limits;
+        validate::name("lease", lease)?;
+        validate::key(&key, l.max_key_bytes)?;
+        match &request {
+            LeaseRequest::Acquire { holder, ttl_ms } | LeaseRequest::Renew { holder, ttl_ms } => {
+                validate::holder(holder)?;
+                validate::ttl(*ttl_ms, l.max_lease_ttl_ms)?;
+            }
+            LeaseRequest::Release { holder } => validate::holder(holder)?,
+        }
+        let applied = self.write(vec![LocalIntent::Lease { lease: lease.to_owned(), key, request }]).await?;
+        let write = WriteReceipt::from(&applied[0]);
+        match &applied[0].effect {
+            Effect::Lease { state, .. } => {
+                Ok(LeaseInfo { holder: state.holder.clone(), token: state.token, expires_at_ms: state.expires_at_ms, write })
+            }
+            other => unreachable!("a lease op had effect {other:?}"),
+        }
+    }
+
+    /// The current state of a lease, if it was ever written.
+    pub async fn lease_state(&self, lease: &str, key: &[u8]) -> Result<Option<crate::crdt::LeaseState>, NodeError> {
+        validate::name("lease", lease)?;
+        Ok(self.inner.store.lease(lease, key)?)
+    }
+
+    /// Waits until every write named by `tokens` is applied here, or `timeout` passes.
+    pub async fn wait_applied(&self, tokens: &[Token], timeout: Duration) -> Result<(), NodeError> {
+        let mut rx = self.inner.store.watch_version_vector();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|vv| tokens.iter().all(|t| vv.covers(t)))).await;
+        match waited {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(NodeError::ShuttingDown),
+            Err(_) => {
+                let vv = self.inner.store.version_vector();
+                let missing = tokens.iter().filter(|t| !vv.covers(t)).map(|t| t.to_string()).collect();
+                Err(NodeError::Timeout { waited_ms: timeout.as_millis() as u64, missing })
+            }
+        }
+    }
+
+    /// Whether reads may be served as current.
+    pub fn sync_state(&self) -> SyncState {
+        SyncState::Active
+    }
+
+    pub async fn status(&self) -> Result<Status, NodeError> {
+        let (root, vv) = self.inner.store.state_root();
+        Ok(Status {
+            peer_id: self.inner.peer_id.to_string(),
+            role: self.inner.config.role,
+            state: self.sync_state(),
+            cluster: self.inner.config.cluster.clone(),
+            listen_addrs: Vec::new(),
+            version_vector: vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
+            state_root: root.to_string(),
+            log_ops: self.inner.store.log_len()?,
+            peers: Vec::new(),
+            sync: serde_json::json!({ "phase": "idle", "lag_ops": {} }),
+        })
+    }
+
+    async fn write(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, NodeError> {
+        if self.inner.config.role == Role::Replica {
+            return Err(NodeError::ReadOnlyReplica { primaries: Vec::new() });
+        }
+        Ok(self.inner.writer.local(intents).await?)
+    }
+}
