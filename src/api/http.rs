@@ -38,15 +38,31 @@ pub fn router(node: NodeHandle) -> Router {
     let body_limit = node.config().limits.max_body_bytes;
     Router::new()
         .route("/v1/registers/{reg}", post(batch_write).get(list_register))
-        .route("/v1/registers/{reg}/{*key}", put(put_register).get(get_register).delete(delete_register))
-        .route("/v1/counters/{ctr}/{key}", post(counter_add).get(counter_get))
+        .route(
+            "/v1/registers/{reg}/{*key}",
+            put(put_register).get(get_register).delete(delete_register),
+        )
+        .route(
+            "/v1/counters/{ctr}/{key}",
+            post(counter_add).get(counter_get),
+        )
         .route("/v1/leases/{lease}/{key}", get(lease_get))
         .route("/v1/leases/{lease}/{key}/{verb}", post(lease_verb))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
-        .fallback(|| async { ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the HTTP API in README.md") })
+        .fallback(|| async {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such endpoint; see the HTTP API in README.md",
+            )
+        })
         .method_not_allowed_fallback(|| async {
-            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "this endpoint does not take that method")
+            ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                "this endpoint does not take that method",
+            )
         })
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(node)
@@ -58,21 +74,29 @@ pub async fn serve(
     node: NodeHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, router(node))
+        .with_graceful_shutdown(shutdown)
+        .await
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    p.map(|Path(t)| t).map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    p.map(|Path(t)| t)
+        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
 }
 
 fn params(q: Params) -> Result<HashMap<String, String>, ApiError> {
-    q.map(|Query(m)| m).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    q.map(|Query(m)| m)
+        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 
 fn body(b: Body) -> Result<Bytes, ApiError> {
     b.map_err(|e| {
         if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large", "request body exceeds the configured maximum")
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "request body exceeds the configured maximum",
+            )
         } else {
             ApiError::bad_request("invalid_body", e.body_text())
         }
@@ -81,12 +105,23 @@ fn body(b: Body) -> Result<Bytes, ApiError> {
 
 fn json_body<T: DeserializeOwned>(b: Body) -> Result<T, ApiError> {
     let bytes = body(b)?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
+    serde_json::from_slice(&bytes)
+        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
 }
 
-fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
+fn number<T: std::str::FromStr>(
+    q: &HashMap<String, String>,
+    name: &str,
+) -> Result<Option<T>, ApiError> {
     q.get(name)
-        .map(|v| v.parse().map_err(|_| ApiError::bad_request("invalid_query", format!("{name}={v:?} is not a valid number"))))
+        .map(|v| {
+            v.parse().map_err(|_| {
+                ApiError::bad_request(
+                    "invalid_query",
+                    format!("{name}={v:?} is not a valid number"),
+                )
+            })
+        })
         .transpose()
 }
 
@@ -94,7 +129,10 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     match q.get(name).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") | Some("") => Ok(true),
-        Some(v) => Err(ApiError::bad_request("invalid_query", format!("{name}={v:?} must be true or false"))),
+        Some(v) => Err(ApiError::bad_request(
+            "invalid_query",
+            format!("{name}={v:?} must be true or false"),
+        )),
     }
 }
 
@@ -102,29 +140,46 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
 fn value_json(value: &[u8]) -> (&'static str, String) {
     match std::str::from_utf8(value) {
         Ok(s) => ("value", s.to_owned()),
-        Err(_) => ("value_base64", base64::engine::general_purpose::STANDARD.encode(value)),
+        Err(_) => (
+            "value_base64",
+            base64::engine::general_purpose::STANDARD.encode(value),
+        ),
     }
 }
 
-async fn put_register(State(node): State<NodeHandle>, p: Result<Path<(String, String)>, PathRejection>, b: Body) -> Result<Response, ApiError> {
+async fn put_register(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    b: Body,
+) -> Result<Response, ApiError> {
     let (reg, key) = path(p)?;
     let value = body(b)?;
     Ok(Json(node.put(&reg, key, value.to_vec()).await?).into_response())
 }
 
-async fn delete_register(State(node): State<NodeHandle>, p: Result<Path<(String, String)>, PathRejection>) -> Result<Response, ApiError> {
+async fn delete_register(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
     let (reg, key) = path(p)?;
     Ok(Json(node.delete(&reg, key).await?).into_response())
 }
 
-async fn get_register(State(node): State<NodeHandle>, p: Result<Path<(String, String)>, PathRejection>, q: Params) -> Result<Response, ApiError> {
+async fn get_register(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    q: Params,
+) -> Result<Response, ApiError> {
     let (reg, key) = path(p)?;
     let q = params(q)?;
     let stale = flag(&q, "stale")?;
     let timeout_ms: Option<u64> = number(&q, "timeout_ms")?;
     let max_wait = node.config().limits.max_wait_ms;
     if timeout_ms.is_some_and(|t| t > max_wait) {
-        return Err(ApiError::bad_request("invalid_query", format!("timeout_ms must be at most {max_wait}")));
+        return Err(ApiError::bad_request(
+            "invalid_query",
+            format!("timeout_ms must be at most {max_wait}"),
+        ));
     }
     if let Some(after) = q.get("after") {
         let tokens = after
@@ -132,14 +187,22 @@ async fn get_register(State(node): State<NodeHandle>, p: Result<Path<(String, St
             .map(|t| t.parse::<Token>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ApiError::bad_request("invalid_token", e.to_string()))?;
-        node.wait_applied(&tokens, Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_WAIT_MS))).await?;
+        node.wait_applied(
+            &tokens,
+            Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_WAIT_MS)),
+        )
+        .await?;
     }
     if !stale && node.sync_state() == SyncState::Syncing {
         return Err(NodeError::Syncing.into());
     }
     match node.get(&reg, key.as_bytes()).await? {
         Some(v) => Ok(([(header::CONTENT_TYPE, "application/octet-stream")], v).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("no value for key {key:?} in register {reg:?}"))),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no value for key {key:?} in register {reg:?}"),
+        )),
     }
 }
 
@@ -157,7 +220,11 @@ struct BatchEntry {
     value_base64: Option<String>,
 }
 
-async fn batch_write(State(node): State<NodeHandle>, p: Result<Path<String>, PathRejection>, b: Body) -> Result<Response, ApiError> {
+async fn batch_write(
+    State(node): State<NodeHandle>,
+    p: Result<Path<String>, PathRejection>,
+    b: Body,
+) -> Result<Response, ApiError> {
     let reg = path(p)?;
     let batch: BatchBody = json_body(b)?;
     let mut entries = Vec::with_capacity(batch.entries.len());
@@ -166,8 +233,18 @@ async fn batch_write(State(node): State<NodeHandle>, p: Result<Path<String>, Pat
             (Some(v), None) => v.into_bytes(),
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|err| ApiError::bad_request("invalid_json", format!("entries[{i}].value_base64: {err}")))?,
-            _ => return Err(ApiError::bad_request("invalid_json", format!("entries[{i}] needs exactly one of value and value_base64"))),
+                .map_err(|err| {
+                    ApiError::bad_request(
+                        "invalid_json",
+                        format!("entries[{i}].value_base64: {err}"),
+                    )
+                })?,
+            _ => {
+                return Err(ApiError::bad_request(
+                    "invalid_json",
+                    format!("entries[{i}] needs exactly one of value and value_base64"),
+                ))
+            }
         };
         entries.push((e.key.into_bytes(), value));
     }
@@ -175,7 +252,11 @@ async fn batch_write(State(node): State<NodeHandle>, p: Result<Path<String>, Pat
     Ok(Json(receipt).into_response())
 }
 
-async fn list_register(State(node): State<NodeHandle>, p: Result<Path<String>, PathRejection>, q: Params) -> Result<Response, ApiError> {
+async fn list_register(
+    State(node): State<NodeHandle>,
+    p: Result<Path<String>, PathRejection>,
+    q: Params,
+) -> Result<Response, ApiError> {
     let reg = path(p)?;
     let q = params(q)?;
     let limit = number(&q, "limit")?.unwrap_or(DEFAULT_LIST_LIMIT);
@@ -190,7 +271,9 @@ async fn list_register(State(node): State<NodeHandle>, p: Result<Path<String>, P
             json!({ "key": String::from_utf8_lossy(k), field: value })
         })
         .collect();
-    let next_after = page.next_after.map(|k| String::from_utf8_lossy(&k).into_owned());
+    let next_after = page
+        .next_after
+        .map(|k| String::from_utf8_lossy(&k).into_owned());
     Ok(Json(json!({ "entries": entries, "next_after": next_after })).into_response())
 }
 
@@ -200,14 +283,21 @@ struct CounterBody {
     delta: i64,
 }
 
-async fn counter_add(State(node): State<NodeHandle>, p: Result<Path<(String, String)>, PathRejection>, b: Body) -> Result<Response, ApiError> {
+async fn counter_add(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String)>, PathRejection>,
+    b: Body,
+) -> Result<Response, ApiError> {
     let (ctr, key) = path(p)?;
     let CounterBody { delta } = json_body(b)?;
     let (value, write) = node.counter_add(&ctr, key, delta).await?;
     Ok(Json(json!({ "value": value, "origin": write.origin, "seq": write.seq, "cid": write.cid, "token": write.token })).into_response())
 }
 
-async fn counter_get(State(node): State<NodeHandle>, p: Result<Path<(String, String)>, PathRejection>) -> Result<Response, ApiError> {
+async fn counter_get(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
     let (ctr, key) = path(p)?;
     Ok(Json(json!({ "value": node.counter_get(&ctr, key.as_bytes()).await? })).into_response())
 }
@@ -219,10 +309,17 @@ struct LeaseBody {
     ttl_ms: Option<u64>,
 }
 
-async fn lease_verb(State(node): State<NodeHandle>, p: Result<Path<(String, String, String)>, PathRejection>, b: Body) -> Result<Response, ApiError> {
+async fn lease_verb(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String, String)>, PathRejection>,
+    b: Body,
+) -> Result<Response, ApiError> {
     let (lease, key, verb) = path(p)?;
     if !matches!(verb.as_str(), "acquire" | "renew" | "release") {
-        return Err(ApiError::bad_request("unknown_lease_verb", format!("unknown lease verb {verb:?}: use acquire, renew or release")));
+        return Err(ApiError::bad_request(
+            "unknown_lease_verb",
+            format!("unknown lease verb {verb:?}: use acquire, renew or release"),
+        ));
     }
     let LeaseBody { holder, ttl_ms } = json_body(b)?;
     let ttl_ms = ttl_ms.unwrap_or(DEFAULT_LEASE_TTL_MS);
@@ -241,11 +338,21 @@ async fn lease_verb(State(node): State<NodeHandle>, p: Result<Path<(String, Stri
     .into_response())
 }
 
-async fn lease_get(State(node): State<NodeHandle>, p: Result<Path<(String, String)>, PathRejection>) -> Result<Response, ApiError> {
+async fn lease_get(
+    State(node): State<NodeHandle>,
+    p: Result<Path<(String, String)>, PathRejection>,
+) -> Result<Response, ApiError> {
     let (lease, key) = path(p)?;
     match node.lease_state(&lease, key.as_bytes()).await? {
-        Some(s) => Ok(Json(json!({ "holder": s.holder, "token": s.token, "expires_at_ms": s.expires_at_ms })).into_response()),
-        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("lease {lease:?} has no key {key:?}"))),
+        Some(s) => Ok(Json(
+            json!({ "holder": s.holder, "token": s.token, "expires_at_ms": s.expires_at_ms }),
+        )
+        .into_response()),
+        None => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("lease {lease:?} has no key {key:?}"),
+        )),
     }
 }
 
@@ -254,5 +361,12 @@ async fn status(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
 }
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics().render()).into_response()
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        node.metrics().render(),
+    )
+        .into_response()
 }

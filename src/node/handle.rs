@@ -27,7 +27,12 @@ pub struct WriteReceipt {
 
 impl From<&AppliedOp> for WriteReceipt {
     fn from(a: &AppliedOp) -> Self {
-        WriteReceipt { origin: a.token.origin.to_string(), seq: a.token.seq.0, cid: a.cid.to_string(), token: a.token.to_string() }
+        WriteReceipt {
+            origin: a.token.origin.to_string(),
+            seq: a.token.seq.0,
+            cid: a.cid.to_string(),
+            token: a.token.to_string(),
+        }
     }
 }
 
@@ -83,7 +88,9 @@ pub struct NodeHandle {
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeHandle").field("peer_id", &self.inner.peer_id).finish_non_exhaustive()
+        f.debug_struct("NodeHandle")
+            .field("peer_id", &self.inner.peer_id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -111,32 +118,63 @@ impl NodeHandle {
     }
 
     /// Writes `value` under `key` in `register`.
-    pub async fn put(&self, register: &str, key: impl Into<Vec<u8>>, value: impl Into<Vec<u8>>) -> Result<WriteReceipt, NodeError> {
-        self.put_batch(register, vec![(key.into(), value.into())]).await
+    pub async fn put(
+        &self,
+        register: &str,
+        key: impl Into<Vec<u8>>,
+        value: impl Into<Vec<u8>>,
+    ) -> Result<WriteReceipt, NodeError> {
+        self.put_batch(register, vec![(key.into(), value.into())])
+            .await
     }
 
     /// Writes every entry atomically (all or none, one transaction) and returns the last write's receipt.
-    pub async fn put_batch(&self, register: &str, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<WriteReceipt, NodeError> {
+    pub async fn put_batch(
+        &self,
+        register: &str,
+        entries: Vec<(Vec<u8>, Vec<u8>)>,
+    ) -> Result<WriteReceipt, NodeError> {
         let l = &self.inner.config.limits;
         validate::name("register", register)?;
         if entries.is_empty() || entries.len() > l.max_batch_entries {
-            return Err(NodeError::InvalidInput(format!("a batch holds 1 to {} entries", l.max_batch_entries)));
+            return Err(NodeError::InvalidInput(format!(
+                "a batch holds 1 to {} entries",
+                l.max_batch_entries
+            )));
         }
         for (k, v) in &entries {
             validate::key(k, l.max_key_bytes)?;
             validate::value(v, l.max_value_bytes)?;
         }
-        let intents = entries.into_iter().map(|(key, value)| LocalIntent::Put { register: register.to_owned(), key, value }).collect();
+        let intents = entries
+            .into_iter()
+            .map(|(key, value)| LocalIntent::Put {
+                register: register.to_owned(),
+                key,
+                value,
+            })
+            .collect();
         let applied = self.write(intents).await?;
-        Ok(WriteReceipt::from(applied.last().expect("one op per entry")))
+        Ok(WriteReceipt::from(
+            applied.last().expect("one op per entry"),
+        ))
     }
 
     /// Deletes `key` (writes a tombstone).
-    pub async fn delete(&self, register: &str, key: impl Into<Vec<u8>>) -> Result<WriteReceipt, NodeError> {
+    pub async fn delete(
+        &self,
+        register: &str,
+        key: impl Into<Vec<u8>>,
+    ) -> Result<WriteReceipt, NodeError> {
         let key = key.into();
         validate::name("register", register)?;
         validate::key(&key, self.inner.config.limits.max_key_bytes)?;
-        let applied = self.write(vec![LocalIntent::Delete { register: register.to_owned(), key }]).await?;
+        let applied = self
+            .write(vec![LocalIntent::Delete {
+                register: register.to_owned(),
+                key,
+            }])
+            .await?;
         Ok(WriteReceipt::from(&applied[0]))
     }
 
@@ -144,25 +182,51 @@ impl NodeHandle {
     pub async fn get(&self, register: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
         validate::name("register", register)?;
         validate::key(key, self.inner.config.limits.max_key_bytes)?;
-        Ok(self.inner.store.register(register, key)?.and_then(|v| v.value))
+        Ok(self
+            .inner
+            .store
+            .register(register, key)?
+            .and_then(|v| v.value))
     }
 
     /// A page of live entries whose key starts with `prefix`, after `after`.
-    pub async fn list(&self, register: &str, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<ListPage, NodeError> {
+    pub async fn list(
+        &self,
+        register: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ListPage, NodeError> {
         validate::name("register", register)?;
         let max = self.inner.config.limits.max_list_limit;
         if limit == 0 || limit > max {
-            return Err(NodeError::InvalidInput(format!("limit must be between 1 and {max}")));
+            return Err(NodeError::InvalidInput(format!(
+                "limit must be between 1 and {max}"
+            )));
         }
-        Ok(self.inner.store.list_register(register, prefix, after, limit)?)
+        Ok(self
+            .inner
+            .store
+            .list_register(register, prefix, after, limit)?)
     }
 
     /// Adds `delta` to a counter and returns its value after the add, with the write's receipt.
-    pub async fn counter_add(&self, counter: &str, key: impl Into<Vec<u8>>, delta: i64) -> Result<(i64, WriteReceipt), NodeError> {
+    pub async fn counter_add(
+        &self,
+        counter: &str,
+        key: impl Into<Vec<u8>>,
+        delta: i64,
+    ) -> Result<(i64, WriteReceipt), NodeError> {
         let key = key.into();
         validate::name("counter", counter)?;
         validate::key(&key, self.inner.config.limits.max_key_bytes)?;
-        let applied = self.write(vec![LocalIntent::CounterAdd { counter: counter.to_owned(), key, delta }]).await?;
+        let applied = self
+            .write(vec![LocalIntent::CounterAdd {
+                counter: counter.to_owned(),
+                key,
+                delta,
+            }])
+            .await?;
         let value = match applied[0].effect {
             Effect::Counter { value } => value,
             ref other => unreachable!("a counter op had effect {other:?}"),
@@ -178,7 +242,12 @@ impl NodeHandle {
 
     /// Acquires, renews or releases a lease. A lease held by another holder answers
     /// [`NodeError::LeaseHeld`] naming the holder and the expiry.
-    pub async fn lease(&self, lease: &str, key: impl Into<Vec<u8>>, request: LeaseRequest) -> Result<LeaseInfo, NodeError> {
+    pub async fn lease(
+        &self,
+        lease: &str,
+        key: impl Into<Vec<u8>>,
+        request: LeaseRequest,
+    ) -> Result<LeaseInfo, NodeError> {
         let key = key.into();
         let l = &self.inner.config.limits;
         validate::name("lease", lease)?;
@@ -190,18 +259,31 @@ impl NodeHandle {
             }
             LeaseRequest::Release { holder } => validate::holder(holder)?,
         }
-        let applied = self.write(vec![LocalIntent::Lease { lease: lease.to_owned(), key, request }]).await?;
+        let applied = self
+            .write(vec![LocalIntent::Lease {
+                lease: lease.to_owned(),
+                key,
+                request,
+            }])
+            .await?;
         let write = WriteReceipt::from(&applied[0]);
         match &applied[0].effect {
-            Effect::Lease { state, .. } => {
-                Ok(LeaseInfo { holder: state.holder.clone(), token: state.token, expires_at_ms: state.expires_at_ms, write })
-            }
+            Effect::Lease { state, .. } => Ok(LeaseInfo {
+                holder: state.holder.clone(),
+                token: state.token,
+                expires_at_ms: state.expires_at_ms,
+                write,
+            }),
             other => unreachable!("a lease op had effect {other:?}"),
         }
     }
 
     /// The current state of a lease, if it was ever written.
-    pub async fn lease_state(&self, lease: &str, key: &[u8]) -> Result<Option<crate::crdt::LeaseState>, NodeError> {
+    pub async fn lease_state(
+        &self,
+        lease: &str,
+        key: &[u8],
+    ) -> Result<Option<crate::crdt::LeaseState>, NodeError> {
         validate::name("lease", lease)?;
         Ok(self.inner.store.lease(lease, key)?)
     }
@@ -209,14 +291,25 @@ impl NodeHandle {
     /// Waits until every write named by `tokens` is applied here, or `timeout` passes.
     pub async fn wait_applied(&self, tokens: &[Token], timeout: Duration) -> Result<(), NodeError> {
         let mut rx = self.inner.store.watch_version_vector();
-        let waited = tokio::time::timeout(timeout, rx.wait_for(|vv| tokens.iter().all(|t| vv.covers(t)))).await;
+        let waited = tokio::time::timeout(
+            timeout,
+            rx.wait_for(|vv| tokens.iter().all(|t| vv.covers(t))),
+        )
+        .await;
         match waited {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(NodeError::ShuttingDown),
             Err(_) => {
                 let vv = self.inner.store.version_vector();
-                let missing = tokens.iter().filter(|t| !vv.covers(t)).map(|t| t.to_string()).collect();
-                Err(NodeError::Timeout { waited_ms: timeout.as_millis() as u64, missing })
+                let missing = tokens
+                    .iter()
+                    .filter(|t| !vv.covers(t))
+                    .map(|t| t.to_string())
+                    .collect();
+                Err(NodeError::Timeout {
+                    waited_ms: timeout.as_millis() as u64,
+                    missing,
+                })
             }
         }
     }
@@ -244,7 +337,9 @@ impl NodeHandle {
 
     async fn write(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, NodeError> {
         if self.inner.config.role == Role::Replica {
-            return Err(NodeError::ReadOnlyReplica { primaries: Vec::new() });
+            return Err(NodeError::ReadOnlyReplica {
+                primaries: Vec::new(),
+            });
         }
         Ok(self.inner.writer.local(intents).await?)
     }

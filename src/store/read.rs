@@ -29,7 +29,11 @@ pub struct LogReport {
 }
 
 impl Store {
-    pub fn register(&self, register: &str, key: &[u8]) -> Result<Option<RegisterValue>, StoreError> {
+    pub fn register(
+        &self,
+        register: &str,
+        key: &[u8],
+    ) -> Result<Option<RegisterValue>, StoreError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(REGISTERS)?;
         let value = table.get((register, key))?;
@@ -38,7 +42,13 @@ impl Store {
 
     /// Live entries of `register` whose key starts with `prefix`, strictly after `after`, at most
     /// `limit` of them.
-    pub fn list_register(&self, register: &str, prefix: &[u8], after: Option<&[u8]>, limit: usize) -> Result<ListPage, StoreError> {
+    pub fn list_register(
+        &self,
+        register: &str,
+        prefix: &[u8],
+        after: Option<&[u8]>,
+        limit: usize,
+    ) -> Result<ListPage, StoreError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(REGISTERS)?;
         let start: &[u8] = match after {
@@ -64,14 +74,20 @@ impl Store {
             }
             entries.push((key.to_vec(), bytes));
         }
-        Ok(ListPage { entries, next_after })
+        Ok(ListPage {
+            entries,
+            next_after,
+        })
     }
 
     pub fn counter(&self, counter: &str, key: &[u8]) -> Result<i64, StoreError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(COUNTERS)?;
         let value = table.get((counter, key))?;
-        Ok(value.map(|v| decode::<PnCounter>(v.value(), "counter")).transpose()?.map_or(0, |c| c.value()))
+        Ok(value
+            .map(|v| decode::<PnCounter>(v.value(), "counter"))
+            .transpose()?
+            .map_or(0, |c| c.value()))
     }
 
     pub fn lease(&self, lease: &str, key: &[u8]) -> Result<Option<LeaseState>, StoreError> {
@@ -102,32 +118,46 @@ impl Store {
             let origin = origin_from_bytes(&origin_bytes)?;
             let progress = decode_progress(v.value())?;
             report.origins += 1;
-            let floor = floors.get(origin_bytes.as_slice())?.map_or(0, |f| f.value());
+            let floor = floors
+                .get(origin_bytes.as_slice())?
+                .map_or(0, |f| f.value());
             let mut expected = Seq(floor + 1);
             let mut chain: Option<ChainHash> = (floor == 0).then_some(ChainHash::GENESIS);
-            for row in oplog.range((origin_bytes.as_slice(), 0u64)..=(origin_bytes.as_slice(), u64::MAX))? {
+            for row in oplog
+                .range((origin_bytes.as_slice(), 0u64)..=(origin_bytes.as_slice(), u64::MAX))?
+            {
                 let (k, v) = row?;
                 let seq = Seq(k.value().1);
                 let value = v.value();
                 report.ops += 1;
                 if seq != expected {
-                    report.problems.push(format!("{origin}: log holds seq {seq} where {expected} was expected"));
+                    report.problems.push(format!(
+                        "{origin}: log holds seq {seq} where {expected} was expected"
+                    ));
                     expected = seq;
                 }
                 if value.len() < 32 {
-                    report.problems.push(format!("{origin}: log entry {seq} is truncated"));
+                    report
+                        .problems
+                        .push(format!("{origin}: log entry {seq} is truncated"));
                     break;
                 }
                 let stored = ChainHash(value[..32].try_into().expect("32 bytes"));
                 let bytes = &value[32..];
                 match crate::op::Op::decode(bytes) {
                     Ok(op) if op.origin == origin && op.seq == seq => {}
-                    Ok(_) => report.problems.push(format!("{origin}: log entry {seq} holds another op")),
-                    Err(e) => report.problems.push(format!("{origin}: log entry {seq}: {e}")),
+                    Ok(_) => report
+                        .problems
+                        .push(format!("{origin}: log entry {seq} holds another op")),
+                    Err(e) => report
+                        .problems
+                        .push(format!("{origin}: log entry {seq}: {e}")),
                 }
                 if let Some(prev) = chain {
                     if prev.extend(blake3::hash(bytes).as_bytes()) != stored {
-                        report.problems.push(format!("{origin}: chain broken at seq {seq}"));
+                        report
+                            .problems
+                            .push(format!("{origin}: chain broken at seq {seq}"));
                     }
                 }
                 chain = Some(stored);
@@ -135,9 +165,14 @@ impl Store {
             }
             let last = Seq(expected.0 - 1);
             if last != progress.seq {
-                report.problems.push(format!("{origin}: version vector says {} but the log ends at {last}", progress.seq));
+                report.problems.push(format!(
+                    "{origin}: version vector says {} but the log ends at {last}",
+                    progress.seq
+                ));
             } else if chain.is_some_and(|c| c != progress.chain) && last.0 > floor {
-                report.problems.push(format!("{origin}: version vector chain hash differs from the log's"));
+                report.problems.push(format!(
+                    "{origin}: version vector chain hash differs from the log's"
+                ));
             }
             vv_origins.push(origin_bytes);
         }
@@ -146,7 +181,9 @@ impl Store {
             let (k, _) = row?;
             let (origin, seq) = k.value();
             if !vv_origins.iter().any(|o| o.as_slice() == origin) {
-                report.problems.push(format!("log holds seq {seq} of an origin missing from the version vector"));
+                report.problems.push(format!(
+                    "log holds seq {seq} of an origin missing from the version vector"
+                ));
                 break;
             }
         }

@@ -39,17 +39,37 @@ pub struct WriterConfig {
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        WriterConfig { queue: 4096, max_group_ops: 16384, batch_max_ops: 256, batch_max_bytes: 48 * 1024 }
+        WriterConfig {
+            queue: 4096,
+            max_group_ops: 16384,
+            batch_max_ops: 256,
+            batch_max_bytes: 48 * 1024,
+        }
     }
 }
 
 /// A local mutation asked for by a client.
 #[derive(Debug, Clone)]
 pub enum LocalIntent {
-    Put { register: String, key: Vec<u8>, value: Vec<u8> },
-    Delete { register: String, key: Vec<u8> },
-    CounterAdd { counter: String, key: Vec<u8>, delta: i64 },
-    Lease { lease: String, key: Vec<u8>, request: LeaseRequest },
+    Put {
+        register: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        register: String,
+        key: Vec<u8>,
+    },
+    CounterAdd {
+        counter: String,
+        key: Vec<u8>,
+        delta: i64,
+    },
+    Lease {
+        lease: String,
+        key: Vec<u8>,
+        request: LeaseRequest,
+    },
 }
 
 /// A local op once committed.
@@ -100,8 +120,14 @@ pub enum WriterError {
 }
 
 enum Request {
-    Local { intents: Vec<LocalIntent>, reply: oneshot::Sender<Result<Vec<AppliedOp>, WriterError>> },
-    Remote { batch: VerifiedBatch, reply: oneshot::Sender<Result<RemoteOutcome, WriterError>> },
+    Local {
+        intents: Vec<LocalIntent>,
+        reply: oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>,
+    },
+    Remote {
+        batch: VerifiedBatch,
+        reply: oneshot::Sender<Result<RemoteOutcome, WriterError>>,
+    },
     /// Commit what came before, then stop: later writes fail with `Closed`.
     Stop,
 }
@@ -126,14 +152,20 @@ impl WriteHandle {
     /// Commits the intents atomically (all or none) and returns one applied op per intent.
     pub async fn local(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, WriterError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Local { intents, reply }).await.map_err(|_| WriterError::Closed)?;
+        self.tx
+            .send(Request::Local { intents, reply })
+            .await
+            .map_err(|_| WriterError::Closed)?;
         rx.await.map_err(|_| WriterError::Closed)?
     }
 
     /// Applies a verified batch of another origin's ops.
     pub async fn remote(&self, batch: VerifiedBatch) -> Result<RemoteOutcome, WriterError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Remote { batch, reply }).await.map_err(|_| WriterError::Closed)?;
+        self.tx
+            .send(Request::Remote { batch, reply })
+            .await
+            .map_err(|_| WriterError::Closed)?;
         rx.await.map_err(|_| WriterError::Closed)?
     }
 
@@ -153,8 +185,18 @@ impl Store {
     ) -> (WriteHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let mirror = self.mirror();
-        let writer = Writer { store: self.clone(), clock: HlcClock::resume(mirror.hlc), mirror, signer, config, events };
-        let join = std::thread::Builder::new().name("peersync-writer".into()).spawn(move || writer.run(rx)).expect("spawn writer thread");
+        let writer = Writer {
+            store: self.clone(),
+            clock: HlcClock::resume(mirror.hlc),
+            mirror,
+            signer,
+            config,
+            events,
+        };
+        let join = std::thread::Builder::new()
+            .name("peersync-writer".into())
+            .spawn(move || writer.run(rx))
+            .expect("spawn writer thread");
         (WriteHandle { tx }, join)
     }
 }
@@ -171,8 +213,14 @@ struct Writer {
 
 /// An answer held back until the commit is durable.
 enum Pending {
-    Local(oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>, Result<Vec<AppliedOp>, WriterError>),
-    Remote(oneshot::Sender<Result<RemoteOutcome, WriterError>>, Result<RemoteOutcome, WriterError>),
+    Local(
+        oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>,
+        Result<Vec<AppliedOp>, WriterError>,
+    ),
+    Remote(
+        oneshot::Sender<Result<RemoteOutcome, WriterError>>,
+        Result<RemoteOutcome, WriterError>,
+    ),
 }
 
 /// The local ops of the group not yet under a signed head.
@@ -184,14 +232,19 @@ struct OpenBatch {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 impl Writer {
     fn run(mut self, mut rx: mpsc::Receiver<Request>) {
         let mut stopping = false;
         while !stopping {
-            let Some(first) = rx.blocking_recv() else { break };
+            let Some(first) = rx.blocking_recv() else {
+                break;
+            };
             let mut ops = first.ops();
             let mut group = vec![first];
             while ops < self.config.max_group_ops {
@@ -232,7 +285,10 @@ impl Writer {
                         Pending::Remote(tx, r) => drop(tx.send(r)),
                     }
                 }
-                if !(event.local_batches.is_empty() && event.remote.is_empty() && event.leases.is_empty()) {
+                if !(event.local_batches.is_empty()
+                    && event.remote.is_empty()
+                    && event.leases.is_empty())
+                {
                     // No subscriber is fine: a node without network has nobody to publish to.
                     let _ = self.events.send(Arc::new(event));
                 }
@@ -249,7 +305,9 @@ impl Writer {
                 // The working copy may hold changes of the rolled-back transaction: reload it.
                 match load_mirror(self.store.db()) {
                     Ok(m) => self.mirror = m,
-                    Err(e) => tracing::error!(error = %e, "cannot reload the store after a failed commit"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot reload the store after a failed commit")
+                    }
                 }
             }
         }
@@ -257,7 +315,11 @@ impl Writer {
 
     /// Applies and commits a group. On error nothing of the group was committed, and the returned
     /// reply channels let each caller be told.
-    fn try_commit(&mut self, group: Vec<Request>, event: &mut CommitEvent) -> Result<Vec<Pending>, (StoreError, Vec<Pending>)> {
+    fn try_commit(
+        &mut self,
+        group: Vec<Request>,
+        event: &mut CommitEvent,
+    ) -> Result<Vec<Pending>, (StoreError, Vec<Pending>)> {
         let txn = match self.store.db().begin_write() {
             Ok(t) => t,
             Err(e) => {
@@ -289,21 +351,23 @@ impl Writer {
         let mut requests = group.into_iter();
         while let Some(request) = requests.next() {
             let failure = match request {
-                Request::Local { intents, reply } => match self.apply_local(&mut tables, intents, &mut open, event) {
-                    Ok(applied) => {
-                        touched.insert(me);
-                        pending.push(Pending::Local(reply, Ok(applied)));
-                        None
+                Request::Local { intents, reply } => {
+                    match self.apply_local(&mut tables, intents, &mut open, event) {
+                        Ok(applied) => {
+                            touched.insert(me);
+                            pending.push(Pending::Local(reply, Ok(applied)));
+                            None
+                        }
+                        Err(LocalFailure::Refused(e)) => {
+                            pending.push(Pending::Local(reply, Err(e.into())));
+                            None
+                        }
+                        Err(LocalFailure::Store(e)) => {
+                            pending.push(Pending::Local(reply, Err(WriterError::Closed)));
+                            Some(e)
+                        }
                     }
-                    Err(LocalFailure::Refused(e)) => {
-                        pending.push(Pending::Local(reply, Err(e.into())));
-                        None
-                    }
-                    Err(LocalFailure::Store(e)) => {
-                        pending.push(Pending::Local(reply, Err(WriterError::Closed)));
-                        Some(e)
-                    }
-                },
+                }
                 Request::Remote { batch, reply } => {
                     let origin = batch.origin;
                     match self.apply_remote(&mut tables, batch, event) {
@@ -342,7 +406,8 @@ impl Writer {
             buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
         }
         self.mirror.hlc = self.clock.last();
-        txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
+        txn.open_table(META)?
+            .insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
         Ok(())
     }
 
@@ -359,13 +424,40 @@ impl Writer {
         let mut bodies = Vec::with_capacity(intents.len());
         for intent in intents {
             bodies.push(match intent {
-                LocalIntent::Put { register, key, value } => OpBody::RegisterPut { register, key, value },
+                LocalIntent::Put {
+                    register,
+                    key,
+                    value,
+                } => OpBody::RegisterPut {
+                    register,
+                    key,
+                    value,
+                },
                 LocalIntent::Delete { register, key } => OpBody::RegisterDelete { register, key },
-                LocalIntent::CounterAdd { counter, key, delta } => OpBody::CounterAdd { counter, key, delta },
-                LocalIntent::Lease { lease, key, request } => {
+                LocalIntent::CounterAdd {
+                    counter,
+                    key,
+                    delta,
+                } => OpBody::CounterAdd {
+                    counter,
+                    key,
+                    delta,
+                },
+                LocalIntent::Lease {
+                    lease,
+                    key,
+                    request,
+                } => {
                     let current = tables.lease(&lease, &key)?;
-                    let grant = decide_lease(current.as_ref(), &request, now).map_err(LocalFailure::Refused)?;
-                    OpBody::LeaseSet { lease, key, holder: grant.holder, token: grant.token, expires_at_ms: grant.expires_at_ms }
+                    let grant = decide_lease(current.as_ref(), &request, now)
+                        .map_err(LocalFailure::Refused)?;
+                    OpBody::LeaseSet {
+                        lease,
+                        key,
+                        holder: grant.holder,
+                        token: grant.token,
+                        expires_at_ms: grant.expires_at_ms,
+                    }
                 }
             });
         }
@@ -374,52 +466,96 @@ impl Writer {
         let mut applied = Vec::with_capacity(bodies.len());
         for body in bodies {
             let prev = self.mirror.progress.get(&me).copied().unwrap_or_default();
-            let op = Op { origin: me, seq: prev.seq.next(), hlc: self.clock.now(now), body };
+            let op = Op {
+                origin: me,
+                seq: prev.seq.next(),
+                hlc: self.clock.now(now),
+                body,
+            };
             let bytes = op.encode();
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
             let effect = tables.apply(&mut self.mirror.buckets, &op)?;
-            tables.oplog.insert((me_bytes.as_slice(), op.seq.0), log_value(&chain, &bytes).as_slice()).map_err(StoreError::from)?;
-            self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
+            tables
+                .oplog
+                .insert(
+                    (me_bytes.as_slice(), op.seq.0),
+                    log_value(&chain, &bytes).as_slice(),
+                )
+                .map_err(StoreError::from)?;
+            self.mirror
+                .progress
+                .insert(me, OriginProgress { seq: op.seq, chain });
             note_effect(event, &op, &effect);
             if open.ops.is_empty() {
                 open.after = prev.seq;
             }
             open.bytes += bytes.len();
             open.ops.push(ByteBuf::from(bytes));
-            if open.ops.len() >= self.config.batch_max_ops || open.bytes >= self.config.batch_max_bytes {
+            if open.ops.len() >= self.config.batch_max_ops
+                || open.bytes >= self.config.batch_max_bytes
+            {
                 self.seal_batch(tables, open, event)?;
             }
-            applied.push(AppliedOp { token: op.token(), cid: cid_from_digest(&digest), effect });
+            applied.push(AppliedOp {
+                token: op.token(),
+                cid: cid_from_digest(&digest),
+                effect,
+            });
         }
         Ok(applied)
     }
 
     /// Signs the chain head after the open local ops and turns them into a publishable batch.
-    fn seal_batch(&mut self, tables: &mut Tables, open: &mut OpenBatch, event: &mut CommitEvent) -> Result<(), StoreError> {
+    fn seal_batch(
+        &mut self,
+        tables: &mut Tables,
+        open: &mut OpenBatch,
+        event: &mut CommitEvent,
+    ) -> Result<(), StoreError> {
         if open.ops.is_empty() {
             return Ok(());
         }
         let me = self.signer.origin();
         let p = self.mirror.progress[&me];
         let head = self.signer.sign_head(p.seq, p.chain);
-        tables.heads.insert((me.to_bytes().as_slice(), p.seq.0), head.signature.as_slice())?;
+        tables.heads.insert(
+            (me.to_bytes().as_slice(), p.seq.0),
+            head.signature.as_slice(),
+        )?;
         let ops = std::mem::take(&mut open.ops);
         open.bytes = 0;
-        event.local_batches.push(Arc::new(OpBatch { after: open.after, ops, head }));
+        event.local_batches.push(Arc::new(OpBatch {
+            after: open.after,
+            ops,
+            head,
+        }));
         Ok(())
     }
 
     /// Applies the part of a verified batch this node does not have yet.
-    fn apply_remote(&mut self, tables: &mut Tables, batch: VerifiedBatch, event: &mut CommitEvent) -> Result<RemoteOutcome, StoreError> {
+    fn apply_remote(
+        &mut self,
+        tables: &mut Tables,
+        batch: VerifiedBatch,
+        event: &mut CommitEvent,
+    ) -> Result<RemoteOutcome, StoreError> {
         let origin = batch.origin;
-        let have = self.mirror.progress.get(&origin).copied().unwrap_or_default();
+        let have = self
+            .mirror
+            .progress
+            .get(&origin)
+            .copied()
+            .unwrap_or_default();
         let after = Seq(batch.ops[0].op.seq.0 - 1);
         if batch.head.seq <= have.seq {
             return Ok(RemoteOutcome::Duplicate);
         }
         if after > have.seq {
-            return Ok(RemoteOutcome::Gap { have: have.seq, batch_after: after });
+            return Ok(RemoteOutcome::Gap {
+                have: have.seq,
+                batch_after: after,
+            });
         }
         let new = &batch.ops[(have.seq.0 - after.0) as usize..];
         if have.chain.extend(&new[0].digest) != new[0].chain {
@@ -433,11 +569,23 @@ impl Writer {
                 self.clock.observe(v.op.hlc);
             }
             let effect = tables.apply(&mut self.mirror.buckets, &v.op)?;
-            tables.oplog.insert((origin_bytes.as_slice(), v.op.seq.0), log_value(&v.chain, &v.bytes).as_slice())?;
+            tables.oplog.insert(
+                (origin_bytes.as_slice(), v.op.seq.0),
+                log_value(&v.chain, &v.bytes).as_slice(),
+            )?;
             note_effect(event, &v.op, &effect);
         }
-        tables.heads.insert((origin_bytes.as_slice(), batch.head.seq.0), batch.head.signature.as_slice())?;
-        self.mirror.progress.insert(origin, OriginProgress { seq: batch.head.seq, chain: batch.head.head });
+        tables.heads.insert(
+            (origin_bytes.as_slice(), batch.head.seq.0),
+            batch.head.signature.as_slice(),
+        )?;
+        self.mirror.progress.insert(
+            origin,
+            OriginProgress {
+                seq: batch.head.seq,
+                chain: batch.head.head,
+            },
+        );
         event.remote.push((origin, new[0].op.seq, batch.head.seq));
         Ok(RemoteOutcome::Applied { ops: new.len() })
     }
@@ -467,10 +615,17 @@ pub(crate) fn log_value(chain: &ChainHash, bytes: &[u8]) -> Vec<u8> {
 
 fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect) {
     match (effect, &op.body) {
-        (Effect::Register { won: false, .. }, _) | (Effect::Register { replaced_other_origin: true, .. }, _) => event.conflicts += 1,
-        (Effect::Lease { state, won: true }, OpBody::LeaseSet { lease, key, .. }) => {
-            event.leases.push((lease.clone(), key.clone(), state.clone()))
-        }
+        (Effect::Register { won: false, .. }, _)
+        | (
+            Effect::Register {
+                replaced_other_origin: true,
+                ..
+            },
+            _,
+        ) => event.conflicts += 1,
+        (Effect::Lease { state, won: true }, OpBody::LeaseSet { lease, key, .. }) => event
+            .leases
+            .push((lease.clone(), key.clone(), state.clone())),
         _ => {}
     }
 }

@@ -1,0 +1,57 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::time::Duration;
+
+use peersync::node::{Node, NodeConfig};
+
+/// A node on a fresh temp data dir, with small limits so tests can exceed them cheaply.
+pub async fn start_node(configure: impl FnOnce(&mut NodeConfig)) -> (Node, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig {
+        data_dir: dir.path().to_owned(),
+        ..Default::default()
+    };
+    config.limits.max_value_bytes = 64 * 1024;
+    config.limits.max_body_bytes = 256 * 1024;
+    configure(&mut config);
+    (Node::start(config).await.unwrap(), dir)
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` and the last observation at the deadline.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, String>>,
+{
+    let start = tokio::time::Instant::now();
+    loop {
+        let last = match check().await {
+            Ok(v) => return v,
+            Err(seen) => seen,
+        };
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}; last seen: {last}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub mod process;
+
+/// Blocking variant of [`eventually`] for tests without a runtime.
+pub fn wait_sync(what: &str, deadline: Duration, mut check: impl FnMut() -> Result<(), String>) {
+    let start = std::time::Instant::now();
+    loop {
+        let seen = match check() {
+            Ok(()) => return,
+            Err(seen) => seen,
+        };
+        assert!(
+            start.elapsed() < deadline,
+            "timed out after {deadline:?} waiting for {what}; last seen: {seen}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
