@@ -48,12 +48,8 @@ pub enum VerifyError {
     TooMany { count: usize, limit: usize },
     #[error("op {index} of the batch: {source}")]
     Malformed { index: usize, source: DecodeError },
-    #[error("op {index} of the batch has origin {found}, but the batch is signed by {expected}")]
-    WrongOrigin {
-        index: usize,
-        expected: Origin,
-        found: Origin,
-    },
+    #[error("op {index} of the batch has another origin than the batch's signer")]
+    WrongOrigin { index: usize },
     #[error("op {index} of the batch has seq {found}, expected {expected}")]
     NotContiguous {
         index: usize,
@@ -89,11 +85,7 @@ impl OpBatch {
             let op =
                 Op::decode(&bytes).map_err(|source| VerifyError::Malformed { index, source })?;
             if op.origin != origin {
-                return Err(VerifyError::WrongOrigin {
-                    index,
-                    expected: origin,
-                    found: op.origin,
-                });
+                return Err(VerifyError::WrongOrigin { index });
             }
             if op.seq != expected {
                 return Err(VerifyError::NotContiguous {

@@ -125,7 +125,7 @@ enum Request {
         reply: oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>,
     },
     Remote {
-        batch: VerifiedBatch,
+        batch: Box<VerifiedBatch>,
         reply: oneshot::Sender<Result<RemoteOutcome, WriterError>>,
     },
     /// Commit what came before, then stop: later writes fail with `Closed`.
@@ -163,7 +163,10 @@ impl WriteHandle {
     pub async fn remote(&self, batch: VerifiedBatch) -> Result<RemoteOutcome, WriterError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Request::Remote { batch, reply })
+            .send(Request::Remote {
+                batch: Box::new(batch),
+                reply,
+            })
             .await
             .map_err(|_| WriterError::Closed)?;
         rx.await.map_err(|_| WriterError::Closed)?
@@ -274,8 +277,9 @@ impl Writer {
 
     fn commit_group(&mut self, group: Vec<Request>) {
         let mut event = CommitEvent::default();
-        match self.try_commit(group, &mut event) {
-            Ok(pending) => {
+        let mut pending = Vec::with_capacity(group.len());
+        match self.try_commit(group, &mut pending, &mut event) {
+            Ok(()) => {
                 *self.store.mirror.write().expect("mirror lock") = self.mirror.clone();
                 let vv = self.mirror.version_vector();
                 self.store.vv_watch.send_replace(vv);
@@ -293,7 +297,7 @@ impl Writer {
                     let _ = self.events.send(Arc::new(event));
                 }
             }
-            Err((e, pending)) => {
+            Err(e) => {
                 tracing::error!(error = %e, "group commit failed; its writes were not acknowledged");
                 let e = Arc::new(e);
                 for p in pending {
@@ -313,28 +317,23 @@ impl Writer {
         }
     }
 
-    /// Applies and commits a group. On error nothing of the group was committed, and the returned
-    /// reply channels let each caller be told.
+    /// Applies and commits a group, pushing each request's answer to `pending`. On error nothing of
+    /// the group was committed, and the caller tells every pending request so.
     fn try_commit(
         &mut self,
         group: Vec<Request>,
+        pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
-    ) -> Result<Vec<Pending>, (StoreError, Vec<Pending>)> {
+    ) -> Result<(), StoreError> {
         let txn = match self.store.db().begin_write() {
             Ok(t) => t,
             Err(e) => {
                 group.into_iter().for_each(abandon);
-                return Err((e.into(), Vec::new()));
+                return Err(e.into());
             }
         };
-        let mut pending = Vec::with_capacity(group.len());
-        if let Err(e) = self.apply_group(&txn, group, &mut pending, event) {
-            return Err((e, pending));
-        }
-        match txn.commit() {
-            Ok(()) => Ok(pending),
-            Err(e) => Err((e.into(), pending)),
-        }
+        self.apply_group(&txn, group, pending, event)?;
+        Ok(txn.commit()?)
     }
 
     fn apply_group(
@@ -370,7 +369,7 @@ impl Writer {
                 }
                 Request::Remote { batch, reply } => {
                     let origin = batch.origin;
-                    match self.apply_remote(&mut tables, batch, event) {
+                    match self.apply_remote(&mut tables, *batch, event) {
                         Ok(outcome) => {
                             if matches!(outcome, RemoteOutcome::Applied { .. }) {
                                 touched.insert(origin);
