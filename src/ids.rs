@@ -12,9 +12,7 @@ use serde::{Deserialize, Serialize};
 pub type Origin = libp2p::PeerId;
 
 /// Position of an op in its origin's log. Contiguous per origin, starting at 1; 0 means "nothing yet".
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 #[serde(transparent)]
 pub struct Seq(pub u64);
 
@@ -60,22 +58,13 @@ impl FromStr for Token {
     type Err = TokenParseError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (origin, seq) = s
-            .split_once(':')
-            .ok_or_else(|| TokenParseError::Shape(s.to_owned()))?;
-        let origin = origin
-            .parse()
-            .map_err(|_| TokenParseError::Origin(s.to_owned()))?;
-        let seq: u64 = seq
-            .parse()
-            .map_err(|_| TokenParseError::Seq(s.to_owned()))?;
+        let (origin, seq) = s.split_once(':').ok_or_else(|| TokenParseError::Shape(s.to_owned()))?;
+        let origin = origin.parse().map_err(|_| TokenParseError::Origin(s.to_owned()))?;
+        let seq: u64 = seq.parse().map_err(|_| TokenParseError::Seq(s.to_owned()))?;
         if seq == 0 {
             return Err(TokenParseError::Seq(s.to_owned()));
         }
-        Ok(Token {
-            origin,
-            seq: Seq(seq),
-        })
+        Ok(Token { origin, seq: Seq(seq) })
     }
 }
 
@@ -98,29 +87,12 @@ mod tests {
 
     #[test]
     fn token_round_trips_and_rejects_garbage() {
-        let origin = libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id();
-        let token = Token {
-            origin,
-            seq: Seq(42),
-        };
+        let origin = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
+        let token = Token { origin, seq: Seq(42) };
         assert_eq!(token.to_string().parse::<Token>().unwrap(), token);
-        assert!(matches!(
-            "nocolon".parse::<Token>(),
-            Err(TokenParseError::Shape(_))
-        ));
-        assert!(matches!(
-            "abc:1".parse::<Token>(),
-            Err(TokenParseError::Origin(_))
-        ));
-        assert!(matches!(
-            format!("{origin}:x").parse::<Token>(),
-            Err(TokenParseError::Seq(_))
-        ));
-        assert!(matches!(
-            format!("{origin}:0").parse::<Token>(),
-            Err(TokenParseError::Seq(_))
-        ));
+        assert!(matches!("nocolon".parse::<Token>(), Err(TokenParseError::Shape(_))));
+        assert!(matches!("abc:1".parse::<Token>(), Err(TokenParseError::Origin(_))));
+        assert!(matches!(format!("{origin}:x").parse::<Token>(), Err(TokenParseError::Seq(_))));
+        assert!(matches!(format!("{origin}:0").parse::<Token>(), Err(TokenParseError::Seq(_))));
     }
 }

@@ -5,3 +5,4 @@ pub mod net;
 pub mod node;
 pub mod op;
 pub mod store;
+pub mod sync;

@@ -35,38 +35,26 @@ fn sigterm_stops_cleanly_and_restart_keeps_data_and_peer_id() {
     let node = NodeProc::start(&data, &[]);
     let (ok, out, err) = cli(&["put", "docs", "readme", "hello world", "--api", &node.api]);
     assert!(ok, "{err}");
-    let token = serde_json::from_str::<Value>(&out).unwrap()["token"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let token = serde_json::from_str::<Value>(&out).unwrap()["token"].as_str().unwrap().to_owned();
     let (ok, out, _) = cli(&["incr", "hits", "home", "-4", "--api", &node.api]);
     assert!(ok);
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["value"], -4);
-    let (ok, out, err) = cli(&[
-        "lease", "acquire", "locks", "db", "--holder", "w1", "--ttl-ms", "60000", "--api",
-        &node.api,
-    ]);
+    let (ok, out, err) =
+        cli(&["lease", "acquire", "locks", "db", "--holder", "w1", "--ttl-ms", "60000", "--api", &node.api]);
     assert!(ok, "{err}");
     assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["token"], 1);
-    let (ok, _, err) = cli(&[
-        "lease", "acquire", "locks", "db", "--holder", "w2", "--api", &node.api,
-    ]);
+    let (ok, _, err) = cli(&["lease", "acquire", "locks", "db", "--holder", "w2", "--api", &node.api]);
     assert!(!ok);
     assert!(err.contains("lease_held") && err.contains("w1"), "{err}");
     let peer = node.peer_id.clone();
     let root = status(&node.api)["state_root"].clone();
 
     let exit = node.terminate();
-    assert!(
-        exit.success(),
-        "SIGTERM must shut down cleanly, got {exit:?}"
-    );
+    assert!(exit.success(), "SIGTERM must shut down cleanly, got {exit:?}");
 
     let node = NodeProc::start(&data, &[]);
     assert_eq!(node.peer_id, peer, "the PeerId survives a restart");
-    let (ok, out, _) = cli(&[
-        "get", "docs", "readme", "--after", &token, "--api", &node.api,
-    ]);
+    let (ok, out, _) = cli(&["get", "docs", "readme", "--after", &token, "--api", &node.api]);
     assert!(ok);
     assert_eq!(out, "hello world\n");
     let s = status(&node.api);
@@ -86,11 +74,7 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     let node = NodeProc::start(&data, &[]);
     let api = node.api.clone();
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
     let writers: Vec<_> = (0..8)
         .map(|w| {
             let (api, acked) = (api.clone(), acked.clone());
@@ -98,35 +82,24 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
                 let http = reqwest::Client::new();
                 for i in 0.. {
                     let key = format!("w{w}-{i}");
-                    let resp = http
-                        .put(format!("{api}/v1/registers/crash/{key}"))
-                        .body(key.clone())
-                        .send()
-                        .await;
+                    let resp = http.put(format!("{api}/v1/registers/crash/{key}")).body(key.clone()).send().await;
                     let Ok(resp) = resp else { return };
                     let Ok(body) = resp.json::<Value>().await else {
                         return;
                     };
-                    acked
-                        .lock()
-                        .unwrap()
-                        .insert(key, body["seq"].as_u64().unwrap());
+                    acked.lock().unwrap().insert(key, body["seq"].as_u64().unwrap());
                 }
             })
         })
         .collect();
-    common::wait_sync(
-        "300 acknowledged writes",
-        std::time::Duration::from_secs(60),
-        || {
-            let n = acked.lock().unwrap().len();
-            if n >= 300 {
-                Ok(())
-            } else {
-                Err(format!("{n} acknowledged"))
-            }
-        },
-    );
+    common::wait_sync("300 acknowledged writes", std::time::Duration::from_secs(60), || {
+        let n = acked.lock().unwrap().len();
+        if n >= 300 {
+            Ok(())
+        } else {
+            Err(format!("{n} acknowledged"))
+        }
+    });
     node.kill9();
     let acked = acked.lock().unwrap().clone();
     rt.block_on(async {
@@ -140,39 +113,20 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     rt.block_on(async {
         let http = reqwest::Client::new();
         for key in acked.keys() {
-            let resp = http
-                .get(format!("{}/v1/registers/crash/{key}", node.api))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(
-                resp.status(),
-                200,
-                "acknowledged write {key} lost after kill -9"
-            );
+            let resp = http.get(format!("{}/v1/registers/crash/{key}", node.api)).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "acknowledged write {key} lost after kill -9");
             assert_eq!(resp.text().await.unwrap(), *key);
         }
     });
     let s = status(&node.api);
     let vv = s["version_vector"][&node.peer_id].as_u64().unwrap();
-    assert!(
-        vv >= max_seq,
-        "version vector {vv} below an acknowledged seq {max_seq}"
-    );
-    assert_eq!(
-        s["log_ops"].as_u64().unwrap(),
-        vv,
-        "the log holds exactly the ops the version vector covers"
-    );
+    assert!(vv >= max_seq, "version vector {vv} below an acknowledged seq {max_seq}");
+    assert_eq!(s["log_ops"].as_u64().unwrap(), vv, "the log holds exactly the ops the version vector covers");
     assert!(node.terminate().success());
 
     let store = Store::open(&data.join(peersync::node::DATABASE_FILE)).unwrap();
     let report = store.check_log().unwrap();
-    assert!(
-        report.problems.is_empty(),
-        "log inconsistent after kill -9: {:?}",
-        report.problems
-    );
+    assert!(report.problems.is_empty(), "log inconsistent after kill -9: {:?}", report.problems);
     assert_eq!(report.ops, vv);
 }
 
@@ -182,36 +136,16 @@ fn invalid_flags_exit_non_zero_naming_the_flag() {
     let data = dir.path().join("n");
     let d = data.to_str().unwrap();
     for (args, needle) in [
-        (
-            vec!["node", "--data-dir", d, "--listen", "not-a-multiaddr"],
-            "--listen",
-        ),
-        (
-            vec!["node", "--data-dir", d, "--bootstrap", "/ip4/1.2.3/tcp/1"],
-            "--bootstrap",
-        ),
+        (vec!["node", "--data-dir", d, "--listen", "not-a-multiaddr"], "--listen"),
+        (vec!["node", "--data-dir", d, "--bootstrap", "/ip4/1.2.3/tcp/1"], "--bootstrap"),
         (vec!["node", "--data-dir", d, "--role", "boss"], "--role"),
         (vec!["node", "--data-dir", d, "--api", "nowhere"], "--api"),
-        (
-            vec![
-                "node",
-                "--data-dir",
-                d,
-                "--cluster",
-                "bad name",
-                "--api",
-                "127.0.0.1:0",
-            ],
-            "cluster",
-        ),
+        (vec!["node", "--data-dir", d, "--cluster", "bad name", "--api", "127.0.0.1:0"], "cluster"),
         (vec!["status", "--api", "ftp://x"], "--api"),
     ] {
         let (ok, _, err) = cli(&args);
         assert!(!ok, "{args:?} should fail");
-        assert!(
-            err.contains(needle),
-            "{args:?}: error should name {needle}: {err}"
-        );
+        assert!(err.contains(needle), "{args:?}: error should name {needle}: {err}");
     }
     let (ok, _, err) = cli(&["status", "--api", "http://127.0.0.1:1"]);
     assert!(!ok && err.contains("cannot reach"), "{err}");

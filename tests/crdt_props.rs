@@ -13,15 +13,7 @@ use serde_bytes::ByteBuf;
 fn origins() -> &'static [Origin] {
     use std::sync::OnceLock;
     static O: OnceLock<Vec<Origin>> = OnceLock::new();
-    O.get_or_init(|| {
-        (0..3)
-            .map(|_| {
-                libp2p::identity::Keypair::generate_ed25519()
-                    .public()
-                    .to_peer_id()
-            })
-            .collect()
-    })
+    O.get_or_init(|| (0..3).map(|_| libp2p::identity::Keypair::generate_ed25519().public().to_peer_id()).collect())
 }
 
 fn origin() -> impl Strategy<Value = Origin> {
@@ -33,32 +25,19 @@ fn hlc() -> impl Strategy<Value = Hlc> {
 }
 
 fn register() -> impl Strategy<Value = RegisterValue> {
-    (
-        hlc(),
-        origin(),
-        prop::option::of(prop::collection::vec(any::<u8>(), 0..3)),
-    )
+    (hlc(), origin(), prop::option::of(prop::collection::vec(any::<u8>(), 0..3)))
         .prop_map(|(hlc, origin, value)| RegisterValue { hlc, origin, value })
 }
 
 fn counter() -> impl Strategy<Value = PnCounter> {
     prop::collection::btree_map(origin(), (0..100u64, 0..100u64), 0..3).prop_map(|m| PnCounter {
-        contributions: m
-            .into_iter()
-            .map(|(o, (incr, decr))| (o, Contribution { incr, decr }))
-            .collect(),
+        contributions: m.into_iter().map(|(o, (incr, decr))| (o, Contribution { incr, decr })).collect(),
     })
 }
 
 fn lease() -> impl Strategy<Value = LeaseState> {
     (prop::option::of("[ab]"), 0..3u64, 0..3u64, hlc(), origin()).prop_map(
-        |(holder, token, expires_at_ms, hlc, origin)| LeaseState {
-            holder,
-            token,
-            expires_at_ms,
-            hlc,
-            origin,
-        },
+        |(holder, token, expires_at_ms, hlc, origin)| LeaseState { holder, token, expires_at_ms, hlc, origin },
     )
 }
 
@@ -99,31 +78,13 @@ proptest! {
 fn body() -> impl Strategy<Value = OpBody> {
     let key = (0..4u8).prop_map(|k| vec![b'k', b'0' + k]);
     prop_oneof![
-        (key.clone(), prop::collection::vec(any::<u8>(), 0..4)).prop_map(|(key, value)| {
-            OpBody::RegisterPut {
-                register: "r".into(),
-                key,
-                value,
-            }
+        (key.clone(), prop::collection::vec(any::<u8>(), 0..4))
+            .prop_map(|(key, value)| { OpBody::RegisterPut { register: "r".into(), key, value } }),
+        key.clone().prop_map(|key| OpBody::RegisterDelete { register: "r".into(), key }),
+        (key.clone(), -5i64..5).prop_map(|(key, delta)| OpBody::CounterAdd { counter: "c".into(), key, delta }),
+        (key, prop::option::of("[ab]"), 0..3u64, 0..10u64).prop_map(|(key, holder, token, expires_at_ms)| {
+            OpBody::LeaseSet { lease: "l".into(), key, holder, token, expires_at_ms }
         }),
-        key.clone().prop_map(|key| OpBody::RegisterDelete {
-            register: "r".into(),
-            key
-        }),
-        (key.clone(), -5i64..5).prop_map(|(key, delta)| OpBody::CounterAdd {
-            counter: "c".into(),
-            key,
-            delta
-        }),
-        (key, prop::option::of("[ab]"), 0..3u64, 0..10u64).prop_map(
-            |(key, holder, token, expires_at_ms)| OpBody::LeaseSet {
-                lease: "l".into(),
-                key,
-                holder,
-                token,
-                expires_at_ms
-            }
-        ),
     ]
 }
 
@@ -134,12 +95,7 @@ fn signed_logs(signers: &[Signer], bodies: &[(usize, u64, OpBody)]) -> Vec<Vec<O
     for (who, wall, body) in bodies {
         let s = &signers[*who];
         let seq = Seq(logs[*who].len() as u64 + 1);
-        let op = Op {
-            origin: s.origin(),
-            seq,
-            hlc: Hlc::new(*wall, 0),
-            body: body.clone(),
-        };
+        let op = Op { origin: s.origin(), seq, hlc: Hlc::new(*wall, 0), body: body.clone() };
         let bytes = op.encode();
         chains[*who] = chains[*who].extend(blake3::hash(&bytes).as_bytes());
         logs[*who].push(OpBatch {
@@ -159,10 +115,7 @@ fn apply_interleaved(logs: &[Vec<OpBatch>], order: &[usize]) -> (String, BTreeMa
     let me = Signer::new(libp2p::identity::Keypair::generate_ed25519());
     let (events, _) = tokio::sync::broadcast::channel(16);
     let (writer, _join) = store.spawn_writer(me, WriterConfig::default(), events);
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let mut next = vec![0usize; logs.len()];
     let total: usize = logs.iter().map(Vec::len).sum();
     for pick in order.iter().cycle().take(total * logs.len()) {
@@ -173,34 +126,18 @@ fn apply_interleaved(logs: &[Vec<OpBatch>], order: &[usize]) -> (String, BTreeMa
         else {
             break;
         };
-        let prev = if next[who] == 0 {
-            ChainHash::GENESIS
-        } else {
-            logs[who][next[who] - 1].head.head
-        };
+        let prev = if next[who] == 0 { ChainHash::GENESIS } else { logs[who][next[who] - 1].head.head };
         let verified = logs[who][next[who]].clone().verify(prev, 10).unwrap();
         rt.block_on(writer.remote(verified)).unwrap();
         next[who] += 1;
     }
-    assert!(
-        next.iter().zip(logs).all(|(n, l)| *n == l.len()),
-        "every op applied"
-    );
+    assert!(next.iter().zip(logs).all(|(n, l)| *n == l.len()), "every op applied");
     let mut dump = BTreeMap::new();
     for k in 0..4u8 {
         let key = [b'k', b'0' + k];
-        dump.insert(
-            format!("r/{k}"),
-            format!("{:?}", store.register("r", &key).unwrap()),
-        );
-        dump.insert(
-            format!("c/{k}"),
-            format!("{:?}", store.counter("c", &key).unwrap()),
-        );
-        dump.insert(
-            format!("l/{k}"),
-            format!("{:?}", store.lease("l", &key).unwrap()),
-        );
+        dump.insert(format!("r/{k}"), format!("{:?}", store.register("r", &key).unwrap()));
+        dump.insert(format!("c/{k}"), format!("{:?}", store.counter("c", &key).unwrap()));
+        dump.insert(format!("l/{k}"), format!("{:?}", store.lease("l", &key).unwrap()));
     }
     let report = store.check_log().unwrap();
     assert!(report.problems.is_empty(), "{:?}", report.problems);

@@ -18,42 +18,17 @@ async fn api(role: Role) -> Api {
     let (node, dir) = common::start_node(|c| c.role = role).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(peersync::api::serve(
-        listener,
-        node.handle(),
-        std::future::pending(),
-    ));
-    Api {
-        base,
-        http: Client::new(),
-        _node: node,
-        _dir: dir,
-    }
+    tokio::spawn(peersync::api::serve(listener, node.handle(), std::future::pending()));
+    Api { base, http: Client::new(), _node: node, _dir: dir }
 }
 
 impl Api {
-    async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> (StatusCode, Vec<u8>) {
-        let resp = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .body(body)
-            .send()
-            .await
-            .unwrap();
+    async fn call(&self, method: Method, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Vec<u8>) {
+        let resp = self.http.request(method, format!("{}{path}", self.base)).body(body).send().await.unwrap();
         (resp.status(), resp.bytes().await.unwrap().to_vec())
     }
 
-    async fn json(
-        &self,
-        method: Method,
-        path: &str,
-        body: impl Into<reqwest::Body>,
-    ) -> (StatusCode, Value) {
+    async fn json(&self, method: Method, path: &str, body: impl Into<reqwest::Body>) -> (StatusCode, Value) {
         let (status, bytes) = self.call(method, path, body).await;
         let value = serde_json::from_slice(&bytes)
             .unwrap_or_else(|_| panic!("{path}: not JSON: {:?}", String::from_utf8_lossy(&bytes)));
@@ -70,15 +45,8 @@ impl Api {
         code: &str,
     ) -> Value {
         let (got, value) = self.json(method.clone(), path, body).await;
-        assert_eq!(
-            (got, value["error"].as_str()),
-            (status, Some(code)),
-            "{method} {path}: {value}"
-        );
-        assert!(
-            value["message"].as_str().is_some_and(|m| !m.is_empty()),
-            "{path}: error without a message: {value}"
-        );
+        assert_eq!((got, value["error"].as_str()), (status, Some(code)), "{method} {path}: {value}");
+        assert!(value["message"].as_str().is_some_and(|m| !m.is_empty()), "{path}: error without a message: {value}");
         value
     }
 }
@@ -86,83 +54,38 @@ impl Api {
 #[tokio::test]
 async fn registers_round_trip_over_http() {
     let api = api(Role::Primary).await;
-    let (status, put) = api
-        .json(Method::PUT, "/v1/registers/users/alice", "hello")
-        .await;
+    let (status, put) = api.json(Method::PUT, "/v1/registers/users/alice", "hello").await;
     assert_eq!(status, StatusCode::OK);
     for field in ["origin", "seq", "cid", "token"] {
         assert!(!put[field].is_null(), "PUT answer lacks {field}: {put}");
     }
     let token = put["token"].as_str().unwrap().to_owned();
-    assert_eq!(
-        token,
-        format!("{}:{}", put["origin"].as_str().unwrap(), put["seq"])
-    );
+    assert_eq!(token, format!("{}:{}", put["origin"].as_str().unwrap(), put["seq"]));
 
     let (status, body) = api.call(Method::GET, "/v1/registers/users/alice", "").await;
     assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"hello"[..]));
-    let (status, body) = api
-        .call(
-            Method::GET,
-            &format!("/v1/registers/users/alice?after={token}&timeout_ms=1000"),
-            "",
-        )
-        .await;
+    let (status, body) =
+        api.call(Method::GET, &format!("/v1/registers/users/alice?after={token}&timeout_ms=1000"), "").await;
     assert_eq!((status, body.as_slice()), (StatusCode::OK, &b"hello"[..]));
     // Keys may hold slashes and escapes.
-    api.json(Method::PUT, "/v1/registers/users/a%2Fb/c", "slashed")
-        .await;
-    assert_eq!(
-        api.call(Method::GET, "/v1/registers/users/a%2Fb/c", "")
-            .await
-            .1,
-        b"slashed"
-    );
+    api.json(Method::PUT, "/v1/registers/users/a%2Fb/c", "slashed").await;
+    assert_eq!(api.call(Method::GET, "/v1/registers/users/a%2Fb/c", "").await.1, b"slashed");
 
-    let (status, del) = api
-        .json(Method::DELETE, "/v1/registers/users/alice", "")
-        .await;
+    let (status, del) = api.json(Method::DELETE, "/v1/registers/users/alice", "").await;
     assert_eq!(status, StatusCode::OK);
     assert!(del["token"].is_string());
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/users/alice",
-        "",
-        StatusCode::NOT_FOUND,
-        "not_found",
-    )
-    .await;
+    api.expect_error(Method::GET, "/v1/registers/users/alice", "", StatusCode::NOT_FOUND, "not_found").await;
 
     let batch = json!({"entries": [{"key": "k1", "value": "v1"}, {"key": "k2", "value_base64": "/wA="}, {"key": "k3", "value": "v3"}]});
-    let (status, last) = api
-        .json(Method::POST, "/v1/registers/users", batch.to_string())
-        .await;
+    let (status, last) = api.json(Method::POST, "/v1/registers/users", batch.to_string()).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        last["seq"],
-        json!(put["seq"].as_u64().unwrap() + 5),
-        "the token of the batch's last op"
-    );
-    assert_eq!(
-        api.call(Method::GET, "/v1/registers/users/k2", "").await.1,
-        vec![0xff, 0x00]
-    );
+    assert_eq!(last["seq"], json!(put["seq"].as_u64().unwrap() + 5), "the token of the batch's last op");
+    assert_eq!(api.call(Method::GET, "/v1/registers/users/k2", "").await.1, vec![0xff, 0x00]);
 
-    let (_, page) = api
-        .json(Method::GET, "/v1/registers/users?prefix=k&limit=2", "")
-        .await;
-    assert_eq!(
-        page["entries"],
-        json!([{"key": "k1", "value": "v1"}, {"key": "k2", "value_base64": "/wA="}])
-    );
+    let (_, page) = api.json(Method::GET, "/v1/registers/users?prefix=k&limit=2", "").await;
+    assert_eq!(page["entries"], json!([{"key": "k1", "value": "v1"}, {"key": "k2", "value_base64": "/wA="}]));
     assert_eq!(page["next_after"], json!("k2"));
-    let (_, page) = api
-        .json(
-            Method::GET,
-            "/v1/registers/users?prefix=k&limit=2&after=k2",
-            "",
-        )
-        .await;
+    let (_, page) = api.json(Method::GET, "/v1/registers/users?prefix=k&limit=2&after=k2", "").await;
     assert_eq!(page["entries"], json!([{"key": "k3", "value": "v3"}]));
     assert_eq!(page["next_after"], Value::Null);
 }
@@ -170,29 +93,15 @@ async fn registers_round_trip_over_http() {
 #[tokio::test]
 async fn counters_leases_status_and_metrics_over_http() {
     let api = api(Role::Primary).await;
-    let (_, c) = api
-        .json(Method::POST, "/v1/counters/hits/home", r#"{"delta": 5}"#)
-        .await;
+    let (_, c) = api.json(Method::POST, "/v1/counters/hits/home", r#"{"delta": 5}"#).await;
     assert_eq!(c["value"], json!(5));
-    api.json(Method::POST, "/v1/counters/hits/home", r#"{"delta": -2}"#)
-        .await;
-    assert_eq!(
-        api.json(Method::GET, "/v1/counters/hits/home", "").await.1,
-        json!({"value": 3})
-    );
+    api.json(Method::POST, "/v1/counters/hits/home", r#"{"delta": -2}"#).await;
+    assert_eq!(api.json(Method::GET, "/v1/counters/hits/home", "").await.1, json!({"value": 3}));
 
-    let (status, l) = api
-        .json(
-            Method::POST,
-            "/v1/leases/locks/db/acquire",
-            r#"{"holder": "w1", "ttl_ms": 60000}"#,
-        )
-        .await;
+    let (status, l) =
+        api.json(Method::POST, "/v1/leases/locks/db/acquire", r#"{"holder": "w1", "ttl_ms": 60000}"#).await;
     assert_eq!(status, StatusCode::OK);
-    assert_eq!(
-        (l["holder"].as_str(), l["token"].as_u64()),
-        (Some("w1"), Some(1))
-    );
+    assert_eq!((l["holder"].as_str(), l["token"].as_u64()), (Some("w1"), Some(1)));
     assert!(l["expires_at_ms"].as_u64().unwrap() > 0);
     let held = api
         .expect_error(
@@ -203,18 +112,9 @@ async fn counters_leases_status_and_metrics_over_http() {
             "lease_held",
         )
         .await;
-    assert_eq!(
-        (held["holder"].as_str(), held["expires_at_ms"].clone()),
-        (Some("w1"), l["expires_at_ms"].clone())
-    );
+    assert_eq!((held["holder"].as_str(), held["expires_at_ms"].clone()), (Some("w1"), l["expires_at_ms"].clone()));
     assert!(held["message"].as_str().unwrap().contains("w1"), "{held}");
-    let (status, _) = api
-        .json(
-            Method::POST,
-            "/v1/leases/locks/db/renew",
-            r#"{"holder": "w1", "ttl_ms": 1000}"#,
-        )
-        .await;
+    let (status, _) = api.json(Method::POST, "/v1/leases/locks/db/renew", r#"{"holder": "w1", "ttl_ms": 1000}"#).await;
     assert_eq!(status, StatusCode::OK);
     api.expect_error(
         Method::POST,
@@ -224,39 +124,19 @@ async fn counters_leases_status_and_metrics_over_http() {
         "not_holder",
     )
     .await;
-    let (_, rel) = api
-        .json(
-            Method::POST,
-            "/v1/leases/locks/db/release",
-            r#"{"holder": "w1"}"#,
-        )
-        .await;
+    let (_, rel) = api.json(Method::POST, "/v1/leases/locks/db/release", r#"{"holder": "w1"}"#).await;
     assert_eq!(rel["holder"], Value::Null);
     let (_, state) = api.json(Method::GET, "/v1/leases/locks/db", "").await;
-    assert_eq!(
-        (state["holder"].clone(), state["token"].clone()),
-        (Value::Null, json!(1))
-    );
+    assert_eq!((state["holder"].clone(), state["token"].clone()), (Value::Null, json!(1)));
 
     let (status, s) = api.json(Method::GET, "/v1/status", "").await;
     assert_eq!(status, StatusCode::OK);
-    for field in [
-        "peer_id",
-        "role",
-        "state",
-        "cluster",
-        "listen_addrs",
-        "version_vector",
-        "state_root",
-        "peers",
-        "sync",
-    ] {
+    for field in
+        ["peer_id", "role", "state", "cluster", "listen_addrs", "version_vector", "state_root", "peers", "sync"]
+    {
         assert!(s.get(field).is_some(), "status lacks {field}: {s}");
     }
-    assert_eq!(
-        s["version_vector"][s["peer_id"].as_str().unwrap()],
-        json!(5)
-    );
+    assert_eq!(s["version_vector"][s["peer_id"].as_str().unwrap()], json!(5));
     assert_eq!(s["state"], json!("active"));
     assert_eq!(s["state_root"].as_str().unwrap().len(), 64);
 
@@ -271,30 +151,9 @@ async fn every_bad_input_gets_a_json_4xx() {
     let api = api(Role::Primary).await;
     let bad = StatusCode::BAD_REQUEST;
     // Invalid JSON and wrong types.
-    api.expect_error(
-        Method::POST,
-        "/v1/registers/r",
-        "{not json",
-        bad,
-        "invalid_json",
-    )
-    .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/registers/r",
-        r#"{"entries": "x"}"#,
-        bad,
-        "invalid_json",
-    )
-    .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/registers/r",
-        r#"{"entries": [{"key": "k"}]}"#,
-        bad,
-        "invalid_json",
-    )
-    .await;
+    api.expect_error(Method::POST, "/v1/registers/r", "{not json", bad, "invalid_json").await;
+    api.expect_error(Method::POST, "/v1/registers/r", r#"{"entries": "x"}"#, bad, "invalid_json").await;
+    api.expect_error(Method::POST, "/v1/registers/r", r#"{"entries": [{"key": "k"}]}"#, bad, "invalid_json").await;
     api.expect_error(
         Method::POST,
         "/v1/registers/r",
@@ -311,134 +170,27 @@ async fn every_bad_input_gets_a_json_4xx() {
         "invalid_json",
     )
     .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/registers/r",
-        r#"{"entries": []}"#,
-        bad,
-        "invalid_input",
-    )
-    .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/counters/c/k",
-        r#"{"delta": "five"}"#,
-        bad,
-        "invalid_json",
-    )
-    .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/counters/c/k",
-        r#"{"delta": 1.5}"#,
-        bad,
-        "invalid_json",
-    )
-    .await;
-    api.expect_error(Method::POST, "/v1/counters/c/k", "", bad, "invalid_json")
+    api.expect_error(Method::POST, "/v1/registers/r", r#"{"entries": []}"#, bad, "invalid_input").await;
+    api.expect_error(Method::POST, "/v1/counters/c/k", r#"{"delta": "five"}"#, bad, "invalid_json").await;
+    api.expect_error(Method::POST, "/v1/counters/c/k", r#"{"delta": 1.5}"#, bad, "invalid_json").await;
+    api.expect_error(Method::POST, "/v1/counters/c/k", "", bad, "invalid_json").await;
+    api.expect_error(Method::POST, "/v1/leases/l/k/acquire", r#"{"holder": 7}"#, bad, "invalid_json").await;
+    api.expect_error(Method::POST, "/v1/leases/l/k/acquire", r#"{"holder": "h", "ttl_ms": -1}"#, bad, "invalid_json")
         .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/leases/l/k/acquire",
-        r#"{"holder": 7}"#,
-        bad,
-        "invalid_json",
-    )
-    .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/leases/l/k/acquire",
-        r#"{"holder": "h", "ttl_ms": -1}"#,
-        bad,
-        "invalid_json",
-    )
-    .await;
-    api.expect_error(
-        Method::POST,
-        "/v1/leases/l/k/acquire",
-        r#"{"holder": "h", "ttl_ms": 0}"#,
-        bad,
-        "invalid_input",
-    )
-    .await;
+    api.expect_error(Method::POST, "/v1/leases/l/k/acquire", r#"{"holder": "h", "ttl_ms": 0}"#, bad, "invalid_input")
+        .await;
     // Unknown lease verb.
-    api.expect_error(
-        Method::POST,
-        "/v1/leases/l/k/steal",
-        r#"{"holder": "h"}"#,
-        bad,
-        "unknown_lease_verb",
-    )
-    .await;
+    api.expect_error(Method::POST, "/v1/leases/l/k/steal", r#"{"holder": "h"}"#, bad, "unknown_lease_verb").await;
     // Malformed tokens and query values.
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/r/k?after=nonsense",
-        "",
-        bad,
-        "invalid_token",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/r/k?after=12D3KooWabc:1",
-        "",
-        bad,
-        "invalid_token",
-    )
-    .await;
-    let me = api.json(Method::GET, "/v1/status", "").await.1["peer_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
-    api.expect_error(
-        Method::GET,
-        &format!("/v1/registers/r/k?after={me}:0"),
-        "",
-        bad,
-        "invalid_token",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        &format!("/v1/registers/r/k?after={me}:1,junk"),
-        "",
-        bad,
-        "invalid_token",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/r/k?timeout_ms=soon",
-        "",
-        bad,
-        "invalid_query",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/r/k?stale=maybe",
-        "",
-        bad,
-        "invalid_query",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/r?limit=0",
-        "",
-        bad,
-        "invalid_input",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        "/v1/registers/r?limit=many",
-        "",
-        bad,
-        "invalid_query",
-    )
-    .await;
+    api.expect_error(Method::GET, "/v1/registers/r/k?after=nonsense", "", bad, "invalid_token").await;
+    api.expect_error(Method::GET, "/v1/registers/r/k?after=12D3KooWabc:1", "", bad, "invalid_token").await;
+    let me = api.json(Method::GET, "/v1/status", "").await.1["peer_id"].as_str().unwrap().to_owned();
+    api.expect_error(Method::GET, &format!("/v1/registers/r/k?after={me}:0"), "", bad, "invalid_token").await;
+    api.expect_error(Method::GET, &format!("/v1/registers/r/k?after={me}:1,junk"), "", bad, "invalid_token").await;
+    api.expect_error(Method::GET, "/v1/registers/r/k?timeout_ms=soon", "", bad, "invalid_query").await;
+    api.expect_error(Method::GET, "/v1/registers/r/k?stale=maybe", "", bad, "invalid_query").await;
+    api.expect_error(Method::GET, "/v1/registers/r?limit=0", "", bad, "invalid_input").await;
+    api.expect_error(Method::GET, "/v1/registers/r?limit=many", "", bad, "invalid_query").await;
     // A write that never comes: 504 at the deadline, naming what is missing.
     let missing = api
         .expect_error(
@@ -451,22 +203,8 @@ async fn every_bad_input_gets_a_json_4xx() {
         .await;
     assert_eq!(missing["missing"], json!([format!("{me}:99")]));
     // Names, oversized values and bodies.
-    api.expect_error(
-        Method::PUT,
-        "/v1/registers/bad%20name/k",
-        "v",
-        bad,
-        "invalid_input",
-    )
-    .await;
-    api.expect_error(
-        Method::PUT,
-        &format!("/v1/registers/r/{}", "k".repeat(2000)),
-        "v",
-        bad,
-        "invalid_input",
-    )
-    .await;
+    api.expect_error(Method::PUT, "/v1/registers/bad%20name/k", "v", bad, "invalid_input").await;
+    api.expect_error(Method::PUT, &format!("/v1/registers/r/{}", "k".repeat(2000)), "v", bad, "invalid_input").await;
     api.expect_error(
         Method::PUT,
         "/v1/registers/r/big",
@@ -484,65 +222,21 @@ async fn every_bad_input_gets_a_json_4xx() {
     )
     .await;
     let big_batch = json!({"entries": [{"key": "k", "value": "x".repeat(300 * 1024)}]}).to_string();
-    api.expect_error(
-        Method::POST,
-        "/v1/registers/r",
-        big_batch,
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-    )
-    .await;
+    api.expect_error(Method::POST, "/v1/registers/r", big_batch, StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
+        .await;
     // Unknown endpoints and methods.
-    api.expect_error(
-        Method::GET,
-        "/v2/nothing",
-        "",
-        StatusCode::NOT_FOUND,
-        "not_found",
-    )
-    .await;
-    api.expect_error(
-        Method::PATCH,
-        "/v1/status",
-        "",
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-    )
-    .await;
-    api.expect_error(
-        Method::GET,
-        "/v1/leases/l/none",
-        "",
-        StatusCode::NOT_FOUND,
-        "not_found",
-    )
-    .await;
+    api.expect_error(Method::GET, "/v2/nothing", "", StatusCode::NOT_FOUND, "not_found").await;
+    api.expect_error(Method::PATCH, "/v1/status", "", StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed").await;
+    api.expect_error(Method::GET, "/v1/leases/l/none", "", StatusCode::NOT_FOUND, "not_found").await;
     // None of it wrote anything.
-    assert_eq!(
-        api.json(Method::GET, "/v1/status", "").await.1["version_vector"],
-        json!({})
-    );
+    assert_eq!(api.json(Method::GET, "/v1/status", "").await.1["version_vector"], json!({}));
 }
 
 #[tokio::test]
 async fn replica_refuses_writes_over_http() {
     let api = api(Role::Replica).await;
-    let e = api
-        .expect_error(
-            Method::PUT,
-            "/v1/registers/r/k",
-            "v",
-            StatusCode::FORBIDDEN,
-            "read_only_replica",
-        )
-        .await;
+    let e = api.expect_error(Method::PUT, "/v1/registers/r/k", "v", StatusCode::FORBIDDEN, "read_only_replica").await;
     assert!(e["primaries"].is_array(), "{e}");
-    api.expect_error(
-        Method::POST,
-        "/v1/counters/c/k",
-        r#"{"delta": 1}"#,
-        StatusCode::FORBIDDEN,
-        "read_only_replica",
-    )
-    .await;
+    api.expect_error(Method::POST, "/v1/counters/c/k", r#"{"delta": 1}"#, StatusCode::FORBIDDEN, "read_only_replica")
+        .await;
 }

@@ -13,11 +13,7 @@ pub enum ClientError {
     Unreachable { url: String, source: reqwest::Error },
     /// The node answered with an error status; `code` and `message` come from its JSON body.
     #[error("{code}: {message}")]
-    Api {
-        status: StatusCode,
-        code: String,
-        message: String,
-    },
+    Api { status: StatusCode, code: String, message: String },
 }
 
 /// Talks to one node's HTTP API.
@@ -30,66 +26,35 @@ pub struct Client {
 impl Client {
     /// `api` is `http://HOST:PORT` (a bare `HOST:PORT` is accepted too).
     pub fn new(api: &str) -> Result<Client, ClientError> {
-        let base = if api.contains("://") {
-            api.to_owned()
-        } else {
-            format!("http://{api}")
-        };
+        let base = if api.contains("://") { api.to_owned() } else { format!("http://{api}") };
         let base = base.trim_end_matches('/').to_owned();
         let parsed = reqwest::Url::parse(&base).map_err(|_| ClientError::BadUrl(api.to_owned()))?;
         if parsed.scheme() != "http" || parsed.host().is_none() {
             return Err(ClientError::BadUrl(api.to_owned()));
         }
-        let http = reqwest::Client::builder()
-            .timeout(Duration::from_secs(120))
-            .build()
-            .expect("http client builds");
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("http client builds");
         Ok(Client { base, http })
     }
 
     /// Sends a request to `path` (already percent-encoded) and returns the body of a 2xx answer.
-    pub async fn call(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Vec<u8>>,
-    ) -> Result<Vec<u8>, ClientError> {
+    pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
         if let Some(b) = body {
             req = req.body(b);
         }
-        let resp = req
-            .send()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: self.base.clone(),
-                source,
-            })?;
+        let resp = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         let status = resp.status();
-        let bytes = resp
-            .bytes()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: self.base.clone(),
-                source,
-            })?;
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         if status.is_success() {
             return Ok(bytes.to_vec());
         }
         let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
-        let field = |name: &str| {
-            parsed
-                .as_ref()
-                .and_then(|v| v.get(name))
-                .and_then(|v| v.as_str())
-                .map(str::to_owned)
-        };
+        let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(|v| v.as_str()).map(str::to_owned);
         Err(ClientError::Api {
             status,
             code: field("error").unwrap_or_else(|| status.as_u16().to_string()),
-            message: field("message")
-                .unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
+            message: field("message").unwrap_or_else(|| String::from_utf8_lossy(&bytes).into_owned()),
         })
     }
 }

@@ -19,12 +19,7 @@ pub struct ApiError {
 
 impl ApiError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            extra: serde_json::Map::new(),
-        }
+        ApiError { status, code, message: message.into(), extra: serde_json::Map::new() }
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -52,37 +47,24 @@ impl From<NodeError> for ApiError {
         match e {
             NodeError::InvalidInput(_) => ApiError::bad_request("invalid_input", message),
             NodeError::ValueTooLarge { max, .. } => {
-                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", message)
-                    .with("max_bytes", max)
+                ApiError::new(StatusCode::PAYLOAD_TOO_LARGE, "value_too_large", message).with("max_bytes", max)
             }
-            NodeError::LeaseHeld {
-                holder,
-                token,
-                until_ms,
-            } => ApiError::new(StatusCode::CONFLICT, "lease_held", message)
-                .with("holder", holder)
-                .with("token", token)
-                .with("expires_at_ms", until_ms),
-            NodeError::NotHolder { .. } => {
-                ApiError::new(StatusCode::CONFLICT, "not_holder", message)
+            NodeError::LeaseHeld { holder, token, until_ms } => {
+                ApiError::new(StatusCode::CONFLICT, "lease_held", message)
+                    .with("holder", holder)
+                    .with("token", token)
+                    .with("expires_at_ms", until_ms)
             }
+            NodeError::NotHolder { .. } => ApiError::new(StatusCode::CONFLICT, "not_holder", message),
             NodeError::ReadOnlyReplica { primaries } => {
-                ApiError::new(StatusCode::FORBIDDEN, "read_only_replica", message)
-                    .with("primaries", primaries)
+                ApiError::new(StatusCode::FORBIDDEN, "read_only_replica", message).with("primaries", primaries)
             }
-            NodeError::Syncing => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "syncing", message)
-            }
+            NodeError::Syncing => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "syncing", message),
             NodeError::Timeout { missing, .. } => {
-                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message)
-                    .with("missing", missing)
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).with("missing", missing)
             }
-            NodeError::ShuttingDown => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message)
-            }
-            NodeError::Store(_) => {
-                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", message)
-            }
+            NodeError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+            NodeError::Store(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", message),
         }
     }
 }

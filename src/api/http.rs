@@ -38,24 +38,14 @@ pub fn router(node: NodeHandle) -> Router {
     let body_limit = node.config().limits.max_body_bytes;
     Router::new()
         .route("/v1/registers/{reg}", post(batch_write).get(list_register))
-        .route(
-            "/v1/registers/{reg}/{*key}",
-            put(put_register).get(get_register).delete(delete_register),
-        )
-        .route(
-            "/v1/counters/{ctr}/{key}",
-            post(counter_add).get(counter_get),
-        )
+        .route("/v1/registers/{reg}/{*key}", put(put_register).get(get_register).delete(delete_register))
+        .route("/v1/counters/{ctr}/{key}", post(counter_add).get(counter_get))
         .route("/v1/leases/{lease}/{key}", get(lease_get))
         .route("/v1/leases/{lease}/{key}/{verb}", post(lease_verb))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .fallback(|| async {
-            ApiError::new(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                "no such endpoint; see the HTTP API in README.md",
-            )
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the HTTP API in README.md")
         })
         .method_not_allowed_fallback(|| async {
             ApiError::new(
@@ -74,19 +64,15 @@ pub async fn serve(
     node: NodeHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(listener, router(node)).with_graceful_shutdown(shutdown).await
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
-    p.map(|Path(t)| t)
-        .map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
+    p.map(|Path(t)| t).map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
 }
 
 fn params(q: Params) -> Result<HashMap<String, String>, ApiError> {
-    q.map(|Query(m)| m)
-        .map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
+    q.map(|Query(m)| m).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 
 fn body(b: Body) -> Result<Bytes, ApiError> {
@@ -105,22 +91,13 @@ fn body(b: Body) -> Result<Bytes, ApiError> {
 
 fn json_body<T: DeserializeOwned>(b: Body) -> Result<T, ApiError> {
     let bytes = body(b)?;
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request("invalid_json", format!("request body: {e}")))
 }
 
-fn number<T: std::str::FromStr>(
-    q: &HashMap<String, String>,
-    name: &str,
-) -> Result<Option<T>, ApiError> {
+fn number<T: std::str::FromStr>(q: &HashMap<String, String>, name: &str) -> Result<Option<T>, ApiError> {
     q.get(name)
         .map(|v| {
-            v.parse().map_err(|_| {
-                ApiError::bad_request(
-                    "invalid_query",
-                    format!("{name}={v:?} is not a valid number"),
-                )
-            })
+            v.parse().map_err(|_| ApiError::bad_request("invalid_query", format!("{name}={v:?} is not a valid number")))
         })
         .transpose()
 }
@@ -129,10 +106,7 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     match q.get(name).map(String::as_str) {
         None | Some("false") | Some("0") => Ok(false),
         Some("true") | Some("1") | Some("") => Ok(true),
-        Some(v) => Err(ApiError::bad_request(
-            "invalid_query",
-            format!("{name}={v:?} must be true or false"),
-        )),
+        Some(v) => Err(ApiError::bad_request("invalid_query", format!("{name}={v:?} must be true or false"))),
     }
 }
 
@@ -140,10 +114,7 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
 fn value_json(value: &[u8]) -> (&'static str, String) {
     match std::str::from_utf8(value) {
         Ok(s) => ("value", s.to_owned()),
-        Err(_) => (
-            "value_base64",
-            base64::engine::general_purpose::STANDARD.encode(value),
-        ),
+        Err(_) => ("value_base64", base64::engine::general_purpose::STANDARD.encode(value)),
     }
 }
 
@@ -176,10 +147,7 @@ async fn get_register(
     let timeout_ms: Option<u64> = number(&q, "timeout_ms")?;
     let max_wait = node.config().limits.max_wait_ms;
     if timeout_ms.is_some_and(|t| t > max_wait) {
-        return Err(ApiError::bad_request(
-            "invalid_query",
-            format!("timeout_ms must be at most {max_wait}"),
-        ));
+        return Err(ApiError::bad_request("invalid_query", format!("timeout_ms must be at most {max_wait}")));
     }
     if let Some(after) = q.get("after") {
         let tokens = after
@@ -187,11 +155,7 @@ async fn get_register(
             .map(|t| t.parse::<Token>())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ApiError::bad_request("invalid_token", e.to_string()))?;
-        node.wait_applied(
-            &tokens,
-            Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_WAIT_MS)),
-        )
-        .await?;
+        node.wait_applied(&tokens, Duration::from_millis(timeout_ms.unwrap_or(DEFAULT_WAIT_MS))).await?;
     }
     if !stale && node.sync_state() == SyncState::Syncing {
         return Err(NodeError::Syncing.into());
@@ -233,12 +197,7 @@ async fn batch_write(
             (Some(v), None) => v.into_bytes(),
             (None, Some(b64)) => base64::engine::general_purpose::STANDARD
                 .decode(b64)
-                .map_err(|err| {
-                    ApiError::bad_request(
-                        "invalid_json",
-                        format!("entries[{i}].value_base64: {err}"),
-                    )
-                })?,
+                .map_err(|err| ApiError::bad_request("invalid_json", format!("entries[{i}].value_base64: {err}")))?,
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_json",
@@ -271,9 +230,7 @@ async fn list_register(
             json!({ "key": String::from_utf8_lossy(k), field: value })
         })
         .collect();
-    let next_after = page
-        .next_after
-        .map(|k| String::from_utf8_lossy(&k).into_owned());
+    let next_after = page.next_after.map(|k| String::from_utf8_lossy(&k).into_owned());
     Ok(Json(json!({ "entries": entries, "next_after": next_after })).into_response())
 }
 
@@ -291,7 +248,10 @@ async fn counter_add(
     let (ctr, key) = path(p)?;
     let CounterBody { delta } = json_body(b)?;
     let (value, write) = node.counter_add(&ctr, key, delta).await?;
-    Ok(Json(json!({ "value": value, "origin": write.origin, "seq": write.seq, "cid": write.cid, "token": write.token })).into_response())
+    Ok(Json(
+        json!({ "value": value, "origin": write.origin, "seq": write.seq, "cid": write.cid, "token": write.token }),
+    )
+    .into_response())
 }
 
 async fn counter_get(
@@ -344,15 +304,10 @@ async fn lease_get(
 ) -> Result<Response, ApiError> {
     let (lease, key) = path(p)?;
     match node.lease_state(&lease, key.as_bytes()).await? {
-        Some(s) => Ok(Json(
-            json!({ "holder": s.holder, "token": s.token, "expires_at_ms": s.expires_at_ms }),
-        )
-        .into_response()),
-        None => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("lease {lease:?} has no key {key:?}"),
-        )),
+        Some(s) => {
+            Ok(Json(json!({ "holder": s.holder, "token": s.token, "expires_at_ms": s.expires_at_ms })).into_response())
+        }
+        None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("lease {lease:?} has no key {key:?}"))),
     }
 }
 
@@ -361,12 +316,6 @@ async fn status(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
 }
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        node.metrics().render(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics().render())
         .into_response()
 }

@@ -11,11 +11,7 @@ use peersync::node::{Node, NodeConfig, Role};
 use reqwest::Method;
 
 #[derive(Parser)]
-#[command(
-    name = "peersync",
-    version,
-    about = "Peer-to-peer sync node: replicated registers, counters and leases"
-)]
+#[command(name = "peersync", version, about = "Peer-to-peer sync node: replicated registers, counters and leases")]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -102,11 +98,7 @@ struct NodeArgs {
     #[arg(long, default_value = "./peersync-data")]
     data_dir: PathBuf,
     /// Multiaddr to listen on (repeatable).
-    #[arg(
-        long,
-        value_name = "MULTIADDR",
-        default_value = "/ip4/0.0.0.0/tcp/4001"
-    )]
+    #[arg(long, value_name = "MULTIADDR", default_value = "/ip4/0.0.0.0/tcp/4001")]
     listen: Vec<libp2p::Multiaddr>,
     /// Multiaddr of a peer to join through (repeatable).
     #[arg(long, value_name = "MULTIADDR")]
@@ -131,10 +123,7 @@ struct NodeArgs {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -152,37 +141,16 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             println!("{}", key.public().to_peer_id());
             Ok(())
         }
-        Command::Put {
-            register,
-            key,
-            value,
-            api,
-        } => {
+        Command::Put { register, key, value, api } => {
             let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
-            print_json(
-                Client::new(&api.api)?
-                    .call(Method::PUT, &path, Some(value.into_bytes()))
-                    .await?,
-            )
+            print_json(Client::new(&api.api)?.call(Method::PUT, &path, Some(value.into_bytes())).await?)
         }
-        Command::Get {
-            register,
-            key,
-            after,
-            stale,
-            api,
-        } => {
-            let mut path = format!(
-                "/v1/registers/{}/{}?stale={stale}",
-                segment(&register),
-                segment(&key)
-            );
+        Command::Get { register, key, after, stale, api } => {
+            let mut path = format!("/v1/registers/{}/{}?stale={stale}", segment(&register), segment(&key));
             if let Some(after) = after {
                 path.push_str(&format!("&after={}", segment(&after)));
             }
-            let value = Client::new(&api.api)?
-                .call(Method::GET, &path, None)
-                .await?;
+            let value = Client::new(&api.api)?.call(Method::GET, &path, None).await?;
             let mut out = std::io::stdout().lock();
             out.write_all(&value)?;
             out.write_all(b"\n")?;
@@ -190,45 +158,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Del { register, key, api } => {
             let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
-            print_json(
-                Client::new(&api.api)?
-                    .call(Method::DELETE, &path, None)
-                    .await?,
-            )
+            print_json(Client::new(&api.api)?.call(Method::DELETE, &path, None).await?)
         }
-        Command::Incr {
-            counter,
-            key,
-            delta,
-            api,
-        } => {
+        Command::Incr { counter, key, delta, api } => {
             let path = format!("/v1/counters/{}/{}", segment(&counter), segment(&key));
-            let body = serde_json::json!({ "delta": delta.unwrap_or(1) })
-                .to_string()
-                .into_bytes();
-            print_json(
-                Client::new(&api.api)?
-                    .call(Method::POST, &path, Some(body))
-                    .await?,
-            )
+            let body = serde_json::json!({ "delta": delta.unwrap_or(1) }).to_string().into_bytes();
+            print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
         }
-        Command::Lease {
-            verb,
-            lease,
-            key,
-            holder,
-            ttl_ms,
-            api,
-        } => {
+        Command::Lease { verb, lease, key, holder, ttl_ms, api } => {
             let path = format!("/v1/leases/{}/{}/{verb}", segment(&lease), segment(&key));
-            let body = serde_json::json!({ "holder": holder, "ttl_ms": ttl_ms })
-                .to_string()
-                .into_bytes();
-            print_json(
-                Client::new(&api.api)?
-                    .call(Method::POST, &path, Some(body))
-                    .await?,
-            )
+            let body = serde_json::json!({ "holder": holder, "ttl_ms": ttl_ms }).to_string().into_bytes();
+            print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
         }
         Command::Status { watch, api } => {
             let client = Client::new(&api.api)?;
@@ -258,9 +198,7 @@ fn print_json(body: Vec<u8>) -> anyhow::Result<()> {
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
@@ -307,8 +245,8 @@ async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("SIGTERM handler");
+        let mut term =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
             _ = ctrl_c => {}
             _ = term.recv() => {}

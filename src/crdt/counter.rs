@@ -37,11 +37,7 @@ impl PnCounter {
 
     /// The counter's value, clamped to the `i64` range.
     pub fn value(&self) -> i64 {
-        let total: i128 = self
-            .contributions
-            .values()
-            .map(|c| c.incr as i128 - c.decr as i128)
-            .sum();
+        let total: i128 = self.contributions.values().map(|c| c.incr as i128 - c.decr as i128).sum();
         total.clamp(i64::MIN as i128, i64::MAX as i128) as i64
     }
 

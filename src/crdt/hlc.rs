@@ -10,9 +10,7 @@
 use serde::{Deserialize, Serialize};
 
 /// A hybrid logical timestamp. Ordered by `(wall_ms, logical)`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Hlc {
     /// Milliseconds since the Unix epoch, as the physical part of the timestamp.
     pub wall_ms: u64,
@@ -21,10 +19,7 @@ pub struct Hlc {
 }
 
 impl Hlc {
-    pub const ZERO: Hlc = Hlc {
-        wall_ms: 0,
-        logical: 0,
-    };
+    pub const ZERO: Hlc = Hlc { wall_ms: 0, logical: 0 };
 
     pub fn new(wall_ms: u64, logical: u32) -> Self {
         Hlc { wall_ms, logical }
@@ -33,14 +28,8 @@ impl Hlc {
     /// The smallest timestamp strictly greater than `self`.
     fn successor(self) -> Hlc {
         match self.logical.checked_add(1) {
-            Some(logical) => Hlc {
-                wall_ms: self.wall_ms,
-                logical,
-            },
-            None => Hlc {
-                wall_ms: self.wall_ms + 1,
-                logical: 0,
-            },
+            Some(logical) => Hlc { wall_ms: self.wall_ms, logical },
+            None => Hlc { wall_ms: self.wall_ms + 1, logical: 0 },
         }
     }
 }
@@ -71,11 +60,7 @@ impl HlcClock {
 
     /// Issues a timestamp for a local event at wall-clock time `wall_ms`.
     pub fn now(&mut self, wall_ms: u64) -> Hlc {
-        let next = if wall_ms > self.last.wall_ms {
-            Hlc::new(wall_ms, 0)
-        } else {
-            self.last.successor()
-        };
+        let next = if wall_ms > self.last.wall_ms { Hlc::new(wall_ms, 0) } else { self.last.successor() };
         self.last = next;
         next
     }

@@ -28,13 +28,7 @@ pub struct LeaseState {
 
 impl LeaseState {
     fn order_key(&self) -> (u64, Hlc, Origin, &Option<String>, u64) {
-        (
-            self.token,
-            self.hlc,
-            self.origin,
-            &self.holder,
-            self.expires_at_ms,
-        )
+        (self.token, self.hlc, self.origin, &self.holder, self.expires_at_ms)
     }
 
     pub fn wins_over(&self, other: &LeaseState) -> bool {
@@ -79,21 +73,13 @@ pub struct LeaseGrant {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum LeaseError {
     #[error("lease is held by {holder:?} (token {token}) until {until_ms} ms since the epoch")]
-    Held {
-        holder: String,
-        token: u64,
-        until_ms: u64,
-    },
+    Held { holder: String, token: u64, until_ms: u64 },
     #[error("{holder:?} does not hold this lease; acquire it first")]
     NotHolder { holder: String },
 }
 
 /// Decides a request against the current state at `now_ms`. Pure: the caller writes the grant.
-pub fn decide(
-    current: Option<&LeaseState>,
-    request: &LeaseRequest,
-    now_ms: u64,
-) -> Result<LeaseGrant, LeaseError> {
+pub fn decide(current: Option<&LeaseState>, request: &LeaseRequest, now_ms: u64) -> Result<LeaseGrant, LeaseError> {
     let last_token = current.map_or(0, |s| s.token);
     let live = current.and_then(|s| s.live_holder(now_ms));
     match request {
@@ -120,31 +106,21 @@ pub fn decide(
             }),
             _ => match live {
                 Some(h) => Err(held(current, h)),
-                None => Err(LeaseError::NotHolder {
-                    holder: holder.clone(),
-                }),
+                None => Err(LeaseError::NotHolder { holder: holder.clone() }),
             },
         },
         LeaseRequest::Release { holder } => match current {
-            Some(s) if s.holder.as_deref() == Some(holder.as_str()) => Ok(LeaseGrant {
-                holder: None,
-                token: s.token,
-                expires_at_ms: now_ms,
-            }),
-            _ => Err(LeaseError::NotHolder {
-                holder: holder.clone(),
-            }),
+            Some(s) if s.holder.as_deref() == Some(holder.as_str()) => {
+                Ok(LeaseGrant { holder: None, token: s.token, expires_at_ms: now_ms })
+            }
+            _ => Err(LeaseError::NotHolder { holder: holder.clone() }),
         },
     }
 }
 
 fn held(current: Option<&LeaseState>, holder: &str) -> LeaseError {
     let s = current.expect("a live holder implies a state");
-    LeaseError::Held {
-        holder: holder.to_owned(),
-        token: s.token,
-        until_ms: s.expires_at_ms,
-    }
+    LeaseError::Held { holder: holder.to_owned(), token: s.token, until_ms: s.expires_at_ms }
 }
 
 #[cfg(test)]
@@ -157,35 +133,20 @@ mod tests {
             token,
             expires_at_ms,
             hlc: Hlc::new(1, 0),
-            origin: libp2p::identity::Keypair::generate_ed25519()
-                .public()
-                .to_peer_id(),
+            origin: libp2p::identity::Keypair::generate_ed25519().public().to_peer_id(),
         }
     }
 
     fn acquire(h: &str) -> LeaseRequest {
-        LeaseRequest::Acquire {
-            holder: h.into(),
-            ttl_ms: 100,
-        }
+        LeaseRequest::Acquire { holder: h.into(), ttl_ms: 100 }
     }
 
     #[test]
     fn free_lease_is_granted_with_next_token() {
         let g = decide(None, &acquire("a"), 1_000).unwrap();
-        assert_eq!(
-            g,
-            LeaseGrant {
-                holder: Some("a".into()),
-                token: 1,
-                expires_at_ms: 1_100
-            }
-        );
+        assert_eq!(g, LeaseGrant { holder: Some("a".into()), token: 1, expires_at_ms: 1_100 });
         let released = state(None, 4, 10);
-        assert_eq!(
-            decide(Some(&released), &acquire("b"), 1_000).unwrap().token,
-            5
-        );
+        assert_eq!(decide(Some(&released), &acquire("b"), 1_000).unwrap().token, 5);
     }
 
     #[test]
@@ -193,11 +154,7 @@ mod tests {
         let s = state(Some("a"), 3, 2_000);
         assert_eq!(
             decide(Some(&s), &acquire("b"), 1_999),
-            Err(LeaseError::Held {
-                holder: "a".into(),
-                token: 3,
-                until_ms: 2_000
-            })
+            Err(LeaseError::Held { holder: "a".into(), token: 3, until_ms: 2_000 })
         );
         assert_eq!(decide(Some(&s), &acquire("b"), 2_000).unwrap().token, 4);
         assert_eq!(decide(Some(&s), &acquire("a"), 1_500).unwrap().token, 3);
@@ -206,41 +163,12 @@ mod tests {
     #[test]
     fn renew_and_release_need_the_holder() {
         let s = state(Some("a"), 3, 2_000);
-        let renew = |h: &str| LeaseRequest::Renew {
-            holder: h.into(),
-            ttl_ms: 500,
-        };
-        assert_eq!(
-            decide(Some(&s), &renew("a"), 1_900).unwrap().expires_at_ms,
-            2_400
-        );
-        assert!(matches!(
-            decide(Some(&s), &renew("b"), 1_900),
-            Err(LeaseError::Held { .. })
-        ));
-        assert!(matches!(
-            decide(None, &renew("b"), 1_900),
-            Err(LeaseError::NotHolder { .. })
-        ));
-        let rel = decide(
-            Some(&s),
-            &LeaseRequest::Release { holder: "a".into() },
-            1_000,
-        )
-        .unwrap();
-        assert_eq!(
-            rel,
-            LeaseGrant {
-                holder: None,
-                token: 3,
-                expires_at_ms: 1_000
-            }
-        );
-        assert!(decide(
-            Some(&s),
-            &LeaseRequest::Release { holder: "b".into() },
-            1_000
-        )
-        .is_err());
+        let renew = |h: &str| LeaseRequest::Renew { holder: h.into(), ttl_ms: 500 };
+        assert_eq!(decide(Some(&s), &renew("a"), 1_900).unwrap().expires_at_ms, 2_400);
+        assert!(matches!(decide(Some(&s), &renew("b"), 1_900), Err(LeaseError::Held { .. })));
+        assert!(matches!(decide(None, &renew("b"), 1_900), Err(LeaseError::NotHolder { .. })));
+        let rel = decide(Some(&s), &LeaseRequest::Release { holder: "a".into() }, 1_000).unwrap();
+        assert_eq!(rel, LeaseGrant { holder: None, token: 3, expires_at_ms: 1_000 });
+        assert!(decide(Some(&s), &LeaseRequest::Release { holder: "b".into() }, 1_000).is_err());
     }
 }

@@ -31,9 +31,7 @@ impl std::str::FromStr for Role {
         match s {
             "primary" => Ok(Role::Primary),
             "replica" => Ok(Role::Replica),
-            other => Err(format!(
-                "unknown role {other:?}: expected primary or replica"
-            )),
+            other => Err(format!("unknown role {other:?}: expected primary or replica")),
         }
     }
 }
@@ -106,14 +104,9 @@ pub struct ConfigError(pub String);
 
 impl NodeConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::node::validate::name("cluster", &self.cluster)
-            .map_err(|e| ConfigError(e.to_string()))?;
+        crate::node::validate::name("cluster", &self.cluster).map_err(|e| ConfigError(e.to_string()))?;
         let l = &self.limits;
-        if l.max_value_bytes == 0
-            || l.max_key_bytes == 0
-            || l.max_batch_entries == 0
-            || l.max_list_limit == 0
-        {
+        if l.max_value_bytes == 0 || l.max_key_bytes == 0 || l.max_batch_entries == 0 || l.max_list_limit == 0 {
             return Err(ConfigError("limits must be greater than zero".into()));
         }
         if l.max_body_bytes < l.max_value_bytes {
@@ -124,9 +117,7 @@ impl NodeConfig {
         }
         let w = &self.writer;
         if w.queue == 0 || w.max_group_ops == 0 || w.batch_max_ops == 0 || w.batch_max_bytes == 0 {
-            return Err(ConfigError(
-                "writer limits must be greater than zero".into(),
-            ));
+            return Err(ConfigError("writer limits must be greater than zero".into()));
         }
         Ok(())
     }

@@ -12,11 +12,7 @@ pub enum NodeError {
     #[error("value is {size} bytes, the limit is {max}")]
     ValueTooLarge { size: usize, max: usize },
     #[error("lease is held by {holder:?} (token {token}) until {until_ms} ms since the epoch")]
-    LeaseHeld {
-        holder: String,
-        token: u64,
-        until_ms: u64,
-    },
+    LeaseHeld { holder: String, token: u64, until_ms: u64 },
     #[error("{holder:?} does not hold this lease; acquire it first")]
     NotHolder { holder: String },
     #[error("this node is a read-only replica; write to a primary instead (known primaries: {})", list(.primaries))]
@@ -24,10 +20,7 @@ pub enum NodeError {
     #[error("this node is still syncing and may be stale; retry later or read with stale=true")]
     Syncing,
     #[error("waited {waited_ms} ms and these writes are still not applied here: {}", .missing.join(", "))]
-    Timeout {
-        waited_ms: u64,
-        missing: Vec<String>,
-    },
+    Timeout { waited_ms: u64, missing: Vec<String> },
     #[error("storage failure, the write was not committed: {0}")]
     Store(Arc<StoreError>),
     #[error("the node is shutting down")]
@@ -51,15 +44,9 @@ impl From<StoreError> for NodeError {
 impl From<WriterError> for NodeError {
     fn from(e: WriterError) -> Self {
         match e {
-            WriterError::Lease(LeaseError::Held {
-                holder,
-                token,
-                until_ms,
-            }) => NodeError::LeaseHeld {
-                holder,
-                token,
-                until_ms,
-            },
+            WriterError::Lease(LeaseError::Held { holder, token, until_ms }) => {
+                NodeError::LeaseHeld { holder, token, until_ms }
+            }
             WriterError::Lease(LeaseError::NotHolder { holder }) => NodeError::NotHolder { holder },
             WriterError::Store(e) => NodeError::Store(e),
             WriterError::Closed => NodeError::ShuttingDown,

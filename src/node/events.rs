@@ -13,19 +13,10 @@ use crate::store::CommitEvent;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NodeEvent {
     /// Ops `first..=last` of `origin` were committed; `local` when this node created them.
-    OpsApplied {
-        origin: Origin,
-        first: Seq,
-        last: Seq,
-        local: bool,
-    },
+    OpsApplied { origin: Origin, first: Seq, last: Seq, local: bool },
     /// A lease changed hands, was renewed or released. A holder that lost a concurrent grant learns
     /// it here: the state names the winner.
-    LeaseChanged {
-        lease: String,
-        key: Vec<u8>,
-        state: LeaseState,
-    },
+    LeaseChanged { lease: String, key: Vec<u8>, state: LeaseState },
 }
 
 /// Turns commit events into node events and metrics until the writer's sender is gone.
@@ -38,10 +29,7 @@ pub(crate) async fn forward(
         let commit = match commits.recv().await {
             Ok(c) => c,
             Err(broadcast::error::RecvError::Lagged(n)) => {
-                tracing::warn!(
-                    missed = n,
-                    "event subscriber fell behind; some node events were dropped"
-                );
+                tracing::warn!(missed = n, "event subscriber fell behind; some node events were dropped");
                 metrics.events_lagged.inc_by(n);
                 continue;
             }
@@ -61,20 +49,12 @@ pub(crate) async fn forward(
         }
         for (origin, first, last) in &commit.remote {
             metrics.ops_remote.inc_by(last.0 - first.0 + 1);
-            let _ = events.send(NodeEvent::OpsApplied {
-                origin: *origin,
-                first: *first,
-                last: *last,
-                local: false,
-            });
+            let _ = events.send(NodeEvent::OpsApplied { origin: *origin, first: *first, last: *last, local: false });
         }
         for (lease, key, state) in &commit.leases {
             metrics.lease_changes.inc();
-            let _ = events.send(NodeEvent::LeaseChanged {
-                lease: lease.clone(),
-                key: key.clone(),
-                state: state.clone(),
-            });
+            let _ =
+                events.send(NodeEvent::LeaseChanged { lease: lease.clone(), key: key.clone(), state: state.clone() });
         }
     }
 }

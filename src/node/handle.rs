@@ -88,9 +88,7 @@ pub struct NodeHandle {
 
 impl std::fmt::Debug for NodeHandle {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("NodeHandle")
-            .field("peer_id", &self.inner.peer_id)
-            .finish_non_exhaustive()
+        f.debug_struct("NodeHandle").field("peer_id", &self.inner.peer_id).finish_non_exhaustive()
     }
 }
 
@@ -124,23 +122,15 @@ impl NodeHandle {
         key: impl Into<Vec<u8>>,
         value: impl Into<Vec<u8>>,
     ) -> Result<WriteReceipt, NodeError> {
-        self.put_batch(register, vec![(key.into(), value.into())])
-            .await
+        self.put_batch(register, vec![(key.into(), value.into())]).await
     }
 
     /// Writes every entry atomically (all or none, one transaction) and returns the last write's receipt.
-    pub async fn put_batch(
-        &self,
-        register: &str,
-        entries: Vec<(Vec<u8>, Vec<u8>)>,
-    ) -> Result<WriteReceipt, NodeError> {
+    pub async fn put_batch(&self, register: &str, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<WriteReceipt, NodeError> {
         let l = &self.inner.config.limits;
         validate::name("register", register)?;
         if entries.is_empty() || entries.len() > l.max_batch_entries {
-            return Err(NodeError::InvalidInput(format!(
-                "a batch holds 1 to {} entries",
-                l.max_batch_entries
-            )));
+            return Err(NodeError::InvalidInput(format!("a batch holds 1 to {} entries", l.max_batch_entries)));
         }
         for (k, v) in &entries {
             validate::key(k, l.max_key_bytes)?;
@@ -148,33 +138,18 @@ impl NodeHandle {
         }
         let intents = entries
             .into_iter()
-            .map(|(key, value)| LocalIntent::Put {
-                register: register.to_owned(),
-                key,
-                value,
-            })
+            .map(|(key, value)| LocalIntent::Put { register: register.to_owned(), key, value })
             .collect();
         let applied = self.write(intents).await?;
-        Ok(WriteReceipt::from(
-            applied.last().expect("one op per entry"),
-        ))
+        Ok(WriteReceipt::from(applied.last().expect("one op per entry")))
     }
 
     /// Deletes `key` (writes a tombstone).
-    pub async fn delete(
-        &self,
-        register: &str,
-        key: impl Into<Vec<u8>>,
-    ) -> Result<WriteReceipt, NodeError> {
+    pub async fn delete(&self, register: &str, key: impl Into<Vec<u8>>) -> Result<WriteReceipt, NodeError> {
         let key = key.into();
         validate::name("register", register)?;
         validate::key(&key, self.inner.config.limits.max_key_bytes)?;
-        let applied = self
-            .write(vec![LocalIntent::Delete {
-                register: register.to_owned(),
-                key,
-            }])
-            .await?;
+        let applied = self.write(vec![LocalIntent::Delete { register: register.to_owned(), key }]).await?;
         Ok(WriteReceipt::from(&applied[0]))
     }
 
@@ -182,11 +157,7 @@ impl NodeHandle {
     pub async fn get(&self, register: &str, key: &[u8]) -> Result<Option<Vec<u8>>, NodeError> {
         validate::name("register", register)?;
         validate::key(key, self.inner.config.limits.max_key_bytes)?;
-        Ok(self
-            .inner
-            .store
-            .register(register, key)?
-            .and_then(|v| v.value))
+        Ok(self.inner.store.register(register, key)?.and_then(|v| v.value))
     }
 
     /// A page of live entries whose key starts with `prefix`, after `after`.
@@ -200,14 +171,9 @@ impl NodeHandle {
         validate::name("register", register)?;
         let max = self.inner.config.limits.max_list_limit;
         if limit == 0 || limit > max {
-            return Err(NodeError::InvalidInput(format!(
-                "limit must be between 1 and {max}"
-            )));
+            return Err(NodeError::InvalidInput(format!("limit must be between 1 and {max}")));
         }
-        Ok(self
-            .inner
-            .store
-            .list_register(register, prefix, after, limit)?)
+        Ok(self.inner.store.list_register(register, prefix, after, limit)?)
     }
 
     /// Adds `delta` to a counter and returns its value after the add, with the write's receipt.
@@ -220,13 +186,7 @@ impl NodeHandle {
         let key = key.into();
         validate::name("counter", counter)?;
         validate::key(&key, self.inner.config.limits.max_key_bytes)?;
-        let applied = self
-            .write(vec![LocalIntent::CounterAdd {
-                counter: counter.to_owned(),
-                key,
-                delta,
-            }])
-            .await?;
+        let applied = self.write(vec![LocalIntent::CounterAdd { counter: counter.to_owned(), key, delta }]).await?;
         let value = match applied[0].effect {
             Effect::Counter { value } => value,
             ref other => unreachable!("a counter op had effect {other:?}"),
@@ -259,13 +219,7 @@ impl NodeHandle {
             }
             LeaseRequest::Release { holder } => validate::holder(holder)?,
         }
-        let applied = self
-            .write(vec![LocalIntent::Lease {
-                lease: lease.to_owned(),
-                key,
-                request,
-            }])
-            .await?;
+        let applied = self.write(vec![LocalIntent::Lease { lease: lease.to_owned(), key, request }]).await?;
         let write = WriteReceipt::from(&applied[0]);
         match &applied[0].effect {
             Effect::Lease { state, .. } => Ok(LeaseInfo {
@@ -279,11 +233,7 @@ impl NodeHandle {
     }
 
     /// The current state of a lease, if it was ever written.
-    pub async fn lease_state(
-        &self,
-        lease: &str,
-        key: &[u8],
-    ) -> Result<Option<crate::crdt::LeaseState>, NodeError> {
+    pub async fn lease_state(&self, lease: &str, key: &[u8]) -> Result<Option<crate::crdt::LeaseState>, NodeError> {
         validate::name("lease", lease)?;
         Ok(self.inner.store.lease(lease, key)?)
     }
@@ -291,25 +241,14 @@ impl NodeHandle {
     /// Waits until every write named by `tokens` is applied here, or `timeout` passes.
     pub async fn wait_applied(&self, tokens: &[Token], timeout: Duration) -> Result<(), NodeError> {
         let mut rx = self.inner.store.watch_version_vector();
-        let waited = tokio::time::timeout(
-            timeout,
-            rx.wait_for(|vv| tokens.iter().all(|t| vv.covers(t))),
-        )
-        .await;
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|vv| tokens.iter().all(|t| vv.covers(t)))).await;
         match waited {
             Ok(Ok(_)) => Ok(()),
             Ok(Err(_)) => Err(NodeError::ShuttingDown),
             Err(_) => {
                 let vv = self.inner.store.version_vector();
-                let missing = tokens
-                    .iter()
-                    .filter(|t| !vv.covers(t))
-                    .map(|t| t.to_string())
-                    .collect();
-                Err(NodeError::Timeout {
-                    waited_ms: timeout.as_millis() as u64,
-                    missing,
-                })
+                let missing = tokens.iter().filter(|t| !vv.covers(t)).map(|t| t.to_string()).collect();
+                Err(NodeError::Timeout { waited_ms: timeout.as_millis() as u64, missing })
             }
         }
     }
@@ -337,9 +276,7 @@ impl NodeHandle {
 
     async fn write(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, NodeError> {
         if self.inner.config.role == Role::Replica {
-            return Err(NodeError::ReadOnlyReplica {
-                primaries: Vec::new(),
-            });
+            return Err(NodeError::ReadOnlyReplica { primaries: Vec::new() });
         }
         Ok(self.inner.writer.local(intents).await?)
     }

@@ -11,42 +11,25 @@ pub const IDENTITY_FILE: &str = "identity.key";
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     #[error("cannot create data dir {path}: {source}")]
-    DataDir {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    DataDir { path: PathBuf, source: std::io::Error },
     #[error("cannot read identity key {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Read { path: PathBuf, source: std::io::Error },
     #[error("identity key {path} is not a valid ed25519 key; restore it from a backup or move it away to create a new identity")]
     Decode { path: PathBuf },
     #[error("cannot write identity key {path}: {source}")]
-    Write {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    Write { path: PathBuf, source: std::io::Error },
 }
 
 /// Loads the identity key from `data_dir`, creating the dir and a new key when missing.
 pub fn load_or_create(data_dir: &Path) -> Result<Keypair, IdentityError> {
-    std::fs::create_dir_all(data_dir).map_err(|source| IdentityError::DataDir {
-        path: data_dir.to_owned(),
-        source,
-    })?;
+    std::fs::create_dir_all(data_dir).map_err(|source| IdentityError::DataDir { path: data_dir.to_owned(), source })?;
     let path = data_dir.join(IDENTITY_FILE);
     match std::fs::read(&path) {
-        Ok(bytes) => {
-            Keypair::from_protobuf_encoding(&bytes).map_err(|_| IdentityError::Decode { path })
-        }
+        Ok(bytes) => Keypair::from_protobuf_encoding(&bytes).map_err(|_| IdentityError::Decode { path }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             let keypair = Keypair::generate_ed25519();
-            write_new(
-                &path,
-                &keypair.to_protobuf_encoding().expect("ed25519 keys encode"),
-            )
-            .map_err(|source| IdentityError::Write { path, source })?;
+            write_new(&path, &keypair.to_protobuf_encoding().expect("ed25519 keys encode"))
+                .map_err(|source| IdentityError::Write { path, source })?;
             Ok(keypair)
         }
         Err(source) => Err(IdentityError::Read { path, source }),
@@ -79,9 +62,6 @@ mod tests {
         let b = super::load_or_create(dir.path()).unwrap();
         assert_eq!(a.public().to_peer_id(), b.public().to_peer_id());
         std::fs::write(dir.path().join(super::IDENTITY_FILE), b"garbage").unwrap();
-        assert!(matches!(
-            super::load_or_create(dir.path()),
-            Err(super::IdentityError::Decode { .. })
-        ));
+        assert!(matches!(super::load_or_create(dir.path()), Err(super::IdentityError::Decode { .. })));
     }
 }

@@ -37,41 +37,13 @@ impl Default for Metrics {
             applied_total: Gauge::default(),
             registry: Registry::default(),
         };
-        registry.register(
-            "ops_local",
-            "Ops created by this node and committed",
-            m.ops_local.clone(),
-        );
-        registry.register(
-            "ops_remote",
-            "Ops of other origins applied here",
-            m.ops_remote.clone(),
-        );
-        registry.register(
-            "commits",
-            "Group commits that changed the store",
-            m.commits.clone(),
-        );
-        registry.register(
-            "conflicts",
-            "Concurrent register writes where one overwrote the other",
-            m.conflicts.clone(),
-        );
-        registry.register(
-            "lease_changes",
-            "Lease state changes applied",
-            m.lease_changes.clone(),
-        );
-        registry.register(
-            "events_lagged",
-            "Commit events missed by a slow subscriber",
-            m.events_lagged.clone(),
-        );
-        registry.register(
-            "applied_ops",
-            "Ops applied in total (sum of the version vector)",
-            m.applied_total.clone(),
-        );
+        registry.register("ops_local", "Ops created by this node and committed", m.ops_local.clone());
+        registry.register("ops_remote", "Ops of other origins applied here", m.ops_remote.clone());
+        registry.register("commits", "Group commits that changed the store", m.commits.clone());
+        registry.register("conflicts", "Concurrent register writes where one overwrote the other", m.conflicts.clone());
+        registry.register("lease_changes", "Lease state changes applied", m.lease_changes.clone());
+        registry.register("events_lagged", "Commit events missed by a slow subscriber", m.events_lagged.clone());
+        registry.register("applied_ops", "Ops applied in total (sum of the version vector)", m.applied_total.clone());
         Metrics { registry, ..m }
     }
 }

@@ -52,9 +52,7 @@ impl Node {
         config.validate()?;
         let keypair = identity::load_or_create(&config.data_dir)?;
         let path = config.data_dir.join(DATABASE_FILE);
-        let store = tokio::task::spawn_blocking(move || Store::open(&path))
-            .await
-            .expect("store open task")?;
+        let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.expect("store open task")?;
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
 
@@ -62,31 +60,12 @@ impl Node {
         let (writer, writer_thread) = store.spawn_writer(signer, config.writer.clone(), commit_tx);
         let (events, _) = broadcast::channel(4096);
         let metrics = Arc::new(Metrics::default());
-        metrics
-            .applied_total
-            .set(store.version_vector().total() as i64);
-        let tasks = vec![tokio::spawn(events::forward(
-            commit_rx,
-            events.clone(),
-            metrics.clone(),
-        ))];
+        metrics.applied_total.set(store.version_vector().total() as i64);
+        let tasks = vec![tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone()))];
 
         tracing::info!(%peer_id, role = %config.role, cluster = %config.cluster, data_dir = %config.data_dir.display(), "node started");
-        let inner = handle::Inner {
-            peer_id,
-            config,
-            store,
-            writer,
-            events,
-            metrics,
-        };
-        Ok(Node {
-            handle: NodeHandle {
-                inner: Arc::new(inner),
-            },
-            writer_thread,
-            tasks,
-        })
+        let inner = handle::Inner { peer_id, config, store, writer, events, metrics };
+        Ok(Node { handle: NodeHandle { inner: Arc::new(inner) }, writer_thread, tasks })
     }
 
     pub fn handle(&self) -> NodeHandle {

@@ -51,11 +51,7 @@ pub enum VerifyError {
     #[error("op {index} of the batch has another origin than the batch's signer")]
     WrongOrigin { index: usize },
     #[error("op {index} of the batch has seq {found}, expected {expected}")]
-    NotContiguous {
-        index: usize,
-        expected: Seq,
-        found: Seq,
-    },
+    NotContiguous { index: usize, expected: Seq, found: Seq },
     #[error("batch ends at seq {last} but its signed head is for seq {head}")]
     HeadSeq { last: Seq, head: Seq },
     #[error("the ops do not hash to the signed head at seq {0}: altered or forged ops")]
@@ -71,10 +67,7 @@ impl OpBatch {
             return Err(VerifyError::Empty);
         }
         if self.ops.len() > max_ops {
-            return Err(VerifyError::TooMany {
-                count: self.ops.len(),
-                limit: max_ops,
-            });
+            return Err(VerifyError::TooMany { count: self.ops.len(), limit: max_ops });
         }
         let origin = self.head.origin;
         let mut chain = prev;
@@ -82,44 +75,27 @@ impl OpBatch {
         let mut ops = Vec::with_capacity(self.ops.len());
         for (index, bytes) in self.ops.into_iter().enumerate() {
             let bytes = bytes.into_vec();
-            let op =
-                Op::decode(&bytes).map_err(|source| VerifyError::Malformed { index, source })?;
+            let op = Op::decode(&bytes).map_err(|source| VerifyError::Malformed { index, source })?;
             if op.origin != origin {
                 return Err(VerifyError::WrongOrigin { index });
             }
             if op.seq != expected {
-                return Err(VerifyError::NotContiguous {
-                    index,
-                    expected,
-                    found: op.seq,
-                });
+                return Err(VerifyError::NotContiguous { index, expected, found: op.seq });
             }
             let digest = *blake3::hash(&bytes).as_bytes();
             chain = chain.extend(&digest);
-            ops.push(VerifiedOp {
-                op,
-                bytes,
-                digest,
-                chain,
-            });
+            ops.push(VerifiedOp { op, bytes, digest, chain });
             expected = expected.next();
         }
         let last = Seq(expected.0 - 1);
         if last != self.head.seq {
-            return Err(VerifyError::HeadSeq {
-                last,
-                head: self.head.seq,
-            });
+            return Err(VerifyError::HeadSeq { last, head: self.head.seq });
         }
         if chain != self.head.head {
             return Err(VerifyError::ChainMismatch(last));
         }
         self.head.verify()?;
-        Ok(VerifiedBatch {
-            origin,
-            ops,
-            head: self.head,
-        })
+        Ok(VerifiedBatch { origin, ops, head: self.head })
     }
 }
 
@@ -129,11 +105,7 @@ impl VerifiedBatch {
         let after = Seq(self.ops[0].op.seq.0 - 1);
         OpBatch {
             after,
-            ops: self
-                .ops
-                .iter()
-                .map(|o| ByteBuf::from(o.bytes.clone()))
-                .collect(),
+            ops: self.ops.iter().map(|o| ByteBuf::from(o.bytes.clone())).collect(),
             head: self.head.clone(),
         }
     }
@@ -153,29 +125,19 @@ mod tests {
                 origin: signer.origin(),
                 seq: Seq(seq),
                 hlc: Hlc::new(seq, 0),
-                body: OpBody::CounterAdd {
-                    counter: "c".into(),
-                    key: b"k".to_vec(),
-                    delta: 1,
-                },
+                body: OpBody::CounterAdd { counter: "c".into(), key: b"k".to_vec(), delta: 1 },
             };
             let bytes = op.encode();
             chain = chain.extend(blake3::hash(&bytes).as_bytes());
             ops.push(ByteBuf::from(bytes));
         }
-        OpBatch {
-            after: Seq(0),
-            ops,
-            head: signer.sign_head(Seq(n), chain),
-        }
+        OpBatch { after: Seq(0), ops, head: signer.sign_head(Seq(n), chain) }
     }
 
     #[test]
     fn authentic_batch_verifies() {
         let signer = Signer::new(libp2p::identity::Keypair::generate_ed25519());
-        let verified = signed_batch(&signer, 5)
-            .verify(ChainHash::GENESIS, 100)
-            .unwrap();
+        let verified = signed_batch(&signer, 5).verify(ChainHash::GENESIS, 100).unwrap();
         assert_eq!(verified.ops.len(), 5);
         assert_eq!(verified.ops[4].chain, verified.head.head);
     }
@@ -187,45 +149,23 @@ mod tests {
 
         let mut altered = signed_batch(&signer, 3);
         let mut op = Op::decode(&altered.ops[1]).unwrap();
-        op.body = OpBody::CounterAdd {
-            counter: "c".into(),
-            key: b"k".to_vec(),
-            delta: 1_000,
-        };
+        op.body = OpBody::CounterAdd { counter: "c".into(), key: b"k".to_vec(), delta: 1_000 };
         altered.ops[1] = ByteBuf::from(op.encode());
-        assert!(matches!(
-            altered.verify(ChainHash::GENESIS, 100),
-            Err(VerifyError::ChainMismatch(_))
-        ));
+        assert!(matches!(altered.verify(ChainHash::GENESIS, 100), Err(VerifyError::ChainMismatch(_))));
 
         let mut resigned = signed_batch(&signer, 3);
         resigned.head.signature = other.sign_head(Seq(3), resigned.head.head).signature;
-        assert!(matches!(
-            resigned.verify(ChainHash::GENESIS, 100),
-            Err(VerifyError::Auth(_))
-        ));
+        assert!(matches!(resigned.verify(ChainHash::GENESIS, 100), Err(VerifyError::Auth(_))));
 
         let mut gap = signed_batch(&signer, 3);
         gap.ops.remove(1);
-        assert!(matches!(
-            gap.verify(ChainHash::GENESIS, 100),
-            Err(VerifyError::NotContiguous { .. })
-        ));
+        assert!(matches!(gap.verify(ChainHash::GENESIS, 100), Err(VerifyError::NotContiguous { .. })));
 
         let mut garbage = signed_batch(&signer, 2);
         garbage.ops[0] = ByteBuf::from(vec![0xff; 3]);
-        assert!(matches!(
-            garbage.verify(ChainHash::GENESIS, 100),
-            Err(VerifyError::Malformed { .. })
-        ));
+        assert!(matches!(garbage.verify(ChainHash::GENESIS, 100), Err(VerifyError::Malformed { .. })));
 
-        assert!(matches!(
-            signed_batch(&signer, 3).verify(ChainHash::GENESIS, 2),
-            Err(VerifyError::TooMany { .. })
-        ));
-        assert!(matches!(
-            signed_batch(&signer, 3).verify(ChainHash([1; 32]), 100),
-            Err(VerifyError::ChainMismatch(_))
-        ));
+        assert!(matches!(signed_batch(&signer, 3).verify(ChainHash::GENESIS, 2), Err(VerifyError::TooMany { .. })));
+        assert!(matches!(signed_batch(&signer, 3).verify(ChainHash([1; 32]), 100), Err(VerifyError::ChainMismatch(_))));
     }
 }

@@ -58,16 +58,10 @@ impl SignedHead {
     /// Checks the signature against the public key embedded in the origin's peer id.
     pub fn verify(&self) -> Result<(), AuthError> {
         let key = public_key_of(&self.origin)?;
-        if key.verify(
-            &head_message(&self.origin, self.seq, &self.head),
-            &self.signature,
-        ) {
+        if key.verify(&head_message(&self.origin, self.seq, &self.head), &self.signature) {
             Ok(())
         } else {
-            Err(AuthError::BadSignature {
-                origin: self.origin,
-                seq: self.seq,
-            })
+            Err(AuthError::BadSignature { origin: self.origin, seq: self.seq })
         }
     }
 }
@@ -99,23 +93,14 @@ impl Signer {
     }
 
     pub fn sign_head(&self, seq: Seq, head: ChainHash) -> SignedHead {
-        let signature = self
-            .keypair
-            .sign(&head_message(&self.origin, seq, &head))
-            .expect("ed25519 signing cannot fail");
-        SignedHead {
-            origin: self.origin,
-            seq,
-            head,
-            signature,
-        }
+        let signature =
+            self.keypair.sign(&head_message(&self.origin, seq, &head)).expect("ed25519 signing cannot fail");
+        SignedHead { origin: self.origin, seq, head, signature }
     }
 }
 
 impl std::fmt::Debug for Signer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Signer")
-            .field("origin", &self.origin)
-            .finish_non_exhaustive()
+        f.debug_struct("Signer").field("origin", &self.origin).finish_non_exhaustive()
     }
 }

@@ -83,10 +83,7 @@ impl Op {
     }
 
     pub fn token(&self) -> Token {
-        Token {
-            origin: self.origin,
-            seq: self.seq,
-        }
+        Token { origin: self.origin, seq: self.seq }
     }
 }
 
@@ -97,8 +94,7 @@ pub fn raw_cid(bytes: &[u8]) -> Cid {
 
 /// The CID of op bytes whose blake3 digest is already known (saves hashing twice on the hot path).
 pub fn cid_from_digest(digest: &[u8; 32]) -> Cid {
-    let mh = cid::multihash::Multihash::<64>::wrap(u64::from(Code::Blake3_256), digest)
-        .expect("32 bytes fit");
+    let mh = cid::multihash::Multihash::<64>::wrap(u64::from(Code::Blake3_256), digest).expect("32 bytes fit");
     Cid::new_v1(RAW_CODEC, mh)
 }
 
@@ -108,26 +104,17 @@ mod tests {
 
     #[test]
     fn encoding_is_canonical_and_cid_matches_digest() {
-        let origin = libp2p::identity::Keypair::generate_ed25519()
-            .public()
-            .to_peer_id();
+        let origin = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
         let op = Op {
             origin,
             seq: Seq(7),
             hlc: Hlc::new(123, 4),
-            body: OpBody::RegisterPut {
-                register: "r".into(),
-                key: b"k".to_vec(),
-                value: vec![1, 2, 3],
-            },
+            body: OpBody::RegisterPut { register: "r".into(), key: b"k".to_vec(), value: vec![1, 2, 3] },
         };
         let bytes = op.encode();
         assert_eq!(bytes, op.clone().encode());
         assert_eq!(Op::decode(&bytes).unwrap(), op);
-        assert_eq!(
-            raw_cid(&bytes),
-            cid_from_digest(blake3::hash(&bytes).as_bytes())
-        );
+        assert_eq!(raw_cid(&bytes), cid_from_digest(blake3::hash(&bytes).as_bytes()));
         assert!(Op::decode(&bytes[..bytes.len() - 2]).is_err());
     }
 }

@@ -34,7 +34,7 @@ pub use read::{ListPage, LogReport};
 pub use root::Buckets;
 pub use vv::VersionVector;
 pub use writer::{
-    AppliedOp, CommitEvent, LocalIntent, RemoteOutcome, WriteHandle, WriterConfig, WriterError,
+    AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, WriteHandle, WriterConfig, WriterError,
 };
 
 /// Where each origin's log stands: highest contiguous seq and the chain hash there.
@@ -78,10 +78,7 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the database at `path` and loads the in-memory mirror.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open {
-            path: path.to_owned(),
-            source: e.into(),
-        })?;
+        let db = Database::create(path).map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -91,12 +88,7 @@ impl Store {
                     meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
                 }
                 Some(Ok(v)) if v == FORMAT_VERSION => {}
-                Some(v) => {
-                    return Err(StoreError::Format {
-                        path: path.to_owned(),
-                        found: v.ok(),
-                    })
-                }
+                Some(v) => return Err(StoreError::Format { path: path.to_owned(), found: v.ok() }),
             }
             txn.open_table(OPLOG)?;
             txn.open_table(HEADS)?;
@@ -111,11 +103,7 @@ impl Store {
         let db = Arc::new(db);
         let mirror = load_mirror(&db)?;
         let vv_watch = Arc::new(watch::Sender::new(mirror.version_vector()));
-        Ok(Store {
-            db,
-            mirror: Arc::new(RwLock::new(mirror)),
-            vv_watch,
-        })
+        Ok(Store { db, mirror: Arc::new(RwLock::new(mirror)), vv_watch })
     }
 
     /// A copy of the in-memory view of the last commit.
@@ -155,10 +143,8 @@ fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
     for row in txn.open_table(BUCKETS)?.iter()? {
         let (k, v) = row?;
         let idx = k.value() as usize;
-        let hash: [u8; 32] = v
-            .value()
-            .try_into()
-            .map_err(|_| StoreError::Corrupt(format!("bucket {idx} is not 32 bytes")))?;
+        let hash: [u8; 32] =
+            v.value().try_into().map_err(|_| StoreError::Corrupt(format!("bucket {idx} is not 32 bytes")))?;
         *mirror
             .buckets
             .0
@@ -172,14 +158,11 @@ fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
 }
 
 pub(crate) fn origin_from_bytes(bytes: &[u8]) -> Result<Origin, StoreError> {
-    Origin::from_bytes(bytes)
-        .map_err(|_| StoreError::Corrupt("stored origin is not a valid peer id".into()))
+    Origin::from_bytes(bytes).map_err(|_| StoreError::Corrupt("stored origin is not a valid peer id".into()))
 }
 
 fn be_u64(bytes: &[u8]) -> Result<u64, StoreError> {
-    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| {
-        StoreError::Corrupt("expected 8 bytes".into())
-    })?))
+    Ok(u64::from_be_bytes(bytes.try_into().map_err(|_| StoreError::Corrupt("expected 8 bytes".into()))?))
 }
 
 pub(crate) fn encode_progress(p: &OriginProgress) -> [u8; 40] {
@@ -191,14 +174,9 @@ pub(crate) fn encode_progress(p: &OriginProgress) -> [u8; 40] {
 
 pub(crate) fn decode_progress(bytes: &[u8]) -> Result<OriginProgress, StoreError> {
     if bytes.len() != 40 {
-        return Err(StoreError::Corrupt(
-            "version vector entry is not 40 bytes".into(),
-        ));
+        return Err(StoreError::Corrupt("version vector entry is not 40 bytes".into()));
     }
-    Ok(OriginProgress {
-        seq: Seq(be_u64(&bytes[..8])?),
-        chain: ChainHash(bytes[8..].try_into().expect("32 bytes")),
-    })
+    Ok(OriginProgress { seq: Seq(be_u64(&bytes[..8])?), chain: ChainHash(bytes[8..].try_into().expect("32 bytes")) })
 }
 
 pub(crate) fn encode_hlc(h: Hlc) -> [u8; 12] {
@@ -212,8 +190,5 @@ fn decode_hlc(bytes: &[u8]) -> Result<Hlc, StoreError> {
     if bytes.len() != 12 {
         return Err(StoreError::Corrupt("stored hlc is not 12 bytes".into()));
     }
-    Ok(Hlc::new(
-        be_u64(&bytes[..8])?,
-        u32::from_be_bytes(bytes[8..].try_into().expect("4 bytes")),
-    ))
+    Ok(Hlc::new(be_u64(&bytes[..8])?, u32::from_be_bytes(bytes[8..].try_into().expect("4 bytes"))))
 }

@@ -7,8 +7,10 @@ use super::apply::decode;
 use super::tables::*;
 use super::{decode_progress, origin_from_bytes, Store, StoreError};
 use crate::crdt::{LeaseState, PnCounter, RegisterValue};
-use crate::ids::Seq;
-use crate::op::ChainHash;
+use serde_bytes::ByteBuf;
+
+use crate::ids::{Origin, Seq};
+use crate::op::{ChainHash, OpBatch, SignedHead};
 
 /// One page of a register listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -29,11 +31,7 @@ pub struct LogReport {
 }
 
 impl Store {
-    pub fn register(
-        &self,
-        register: &str,
-        key: &[u8],
-    ) -> Result<Option<RegisterValue>, StoreError> {
+    pub fn register(&self, register: &str, key: &[u8]) -> Result<Option<RegisterValue>, StoreError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(REGISTERS)?;
         let value = table.get((register, key))?;
@@ -74,20 +72,14 @@ impl Store {
             }
             entries.push((key.to_vec(), bytes));
         }
-        Ok(ListPage {
-            entries,
-            next_after,
-        })
+        Ok(ListPage { entries, next_after })
     }
 
     pub fn counter(&self, counter: &str, key: &[u8]) -> Result<i64, StoreError> {
         let txn = self.db().begin_read()?;
         let table = txn.open_table(COUNTERS)?;
         let value = table.get((counter, key))?;
-        Ok(value
-            .map(|v| decode::<PnCounter>(v.value(), "counter"))
-            .transpose()?
-            .map_or(0, |c| c.value()))
+        Ok(value.map(|v| decode::<PnCounter>(v.value(), "counter")).transpose()?.map_or(0, |c| c.value()))
     }
 
     pub fn lease(&self, lease: &str, key: &[u8]) -> Result<Option<LeaseState>, StoreError> {
@@ -118,46 +110,32 @@ impl Store {
             let origin = origin_from_bytes(&origin_bytes)?;
             let progress = decode_progress(v.value())?;
             report.origins += 1;
-            let floor = floors
-                .get(origin_bytes.as_slice())?
-                .map_or(0, |f| f.value());
+            let floor = floors.get(origin_bytes.as_slice())?.map_or(0, |f| f.value());
             let mut expected = Seq(floor + 1);
             let mut chain: Option<ChainHash> = (floor == 0).then_some(ChainHash::GENESIS);
-            for row in oplog
-                .range((origin_bytes.as_slice(), 0u64)..=(origin_bytes.as_slice(), u64::MAX))?
-            {
+            for row in oplog.range((origin_bytes.as_slice(), 0u64)..=(origin_bytes.as_slice(), u64::MAX))? {
                 let (k, v) = row?;
                 let seq = Seq(k.value().1);
                 let value = v.value();
                 report.ops += 1;
                 if seq != expected {
-                    report.problems.push(format!(
-                        "{origin}: log holds seq {seq} where {expected} was expected"
-                    ));
+                    report.problems.push(format!("{origin}: log holds seq {seq} where {expected} was expected"));
                     expected = seq;
                 }
                 if value.len() < 32 {
-                    report
-                        .problems
-                        .push(format!("{origin}: log entry {seq} is truncated"));
+                    report.problems.push(format!("{origin}: log entry {seq} is truncated"));
                     break;
                 }
                 let stored = ChainHash(value[..32].try_into().expect("32 bytes"));
                 let bytes = &value[32..];
                 match crate::op::Op::decode(bytes) {
                     Ok(op) if op.origin == origin && op.seq == seq => {}
-                    Ok(_) => report
-                        .problems
-                        .push(format!("{origin}: log entry {seq} holds another op")),
-                    Err(e) => report
-                        .problems
-                        .push(format!("{origin}: log entry {seq}: {e}")),
+                    Ok(_) => report.problems.push(format!("{origin}: log entry {seq} holds another op")),
+                    Err(e) => report.problems.push(format!("{origin}: log entry {seq}: {e}")),
                 }
                 if let Some(prev) = chain {
                     if prev.extend(blake3::hash(bytes).as_bytes()) != stored {
-                        report
-                            .problems
-                            .push(format!("{origin}: chain broken at seq {seq}"));
+                        report.problems.push(format!("{origin}: chain broken at seq {seq}"));
                     }
                 }
                 chain = Some(stored);
@@ -165,14 +143,11 @@ impl Store {
             }
             let last = Seq(expected.0 - 1);
             if last != progress.seq {
-                report.problems.push(format!(
-                    "{origin}: version vector says {} but the log ends at {last}",
-                    progress.seq
-                ));
+                report
+                    .problems
+                    .push(format!("{origin}: version vector says {} but the log ends at {last}", progress.seq));
             } else if chain.is_some_and(|c| c != progress.chain) && last.0 > floor {
-                report.problems.push(format!(
-                    "{origin}: version vector chain hash differs from the log's"
-                ));
+                report.problems.push(format!("{origin}: version vector chain hash differs from the log's"));
             }
             vv_origins.push(origin_bytes);
         }
@@ -181,12 +156,82 @@ impl Store {
             let (k, _) = row?;
             let (origin, seq) = k.value();
             if !vv_origins.iter().any(|o| o.as_slice() == origin) {
-                report.problems.push(format!(
-                    "log holds seq {seq} of an origin missing from the version vector"
-                ));
+                report.problems.push(format!("log holds seq {seq} of an origin missing from the version vector"));
                 break;
             }
         }
         Ok(report)
+    }
+}
+
+impl Store {
+    /// The chain hash of `origin` after `seq`: genesis for 0, `None` when that op is not held (not
+    /// applied yet, or compacted away).
+    pub fn chain_at(&self, origin: &Origin, seq: Seq) -> Result<Option<ChainHash>, StoreError> {
+        if seq == Seq::ZERO {
+            return Ok(Some(ChainHash::GENESIS));
+        }
+        if let Some(p) = self.mirror.read().expect("mirror lock").progress.get(origin) {
+            if p.seq == seq {
+                return Ok(Some(p.chain));
+            }
+        }
+        let txn = self.db().begin_read()?;
+        let oplog = txn.open_table(OPLOG)?;
+        let value = oplog.get((origin.to_bytes().as_slice(), seq.0))?;
+        Ok(value.and_then(|v| v.value().get(..32).map(|c| ChainHash(c.try_into().expect("32 bytes")))))
+    }
+
+    /// Signed batches of `origin`'s ops after `after`, in order, each ending at a signed head, until
+    /// `max_ops` or `max_bytes` is reached (at least one batch when any is held). A relay serves
+    /// these unchanged: the receiver verifies them against the origin's signature.
+    pub fn read_batches(
+        &self,
+        origin: &Origin,
+        after: Seq,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<OpBatch>, StoreError> {
+        let origin_bytes = origin.to_bytes();
+        let txn = self.db().begin_read()?;
+        let oplog = txn.open_table(OPLOG)?;
+        let heads = txn.open_table(HEADS)?;
+        let (mut ops_total, mut bytes_total) = (0usize, 0usize);
+        let mut batches = Vec::new();
+        let mut start = after;
+        let range = (origin_bytes.as_slice(), after.0 + 1)..=(origin_bytes.as_slice(), u64::MAX);
+        for head in heads.range(range)? {
+            let (k, sig) = head?;
+            let end = Seq(k.value().1);
+            let mut ops = Vec::new();
+            let mut chain = None;
+            for row in oplog.range((origin_bytes.as_slice(), start.0 + 1)..=(origin_bytes.as_slice(), end.0))? {
+                let (_, v) = row?;
+                let v = v.value();
+                if v.len() < 32 {
+                    return Err(StoreError::Corrupt(format!("log entry of {origin} is truncated")));
+                }
+                chain = Some(ChainHash(v[..32].try_into().expect("32 bytes")));
+                bytes_total += v.len() - 32;
+                ops.push(ByteBuf::from(v[32..].to_vec()));
+            }
+            if ops.len() as u64 != end.0 - start.0 {
+                // Part of the range was compacted away: the caller must use a snapshot.
+                break;
+            }
+            ops_total += ops.len();
+            let head = SignedHead {
+                origin: *origin,
+                seq: end,
+                head: chain.expect("at least one op"),
+                signature: sig.value().to_vec(),
+            };
+            batches.push(OpBatch { after: start, ops, head });
+            start = end;
+            if ops_total >= max_ops || bytes_total >= max_bytes {
+                break;
+            }
+        }
+        Ok(batches)
     }
 }

@@ -10,24 +10,20 @@ pub(crate) const OPLOG: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::
 
 /// Signed heads. Key: (origin peer id bytes, seq). Value: the origin's 64-byte ed25519 signature over
 /// its chain hash at that seq (the chain hash itself is in `OPLOG`). One per batch the origin signed.
-pub(crate) const HEADS: TableDefinition<(&[u8], u64), &[u8]> =
-    TableDefinition::new("signed_heads_v1");
+pub(crate) const HEADS: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("signed_heads_v1");
 
 /// Register state. Key: (register name, key bytes). Value: postcard `crdt::RegisterValue`.
-pub(crate) const REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> =
-    TableDefinition::new("registers_v1");
+pub(crate) const REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("registers_v1");
 
 /// Counter state. Key: (counter name, key bytes). Value: postcard `crdt::PnCounter`.
-pub(crate) const COUNTERS: TableDefinition<(&str, &[u8]), &[u8]> =
-    TableDefinition::new("counters_v1");
+pub(crate) const COUNTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("counters_v1");
 
 /// Lease state. Key: (lease name, key bytes). Value: postcard `crdt::LeaseState`.
 pub(crate) const LEASES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("leases_v1");
 
 /// Version vector. Key: origin peer id bytes. Value: 8-byte highest contiguous seq applied, then the
 /// 32-byte chain hash at that seq.
-pub(crate) const VERSION_VECTOR: TableDefinition<&[u8], &[u8]> =
-    TableDefinition::new("version_vector_v1");
+pub(crate) const VERSION_VECTOR: TableDefinition<&[u8], &[u8]> = TableDefinition::new("version_vector_v1");
 
 /// Log floors. Key: origin peer id bytes. Value: highest seq compacted out of `OPLOG` (0 = none).
 pub(crate) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new("log_floors_v1");

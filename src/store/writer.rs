@@ -39,37 +39,17 @@ pub struct WriterConfig {
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        WriterConfig {
-            queue: 4096,
-            max_group_ops: 16384,
-            batch_max_ops: 256,
-            batch_max_bytes: 48 * 1024,
-        }
+        WriterConfig { queue: 4096, max_group_ops: 16384, batch_max_ops: 256, batch_max_bytes: 48 * 1024 }
     }
 }
 
 /// A local mutation asked for by a client.
 #[derive(Debug, Clone)]
 pub enum LocalIntent {
-    Put {
-        register: String,
-        key: Vec<u8>,
-        value: Vec<u8>,
-    },
-    Delete {
-        register: String,
-        key: Vec<u8>,
-    },
-    CounterAdd {
-        counter: String,
-        key: Vec<u8>,
-        delta: i64,
-    },
-    Lease {
-        lease: String,
-        key: Vec<u8>,
-        request: LeaseRequest,
-    },
+    Put { register: String, key: Vec<u8>, value: Vec<u8> },
+    Delete { register: String, key: Vec<u8> },
+    CounterAdd { counter: String, key: Vec<u8>, delta: i64 },
+    Lease { lease: String, key: Vec<u8>, request: LeaseRequest },
 }
 
 /// A local op once committed.
@@ -103,9 +83,22 @@ pub struct CommitEvent {
     pub remote: Vec<(Origin, Seq, Seq)>,
     /// Leases whose state changed: (lease, key, new state).
     pub leases: Vec<(String, Vec<u8>, LeaseState)>,
+    /// Grants this node made that a concurrent grant of another primary overrode.
+    pub leases_lost: Vec<LeaseLoss>,
     /// Register writes that arrived after a newer concurrent write and lost, plus writes that
     /// replaced another origin's value.
     pub conflicts: u64,
+}
+
+/// A lease grant of this node that lost to a concurrent grant elsewhere.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseLoss {
+    pub lease: String,
+    pub key: Vec<u8>,
+    /// The grant this node had made.
+    pub lost: LeaseState,
+    /// The state that won.
+    pub winner: LeaseState,
 }
 
 /// Why a write failed.
@@ -152,23 +145,14 @@ impl WriteHandle {
     /// Commits the intents atomically (all or none) and returns one applied op per intent.
     pub async fn local(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, WriterError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Local { intents, reply })
-            .await
-            .map_err(|_| WriterError::Closed)?;
+        self.tx.send(Request::Local { intents, reply }).await.map_err(|_| WriterError::Closed)?;
         rx.await.map_err(|_| WriterError::Closed)?
     }
 
     /// Applies a verified batch of another origin's ops.
     pub async fn remote(&self, batch: VerifiedBatch) -> Result<RemoteOutcome, WriterError> {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Request::Remote {
-                batch: Box::new(batch),
-                reply,
-            })
-            .await
-            .map_err(|_| WriterError::Closed)?;
+        self.tx.send(Request::Remote { batch: Box::new(batch), reply }).await.map_err(|_| WriterError::Closed)?;
         rx.await.map_err(|_| WriterError::Closed)?
     }
 
@@ -188,14 +172,8 @@ impl Store {
     ) -> (WriteHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let mirror = self.mirror();
-        let writer = Writer {
-            store: self.clone(),
-            clock: HlcClock::resume(mirror.hlc),
-            mirror,
-            signer,
-            config,
-            events,
-        };
+        let writer =
+            Writer { store: self.clone(), clock: HlcClock::resume(mirror.hlc), mirror, signer, config, events };
         let join = std::thread::Builder::new()
             .name("peersync-writer".into())
             .spawn(move || writer.run(rx))
@@ -216,14 +194,8 @@ struct Writer {
 
 /// An answer held back until the commit is durable.
 enum Pending {
-    Local(
-        oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>,
-        Result<Vec<AppliedOp>, WriterError>,
-    ),
-    Remote(
-        oneshot::Sender<Result<RemoteOutcome, WriterError>>,
-        Result<RemoteOutcome, WriterError>,
-    ),
+    Local(oneshot::Sender<Result<Vec<AppliedOp>, WriterError>>, Result<Vec<AppliedOp>, WriterError>),
+    Remote(oneshot::Sender<Result<RemoteOutcome, WriterError>>, Result<RemoteOutcome, WriterError>),
 }
 
 /// The local ops of the group not yet under a signed head.
@@ -235,10 +207,7 @@ struct OpenBatch {
 }
 
 fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
 impl Writer {
@@ -289,10 +258,7 @@ impl Writer {
                         Pending::Remote(tx, r) => drop(tx.send(r)),
                     }
                 }
-                if !(event.local_batches.is_empty()
-                    && event.remote.is_empty()
-                    && event.leases.is_empty())
-                {
+                if !(event.local_batches.is_empty() && event.remote.is_empty() && event.leases.is_empty()) {
                     // No subscriber is fine: a node without network has nobody to publish to.
                     let _ = self.events.send(Arc::new(event));
                 }
@@ -350,23 +316,21 @@ impl Writer {
         let mut requests = group.into_iter();
         while let Some(request) = requests.next() {
             let failure = match request {
-                Request::Local { intents, reply } => {
-                    match self.apply_local(&mut tables, intents, &mut open, event) {
-                        Ok(applied) => {
-                            touched.insert(me);
-                            pending.push(Pending::Local(reply, Ok(applied)));
-                            None
-                        }
-                        Err(LocalFailure::Refused(e)) => {
-                            pending.push(Pending::Local(reply, Err(e.into())));
-                            None
-                        }
-                        Err(LocalFailure::Store(e)) => {
-                            pending.push(Pending::Local(reply, Err(WriterError::Closed)));
-                            Some(e)
-                        }
+                Request::Local { intents, reply } => match self.apply_local(&mut tables, intents, &mut open, event) {
+                    Ok(applied) => {
+                        touched.insert(me);
+                        pending.push(Pending::Local(reply, Ok(applied)));
+                        None
                     }
-                }
+                    Err(LocalFailure::Refused(e)) => {
+                        pending.push(Pending::Local(reply, Err(e.into())));
+                        None
+                    }
+                    Err(LocalFailure::Store(e)) => {
+                        pending.push(Pending::Local(reply, Err(WriterError::Closed)));
+                        Some(e)
+                    }
+                },
                 Request::Remote { batch, reply } => {
                     let origin = batch.origin;
                     match self.apply_remote(&mut tables, *batch, event) {
@@ -405,8 +369,7 @@ impl Writer {
             buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
         }
         self.mirror.hlc = self.clock.last();
-        txn.open_table(META)?
-            .insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
+        txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
         Ok(())
     }
 
@@ -423,33 +386,12 @@ impl Writer {
         let mut bodies = Vec::with_capacity(intents.len());
         for intent in intents {
             bodies.push(match intent {
-                LocalIntent::Put {
-                    register,
-                    key,
-                    value,
-                } => OpBody::RegisterPut {
-                    register,
-                    key,
-                    value,
-                },
+                LocalIntent::Put { register, key, value } => OpBody::RegisterPut { register, key, value },
                 LocalIntent::Delete { register, key } => OpBody::RegisterDelete { register, key },
-                LocalIntent::CounterAdd {
-                    counter,
-                    key,
-                    delta,
-                } => OpBody::CounterAdd {
-                    counter,
-                    key,
-                    delta,
-                },
-                LocalIntent::Lease {
-                    lease,
-                    key,
-                    request,
-                } => {
+                LocalIntent::CounterAdd { counter, key, delta } => OpBody::CounterAdd { counter, key, delta },
+                LocalIntent::Lease { lease, key, request } => {
                     let current = tables.lease(&lease, &key)?;
-                    let grant = decide_lease(current.as_ref(), &request, now)
-                        .map_err(LocalFailure::Refused)?;
+                    let grant = decide_lease(current.as_ref(), &request, now).map_err(LocalFailure::Refused)?;
                     OpBody::LeaseSet {
                         lease,
                         key,
@@ -465,42 +407,26 @@ impl Writer {
         let mut applied = Vec::with_capacity(bodies.len());
         for body in bodies {
             let prev = self.mirror.progress.get(&me).copied().unwrap_or_default();
-            let op = Op {
-                origin: me,
-                seq: prev.seq.next(),
-                hlc: self.clock.now(now),
-                body,
-            };
+            let op = Op { origin: me, seq: prev.seq.next(), hlc: self.clock.now(now), body };
             let bytes = op.encode();
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
             let effect = tables.apply(&mut self.mirror.buckets, &op)?;
             tables
                 .oplog
-                .insert(
-                    (me_bytes.as_slice(), op.seq.0),
-                    log_value(&chain, &bytes).as_slice(),
-                )
+                .insert((me_bytes.as_slice(), op.seq.0), log_value(&chain, &bytes).as_slice())
                 .map_err(StoreError::from)?;
-            self.mirror
-                .progress
-                .insert(me, OriginProgress { seq: op.seq, chain });
-            note_effect(event, &op, &effect);
+            self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
+            note_effect(event, &op, &effect, me);
             if open.ops.is_empty() {
                 open.after = prev.seq;
             }
             open.bytes += bytes.len();
             open.ops.push(ByteBuf::from(bytes));
-            if open.ops.len() >= self.config.batch_max_ops
-                || open.bytes >= self.config.batch_max_bytes
-            {
+            if open.ops.len() >= self.config.batch_max_ops || open.bytes >= self.config.batch_max_bytes {
                 self.seal_batch(tables, open, event)?;
             }
-            applied.push(AppliedOp {
-                token: op.token(),
-                cid: cid_from_digest(&digest),
-                effect,
-            });
+            applied.push(AppliedOp { token: op.token(), cid: cid_from_digest(&digest), effect });
         }
         Ok(applied)
     }
@@ -518,17 +444,10 @@ impl Writer {
         let me = self.signer.origin();
         let p = self.mirror.progress[&me];
         let head = self.signer.sign_head(p.seq, p.chain);
-        tables.heads.insert(
-            (me.to_bytes().as_slice(), p.seq.0),
-            head.signature.as_slice(),
-        )?;
+        tables.heads.insert((me.to_bytes().as_slice(), p.seq.0), head.signature.as_slice())?;
         let ops = std::mem::take(&mut open.ops);
         open.bytes = 0;
-        event.local_batches.push(Arc::new(OpBatch {
-            after: open.after,
-            ops,
-            head,
-        }));
+        event.local_batches.push(Arc::new(OpBatch { after: open.after, ops, head }));
         Ok(())
     }
 
@@ -540,21 +459,13 @@ impl Writer {
         event: &mut CommitEvent,
     ) -> Result<RemoteOutcome, StoreError> {
         let origin = batch.origin;
-        let have = self
-            .mirror
-            .progress
-            .get(&origin)
-            .copied()
-            .unwrap_or_default();
+        let have = self.mirror.progress.get(&origin).copied().unwrap_or_default();
         let after = Seq(batch.ops[0].op.seq.0 - 1);
         if batch.head.seq <= have.seq {
             return Ok(RemoteOutcome::Duplicate);
         }
         if after > have.seq {
-            return Ok(RemoteOutcome::Gap {
-                have: have.seq,
-                batch_after: after,
-            });
+            return Ok(RemoteOutcome::Gap { have: have.seq, batch_after: after });
         }
         let new = &batch.ops[(have.seq.0 - after.0) as usize..];
         if have.chain.extend(&new[0].digest) != new[0].chain {
@@ -568,23 +479,11 @@ impl Writer {
                 self.clock.observe(v.op.hlc);
             }
             let effect = tables.apply(&mut self.mirror.buckets, &v.op)?;
-            tables.oplog.insert(
-                (origin_bytes.as_slice(), v.op.seq.0),
-                log_value(&v.chain, &v.bytes).as_slice(),
-            )?;
-            note_effect(event, &v.op, &effect);
+            tables.oplog.insert((origin_bytes.as_slice(), v.op.seq.0), log_value(&v.chain, &v.bytes).as_slice())?;
+            note_effect(event, &v.op, &effect, self.signer.origin());
         }
-        tables.heads.insert(
-            (origin_bytes.as_slice(), batch.head.seq.0),
-            batch.head.signature.as_slice(),
-        )?;
-        self.mirror.progress.insert(
-            origin,
-            OriginProgress {
-                seq: batch.head.seq,
-                chain: batch.head.head,
-            },
-        );
+        tables.heads.insert((origin_bytes.as_slice(), batch.head.seq.0), batch.head.signature.as_slice())?;
+        self.mirror.progress.insert(origin, OriginProgress { seq: batch.head.seq, chain: batch.head.head });
         event.remote.push((origin, new[0].op.seq, batch.head.seq));
         Ok(RemoteOutcome::Applied { ops: new.len() })
     }
@@ -612,19 +511,25 @@ pub(crate) fn log_value(chain: &ChainHash, bytes: &[u8]) -> Vec<u8> {
     v
 }
 
-fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect) {
+fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect, me: Origin) {
     match (effect, &op.body) {
-        (Effect::Register { won: false, .. }, _)
-        | (
-            Effect::Register {
-                replaced_other_origin: true,
-                ..
-            },
-            _,
-        ) => event.conflicts += 1,
-        (Effect::Lease { state, won: true }, OpBody::LeaseSet { lease, key, .. }) => event
-            .leases
-            .push((lease.clone(), key.clone(), state.clone())),
+        (Effect::Register { won: false, .. }, _) | (Effect::Register { replaced_other_origin: true, .. }, _) => {
+            event.conflicts += 1
+        }
+        (Effect::Lease { state, won: true, displaced }, OpBody::LeaseSet { lease, key, .. }) => {
+            event.leases.push((lease.clone(), key.clone(), state.clone()));
+            if let Some(lost) = displaced {
+                let overridden = lost.holder.is_some() && lost.token == state.token && lost.holder != state.holder;
+                if lost.origin == me && op.origin != me && overridden {
+                    event.leases_lost.push(LeaseLoss {
+                        lease: lease.clone(),
+                        key: key.clone(),
+                        lost: lost.clone(),
+                        winner: state.clone(),
+                    });
+                }
+            }
+        }
         _ => {}
     }
 }

@@ -21,21 +21,11 @@ impl NodeProc {
     /// Starts `peersync node` on `data_dir` with the API on a free port, plus `extra` flags, and
     /// waits (with a deadline) for it to print its API address.
     pub fn start(data_dir: &Path, extra: &[&str]) -> NodeProc {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(data_dir.with_extension("log"))
-            .unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data_dir.with_extension("log")).unwrap();
         let mut child = Command::new(BIN)
             .args(["node", "--data-dir"])
             .arg(data_dir)
-            .args([
-                "--api",
-                "127.0.0.1:0",
-                "--listen",
-                "/ip4/127.0.0.1/tcp/0",
-                "--no-mdns",
-            ])
+            .args(["--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns"])
             .args(extra)
             .stdout(Stdio::piped())
             .stderr(log)
@@ -62,18 +52,12 @@ impl NodeProc {
                 }
                 Err(_) => {
                     let _ = child.kill();
-                    let log =
-                        std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
+                    let log = std::fs::read_to_string(data_dir.with_extension("log")).unwrap_or_default();
                     panic!("node did not print its API address within 30 s; log:\n{log}");
                 }
             }
         }
-        NodeProc {
-            child,
-            api: api.unwrap(),
-            peer_id: peer_id.unwrap(),
-            data_dir: data_dir.to_owned(),
-        }
+        NodeProc { child, api: api.unwrap(), peer_id: peer_id.unwrap(), data_dir: data_dir.to_owned() }
     }
 
     pub fn pid(&self) -> i32 {
@@ -88,10 +72,7 @@ impl NodeProc {
             if let Some(status) = self.child.try_wait().unwrap() {
                 return status;
             }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "node did not exit within 30 s of SIGTERM"
-            );
+            assert!(std::time::Instant::now() < deadline, "node did not exit within 30 s of SIGTERM");
             std::thread::sleep(Duration::from_millis(20));
         }
     }

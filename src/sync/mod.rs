@@ -1,0 +1,9 @@
+//! Sync logic without I/O: decisions about what to apply, buffer or fetch, driven by the node's
+//! event loop. Nothing here touches the network, the disk or the clock; the callers pass in what
+//! they observed and carry out what comes back, so the logic is testable deterministically.
+//!
+//! Must never depend on: the store's internals, the network, or the node.
+
+mod gap;
+
+pub use gap::{Admit, Gap, GapBuffer, GapLimits};
