@@ -123,10 +123,11 @@ impl Node {
     }
 
     fn in_mesh(&self, peer: &PeerId) -> bool {
-        let topic = net::cluster_topic(&self.config.cluster).hash();
-        let mut mesh = self.swarm.behaviour().gossipsub.mesh_peers(&topic);
-        let found = mesh.any(|p| p == peer);
-        found
+        self.swarm
+            .behaviour()
+            .gossipsub
+            .mesh_peers(&net::cluster_topic(&self.config.cluster).hash())
+            .any(|p| p == peer)
     }
 
     fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) {
@@ -158,11 +159,7 @@ impl Node {
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
-                    .report_message_validation_result(
-                        &message_id,
-                        &propagation_source,
-                        acceptance.clone(),
-                    );
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
                 self.gossip.push((propagation_source, decoded, acceptance));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {

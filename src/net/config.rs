@@ -109,7 +109,8 @@ pub enum NetError {
     #[error("cannot dial bootstrap address {addr}: {source}")]
     Dial {
         addr: Multiaddr,
-        source: libp2p::swarm::DialError,
+        /// Boxed: a dial error is large and would bloat every `Result` of this module.
+        source: Box<libp2p::swarm::DialError>,
     },
     #[error("cannot set up the {what} transport: {message}")]
     Transport { what: &'static str, message: String },

@@ -64,7 +64,7 @@ pub fn start(swarm: &mut Swarm<Behaviour>, config: &NetConfig) -> Result<(), Net
         }
         swarm.dial(addr.clone()).map_err(|source| NetError::Dial {
             addr: addr.clone(),
-            source,
+            source: Box::new(source),
         })?;
     }
     let behaviour = swarm.behaviour_mut();
