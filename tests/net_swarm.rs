@@ -15,11 +15,12 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use peersync::crdt::Hlc;
-use peersync::ids::Seq;
+use peersync::ids::{Seq, StateRoot};
 use peersync::net::{
     self, Behaviour, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse,
 };
 use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
+use peersync::store::VersionVector;
 use serde_bytes::ByteBuf;
 
 const DEADLINE: Duration = Duration::from_secs(20);
@@ -426,4 +427,47 @@ async fn provider_lookup_and_repair_round_trip() {
     .await;
     assert!(nodes[C].failures.is_empty(), "{}", nodes[C].summary());
     assert_eq!(nodes[C].responses[&id], SyncResponse::Ops(batches));
+}
+
+/// The QUIC transport works too, and digests cross the repair protocol intact.
+#[tokio::test]
+async fn digest_exchange_over_quic() {
+    let cluster = "quic";
+    let quic: Multiaddr = "/ip4/127.0.0.1/udp/0/quic-v1".parse().unwrap();
+    let mut config = test_config(cluster, false, vec![]);
+    config.listen = vec![quic];
+    let mut nodes = vec![Node::new("A", config)];
+    run_until(&mut nodes, "A to listen on QUIC", |n| {
+        !n[A].listeners.is_empty()
+    })
+    .await;
+    let a_addr = nodes[A].addr();
+    assert!(a_addr.iter().any(|p| p == Protocol::QuicV1), "{a_addr}");
+    nodes.push(Node::new("B", test_config(cluster, false, vec![a_addr])));
+    let a = nodes[A].id();
+
+    let digest = |role, origin, seq, root| net::Digest {
+        cluster: cluster.to_owned(),
+        role,
+        version_vector: VersionVector([(origin, Seq(seq))].into_iter().collect()),
+        state_root: StateRoot([root; 32]),
+    };
+    let mine = digest(net::Role::Replica, nodes[B].id(), 3, 1);
+    let theirs = digest(net::Role::Primary, a, 9, 2);
+    nodes[A].serve = Some(SyncResponse::Digest(theirs.clone()));
+    let request = SyncRequest::Digest(mine);
+    let id = nodes[B]
+        .swarm
+        .behaviour_mut()
+        .sync
+        .send_request(&a, request.clone());
+    run_until(&mut nodes, "the digest at B", |n| {
+        n[B].responses.contains_key(&id) || !n[B].failures.is_empty()
+    })
+    .await;
+    assert_eq!(nodes[A].requests, vec![request]);
+    assert_eq!(
+        nodes[B].responses.get(&id),
+        Some(&SyncResponse::Digest(theirs))
+    );
 }

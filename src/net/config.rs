@@ -76,51 +76,80 @@ impl Default for NetConfig {
 /// operator has to fix the configuration or the environment.
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
+    /// The cluster name is empty, too long, or has characters unfit for a topic name.
     #[error(
         "cluster name {0:?} is invalid: use 1 to {MAX_CLUSTER_NAME_LEN} characters \
          among ASCII letters, digits, '.', '_' and '-'"
     )]
     ClusterName(String),
+    /// A duration or size that must be positive is zero.
     #[error("{field} must be greater than zero")]
-    Zero { field: &'static str },
+    Zero {
+        /// Name of the `NetConfig` field.
+        field: &'static str,
+    },
+    /// `max_gossip_bytes` cannot hold even a small batch.
     #[error("max_gossip_bytes is {0}, below the minimum of {MIN_GOSSIP_BYTES} bytes")]
     GossipTooSmall(usize),
+    /// A bootstrap address names no transport this node can dial.
     #[error(
         "bootstrap address {addr} is not dialable: {reason} \
          (expected e.g. /ip4/10.0.0.1/tcp/4001/p2p/<peer-id>)"
     )]
     BootstrapAddr {
+        /// The address as configured.
         addr: Multiaddr,
+        /// What is wrong with it.
         reason: &'static str,
     },
+    /// A listen address names no transport this node can listen on.
     #[error(
         "listen address {addr} is not supported: {reason} \
          (expected e.g. /ip4/0.0.0.0/tcp/4001 or /ip4/0.0.0.0/udp/4001/quic-v1)"
     )]
     ListenAddr {
+        /// The address as configured.
         addr: Multiaddr,
+        /// What is wrong with it.
         reason: &'static str,
     },
+    /// The OS refused a listener (port in use, address not local, ...).
     #[error("cannot listen on {addr}: {source}")]
     Listen {
+        /// The address as configured.
         addr: Multiaddr,
+        /// The transport's error.
         source: libp2p::TransportError<std::io::Error>,
     },
+    /// A bootstrap dial could not even be started. A dial that starts and then fails is reported
+    /// later as a swarm event, not here.
     #[error("cannot dial bootstrap address {addr}: {source}")]
     Dial {
+        /// The address as configured.
         addr: Multiaddr,
         /// Boxed: a dial error is large and would bloat every `Result` of this module.
         source: Box<libp2p::swarm::DialError>,
     },
+    /// A transport could not be set up.
     #[error("cannot set up the {what} transport: {message}")]
-    Transport { what: &'static str, message: String },
-    #[error("invalid {protocol} configuration: {message}")]
-    Behaviour {
-        protocol: &'static str,
+    Transport {
+        /// Which transport.
+        what: &'static str,
+        /// The underlying error, as text.
         message: String,
     },
+    /// A protocol refused its configuration.
+    #[error("invalid {protocol} configuration: {message}")]
+    Behaviour {
+        /// Which protocol.
+        protocol: &'static str,
+        /// The protocol's complaint, as text.
+        message: String,
+    },
+    /// Gossipsub refused the subscription to the cluster topic.
     #[error("cannot subscribe to the cluster topic: {0}")]
     Subscribe(#[from] libp2p::gossipsub::SubscriptionError),
+    /// The provider record of the cluster key could not be stored locally.
     #[error("cannot announce this node as a provider of the cluster key: {0}")]
     Provide(#[from] libp2p::kad::store::Error),
 }

@@ -42,14 +42,27 @@ pub enum GossipMessage {
 /// an incompatible version; none is fatal to this node.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
+    /// The payload is larger than the receiver accepts; it was not decoded.
     #[error("message of {len} bytes exceeds the limit of {max} bytes")]
-    TooLarge { len: usize, max: usize },
+    TooLarge {
+        /// Size of the payload.
+        len: usize,
+        /// The receiver's limit.
+        max: usize,
+    },
+    /// The payload has no version byte.
     #[error("empty message")]
     Empty,
+    /// The payload is of a wire version this node does not speak.
     #[error("unknown wire version {found} (this node speaks version {GOSSIP_WIRE_VERSION})")]
-    UnknownVersion { found: u8 },
+    UnknownVersion {
+        /// The version byte received.
+        found: u8,
+    },
+    /// The body does not decode as a message.
     #[error("malformed message: {0}")]
     Malformed(#[from] postcard::Error),
+    /// The body decodes but is followed by extra bytes.
     #[error("{0} unexpected bytes after the message")]
     TrailingBytes(usize),
 }
@@ -141,9 +154,13 @@ pub enum SyncRequest {
     Digest(Digest),
     /// Ops of `origin` after seq `after`, at most `max_ops` ops and about `max_bytes` of op bytes.
     GetOps {
+        /// Whose log to read.
         origin: Origin,
+        /// The requester's position in that log: the reply starts at `after + 1`.
         after: Seq,
+        /// Most ops to return.
         max_ops: u32,
+        /// Rough cap on the op bytes returned; at least one op is returned whatever its size.
         max_bytes: u32,
     },
 }
@@ -155,9 +172,13 @@ pub enum SyncResponse {
     Digest(Digest),
     /// Contiguous batches answering `GetOps`; empty when the responder has nothing after `after`.
     Ops(Vec<OpBatch>),
-    /// The request could not be served; `code` is stable and machine-readable, `message` is for
-    /// humans.
-    Error { code: String, message: String },
+    /// The request could not be served.
+    Error {
+        /// Stable machine-readable reason, e.g. `wrong_cluster` or `compacted`.
+        code: String,
+        /// What went wrong, for humans.
+        message: String,
+    },
 }
 
 /// Carries a `StateRoot` as a CBOR byte string instead of an array of 32 integers.
