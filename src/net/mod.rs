@@ -1,1 +1,31 @@
-//! libp2p behaviours and wire formats (see the swarm issue).
+//! The network layer: libp2p behaviours, swarm construction and wire formats. It knows how bytes
+//! move between peers and what they look like, not what they mean to the store.
+//!
+//! # Layout
+//! - `config`: [`NetConfig`] with documented defaults and `validate()`, and [`NetError`].
+//! - `protocol`: wire types and codecs: [`GossipMessage`] (version byte + postcard) for the
+//!   control plane, [`SyncRequest`]/[`SyncResponse`] (CBOR) for the repair plane, protocol names.
+//! - `behaviour`: the composed [`Behaviour`] and the cluster's topic and provider key.
+//! - `swarm`: [`build_swarm`], [`start`], and [`on_identify`] to feed Kademlia.
+//!
+//! The node's event loop owns the `Swarm` and decides what to do with each event; in particular it
+//! must report every gossip message's validation result, or nothing is forwarded.
+//!
+//! Must never depend on: the store (except the plain [`VersionVector`](crate::store::VersionVector)
+//! data type), the sync logic or the node.
+
+mod behaviour;
+mod config;
+mod protocol;
+mod swarm;
+
+pub use behaviour::{
+    cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD,
+};
+pub use config::{NetConfig, NetError, DEFAULT_PORT, MAX_CLUSTER_NAME_LEN, MIN_GOSSIP_BYTES};
+pub use protocol::{
+    decode_gossip, encode_gossip, Digest, GossipMessage, ParseRoleError, Role, SyncRequest,
+    SyncResponse, WireError, GOSSIP_WIRE_VERSION, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL,
+    SYNC_PROTOCOL,
+};
+pub use swarm::{build_swarm, kad_addresses, on_identify, start};

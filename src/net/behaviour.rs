@@ -1,0 +1,161 @@
+//! The composed libp2p behaviour of a node (identify, ping, Kademlia, mDNS, gossipsub and the
+//! repair request-response protocol) and the names it uses in the network: the cluster's gossip
+//! topic and its Kademlia provider key.
+//!
+//! Every protocol is configured here from [`NetConfig`]; nothing in this file does I/O or decides
+//! what to do with an event: that is the node's job.
+//!
+//! Must never depend on: the store, the sync logic or the node.
+
+use libp2p::identity::Keypair;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::{gossipsub, identify, kad, mdns, ping, request_response};
+
+use super::config::{NetConfig, NetError};
+use super::protocol::{
+    SyncRequest, SyncResponse, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL,
+};
+
+/// Room left in a gossipsub frame around the payload: the signed envelope (author, sequence number,
+/// signature, topic) and protobuf framing. Payloads themselves are capped at `max_gossip_bytes`.
+pub const GOSSIP_ENVELOPE_OVERHEAD: usize = 1024;
+
+/// All protocols of a node, driven by one `Swarm`.
+#[derive(NetworkBehaviour)]
+pub struct Behaviour {
+    /// Exchanges listen addresses and supported protocols; feeds Kademlia (see `swarm::on_identify`).
+    pub identify: identify::Behaviour,
+    /// Detects dead connections.
+    pub ping: ping::Behaviour,
+    /// Peer routing and the cluster's provider records, on peersync's own DHT protocol.
+    pub kad: kad::Behaviour<kad::store::MemoryStore>,
+    /// LAN discovery; disabled when `NetConfig::mdns` is off.
+    pub mdns: Toggle<mdns::tokio::Behaviour>,
+    /// The control plane: op deltas on the cluster topic. Messages are only forwarded after the node
+    /// reports them valid with `report_message_validation_result`.
+    pub gossipsub: gossipsub::Behaviour,
+    /// The repair plane: digests and op ranges.
+    pub sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+}
+
+impl Behaviour {
+    /// Builds the behaviour for the node owning `keypair`. Kademlia starts in server mode: peersync
+    /// runs on LANs and private networks where every node is reachable.
+    pub fn new(keypair: &Keypair, config: &NetConfig) -> Result<Self, NetError> {
+        let peer_id = keypair.public().to_peer_id();
+
+        let identify = identify::Behaviour::new(identify::Config::new(
+            IDENTIFY_PROTOCOL_VERSION.to_owned(),
+            keypair.public(),
+        ));
+
+        let mut kad_config = kad::Config::new(KAD_PROTOCOL);
+        kad_config.set_periodic_bootstrap_interval(Some(config.kad_bootstrap_interval));
+        let mut kad =
+            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        kad.set_mode(Some(kad::Mode::Server));
+
+        let mdns = if config.mdns {
+            let mdns =
+                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| {
+                    NetError::Behaviour {
+                        protocol: "mdns",
+                        message: e.to_string(),
+                    }
+                })?;
+            Some(mdns)
+        } else {
+            None
+        };
+
+        Ok(Behaviour {
+            identify,
+            ping: ping::Behaviour::default(),
+            kad,
+            mdns: mdns.into(),
+            gossipsub: gossipsub_behaviour(keypair, config)?,
+            sync: sync_behaviour(config),
+        })
+    }
+}
+
+fn gossipsub_behaviour(
+    keypair: &Keypair,
+    config: &NetConfig,
+) -> Result<gossipsub::Behaviour, NetError> {
+    let invalid = |message: String| NetError::Behaviour {
+        protocol: "gossipsub",
+        message,
+    };
+    let gossip_config = gossipsub::ConfigBuilder::default()
+        // Small clusters (2-5 nodes): the defaults (6/5/12, outbound 2) never form a full mesh.
+        .mesh_n_low(1)
+        .mesh_n(3)
+        .mesh_n_high(6)
+        .mesh_outbound_min(1)
+        .heartbeat_interval(config.gossip_heartbeat)
+        // The default initial delay is 5 s whatever the interval; tie it to the heartbeat.
+        .heartbeat_initial_delay(config.gossip_heartbeat)
+        .max_transmit_size(config.max_gossip_bytes + GOSSIP_ENVELOPE_OVERHEAD)
+        .validation_mode(gossipsub::ValidationMode::Strict)
+        .validate_messages()
+        // Content-addressed ids: the same batch relayed by two peers, or republished, is one message.
+        .message_id_fn(|message: &gossipsub::Message| {
+            gossipsub::MessageId::new(blake3::hash(&message.data).as_bytes())
+        })
+        .build()
+        .map_err(|e| invalid(e.to_string()))?;
+    gossipsub::Behaviour::new(
+        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
+        gossip_config,
+    )
+    .map_err(|e| invalid(e.to_owned()))
+}
+
+fn sync_behaviour(
+    config: &NetConfig,
+) -> request_response::cbor::Behaviour<SyncRequest, SyncResponse> {
+    // The codec's defaults (1 MiB requests, 10 MiB responses) fail oversize messages with a vague
+    // `Io(Eof)`: raise them to the configured limits.
+    let codec = request_response::cbor::codec::Codec::<SyncRequest, SyncResponse>::default()
+        .set_request_size_maximum(config.max_request_bytes as u64)
+        .set_response_size_maximum(config.max_response_bytes as u64);
+    request_response::Behaviour::with_codec(
+        codec,
+        [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
+        request_response::Config::default().with_request_timeout(config.request_timeout),
+    )
+}
+
+/// The gossip topic carrying a cluster's ops.
+pub fn cluster_topic(cluster: &str) -> gossipsub::IdentTopic {
+    gossipsub::IdentTopic::new(format!("peersync/{cluster}/ops/1"))
+}
+
+/// The Kademlia key under which every node of a cluster announces itself as a provider, so a node
+/// can find sync-capable peers of its cluster by asking the DHT.
+pub fn cluster_provider_key(cluster: &str) -> kad::RecordKey {
+    kad::RecordKey::new(&format!("peersync/cluster/{cluster}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_are_scoped_by_cluster() {
+        assert_eq!(cluster_topic("a").to_string(), "peersync/a/ops/1");
+        assert_ne!(cluster_topic("a").hash(), cluster_topic("b").hash());
+        assert_eq!(cluster_provider_key("a").as_ref(), b"peersync/cluster/a");
+    }
+
+    #[test]
+    fn builds_with_default_config() {
+        let config = NetConfig {
+            mdns: false,
+            ..NetConfig::default()
+        };
+        Behaviour::new(&Keypair::generate_ed25519(), &config).unwrap();
+    }
+}

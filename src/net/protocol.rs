@@ -1,0 +1,223 @@
+//! Wire formats: the gossip message codec (control plane) and the request/response types of the
+//! repair plane, plus the protocol names. Kept apart from the behaviours so the formats can be read,
+//! versioned and fuzzed on their own.
+//!
+//! Gossip payloads are one version byte followed by postcard; repair messages travel as CBOR through
+//! request-response's codec. Byte payloads are `serde_bytes`, so CBOR carries them as byte strings
+//! rather than arrays of integers.
+//!
+//! Must never depend on: the store (except the plain `VersionVector` type), the sync logic or the node.
+
+use std::fmt;
+use std::str::FromStr;
+
+use libp2p::StreamProtocol;
+use serde::{Deserialize, Serialize};
+
+use crate::ids::{Origin, Seq, StateRoot};
+use crate::op::OpBatch;
+use crate::store::VersionVector;
+
+/// Kademlia protocol of peersync: a DHT of our own, so nodes never join the public IPFS DHT.
+pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peersync/kad/1.0.0");
+
+/// Request-response protocol of the repair plane.
+pub const SYNC_PROTOCOL: StreamProtocol = StreamProtocol::new("/peersync/sync/1.0.0");
+
+/// The `protocol_version` a node announces through identify.
+pub const IDENTIFY_PROTOCOL_VERSION: &str = "/peersync/id/1.0.0";
+
+/// First byte of every gossip payload. A node drops payloads of a version it does not know, so a
+/// new version can be rolled out next to the old one on a new topic.
+pub const GOSSIP_WIRE_VERSION: u8 = 1;
+
+/// What travels on a cluster's gossip topic.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum GossipMessage {
+    /// Freshly written ops of one origin, with the head signature that vouches for them.
+    Ops(OpBatch),
+}
+
+/// Why bytes received from a peer were refused. Every variant means the sender misbehaved or runs
+/// an incompatible version; none is fatal to this node.
+#[derive(Debug, thiserror::Error)]
+pub enum WireError {
+    /// The payload is larger than the receiver accepts; it was not decoded.
+    #[error("message of {len} bytes exceeds the limit of {max} bytes")]
+    TooLarge {
+        /// Size of the payload.
+        len: usize,
+        /// The receiver's limit.
+        max: usize,
+    },
+    /// The payload has no version byte.
+    #[error("empty message")]
+    Empty,
+    /// The payload is of a wire version this node does not speak.
+    #[error("unknown wire version {found} (this node speaks version {GOSSIP_WIRE_VERSION})")]
+    UnknownVersion {
+        /// The version byte received.
+        found: u8,
+    },
+    /// The body does not decode as a message.
+    #[error("malformed message: {0}")]
+    Malformed(#[from] postcard::Error),
+    /// The body decodes but is followed by extra bytes.
+    #[error("{0} unexpected bytes after the message")]
+    TrailingBytes(usize),
+}
+
+/// Encodes a gossip message: the version byte, then postcard.
+pub fn encode_gossip(message: &GossipMessage) -> Vec<u8> {
+    let mut out = vec![GOSSIP_WIRE_VERSION];
+    // Serializing into a Vec only fails for types serde cannot represent; ours all can.
+    postcard::to_io(message, &mut out).expect("gossip messages always encode");
+    out
+}
+
+/// Decodes a gossip payload of at most `max_bytes`. The size is checked before any decoding, and
+/// garbage yields an error, never a panic or an allocation larger than the input allows.
+pub fn decode_gossip(bytes: &[u8], max_bytes: usize) -> Result<GossipMessage, WireError> {
+    if bytes.len() > max_bytes {
+        return Err(WireError::TooLarge {
+            len: bytes.len(),
+            max: max_bytes,
+        });
+    }
+    let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
+    if version != GOSSIP_WIRE_VERSION {
+        return Err(WireError::UnknownVersion { found: version });
+    }
+    let (message, rest) = postcard::take_from_bytes(body)?;
+    if !rest.is_empty() {
+        return Err(WireError::TrailingBytes(rest.len()));
+    }
+    Ok(message)
+}
+
+/// Role of a node in its cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// Accepts writes and originates ops.
+    Primary,
+    /// Read-only; keeps the op log and snapshots to serve other replicas.
+    Replica,
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+        })
+    }
+}
+
+/// A role name that is neither `primary` nor `replica`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("unknown role {0:?}: expected \"primary\" or \"replica\"")]
+pub struct ParseRoleError(pub String);
+
+impl FromStr for Role {
+    type Err = ParseRoleError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "primary" => Ok(Role::Primary),
+            "replica" => Ok(Role::Replica),
+            other => Err(ParseRoleError(other.to_owned())),
+        }
+    }
+}
+
+/// A node's summary of what it holds, exchanged on connect and periodically so peers can tell who
+/// is behind.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Digest {
+    /// Cluster of the sender; a digest from another cluster is answered with an error.
+    pub cluster: String,
+    /// Role of the sender: replicas prefer syncing from replicas to spare primaries.
+    pub role: Role,
+    /// Per origin, the highest contiguous seq the sender has applied.
+    pub version_vector: VersionVector,
+    /// Digest of the sender's whole state at `version_vector`.
+    #[serde(with = "state_root_bytes")]
+    pub state_root: StateRoot,
+}
+
+/// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
+/// asking again from where it stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncRequest {
+    /// "Here is my digest; send me yours."
+    Digest(Digest),
+    /// Ops of `origin` after seq `after`, at most `max_ops` ops and about `max_bytes` of op bytes.
+    GetOps {
+        /// Whose log to read.
+        origin: Origin,
+        /// The requester's position in that log: the reply starts at `after + 1`.
+        after: Seq,
+        /// Most ops to return.
+        max_ops: u32,
+        /// Rough cap on the op bytes returned; at least one op is returned whatever its size.
+        max_bytes: u32,
+    },
+}
+
+/// A repair-plane response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum SyncResponse {
+    /// The responder's digest.
+    Digest(Digest),
+    /// Contiguous batches answering `GetOps`; empty when the responder has nothing after `after`.
+    Ops(Vec<OpBatch>),
+    /// The request could not be served.
+    Error {
+        /// Stable machine-readable reason, e.g. `wrong_cluster` or `compacted`.
+        code: String,
+        /// What went wrong, for humans.
+        message: String,
+    },
+}
+
+/// Carries a `StateRoot` as a CBOR byte string instead of an array of 32 integers.
+mod state_root_bytes {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    use crate::ids::StateRoot;
+
+    pub fn serialize<S: Serializer>(root: &StateRoot, s: S) -> Result<S::Ok, S::Error> {
+        serde_bytes::Bytes::new(&root.0).serialize(s)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<StateRoot, D::Error> {
+        let bytes = serde_bytes::ByteArray::<32>::deserialize(d)?;
+        Ok(StateRoot(bytes.into_array()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_round_trips() {
+        for role in [Role::Primary, Role::Replica] {
+            assert_eq!(role.to_string().parse::<Role>(), Ok(role));
+        }
+        assert!("leader".parse::<Role>().is_err());
+    }
+
+    #[test]
+    fn digest_round_trips() {
+        let digest = Digest {
+            cluster: "c".into(),
+            role: Role::Replica,
+            version_vector: VersionVector::default(),
+            state_root: StateRoot([7; 32]),
+        };
+        let bytes = postcard::to_stdvec(&digest).unwrap();
+        assert_eq!(postcard::from_bytes::<Digest>(&bytes).unwrap(), digest);
+    }
+}
