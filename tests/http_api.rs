@@ -15,7 +15,7 @@ struct Api {
 }
 
 async fn api(role: Role) -> Api {
-    let (node, dir) = common::start_node(|c| c.role = role).await;
+    let (node, dir) = common::start_node(|c| c.net.role = role).await;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(peersync::api::serve(listener, node.handle(), std::future::pending()));

@@ -146,7 +146,7 @@ async fn bad_input_is_refused_with_clear_errors() {
 
 #[tokio::test]
 async fn replica_refuses_writes() {
-    let (node, _dir) = start_node(|c| c.role = Role::Replica).await;
+    let (node, _dir) = start_node(|c| c.net.role = Role::Replica).await;
     assert!(matches!(node.handle().put("r", "k", "v").await, Err(NodeError::ReadOnlyReplica { .. })));
     node.shutdown().await;
 }
@@ -176,7 +176,7 @@ async fn wait_applied_resolves_when_the_write_lands_and_times_out_otherwise() {
 #[tokio::test]
 async fn concurrent_writes_are_group_committed_and_survive_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let config = NodeConfig { data_dir: dir.path().to_owned(), ..Default::default() };
+    let config = NodeConfig::local(dir.path());
     let node = Node::start(config.clone()).await.unwrap();
     let h = node.handle();
     let peer = h.peer_id();

@@ -15,10 +15,8 @@ use libp2p::request_response::{self, OutboundRequestId};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm};
 use peersync::crdt::Hlc;
-use peersync::ids::{Seq, StateRoot};
-use peersync::net::{
-    self, Behaviour, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse,
-};
+use peersync::ids::{Role, Seq, StateRoot};
+use peersync::net::{self, Behaviour, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse};
 use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
 use peersync::store::VersionVector;
 use serde_bytes::ByteBuf;
@@ -26,9 +24,7 @@ use serde_bytes::ByteBuf;
 const DEADLINE: Duration = Duration::from_secs(20);
 
 fn test_config(cluster: &str, listen: bool, bootstrap: Vec<Multiaddr>) -> NetConfig {
-    let loopback = Multiaddr::empty()
-        .with(Protocol::Ip4([127, 0, 0, 1].into()))
-        .with(Protocol::Tcp(0));
+    let loopback = Multiaddr::empty().with(Protocol::Ip4([127, 0, 0, 1].into())).with(Protocol::Tcp(0));
     NetConfig {
         listen: if listen { vec![loopback] } else { Vec::new() },
         bootstrap,
@@ -49,19 +45,11 @@ fn signed_batches(n: u64) -> Vec<OpBatch> {
                 origin: signer.origin(),
                 seq: Seq(seq),
                 hlc: Hlc::new(seq, 0),
-                body: OpBody::CounterAdd {
-                    counter: "c".into(),
-                    key: b"k".to_vec(),
-                    delta: 1,
-                },
+                body: OpBody::CounterAdd { counter: "c".into(), key: b"k".to_vec(), delta: 1 },
             };
             let bytes = op.encode();
             chain = chain.extend(blake3::hash(&bytes).as_bytes());
-            OpBatch {
-                after: Seq(seq - 1),
-                ops: vec![ByteBuf::from(bytes)],
-                head: signer.sign_head(Seq(seq), chain),
-            }
+            OpBatch { after: Seq(seq - 1), ops: vec![ByteBuf::from(bytes)], head: signer.sign_head(Seq(seq), chain) }
         })
         .collect()
 }
@@ -124,25 +112,20 @@ impl Node {
     }
 
     fn in_mesh(&self, peer: &PeerId) -> bool {
-        self.swarm
-            .behaviour()
-            .gossipsub
-            .mesh_peers(&net::cluster_topic(&self.config.cluster).hash())
-            .any(|p| p == peer)
+        self.swarm.behaviour().gossipsub.mesh_peers(&net::cluster_topic(&self.config.cluster).hash()).any(|p| p == peer)
     }
 
     fn handle(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
-            SwarmEvent::NewListenAddr {
-                listener_id,
-                address,
-            } => self.listeners.push((listener_id, address)),
+            SwarmEvent::NewListenAddr { listener_id, address } => self.listeners.push((listener_id, address)),
             SwarmEvent::ListenerClosed { listener_id, .. } => {
                 self.closed_listeners.insert(listener_id);
             }
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(
-                libp2p::identify::Event::Received { peer_id, info, .. },
-            )) => {
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(libp2p::identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) => {
                 net::on_identify(&mut self.swarm, &peer_id, &info);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(gossipsub::Event::Message {
@@ -152,15 +135,13 @@ impl Node {
             })) => {
                 let decoded = net::decode_gossip(&message.data, self.config.max_gossip_bytes)
                     .expect("peers only publish well-formed gossip");
-                let acceptance = if (self.reject)(&decoded) {
-                    MessageAcceptance::Reject
-                } else {
-                    MessageAcceptance::Accept
-                };
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                let acceptance =
+                    if (self.reject)(&decoded) { MessageAcceptance::Reject } else { MessageAcceptance::Accept };
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
                 self.gossip.push((propagation_source, decoded, acceptance));
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
@@ -176,9 +157,7 @@ impl Node {
     fn on_providers(&mut self, result: Result<GetProvidersOk, kad::GetProvidersError>, last: bool) {
         match result {
             // A remote with no provider yields an empty set: keep going, it is not the answer.
-            Ok(GetProvidersOk::FoundProviders { providers, .. }) => {
-                self.providers.extend(providers)
-            }
+            Ok(GetProvidersOk::FoundProviders { providers, .. }) => self.providers.extend(providers),
             Ok(GetProvidersOk::FinishedWithNoAdditionalRecord { .. }) => {}
             Err(e) => self.failures.push(format!("get_providers: {e}")),
         }
@@ -195,34 +174,19 @@ impl Node {
     fn on_sync(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
         match event {
             request_response::Event::Message { message, .. } => match message {
-                request_response::Message::Request {
-                    request, channel, ..
-                } => {
+                request_response::Message::Request { request, channel, .. } => {
                     self.requests.push(request);
                     let response = self.serve.clone().expect("this node serves no requests");
-                    if self
-                        .swarm
-                        .behaviour_mut()
-                        .sync
-                        .send_response(channel, response)
-                        .is_err()
-                    {
+                    if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
                         self.failures.push("response channel closed".into());
                     }
                 }
-                request_response::Message::Response {
-                    request_id,
-                    response,
-                } => {
+                request_response::Message::Response { request_id, response } => {
                     self.responses.insert(request_id, response);
                 }
             },
-            request_response::Event::OutboundFailure { error, .. } => {
-                self.failures.push(format!("outbound: {error}"))
-            }
-            request_response::Event::InboundFailure { error, .. } => {
-                self.failures.push(format!("inbound: {error}"))
-            }
+            request_response::Event::OutboundFailure { error, .. } => self.failures.push(format!("outbound: {error}")),
+            request_response::Event::InboundFailure { error, .. } => self.failures.push(format!("inbound: {error}")),
             request_response::Event::ResponseSent { .. } => {}
         }
     }
@@ -251,9 +215,7 @@ async fn run_until(nodes: &mut [Node], what: &str, done: impl Fn(&[Node]) -> boo
         let mut tick = tokio::time::interval(Duration::from_millis(25));
         while !done(nodes) {
             let event = {
-                let next = futures::future::select_all(
-                    nodes.iter_mut().map(|n| n.swarm.select_next_some()),
-                );
+                let next = futures::future::select_all(nodes.iter_mut().map(|n| n.swarm.select_next_some()));
                 tokio::select! {
                     (event, index, _) = next => Some((index, event)),
                     _ = tick.tick() => None,
@@ -266,10 +228,7 @@ async fn run_until(nodes: &mut [Node], what: &str, done: impl Fn(&[Node]) -> boo
     };
     if tokio::time::timeout(DEADLINE, run).await.is_err() {
         let seen: Vec<String> = nodes.iter().map(Node::summary).collect();
-        panic!(
-            "timed out after {DEADLINE:?} waiting for {what}; seen:\n{}",
-            seen.join("\n")
-        );
+        panic!("timed out after {DEADLINE:?} waiting for {what}; seen:\n{}", seen.join("\n"));
     }
 }
 
@@ -288,10 +247,7 @@ async fn gossip_crosses_two_hops_and_stops_where_rejected() {
     let mut nodes = vec![Node::new("A", test_config(cluster, true, vec![]))];
     run_until(&mut nodes, "A to listen", |n| !n[A].listeners.is_empty()).await;
 
-    nodes.push(Node::new(
-        "B",
-        test_config(cluster, true, vec![nodes[A].addr()]),
-    ));
+    nodes.push(Node::new("B", test_config(cluster, true, vec![nodes[A].addr()])));
     let (a, b) = (nodes[A].id(), nodes[B].id());
     run_until(&mut nodes, "B to connect to A and listen", |n| {
         n[B].swarm.is_connected(&a) && !n[B].listeners.is_empty()
@@ -300,15 +256,9 @@ async fn gossip_crosses_two_hops_and_stops_where_rejected() {
 
     let a_listener = nodes[A].listeners[0].0;
     assert!(nodes[A].swarm.remove_listener(a_listener));
-    run_until(&mut nodes, "A's listener to close", |n| {
-        n[A].closed_listeners.contains(&a_listener)
-    })
-    .await;
+    run_until(&mut nodes, "A's listener to close", |n| n[A].closed_listeners.contains(&a_listener)).await;
 
-    nodes.push(Node::new(
-        "C",
-        test_config(cluster, false, vec![nodes[B].addr()]),
-    ));
+    nodes.push(Node::new("C", test_config(cluster, false, vec![nodes[B].addr()])));
     let c = nodes[C].id();
     // B forwards only to its mesh peers; A publishes to every subscribed peer it knows.
     run_until(&mut nodes, "the A-B-C gossip mesh", |n| {
@@ -317,25 +267,14 @@ async fn gossip_crosses_two_hops_and_stops_where_rejected() {
     .await;
 
     let batches = signed_batches(3);
-    let [first, rejected, barrier] = [0, 1, 2].map(|i| GossipMessage::Ops(batches[i].clone()));
-    nodes[B].reject = |m| matches!(m, GossipMessage::Ops(batch) if batch.after == Seq(1));
+    let [first, rejected, barrier] =
+        [0, 1, 2].map(|i| GossipMessage::Ops { role: Role::Primary, batch: batches[i].clone() });
+    nodes[B].reject = |m| matches!(m, GossipMessage::Ops { batch, .. } if batch.after == Seq(1));
     let topic = net::cluster_topic(cluster);
 
-    nodes[A]
-        .swarm
-        .behaviour_mut()
-        .gossipsub
-        .publish(topic.clone(), net::encode_gossip(&first))
-        .unwrap();
-    run_until(&mut nodes, "the first message at C", |n| {
-        n[C].received(&first)
-    })
-    .await;
-    let (via, _, _) = nodes[C]
-        .gossip
-        .iter()
-        .find(|(_, m, _)| *m == first)
-        .unwrap();
+    nodes[A].swarm.behaviour_mut().gossipsub.publish(topic.clone(), net::encode_gossip(&first)).unwrap();
+    run_until(&mut nodes, "the first message at C", |n| n[C].received(&first)).await;
+    let (via, _, _) = nodes[C].gossip.iter().find(|(_, m, _)| *m == first).unwrap();
     assert_eq!(*via, b, "C got the message from B");
     assert!(!nodes[C].swarm.is_connected(&a), "C and A stayed apart");
 
@@ -343,25 +282,11 @@ async fn gossip_crosses_two_hops_and_stops_where_rejected() {
     // have received it before `barrier`.
     for message in [&rejected, &barrier] {
         let data = net::encode_gossip(message);
-        nodes[A]
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .publish(topic.clone(), data)
-            .unwrap();
+        nodes[A].swarm.behaviour_mut().gossipsub.publish(topic.clone(), data).unwrap();
     }
-    run_until(&mut nodes, "the barrier message at C", |n| {
-        n[C].received(&barrier)
-    })
-    .await;
-    assert!(nodes[B]
-        .gossip
-        .iter()
-        .any(|(_, m, v)| *m == rejected && *v == MessageAcceptance::Reject));
-    assert!(
-        !nodes[C].received(&rejected),
-        "B forwarded a message it rejected"
-    );
+    run_until(&mut nodes, "the barrier message at C", |n| n[C].received(&barrier)).await;
+    assert!(nodes[B].gossip.iter().any(|(_, m, v)| *m == rejected && *v == MessageAcceptance::Reject));
+    assert!(!nodes[C].received(&rejected), "B forwarded a message it rejected");
 }
 
 /// C finds A through Kademlia as a provider of the cluster key, then fetches ops from A over the
@@ -371,44 +296,24 @@ async fn provider_lookup_and_repair_round_trip() {
     let cluster = "kad-repair";
     let mut nodes = vec![Node::new("A", test_config(cluster, true, vec![]))];
     run_until(&mut nodes, "A to listen", |n| !n[A].listeners.is_empty()).await;
-    nodes.push(Node::new(
-        "B",
-        test_config(cluster, true, vec![nodes[A].addr()]),
-    ));
+    nodes.push(Node::new("B", test_config(cluster, true, vec![nodes[A].addr()])));
     run_until(&mut nodes, "B to listen", |n| !n[B].listeners.is_empty()).await;
-    nodes.push(Node::new(
-        "C",
-        test_config(cluster, true, vec![nodes[B].addr()]),
-    ));
+    nodes.push(Node::new("C", test_config(cluster, true, vec![nodes[B].addr()])));
     let a = nodes[A].id();
 
     let key = net::cluster_provider_key(cluster);
     nodes[C].lookup = Some((key.clone(), a));
     nodes[C].swarm.behaviour_mut().kad.get_providers(key);
-    run_until(&mut nodes, "C to find A as a provider", |n| {
-        n[C].providers.contains(&a)
-    })
-    .await;
+    run_until(&mut nodes, "C to find A as a provider", |n| n[C].providers.contains(&a)).await;
 
     let mut batches = signed_batches(2);
     nodes[A].serve = Some(SyncResponse::Ops(batches.clone()));
     let a_addr = nodes[A].addr();
     nodes[C].swarm.add_peer_address(a, a_addr);
-    let request = SyncRequest::GetOps {
-        origin: batches[0].head.origin,
-        after: Seq(0),
-        max_ops: 100,
-        max_bytes: 1 << 20,
-    };
-    let id = nodes[C]
-        .swarm
-        .behaviour_mut()
-        .sync
-        .send_request(&a, request.clone());
-    run_until(&mut nodes, "the GetOps response at C", |n| {
-        n[C].responses.contains_key(&id)
-    })
-    .await;
+    let request =
+        SyncRequest::GetOps { origin: batches[0].head.origin, after: Seq(0), max_ops: 100, max_bytes: 1 << 20 };
+    let id = nodes[C].swarm.behaviour_mut().sync.send_request(&a, request.clone());
+    run_until(&mut nodes, "the GetOps response at C", |n| n[C].responses.contains_key(&id)).await;
     assert_eq!(nodes[A].requests, vec![request.clone()]);
     assert_eq!(nodes[C].responses[&id], SyncResponse::Ops(batches.clone()));
 
@@ -416,11 +321,7 @@ async fn provider_lookup_and_repair_round_trip() {
     // also fails if op bytes were encoded as CBOR integer arrays (about twice the size).
     batches[1].ops = vec![ByteBuf::from(vec![0xa5; 11 << 20])];
     nodes[A].serve = Some(SyncResponse::Ops(batches.clone()));
-    let id = nodes[C]
-        .swarm
-        .behaviour_mut()
-        .sync
-        .send_request(&a, request);
+    let id = nodes[C].swarm.behaviour_mut().sync.send_request(&a, request);
     run_until(&mut nodes, "the 11 MiB response at C", |n| {
         n[C].responses.contains_key(&id) || !n[C].failures.is_empty()
     })
@@ -437,10 +338,7 @@ async fn digest_exchange_over_quic() {
     let mut config = test_config(cluster, false, vec![]);
     config.listen = vec![quic];
     let mut nodes = vec![Node::new("A", config)];
-    run_until(&mut nodes, "A to listen on QUIC", |n| {
-        !n[A].listeners.is_empty()
-    })
-    .await;
+    run_until(&mut nodes, "A to listen on QUIC", |n| !n[A].listeners.is_empty()).await;
     let a_addr = nodes[A].addr();
     assert!(a_addr.iter().any(|p| p == Protocol::QuicV1), "{a_addr}");
     nodes.push(Node::new("B", test_config(cluster, false, vec![a_addr])));
@@ -456,18 +354,8 @@ async fn digest_exchange_over_quic() {
     let theirs = digest(net::Role::Primary, a, 9, 2);
     nodes[A].serve = Some(SyncResponse::Digest(theirs.clone()));
     let request = SyncRequest::Digest(mine);
-    let id = nodes[B]
-        .swarm
-        .behaviour_mut()
-        .sync
-        .send_request(&a, request.clone());
-    run_until(&mut nodes, "the digest at B", |n| {
-        n[B].responses.contains_key(&id) || !n[B].failures.is_empty()
-    })
-    .await;
+    let id = nodes[B].swarm.behaviour_mut().sync.send_request(&a, request.clone());
+    run_until(&mut nodes, "the digest at B", |n| n[B].responses.contains_key(&id) || !n[B].failures.is_empty()).await;
     assert_eq!(nodes[A].requests, vec![request]);
-    assert_eq!(
-        nodes[B].responses.get(&id),
-        Some(&SyncResponse::Digest(theirs))
-    );
+    assert_eq!(nodes[B].responses.get(&id), Some(&SyncResponse::Digest(theirs)));
 }

@@ -4,6 +4,7 @@ use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use peersync::api::client::{segment, Client, ClientError};
@@ -119,6 +120,12 @@ struct NodeArgs {
     /// Largest HTTP request body in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// Gossipsub heartbeat in ms (lower in tests and local clusters for faster mesh forming).
+    #[arg(long, default_value_t = 1000, hide = true)]
+    gossip_heartbeat_ms: u64,
+    /// How often to look for peers and exchange digests, in ms.
+    #[arg(long, default_value_t = 30_000, hide = true)]
+    discovery_interval_ms: u64,
 }
 
 fn main() -> ExitCode {
@@ -202,16 +209,17 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();
-    let mut config = NodeConfig {
-        data_dir: args.data_dir,
-        api_addr: args.api,
-        role: args.role,
-        cluster: args.cluster,
-        ..Default::default()
-    };
+    let mut config = NodeConfig { data_dir: args.data_dir, api_addr: args.api, ..Default::default() };
+    config.net.listen = args.listen;
+    config.net.bootstrap = args.bootstrap;
+    config.net.mdns = !args.no_mdns;
+    config.net.cluster = args.cluster;
+    config.net.role = args.role;
+    config.net.gossip_heartbeat = Duration::from_millis(args.gossip_heartbeat_ms);
+    config.discovery_interval = Duration::from_millis(args.discovery_interval_ms);
     config.limits.max_value_bytes = args.max_value_bytes;
     config.limits.max_body_bytes = args.max_body_bytes;
-    let _ = (args.listen, args.bootstrap, args.no_mdns); // taken by the network layer
+    config.validate()?;
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on --api {}: {e}", config.api_addr))?;

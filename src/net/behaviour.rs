@@ -14,7 +14,7 @@ use libp2p::{gossipsub, identify, kad, mdns, ping, request_response};
 
 use super::config::{NetConfig, NetError};
 use super::protocol::{
-    SyncRequest, SyncResponse, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL,
+    agent_version, SyncRequest, SyncResponse, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL,
 };
 
 /// Room left in a gossipsub frame around the payload: the signed envelope (author, sequence number,
@@ -45,25 +45,19 @@ impl Behaviour {
     pub fn new(keypair: &Keypair, config: &NetConfig) -> Result<Self, NetError> {
         let peer_id = keypair.public().to_peer_id();
 
-        let identify = identify::Behaviour::new(identify::Config::new(
-            IDENTIFY_PROTOCOL_VERSION.to_owned(),
-            keypair.public(),
-        ));
+        let identify = identify::Behaviour::new(
+            identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), keypair.public())
+                .with_agent_version(agent_version(config.role, &config.cluster)),
+        );
 
         let mut kad_config = kad::Config::new(KAD_PROTOCOL);
         kad_config.set_periodic_bootstrap_interval(Some(config.kad_bootstrap_interval));
-        let mut kad =
-            kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
+        let mut kad = kad::Behaviour::with_config(peer_id, kad::store::MemoryStore::new(peer_id), kad_config);
         kad.set_mode(Some(kad::Mode::Server));
 
         let mdns = if config.mdns {
-            let mdns =
-                mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id).map_err(|e| {
-                    NetError::Behaviour {
-                        protocol: "mdns",
-                        message: e.to_string(),
-                    }
-                })?;
+            let mdns = mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                .map_err(|e| NetError::Behaviour { protocol: "mdns", message: e.to_string() })?;
             Some(mdns)
         } else {
             None
@@ -80,14 +74,8 @@ impl Behaviour {
     }
 }
 
-fn gossipsub_behaviour(
-    keypair: &Keypair,
-    config: &NetConfig,
-) -> Result<gossipsub::Behaviour, NetError> {
-    let invalid = |message: String| NetError::Behaviour {
-        protocol: "gossipsub",
-        message,
-    };
+fn gossipsub_behaviour(keypair: &Keypair, config: &NetConfig) -> Result<gossipsub::Behaviour, NetError> {
+    let invalid = |message: String| NetError::Behaviour { protocol: "gossipsub", message };
     let gossip_config = gossipsub::ConfigBuilder::default()
         // Small clusters (2-5 nodes): the defaults (6/5/12, outbound 2) never form a full mesh.
         .mesh_n_low(1)
@@ -101,21 +89,14 @@ fn gossipsub_behaviour(
         .validation_mode(gossipsub::ValidationMode::Strict)
         .validate_messages()
         // Content-addressed ids: the same batch relayed by two peers, or republished, is one message.
-        .message_id_fn(|message: &gossipsub::Message| {
-            gossipsub::MessageId::new(blake3::hash(&message.data).as_bytes())
-        })
+        .message_id_fn(|message: &gossipsub::Message| gossipsub::MessageId::new(blake3::hash(&message.data).as_bytes()))
         .build()
         .map_err(|e| invalid(e.to_string()))?;
-    gossipsub::Behaviour::new(
-        gossipsub::MessageAuthenticity::Signed(keypair.clone()),
-        gossip_config,
-    )
-    .map_err(|e| invalid(e.to_owned()))
+    gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Signed(keypair.clone()), gossip_config)
+        .map_err(|e| invalid(e.to_owned()))
 }
 
-fn sync_behaviour(
-    config: &NetConfig,
-) -> request_response::cbor::Behaviour<SyncRequest, SyncResponse> {
+fn sync_behaviour(config: &NetConfig) -> request_response::cbor::Behaviour<SyncRequest, SyncResponse> {
     // The codec's defaults (1 MiB requests, 10 MiB responses) fail oversize messages with a vague
     // `Io(Eof)`: raise them to the configured limits.
     let codec = request_response::cbor::codec::Codec::<SyncRequest, SyncResponse>::default()
@@ -152,10 +133,7 @@ mod tests {
 
     #[test]
     fn builds_with_default_config() {
-        let config = NetConfig {
-            mdns: false,
-            ..NetConfig::default()
-        };
+        let config = NetConfig { mdns: false, ..NetConfig::default() };
         Behaviour::new(&Keypair::generate_ed25519(), &config).unwrap();
     }
 }

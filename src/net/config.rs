@@ -8,6 +8,8 @@ use std::time::Duration;
 use libp2p::multiaddr::Protocol;
 use libp2p::Multiaddr;
 
+use crate::ids::Role;
+
 /// Settings of the libp2p side of a node. The CLI maps onto these fields one to one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
@@ -23,6 +25,8 @@ pub struct NetConfig {
     /// Name of the cluster: it scopes the gossip topic and the Kademlia provider key, so clusters
     /// sharing a network never exchange ops. Default `default`.
     pub cluster: String,
+    /// This node's role, advertised to peers through identify and on every gossip message.
+    pub role: Role,
     /// Gossipsub heartbeat (mesh maintenance, lazy gossip). Default 1 s; tests use ~100 ms so meshes
     /// form quickly.
     pub gossip_heartbeat: Duration,
@@ -55,12 +59,11 @@ pub const MIN_GOSSIP_BYTES: usize = 1024;
 impl Default for NetConfig {
     fn default() -> Self {
         NetConfig {
-            listen: vec![Multiaddr::empty()
-                .with(Protocol::Ip4([0, 0, 0, 0].into()))
-                .with(Protocol::Tcp(DEFAULT_PORT))],
+            listen: vec![Multiaddr::empty().with(Protocol::Ip4([0, 0, 0, 0].into())).with(Protocol::Tcp(DEFAULT_PORT))],
             bootstrap: Vec::new(),
             mdns: true,
             cluster: "default".to_owned(),
+            role: Role::Primary,
             gossip_heartbeat: Duration::from_secs(1),
             kad_bootstrap_interval: Duration::from_secs(5 * 60),
             idle_connection_timeout: Duration::from_secs(60),
@@ -183,16 +186,10 @@ impl NetConfig {
             return Err(NetError::GossipTooSmall(self.max_gossip_bytes));
         }
         for addr in &self.listen {
-            check_transport(addr).map_err(|reason| NetError::ListenAddr {
-                addr: addr.clone(),
-                reason,
-            })?;
+            check_transport(addr).map_err(|reason| NetError::ListenAddr { addr: addr.clone(), reason })?;
         }
         for addr in &self.bootstrap {
-            check_transport(addr).map_err(|reason| NetError::BootstrapAddr {
-                addr: addr.clone(),
-                reason,
-            })?;
+            check_transport(addr).map_err(|reason| NetError::BootstrapAddr { addr: addr.clone(), reason })?;
         }
         Ok(())
     }
@@ -211,13 +208,7 @@ fn validate_cluster(cluster: &str) -> Result<(), NetError> {
 pub(crate) fn check_transport(addr: &Multiaddr) -> Result<(), &'static str> {
     let mut parts = addr.iter();
     match parts.next() {
-        Some(
-            Protocol::Ip4(_)
-            | Protocol::Ip6(_)
-            | Protocol::Dns(_)
-            | Protocol::Dns4(_)
-            | Protocol::Dns6(_),
-        ) => {}
+        Some(Protocol::Ip4(_) | Protocol::Ip6(_) | Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_)) => {}
         Some(_) => return Err("it does not start with an /ip4, /ip6 or /dns host"),
         None => return Err("it is empty"),
     }
@@ -256,12 +247,7 @@ mod tests {
         for a in ok {
             assert_eq!(check_transport(&a.parse().unwrap()), Ok(()), "{a}");
         }
-        let bad = [
-            "/ip4/1.2.3.4",
-            "/ip4/1.2.3.4/udp/1",
-            "/tcp/1",
-            "/ip4/1.2.3.4/tcp/1/ws",
-        ];
+        let bad = ["/ip4/1.2.3.4", "/ip4/1.2.3.4/udp/1", "/tcp/1", "/ip4/1.2.3.4/tcp/1/ws"];
         for a in bad {
             assert!(check_transport(&a.parse().unwrap()).is_err(), "{a}");
         }

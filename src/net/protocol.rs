@@ -8,13 +8,11 @@
 //!
 //! Must never depend on: the store (except the plain `VersionVector` type), the sync logic or the node.
 
-use std::fmt;
-use std::str::FromStr;
-
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
 use crate::ids::{Origin, Seq, StateRoot};
+pub use crate::ids::{ParseRoleError, Role};
 use crate::op::OpBatch;
 use crate::store::VersionVector;
 
@@ -34,8 +32,31 @@ pub const GOSSIP_WIRE_VERSION: u8 = 1;
 /// What travels on a cluster's gossip topic.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GossipMessage {
-    /// Freshly written ops of one origin, with the head signature that vouches for them.
-    Ops(OpBatch),
+    /// Freshly written ops of one origin, with the head signature that vouches for them, published
+    /// by that origin. `role` is the publisher's own claim; receivers also check it against what
+    /// identify told them, and drop ops whose origin is not a primary.
+    Ops { role: Role, batch: OpBatch },
+}
+
+/// The identify agent version of a node: `peersync/VERSION role=ROLE cluster=NAME`.
+pub fn agent_version(role: Role, cluster: &str) -> String {
+    format!("peersync/{} role={role} cluster={cluster}", env!("CARGO_PKG_VERSION"))
+}
+
+/// Reads the role and cluster out of a peer's identify agent version; `None` for anything that is
+/// not a peersync node.
+pub fn parse_agent_version(agent: &str) -> Option<(Role, String)> {
+    let rest = agent.strip_prefix("peersync/")?;
+    let mut role = None;
+    let mut cluster = None;
+    for part in rest.split(' ').skip(1) {
+        match part.split_once('=') {
+            Some(("role", r)) => role = r.parse().ok(),
+            Some(("cluster", c)) => cluster = Some(c.to_owned()),
+            _ => {}
+        }
+    }
+    Some((role?, cluster?))
 }
 
 /// Why bytes received from a peer were refused. Every variant means the sender misbehaved or runs
@@ -79,10 +100,7 @@ pub fn encode_gossip(message: &GossipMessage) -> Vec<u8> {
 /// garbage yields an error, never a panic or an allocation larger than the input allows.
 pub fn decode_gossip(bytes: &[u8], max_bytes: usize) -> Result<GossipMessage, WireError> {
     if bytes.len() > max_bytes {
-        return Err(WireError::TooLarge {
-            len: bytes.len(),
-            max: max_bytes,
-        });
+        return Err(WireError::TooLarge { len: bytes.len(), max: max_bytes });
     }
     let (&version, body) = bytes.split_first().ok_or(WireError::Empty)?;
     if version != GOSSIP_WIRE_VERSION {
@@ -93,42 +111,6 @@ pub fn decode_gossip(bytes: &[u8], max_bytes: usize) -> Result<GossipMessage, Wi
         return Err(WireError::TrailingBytes(rest.len()));
     }
     Ok(message)
-}
-
-/// Role of a node in its cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Accepts writes and originates ops.
-    Primary,
-    /// Read-only; keeps the op log and snapshots to serve other replicas.
-    Replica,
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-        })
-    }
-}
-
-/// A role name that is neither `primary` nor `replica`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("unknown role {0:?}: expected \"primary\" or \"replica\"")]
-pub struct ParseRoleError(pub String);
-
-impl FromStr for Role {
-    type Err = ParseRoleError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "primary" => Ok(Role::Primary),
-            "replica" => Ok(Role::Replica),
-            other => Err(ParseRoleError(other.to_owned())),
-        }
-    }
 }
 
 /// A node's summary of what it holds, exchanged on connect and periodically so peers can tell who
@@ -200,6 +182,14 @@ mod state_root_bytes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn agent_version_carries_role_and_cluster() {
+        let agent = agent_version(Role::Replica, "blue");
+        assert_eq!(parse_agent_version(&agent), Some((Role::Replica, "blue".to_owned())));
+        assert_eq!(parse_agent_version("rust-libp2p/0.47"), None);
+        assert_eq!(parse_agent_version("peersync/1 role=boss cluster=x"), None);
+    }
 
     #[test]
     fn role_round_trips() {

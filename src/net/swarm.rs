@@ -21,15 +21,8 @@ pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behavio
     let behaviour = Behaviour::new(&keypair, config)?;
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
-        .with_tcp(
-            tcp::Config::default().nodelay(true),
-            noise::Config::new,
-            yamux::Config::default,
-        )
-        .map_err(|e| NetError::Transport {
-            what: "tcp/noise",
-            message: e.to_string(),
-        })?
+        .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
+        .map_err(|e| NetError::Transport { what: "tcp/noise", message: e.to_string() })?
         .with_quic()
         .with_behaviour(|_| behaviour)
         .expect("an already built behaviour is infallible")
@@ -46,12 +39,7 @@ pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behavio
 /// lookups reach it. The node may call `kad.start_providing` again once connected to republish.
 pub fn start(swarm: &mut Swarm<Behaviour>, config: &NetConfig) -> Result<(), NetError> {
     for addr in &config.listen {
-        swarm
-            .listen_on(addr.clone())
-            .map_err(|source| NetError::Listen {
-                addr: addr.clone(),
-                source,
-            })?;
+        swarm.listen_on(addr.clone()).map_err(|source| NetError::Listen { addr: addr.clone(), source })?;
     }
     let local = *swarm.local_peer_id();
     for addr in &config.bootstrap {
@@ -62,18 +50,11 @@ pub fn start(swarm: &mut Swarm<Behaviour>, config: &NetConfig) -> Result<(), Net
         if let Some(peer) = peer {
             swarm.behaviour_mut().kad.add_address(&peer, dial_addr);
         }
-        swarm.dial(addr.clone()).map_err(|source| NetError::Dial {
-            addr: addr.clone(),
-            source: Box::new(source),
-        })?;
+        swarm.dial(addr.clone()).map_err(|source| NetError::Dial { addr: addr.clone(), source: Box::new(source) })?;
     }
     let behaviour = swarm.behaviour_mut();
-    behaviour
-        .gossipsub
-        .subscribe(&cluster_topic(&config.cluster))?;
-    behaviour
-        .kad
-        .start_providing(cluster_provider_key(&config.cluster))?;
+    behaviour.gossipsub.subscribe(&cluster_topic(&config.cluster))?;
+    behaviour.kad.start_providing(cluster_provider_key(&config.cluster))?;
     Ok(())
 }
 
@@ -87,11 +68,7 @@ pub fn kad_addresses(info: &identify::Info) -> Vec<Multiaddr> {
     if !info.protocols.contains(&KAD_PROTOCOL) {
         return Vec::new();
     }
-    info.listen_addrs
-        .iter()
-        .filter(|addr| check_transport(addr).is_ok())
-        .map(|addr| split_p2p(addr).0)
-        .collect()
+    info.listen_addrs.iter().filter(|addr| check_transport(addr).is_ok()).map(|addr| split_p2p(addr).0).collect()
 }
 
 /// Feeds an identified peer's usable listen addresses into Kademlia (see [`kad_addresses`]).
@@ -143,10 +120,8 @@ mod tests {
         ];
         let listen: Vec<&str> = listen.iter().map(String::as_str).collect();
         let got = kad_addresses(&info(vec![KAD_PROTOCOL], &listen));
-        let want: Vec<Multiaddr> = vec![
-            "/ip4/10.0.0.1/tcp/4001".parse().unwrap(),
-            "/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap(),
-        ];
+        let want: Vec<Multiaddr> =
+            vec!["/ip4/10.0.0.1/tcp/4001".parse().unwrap(), "/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap()];
         assert_eq!(got, want);
         assert!(kad_addresses(&info(vec![], &listen)).is_empty());
     }

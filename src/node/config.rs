@@ -2,39 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
+pub use crate::ids::Role;
+use crate::net::NetConfig;
 use crate::store::WriterConfig;
-
-/// What a node does in its cluster.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    /// Accepts writes; the origin of ops.
-    Primary,
-    /// Read-only; keeps and serves the op log so other replicas can sync from it.
-    Replica,
-}
-
-impl std::fmt::Display for Role {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            Role::Primary => "primary",
-            Role::Replica => "replica",
-        })
-    }
-}
-
-impl std::str::FromStr for Role {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        match s {
-            "primary" => Ok(Role::Primary),
-            "replica" => Ok(Role::Replica),
-            other => Err(format!("unknown role {other:?}: expected primary or replica")),
-        }
-    }
-}
+use crate::sync::GapLimits;
 
 /// Sizes of what clients may send. Bigger input is refused with a clear error, never truncated.
 #[derive(Debug, Clone)]
@@ -76,12 +49,18 @@ pub struct NodeConfig {
     pub data_dir: PathBuf,
     /// Address of the HTTP API. Default `127.0.0.1:7700`; port 0 picks a free port.
     pub api_addr: SocketAddr,
-    /// Default primary.
-    pub role: Role,
-    /// Nodes only sync with nodes of the same cluster. Default `default`.
-    pub cluster: String,
+    /// The network side: listen and bootstrap addresses, mDNS, cluster, role, protocol timings.
+    pub net: NetConfig,
+    /// How often to look up the cluster's other nodes in Kademlia and refresh this node's provider
+    /// record. Default 30 s; tests use much less.
+    pub discovery_interval: Duration,
     pub limits: Limits,
     pub writer: WriterConfig,
+    /// Bounds of the buffer of ops that arrived ahead of a gap.
+    pub gap: GapLimits,
+    /// Gossip messages waiting for validation at most; beyond it they are ignored (and repaired
+    /// later). Default 1024.
+    pub inbound_queue: usize,
 }
 
 impl Default for NodeConfig {
@@ -89,10 +68,12 @@ impl Default for NodeConfig {
         NodeConfig {
             data_dir: PathBuf::from("./peersync-data"),
             api_addr: SocketAddr::from(([127, 0, 0, 1], 7700)),
-            role: Role::Primary,
-            cluster: "default".into(),
+            net: NetConfig::default(),
+            discovery_interval: Duration::from_secs(30),
             limits: Limits::default(),
             writer: WriterConfig::default(),
+            gap: GapLimits::default(),
+            inbound_queue: 1024,
         }
     }
 }
@@ -103,8 +84,21 @@ impl Default for NodeConfig {
 pub struct ConfigError(pub String);
 
 impl NodeConfig {
+    /// A configuration for tests and embedding: loopback only, ephemeral ports, no mDNS, and short
+    /// protocol intervals so that a few nodes in one process find each other in milliseconds.
+    pub fn local(data_dir: impl Into<PathBuf>) -> NodeConfig {
+        let mut c = NodeConfig { data_dir: data_dir.into(), ..Default::default() };
+        c.api_addr = SocketAddr::from(([127, 0, 0, 1], 0));
+        c.net.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().expect("valid multiaddr")];
+        c.net.mdns = false;
+        c.net.gossip_heartbeat = Duration::from_millis(100);
+        c.discovery_interval = Duration::from_millis(500);
+        c
+    }
+
     pub fn validate(&self) -> Result<(), ConfigError> {
-        crate::node::validate::name("cluster", &self.cluster).map_err(|e| ConfigError(e.to_string()))?;
+        crate::node::validate::name("cluster", &self.net.cluster).map_err(|e| ConfigError(e.to_string()))?;
+        self.net.validate().map_err(|e| ConfigError(e.to_string()))?;
         let l = &self.limits;
         if l.max_value_bytes == 0 || l.max_key_bytes == 0 || l.max_batch_entries == 0 || l.max_list_limit == 0 {
             return Err(ConfigError("limits must be greater than zero".into()));
@@ -118,6 +112,15 @@ impl NodeConfig {
         let w = &self.writer;
         if w.queue == 0 || w.max_group_ops == 0 || w.batch_max_ops == 0 || w.batch_max_bytes == 0 {
             return Err(ConfigError("writer limits must be greater than zero".into()));
+        }
+        if w.batch_max_bytes + 4096 > self.net.max_gossip_bytes {
+            return Err(ConfigError(format!(
+                "writer batch_max_bytes ({}) must leave 4 KiB of room under the gossip limit ({})",
+                w.batch_max_bytes, self.net.max_gossip_bytes
+            )));
+        }
+        if self.discovery_interval.is_zero() || self.inbound_queue == 0 {
+            return Err(ConfigError("discovery_interval and inbound_queue must be greater than zero".into()));
         }
         Ok(())
     }

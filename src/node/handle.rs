@@ -1,13 +1,15 @@
 //! [`NodeHandle`]: the cloneable library API of a running node.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc, oneshot};
 
+use super::applier::ApplierView;
 use super::config::{NodeConfig, Role};
+use super::event_loop::{Command, NetStatus, PeerStatus};
 use super::events::NodeEvent;
 use super::metrics::Metrics;
 use super::{validate, NodeError};
@@ -67,7 +69,7 @@ pub struct Status {
     pub version_vector: BTreeMap<String, u64>,
     pub state_root: String,
     pub log_ops: u64,
-    pub peers: Vec<serde_json::Value>,
+    pub peers: Vec<PeerStatus>,
     pub sync: serde_json::Value,
 }
 
@@ -78,6 +80,10 @@ pub(crate) struct Inner {
     pub writer: WriteHandle,
     pub events: broadcast::Sender<NodeEvent>,
     pub metrics: Arc<Metrics>,
+    /// Commands to the event loop that owns the swarm.
+    pub net: mpsc::Sender<Command>,
+    /// What the apply pipeline shows in status (gaps, buffered ops).
+    pub view: Arc<Mutex<ApplierView>>,
 }
 
 /// The library API of a running node. Cloneable; every clone talks to the same node.
@@ -258,25 +264,48 @@ impl NodeHandle {
         SyncState::Active
     }
 
+    /// The network's view: listen addresses, peers, pulls in flight.
+    pub async fn net_status(&self) -> Result<NetStatus, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        self.inner.net.send(Command::Status { reply }).await.map_err(|_| NodeError::ShuttingDown)?;
+        rx.await.map_err(|_| NodeError::ShuttingDown)
+    }
+
     pub async fn status(&self) -> Result<Status, NodeError> {
+        let net = self.net_status().await?;
         let (root, vv) = self.inner.store.state_root();
+        let view = self.inner.view.lock().expect("view lock").clone();
+        let busy = !(net.pulls.is_empty() && view.gaps.is_empty() && net.lag_ops.values().all(|l| *l == 0));
         Ok(Status {
             peer_id: self.inner.peer_id.to_string(),
-            role: self.inner.config.role,
+            role: self.inner.config.net.role,
             state: self.sync_state(),
-            cluster: self.inner.config.cluster.clone(),
-            listen_addrs: Vec::new(),
+            cluster: self.inner.config.net.cluster.clone(),
+            listen_addrs: net.listen_addrs,
             version_vector: vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
             state_root: root.to_string(),
             log_ops: self.inner.store.log_len()?,
-            peers: Vec::new(),
-            sync: serde_json::json!({ "phase": "idle", "lag_ops": {} }),
+            peers: net.peers,
+            sync: serde_json::json!({
+                "phase": if busy { "catching_up" } else { "idle" },
+                "lag_ops": net.lag_ops,
+                "pulls": net.pulls,
+                "gaps": view.gaps,
+                "buffered_ops": view.buffered_ops,
+                "rejected_messages": view.rejected,
+            }),
         })
     }
 
     async fn write(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, NodeError> {
-        if self.inner.config.role == Role::Replica {
-            return Err(NodeError::ReadOnlyReplica { primaries: Vec::new() });
+        if self.inner.config.net.role == Role::Replica {
+            let peers = self.net_status().await.map(|n| n.peers).unwrap_or_default();
+            let primaries = peers
+                .into_iter()
+                .filter(|p| p.role == Some(Role::Primary))
+                .flat_map(|p| p.addrs.into_iter().map(move |a| format!("{a}/p2p/{}", p.peer_id)))
+                .collect();
+            return Err(NodeError::ReadOnlyReplica { primaries });
         }
         Ok(self.inner.writer.local(intents).await?)
     }

@@ -1,9 +1,27 @@
 //! Prometheus metrics of a node.
 
 use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+
+/// Label of the byte counters: which protocol carried the bytes.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ProtocolLabel {
+    pub protocol: &'static str,
+}
+
+impl Metrics {
+    pub fn count_in(&self, protocol: &'static str, bytes: usize) {
+        self.bytes_in.get_or_create(&ProtocolLabel { protocol }).inc_by(bytes as u64);
+    }
+
+    pub fn count_out(&self, protocol: &'static str, bytes: usize) {
+        self.bytes_out.get_or_create(&ProtocolLabel { protocol }).inc_by(bytes as u64);
+    }
+}
 
 /// The node's counters. Cheap to update from any task.
 pub struct Metrics {
@@ -20,6 +38,18 @@ pub struct Metrics {
     pub lease_changes: Counter,
     /// Commit events a slow subscriber missed (it then relies on repair).
     pub events_lagged: Counter,
+    /// Gossip messages rejected (malformed, forged, from a non-primary or another cluster).
+    pub gossip_rejected: Counter,
+    /// Replayed batches rejected (failed verification, wrong origin).
+    pub replay_rejected: Counter,
+    /// Batches dropped because the gap buffer was full (left to replay).
+    pub gap_overflows: Counter,
+    /// Ops received through replay pulls.
+    pub ops_replayed: Counter,
+    /// Bytes received, by protocol.
+    pub bytes_in: Family<ProtocolLabel, Counter>,
+    /// Bytes sent, by protocol.
+    pub bytes_out: Family<ProtocolLabel, Counter>,
     /// Total ops applied (sum of the version vector).
     pub applied_total: Gauge,
 }
@@ -35,6 +65,12 @@ impl Default for Metrics {
             lease_changes: Counter::default(),
             events_lagged: Counter::default(),
             applied_total: Gauge::default(),
+            gossip_rejected: Counter::default(),
+            replay_rejected: Counter::default(),
+            gap_overflows: Counter::default(),
+            ops_replayed: Counter::default(),
+            bytes_in: Family::default(),
+            bytes_out: Family::default(),
             registry: Registry::default(),
         };
         registry.register("ops_local", "Ops created by this node and committed", m.ops_local.clone());
@@ -44,6 +80,12 @@ impl Default for Metrics {
         registry.register("lease_changes", "Lease state changes applied", m.lease_changes.clone());
         registry.register("events_lagged", "Commit events missed by a slow subscriber", m.events_lagged.clone());
         registry.register("applied_ops", "Ops applied in total (sum of the version vector)", m.applied_total.clone());
+        registry.register("gossip_rejected", "Gossip messages rejected", m.gossip_rejected.clone());
+        registry.register("replay_rejected", "Replayed batches rejected", m.replay_rejected.clone());
+        registry.register("gap_overflows", "Batches dropped because the gap buffer was full", m.gap_overflows.clone());
+        registry.register("ops_replayed", "Ops received through replay pulls", m.ops_replayed.clone());
+        registry.register("bytes_received", "Bytes received, by protocol", m.bytes_in.clone());
+        registry.register("bytes_sent", "Bytes sent, by protocol", m.bytes_out.clone());
         Metrics { registry, ..m }
     }
 }

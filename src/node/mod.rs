@@ -3,23 +3,27 @@
 //! This is the only module that joins the layers: store, sync and net meet here. Everything else
 //! talks to the node through the cloneable handle.
 
+mod applier;
 mod config;
 mod error;
+mod event_loop;
 mod events;
 mod handle;
 pub mod identity;
 mod metrics;
 pub(crate) mod validate;
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 
 use crate::op::Signer;
 use crate::store::Store;
 
+pub use applier::ApplierView;
 pub use config::{ConfigError, Limits, NodeConfig, Role};
 pub use error::NodeError;
+pub use event_loop::{NetStatus, PeerStatus};
 pub use events::NodeEvent;
 pub use handle::{LeaseInfo, NodeHandle, Status, SyncState, WriteReceipt};
 pub use metrics::Metrics;
@@ -36,6 +40,8 @@ pub enum StartError {
     Identity(#[from] identity::IdentityError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// A started node. Dropping it without [`Node::shutdown`] leaves the writer to stop once every
@@ -47,7 +53,8 @@ pub struct Node {
 }
 
 impl Node {
-    /// Opens the data dir and starts the node. Must be called within a tokio runtime.
+    /// Opens the data dir, joins the network and starts the node. Must be called within a tokio
+    /// runtime.
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
         config.validate()?;
         let keypair = identity::load_or_create(&config.data_dir)?;
@@ -56,15 +63,51 @@ impl Node {
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
 
+        let mut swarm = crate::net::build_swarm(keypair, &config.net)?;
+        crate::net::start(&mut swarm, &config.net)?;
+
         let (commit_tx, commit_rx) = broadcast::channel(1024);
+        let publisher_rx = commit_tx.subscribe();
         let (writer, writer_thread) = store.spawn_writer(signer, config.writer.clone(), commit_tx);
         let (events, _) = broadcast::channel(4096);
         let metrics = Arc::new(Metrics::default());
         metrics.applied_total.set(store.version_vector().total() as i64);
-        let tasks = vec![tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone()))];
 
-        tracing::info!(%peer_id, role = %config.role, cluster = %config.cluster, data_dir = %config.data_dir.display(), "node started");
-        let inner = handle::Inner { peer_id, config, store, writer, events, metrics };
+        let (net_tx, net_rx) = mpsc::channel(1024);
+        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue);
+        let view = Arc::new(Mutex::new(ApplierView::default()));
+        let applier = applier::Applier::new(
+            store.clone(),
+            writer.clone(),
+            peer_id,
+            config.net.cluster.clone(),
+            config.net.max_gossip_bytes,
+            config.gap,
+            net_tx.clone(),
+            view.clone(),
+            metrics.clone(),
+        );
+        let event_loop = event_loop::EventLoop::new(
+            swarm,
+            store.clone(),
+            config.net.role,
+            config.net.cluster.clone(),
+            config.discovery_interval,
+            net_rx,
+            net_tx.clone(),
+            publisher_rx,
+            inbound_tx,
+            metrics.clone(),
+            config.net.request_timeout,
+        );
+        let tasks = vec![
+            tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone())),
+            tokio::spawn(applier.run(inbound_rx)),
+            tokio::spawn(event_loop.run()),
+        ];
+
+        tracing::info!(%peer_id, role = %config.net.role, cluster = %config.net.cluster, data_dir = %config.data_dir.display(), "node started");
+        let inner = handle::Inner { peer_id, config, store, writer, events, metrics, net: net_tx, view };
         Ok(Node { handle: NodeHandle { inner: Arc::new(inner) }, writer_thread, tasks })
     }
 
@@ -72,9 +115,10 @@ impl Node {
         self.handle.clone()
     }
 
-    /// Commits every write already queued, stops the writer and the node's tasks. The database file
-    /// closes once the last [`NodeHandle`] is dropped too.
+    /// Leaves the network, commits every write already queued, and stops the writer and the node's
+    /// tasks. The database file closes once the last [`NodeHandle`] is dropped too.
     pub async fn shutdown(self) {
+        let _ = self.handle.inner.net.send(event_loop::Command::Stop).await;
         self.handle.inner.writer.stop().await;
         let join = self.writer_thread;
         let _ = tokio::task::spawn_blocking(move || join.join()).await;

@@ -115,6 +115,11 @@ impl Store {
         self.mirror.read().expect("mirror lock").version_vector()
     }
 
+    /// Where `origin`'s log stands (seq 0 and the genesis chain hash for an unknown origin).
+    pub fn progress(&self, origin: &Origin) -> OriginProgress {
+        self.mirror.read().expect("mirror lock").progress.get(origin).copied().unwrap_or_default()
+    }
+
     /// The state root and the version vector it belongs to, read together.
     pub fn state_root(&self) -> (StateRoot, VersionVector) {
         let m = self.mirror.read().expect("mirror lock");

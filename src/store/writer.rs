@@ -151,9 +151,19 @@ impl WriteHandle {
 
     /// Applies a verified batch of another origin's ops.
     pub async fn remote(&self, batch: VerifiedBatch) -> Result<RemoteOutcome, WriterError> {
+        self.submit_remote(batch).await?.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// Queues a verified batch and returns at once with a receiver for the outcome, so a caller can
+    /// keep verifying the next batches while this one commits. Batches queued by one caller are
+    /// applied in the order queued.
+    pub async fn submit_remote(
+        &self,
+        batch: VerifiedBatch,
+    ) -> Result<oneshot::Receiver<Result<RemoteOutcome, WriterError>>, WriterError> {
         let (reply, rx) = oneshot::channel();
         self.tx.send(Request::Remote { batch: Box::new(batch), reply }).await.map_err(|_| WriterError::Closed)?;
-        rx.await.map_err(|_| WriterError::Closed)?
+        Ok(rx)
     }
 
     /// Asks the writer to stop after committing every write queued before this call.

@@ -5,5 +5,7 @@
 //! Must never depend on: the store's internals, the network, or the node.
 
 mod gap;
+mod replay;
 
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
+pub use replay::{PeerView, Pull, ReplayPlanner};

@@ -9,7 +9,7 @@ use peersync::node::{Node, NodeConfig};
 /// A node on a fresh temp data dir, with small limits so tests can exceed them cheaply.
 pub async fn start_node(configure: impl FnOnce(&mut NodeConfig)) -> (Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = NodeConfig { data_dir: dir.path().to_owned(), ..Default::default() };
+    let mut config = NodeConfig::local(dir.path());
     config.limits.max_value_bytes = 64 * 1024;
     config.limits.max_body_bytes = 256 * 1024;
     configure(&mut config);

@@ -1,0 +1,537 @@
+//! The one task that owns the libp2p `Swarm`.
+//!
+//! It turns swarm events into calls on the sync logic and the applier, and their decisions into
+//! network actions: publishing local ops on gossip, reporting gossip verdicts, exchanging digests,
+//! serving and sending replay pulls, and discovery (Kademlia providers, mDNS, identify). Everything
+//! else reaches it through [`Command`]s on a bounded channel, each with a oneshot reply where one is
+//! needed. No disk I/O happens on this task: store reads are handed to blocking tasks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use libp2p::gossipsub::{self, MessageAcceptance, MessageId};
+use libp2p::kad::{self, GetProvidersOk, QueryResult};
+use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc, oneshot};
+
+use super::applier::Inbound;
+use super::metrics::Metrics;
+use crate::ids::{Origin, Role, Seq};
+use crate::net::{
+    cluster_provider_key, cluster_topic, encode_gossip, on_identify, parse_agent_version, Behaviour, BehaviourEvent,
+    Digest, GossipMessage, SyncRequest, SyncResponse,
+};
+use crate::store::{CommitEvent, Store, VersionVector};
+use crate::sync::{PeerView, Pull, ReplayPlanner};
+
+/// Ops asked for in one pull at most.
+const PULL_MAX_OPS: u32 = 16_384;
+/// Op bytes asked for in one pull at most (the response limit is higher, to fit framing).
+const PULL_MAX_BYTES: u32 = 8 << 20;
+
+/// Requests to the event loop.
+pub(crate) enum Command {
+    /// The applier's verdict on a gossip message.
+    Verdict {
+        message_id: MessageId,
+        propagation_source: PeerId,
+        acceptance: MessageAcceptance,
+    },
+    /// The answer to a peer's request, read from the store on a blocking task.
+    Respond {
+        channel: ResponseChannel<SyncResponse>,
+        response: SyncResponse,
+    },
+    /// A pull's batches went through the applier: `Ok(seq reached)` or why they were refused.
+    PullDone {
+        peer: PeerId,
+        origin: Origin,
+        result: Result<Seq, String>,
+    },
+    Status {
+        reply: oneshot::Sender<NetStatus>,
+    },
+    Stop,
+}
+
+/// One known peer, as shown in status.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerStatus {
+    pub peer_id: String,
+    pub addrs: Vec<String>,
+    pub connected: bool,
+    /// From the peer's identify agent version, once identified.
+    pub role: Option<Role>,
+    pub cluster: Option<String>,
+    /// Round-trip time measured by ping.
+    pub rtt_ms: Option<f64>,
+    /// The version vector of the peer's last digest.
+    pub version_vector: Option<BTreeMap<String, u64>>,
+}
+
+/// The network part of the node's status.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct NetStatus {
+    pub listen_addrs: Vec<String>,
+    pub peers: Vec<PeerStatus>,
+    /// Pulls in flight: origin -> (peer, cursor).
+    pub pulls: BTreeMap<String, (String, u64)>,
+    /// Per origin, how many ops the best peer has beyond this node.
+    pub lag_ops: BTreeMap<String, u64>,
+}
+
+#[derive(Debug, Default)]
+struct PeerInfo {
+    addrs: BTreeSet<Multiaddr>,
+    connections: u32,
+    meta: Option<(Role, String)>,
+    rtt: Option<Duration>,
+    digest: Option<Digest>,
+}
+
+impl PeerInfo {
+    /// Whether this peer is a peersync node of our cluster.
+    fn in_cluster(&self, cluster: &str) -> bool {
+        self.meta.as_ref().is_some_and(|(_, c)| c == cluster)
+            || self.digest.as_ref().is_some_and(|d| d.cluster == cluster)
+    }
+
+    fn role(&self) -> Option<Role> {
+        self.meta.as_ref().map(|(r, _)| *r).or(self.digest.as_ref().map(|d| d.role))
+    }
+}
+
+pub(crate) struct EventLoop {
+    pub swarm: Swarm<Behaviour>,
+    pub store: Store,
+    pub role: Role,
+    pub cluster: String,
+    pub discovery_interval: Duration,
+    pub commands: mpsc::Receiver<Command>,
+    pub commands_tx: mpsc::Sender<Command>,
+    pub commits: broadcast::Receiver<Arc<CommitEvent>>,
+    pub inbound: mpsc::Sender<Inbound>,
+    pub metrics: Arc<Metrics>,
+    pub planner: ReplayPlanner,
+    peers: HashMap<PeerId, PeerInfo>,
+    listen_addrs: Vec<Multiaddr>,
+    pulls: HashMap<OutboundRequestId, (PeerId, Origin)>,
+    /// Whether the provider record was published since the first connection (a record announced
+    /// with no peer is only stored locally).
+    provided: bool,
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        swarm: Swarm<Behaviour>,
+        store: Store,
+        role: Role,
+        cluster: String,
+        discovery_interval: Duration,
+        commands: mpsc::Receiver<Command>,
+        commands_tx: mpsc::Sender<Command>,
+        commits: broadcast::Receiver<Arc<CommitEvent>>,
+        inbound: mpsc::Sender<Inbound>,
+        metrics: Arc<Metrics>,
+        request_timeout: Duration,
+    ) -> Self {
+        EventLoop {
+            swarm,
+            store,
+            role,
+            cluster,
+            discovery_interval,
+            commands,
+            commands_tx,
+            commits,
+            inbound,
+            metrics,
+            planner: ReplayPlanner::new(role, request_timeout),
+            peers: HashMap::new(),
+            listen_addrs: Vec::new(),
+            pulls: HashMap::new(),
+            provided: false,
+        }
+    }
+
+    pub async fn run(mut self) {
+        let mut tick = tokio::time::interval(self.discovery_interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                command = self.commands.recv() => match command {
+                    Some(Command::Stop) | None => break,
+                    Some(c) => self.on_command(c),
+                },
+                commit = self.commits.recv() => match commit {
+                    Ok(c) => self.publish(&c),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
+                        self.metrics.events_lagged.inc_by(n);
+                    }
+                    Err(broadcast::error::RecvError::Closed) => break,
+                },
+                _ = tick.tick() => self.on_tick(),
+            }
+        }
+        tracing::debug!("event loop stopped");
+    }
+
+    fn my_digest(&self) -> Digest {
+        let (state_root, version_vector) = self.store.state_root();
+        Digest { cluster: self.cluster.clone(), role: self.role, version_vector, state_root }
+    }
+
+    /// Publishes this node's freshly committed ops on the cluster topic.
+    fn publish(&mut self, commit: &CommitEvent) {
+        let topic = cluster_topic(&self.cluster);
+        for batch in &commit.local_batches {
+            let data = encode_gossip(&GossipMessage::Ops { role: self.role, batch: (**batch).clone() });
+            let len = data.len();
+            match self.swarm.behaviour_mut().gossipsub.publish(topic.clone(), data) {
+                Ok(_) => self.metrics.count_out("gossip", len),
+                Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) => {}
+                Err(e) => {
+                    tracing::warn!(error = %e, seq = %batch.head.seq, "could not publish ops; peers will pull them")
+                }
+            }
+        }
+    }
+
+    fn on_tick(&mut self) {
+        let connected = self.peers.values().any(|p| p.connections > 0);
+        if connected {
+            let kad = &mut self.swarm.behaviour_mut().kad;
+            if !self.provided {
+                // Announced again now that someone can store the record.
+                if kad.start_providing(cluster_provider_key(&self.cluster)).is_ok() {
+                    self.provided = true;
+                }
+            }
+            kad.get_providers(cluster_provider_key(&self.cluster));
+        }
+        // Periodic digests catch whatever gossip missed.
+        let digest = self.my_digest();
+        let targets: Vec<PeerId> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in targets {
+            self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Digest(digest.clone()));
+        }
+        self.plan_pulls();
+    }
+
+    fn on_command(&mut self, command: Command) {
+        match command {
+            Command::Verdict { message_id, propagation_source, acceptance } => {
+                self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                    &message_id,
+                    &propagation_source,
+                    acceptance,
+                );
+            }
+            Command::Respond { channel, response } => {
+                if let SyncResponse::Ops(batches) = &response {
+                    let bytes: usize = batches.iter().flat_map(|b| b.ops.iter()).map(|o| o.len()).sum();
+                    self.metrics.count_out("replay", bytes);
+                }
+                if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
+                    tracing::debug!("a peer went away before its answer was ready");
+                }
+            }
+            Command::PullDone { peer, origin, result } => {
+                match result {
+                    Ok(_) => self.planner.answered(&origin),
+                    Err(reason) => {
+                        tracing::warn!(%peer, %origin, %reason, "pull failed; trying another source");
+                        self.planner.failed(&peer, Instant::now());
+                    }
+                }
+                self.plan_pulls();
+            }
+            Command::Status { reply } => {
+                let _ = reply.send(self.status());
+            }
+            Command::Stop => {}
+        }
+    }
+
+    /// Starts the pulls the planner asks for.
+    fn plan_pulls(&mut self) {
+        let have = self.store.version_vector();
+        let views: Vec<PeerView> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
+            .filter_map(|(id, p)| {
+                let d = p.digest.as_ref()?;
+                Some(PeerView { peer: *id, role: d.role, version_vector: d.version_vector.clone(), rtt: p.rtt })
+            })
+            .collect();
+        for Pull { peer, origin, after } in self.planner.plan(&have, &views, Instant::now()) {
+            let request = SyncRequest::GetOps { origin, after, max_ops: PULL_MAX_OPS, max_bytes: PULL_MAX_BYTES };
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+            tracing::debug!(%peer, %origin, %after, "pulling ops");
+            self.pulls.insert(id, (peer, origin));
+        }
+    }
+
+    fn status(&self) -> NetStatus {
+        let have = self.store.version_vector();
+        let mut lag: BTreeMap<String, u64> = BTreeMap::new();
+        let peers = self
+            .peers
+            .iter()
+            .map(|(id, p)| {
+                if let Some(d) = &p.digest {
+                    for (origin, seq) in &d.version_vector.0 {
+                        let behind = seq.0.saturating_sub(have.get(origin).0);
+                        let e = lag.entry(origin.to_string()).or_default();
+                        *e = (*e).max(behind);
+                    }
+                }
+                PeerStatus {
+                    peer_id: id.to_string(),
+                    addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
+                    connected: p.connections > 0,
+                    role: p.role(),
+                    cluster: p.meta.as_ref().map(|(_, c)| c.clone()).or(p.digest.as_ref().map(|d| d.cluster.clone())),
+                    rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
+                    version_vector: p.digest.as_ref().map(|d| vv_json(&d.version_vector)),
+                }
+            })
+            .collect();
+        let pulls = self
+            .pulls
+            .values()
+            .filter_map(|(_, origin)| {
+                self.planner.in_flight(origin).map(|(peer, after)| (origin.to_string(), (peer.to_string(), after.0)))
+            })
+            .collect();
+        NetStatus {
+            listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
+            peers,
+            pulls,
+            lag_ops: lag,
+        }
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => self.listen_addrs.retain(|a| *a != address),
+            SwarmEvent::ConnectionEstablished { peer_id, endpoint, .. } => {
+                let info = self.peers.entry(peer_id).or_default();
+                info.connections += 1;
+                if endpoint.is_dialer() {
+                    info.addrs.insert(endpoint.get_remote_address().clone());
+                }
+                if info.connections == 1 {
+                    tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
+                    let digest = self.my_digest();
+                    self.swarm.behaviour_mut().sync.send_request(&peer_id, SyncRequest::Digest(digest));
+                }
+            }
+            SwarmEvent::ConnectionClosed { peer_id, num_established, .. } => {
+                if let Some(info) = self.peers.get_mut(&peer_id) {
+                    info.connections = num_established;
+                }
+                if num_established == 0 {
+                    tracing::info!(peer = %peer_id, "disconnected");
+                }
+            }
+            SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
+                tracing::debug!(peer = ?peer_id, %error, "dial failed");
+            }
+            SwarmEvent::Behaviour(event) => self.on_behaviour_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_behaviour_event(&mut self, event: BehaviourEvent) {
+        match event {
+            BehaviourEvent::Identify(identify::Event::Received { peer_id, info, .. }) => {
+                let meta = parse_agent_version(&info.agent_version);
+                if meta.as_ref().is_some_and(|(_, c)| *c != self.cluster) {
+                    tracing::info!(peer = %peer_id, agent = %info.agent_version, "peer belongs to another cluster; not syncing with it");
+                }
+                on_identify(&mut self.swarm, &peer_id, &info);
+                let entry = self.peers.entry(peer_id).or_default();
+                entry.meta = meta;
+                entry.addrs.extend(info.listen_addrs.iter().cloned());
+            }
+            BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
+                self.peers.entry(peer).or_default().rtt = Some(rtt);
+            }
+            BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
+                for (peer, addr) in found {
+                    if peer != *self.swarm.local_peer_id() && !self.peers.get(&peer).is_some_and(|p| p.connections > 0)
+                    {
+                        tracing::info!(%peer, %addr, "found on the LAN");
+                        self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
+                result: QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. })),
+                ..
+            }) => {
+                let me = *self.swarm.local_peer_id();
+                for peer in providers {
+                    if peer != me && !self.peers.get(&peer).is_some_and(|p| p.connections > 0) {
+                        tracing::debug!(%peer, "dialing a provider of the cluster");
+                        let _ = self.swarm.dial(peer);
+                    }
+                }
+            }
+            BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
+                self.metrics.count_in("gossip", message.data.len());
+                let source_meta = message.source.and_then(|s| self.peers.get(&s)).and_then(|p| p.meta.clone());
+                let inbound = Inbound::Gossip {
+                    propagation_source,
+                    message_id: message_id.clone(),
+                    source: message.source,
+                    source_meta,
+                    data: message.data,
+                };
+                if self.inbound.try_send(inbound).is_err() {
+                    // Overloaded: neither accept nor punish; the ops come back through replay.
+                    self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
+                        &message_id,
+                        &propagation_source,
+                        MessageAcceptance::Ignore,
+                    );
+                }
+            }
+            BehaviourEvent::Sync(event) => self.on_sync_event(event),
+            _ => {}
+        }
+    }
+
+    fn on_sync_event(&mut self, event: request_response::Event<SyncRequest, SyncResponse>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { request, channel, .. } => self.on_request(peer, request, channel),
+                request_response::Message::Response { request_id, response } => {
+                    self.on_response(peer, request_id, response)
+                }
+            },
+            request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
+                tracing::debug!(%peer, %error, "request failed");
+                if let Some((peer, _)) = self.pulls.remove(&request_id) {
+                    self.planner.failed(&peer, Instant::now());
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, %error, "answering a request failed");
+            }
+            request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    fn on_request(&mut self, peer: PeerId, request: SyncRequest, channel: ResponseChannel<SyncResponse>) {
+        match request {
+            SyncRequest::Digest(theirs) => {
+                let mine = self.my_digest();
+                self.record_digest(peer, theirs);
+                let _ = self.swarm.behaviour_mut().sync.send_response(channel, SyncResponse::Digest(mine));
+                self.plan_pulls();
+            }
+            SyncRequest::GetOps { origin, after, max_ops, max_bytes } => {
+                if !self.peers.get(&peer).is_some_and(|p| p.in_cluster(&self.cluster)) {
+                    let response = SyncResponse::Error {
+                        code: "not_in_cluster".into(),
+                        message: format!("this node serves cluster {:?} only", self.cluster),
+                    };
+                    let _ = self.swarm.behaviour_mut().sync.send_response(channel, response);
+                    return;
+                }
+                let store = self.store.clone();
+                let commands = self.commands_tx.clone();
+                tokio::spawn(async move {
+                    let read = tokio::task::spawn_blocking(move || {
+                        store.read_batches(
+                            &origin,
+                            after,
+                            max_ops.min(PULL_MAX_OPS) as usize,
+                            max_bytes.min(PULL_MAX_BYTES) as usize,
+                        )
+                    })
+                    .await;
+                    let response = match read {
+                        Ok(Ok(batches)) => SyncResponse::Ops(batches),
+                        Ok(Err(e)) => SyncResponse::Error { code: "storage".into(), message: e.to_string() },
+                        Err(_) => SyncResponse::Error { code: "internal".into(), message: "read task failed".into() },
+                    };
+                    let _ = commands.send(Command::Respond { channel, response }).await;
+                });
+            }
+        }
+    }
+
+    fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
+        match response {
+            SyncResponse::Digest(theirs) => {
+                self.record_digest(peer, theirs);
+                self.plan_pulls();
+            }
+            SyncResponse::Ops(batches) => {
+                let Some((_, origin)) = self.pulls.remove(&request_id) else { return };
+                let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
+                let bytes: usize = batches.iter().flat_map(|b| b.ops.iter()).map(|o| o.len()).sum();
+                self.metrics.count_in("replay", bytes);
+                self.metrics.ops_replayed.inc_by(ops as u64);
+                if batches.is_empty() {
+                    // The peer has nothing after our cursor (anymore): let the next digest decide.
+                    if let Some(p) = self.peers.get_mut(&peer) {
+                        p.digest = None;
+                    }
+                    self.planner.answered(&origin);
+                    return;
+                }
+                let (done, result) = oneshot::channel();
+                let commands = self.commands_tx.clone();
+                let inbound = self.inbound.clone();
+                tokio::spawn(async move {
+                    if inbound.send(Inbound::Replayed { peer, origin, batches, done }).await.is_err() {
+                        return;
+                    }
+                    let result = result.await.unwrap_or_else(|_| Err("applier stopped".into()));
+                    let _ = commands.send(Command::PullDone { peer, origin, result }).await;
+                });
+            }
+            SyncResponse::Error { code, message } => {
+                tracing::warn!(%peer, %code, %message, "peer refused a request");
+                if let Some((peer, _)) = self.pulls.remove(&request_id) {
+                    self.planner.failed(&peer, Instant::now());
+                }
+            }
+        }
+    }
+
+    fn record_digest(&mut self, peer: PeerId, digest: Digest) {
+        if digest.cluster != self.cluster {
+            tracing::debug!(%peer, cluster = %digest.cluster, "digest from another cluster ignored");
+            return;
+        }
+        self.peers.entry(peer).or_default().digest = Some(digest);
+    }
+}
+
+fn vv_json(vv: &VersionVector) -> BTreeMap<String, u64> {
+    vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect()
+}
