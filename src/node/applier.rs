@@ -206,6 +206,7 @@ impl Applier {
             if batch.ops.len() as u64 != batch.head.seq.0 - batch.after.0 {
                 return Err("batch's op count does not match its seq range".into());
             }
+            tracing::debug!(%origin, have = %cursor.seq, after = %batch.after, "buffered a batch behind a gap");
             if self.gaps.insert(batch) == Admit::Overflow {
                 tracing::warn!(%origin, have = %cursor.seq, "gap buffer full; dropping a batch that will be repaired by replay");
                 self.metrics.gap_overflows.inc();

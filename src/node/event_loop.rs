@@ -121,6 +121,11 @@ pub(crate) struct EventLoop {
     peers: HashMap<PeerId, PeerInfo>,
     listen_addrs: Vec<Multiaddr>,
     pulls: HashMap<OutboundRequestId, (PeerId, Origin)>,
+    /// Per origin, how far pulled ops reached the applier (they may not be committed yet) and when,
+    /// so the next pull starts after them rather than fetching them again. An entry the store has
+    /// not caught up with within the request timeout is dropped: those ops failed to apply.
+    pulled: HashMap<Origin, (Seq, Instant)>,
+    request_timeout: Duration,
     /// Whether the provider record was published since the first connection (a record announced
     /// with no peer is only stored locally).
     provided: bool,
@@ -156,6 +161,8 @@ impl EventLoop {
             peers: HashMap::new(),
             listen_addrs: Vec::new(),
             pulls: HashMap::new(),
+            pulled: HashMap::new(),
+            request_timeout,
             provided: false,
         }
     }
@@ -206,6 +213,7 @@ impl EventLoop {
     }
 
     fn on_tick(&mut self) {
+        self.metrics.sync_rounds.inc();
         let connected = self.peers.values().any(|p| p.connections > 0);
         if connected {
             let kad = &mut self.swarm.behaviour_mut().kad;
@@ -251,7 +259,11 @@ impl EventLoop {
             }
             Command::PullDone { peer, origin, result } => {
                 match result {
-                    Ok(_) => self.planner.answered(&origin),
+                    Ok(seq) => {
+                        let reached = self.pulled.entry(origin).or_insert((seq, Instant::now()));
+                        *reached = (reached.0.max(seq), Instant::now());
+                        self.planner.answered(&origin);
+                    }
                     Err(reason) => {
                         tracing::warn!(%peer, %origin, %reason, "pull failed; trying another source");
                         self.planner.failed(&peer, Instant::now());
@@ -268,7 +280,13 @@ impl EventLoop {
 
     /// Starts the pulls the planner asks for.
     fn plan_pulls(&mut self) {
-        let have = self.store.version_vector();
+        let mut have = self.store.version_vector();
+        let now = Instant::now();
+        self.pulled
+            .retain(|origin, (seq, at)| *seq > have.get(origin) && now.duration_since(*at) < self.request_timeout);
+        for (origin, (seq, _)) in &self.pulled {
+            have.0.insert(*origin, *seq);
+        }
         let views: Vec<PeerView> = self
             .peers
             .iter()
@@ -278,7 +296,7 @@ impl EventLoop {
                 Some(PeerView { peer: *id, role: d.role, version_vector: d.version_vector.clone(), rtt: p.rtt })
             })
             .collect();
-        for Pull { peer, origin, after } in self.planner.plan(&have, &views, Instant::now()) {
+        for Pull { peer, origin, after } in self.planner.plan(&have, &views, now) {
             let request = SyncRequest::GetOps { origin, after, max_ops: PULL_MAX_OPS, max_bytes: PULL_MAX_BYTES };
             let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
             tracing::debug!(%peer, %origin, %after, "pulling ops");
@@ -528,6 +546,7 @@ impl EventLoop {
             tracing::debug!(%peer, cluster = %digest.cluster, "digest from another cluster ignored");
             return;
         }
+        tracing::trace!(%peer, vv = ?digest.version_vector, "digest");
         self.peers.entry(peer).or_default().digest = Some(digest);
     }
 }

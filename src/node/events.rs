@@ -17,6 +17,9 @@ pub enum NodeEvent {
     /// A lease changed hands, was renewed or released. A holder that lost a concurrent grant learns
     /// it here: the state names the winner.
     LeaseChanged { lease: String, key: Vec<u8>, state: LeaseState },
+    /// A grant this node made lost to a concurrent grant of another primary: `holder` no longer
+    /// holds the lease; `winner` does.
+    LeaseLost { lease: String, key: Vec<u8>, holder: String, token: u64, winner: LeaseState },
 }
 
 /// Turns commit events into node events and metrics until the writer's sender is gone.
@@ -55,6 +58,17 @@ pub(crate) async fn forward(
             metrics.lease_changes.inc();
             let _ =
                 events.send(NodeEvent::LeaseChanged { lease: lease.clone(), key: key.clone(), state: state.clone() });
+        }
+        for loss in &commit.leases_lost {
+            tracing::warn!(lease = %loss.lease, holder = ?loss.lost.holder, winner = ?loss.winner.holder,
+                token = loss.winner.token, "a lease this node granted lost to a concurrent grant");
+            let _ = events.send(NodeEvent::LeaseLost {
+                lease: loss.lease.clone(),
+                key: loss.key.clone(),
+                holder: loss.lost.holder.clone().unwrap_or_default(),
+                token: loss.lost.token,
+                winner: loss.winner.clone(),
+            });
         }
     }
 }

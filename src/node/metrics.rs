@@ -46,6 +46,8 @@ pub struct Metrics {
     pub gap_overflows: Counter,
     /// Ops received through replay pulls.
     pub ops_replayed: Counter,
+    /// Discovery and digest rounds run by the event loop.
+    pub sync_rounds: Counter,
     /// Bytes received, by protocol.
     pub bytes_in: Family<ProtocolLabel, Counter>,
     /// Bytes sent, by protocol.
@@ -69,6 +71,7 @@ impl Default for Metrics {
             replay_rejected: Counter::default(),
             gap_overflows: Counter::default(),
             ops_replayed: Counter::default(),
+            sync_rounds: Counter::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             registry: Registry::default(),
@@ -84,6 +87,7 @@ impl Default for Metrics {
         registry.register("replay_rejected", "Replayed batches rejected", m.replay_rejected.clone());
         registry.register("gap_overflows", "Batches dropped because the gap buffer was full", m.gap_overflows.clone());
         registry.register("ops_replayed", "Ops received through replay pulls", m.ops_replayed.clone());
+        registry.register("sync_rounds", "Discovery and digest rounds run", m.sync_rounds.clone());
         registry.register("bytes_received", "Bytes received, by protocol", m.bytes_in.clone());
         registry.register("bytes_sent", "Bytes sent, by protocol", m.bytes_out.clone());
         Metrics { registry, ..m }

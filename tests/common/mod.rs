@@ -6,6 +6,13 @@ use std::time::Duration;
 
 use peersync::node::{Node, NodeConfig};
 
+/// Logs to the test output when `PEERSYNC_TEST_LOG` holds a tracing filter (e.g. `debug`).
+pub fn init_tracing() {
+    if let Ok(filter) = std::env::var("PEERSYNC_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_test_writer().try_init();
+    }
+}
+
 /// A node on a fresh temp data dir, with small limits so tests can exceed them cheaply.
 pub async fn start_node(configure: impl FnOnce(&mut NodeConfig)) -> (Node, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();

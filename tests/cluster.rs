@@ -1,0 +1,267 @@
+//! Several nodes in one process over loopback TCP: gossip, convergence, leases, multi-hop, roles.
+
+mod common;
+
+use std::time::Duration;
+
+use common::eventually;
+use libp2p::Multiaddr;
+use peersync::crdt::LeaseRequest;
+use peersync::node::{Node, NodeConfig, NodeEvent, NodeHandle, Role};
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+struct Cluster {
+    nodes: Vec<Node>,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Cluster {
+    fn handles(&self) -> Vec<NodeHandle> {
+        self.nodes.iter().map(Node::handle).collect()
+    }
+
+    async fn shutdown(self) {
+        for n in self.nodes {
+            n.shutdown().await;
+        }
+    }
+}
+
+/// The address other nodes can dial to reach `node`.
+async fn dial_addr(node: &NodeHandle) -> Multiaddr {
+    let listen = eventually("a listen address", DEADLINE, || async {
+        let s = node.net_status().await.map_err(|e| e.to_string())?;
+        s.listen_addrs.first().cloned().ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    format!("{listen}/p2p/{}", node.peer_id()).parse().unwrap()
+}
+
+/// Starts nodes with the given roles, each bootstrapped to the one before it (a chain).
+async fn chain(roles: &[Role], configure: impl Fn(&mut NodeConfig)) -> Cluster {
+    common::init_tracing();
+    let mut nodes: Vec<Node> = Vec::new();
+    let mut dirs = Vec::new();
+    for role in roles {
+        let dir = tempfile::tempdir().unwrap();
+        let mut config = NodeConfig::local(dir.path());
+        config.net.role = *role;
+        if let Some(prev) = nodes.last() {
+            config.net.bootstrap = vec![dial_addr(&prev.handle()).await];
+        }
+        configure(&mut config);
+        nodes.push(Node::start(config).await.unwrap());
+        dirs.push(dir);
+    }
+    Cluster { nodes, _dirs: dirs }
+}
+
+/// Waits until every node has applied everything every other node has, and all roots agree.
+async fn converged(nodes: &[NodeHandle]) {
+    eventually("all nodes to converge", DEADLINE, || async {
+        let mut seen = Vec::new();
+        for n in nodes {
+            let (root, vv) = n.store().state_root();
+            seen.push((root, vv));
+        }
+        if seen.windows(2).all(|w| w[0] == w[1]) {
+            Ok(())
+        } else {
+            Err(format!("{seen:?}"))
+        }
+    })
+    .await;
+}
+
+/// Waits until each node sees `n` peers of its cluster connected (so gossip has a mesh to use).
+async fn connected(nodes: &[NodeHandle], n: usize) {
+    for node in nodes {
+        eventually("peers to connect", DEADLINE, || async {
+            let s = node.net_status().await.map_err(|e| e.to_string())?;
+            let ok = s.peers.iter().filter(|p| p.connected && p.role.is_some()).count();
+            if ok >= n {
+                Ok(())
+            } else {
+                Err(format!("{ok} identified peers: {:?}", s.peers))
+            }
+        })
+        .await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_on_every_primary_converge_everywhere() {
+    let cluster = chain(&[Role::Primary; 3], |_| {}).await;
+    let nodes = cluster.handles();
+    connected(&nodes, 1).await;
+    let mut tasks = Vec::new();
+    for (i, node) in nodes.iter().enumerate() {
+        let node = node.clone();
+        tasks.push(tokio::spawn(async move {
+            for round in 0..30 {
+                // Every node writes the same keys: last writer (by HLC, then origin) wins everywhere.
+                node.put("shared", format!("k{}", round % 5), format!("n{i}-r{round}")).await.unwrap();
+                node.counter_add("hits", "total", (i as i64) + 1).await.unwrap();
+                if round % 7 == 0 {
+                    node.delete("shared", format!("k{}", (round + 1) % 5)).await.unwrap();
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    converged(&nodes).await;
+    // Counters sum every increment exactly: 30 rounds × (1 + 2 + 3).
+    for n in &nodes {
+        assert_eq!(n.counter_get("hits", b"total").await.unwrap(), 30 * 6);
+    }
+    for k in 0..5 {
+        let key = format!("k{k}");
+        let first = nodes[0].get("shared", key.as_bytes()).await.unwrap();
+        for n in &nodes[1..] {
+            assert_eq!(n.get("shared", key.as_bytes()).await.unwrap(), first, "{key} differs");
+        }
+    }
+    for n in &nodes {
+        let report = n.store().check_log().unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(report.ops, 3 * (30 + 30 + 5));
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_lease_grants_end_with_one_holder_and_the_loser_is_told() {
+    let cluster = chain(&[Role::Primary; 2], |_| {}).await;
+    let nodes = cluster.handles();
+    connected(&nodes, 1).await;
+    let mut events: Vec<_> = nodes.iter().map(|n| n.events()).collect();
+    // Both primaries grant the free lease before hearing of the other's grant.
+    let acquire = |h: &str| LeaseRequest::Acquire { holder: h.into(), ttl_ms: 60_000 };
+    let (a, b) =
+        tokio::join!(nodes[0].lease("locks", "db", acquire("alice")), nodes[1].lease("locks", "db", acquire("bob")));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    assert_eq!((a.token, b.token), (1, 1), "both granted token 1 concurrently");
+    converged(&nodes).await;
+    let winner = nodes[0].lease_state("locks", b"db").await.unwrap().unwrap();
+    assert_eq!(nodes[1].lease_state("locks", b"db").await.unwrap().unwrap(), winner, "one holder everywhere");
+    let loser_node = if winner.holder.as_deref() == Some("alice") { 1 } else { 0 };
+    let loser = if loser_node == 0 { "alice" } else { "bob" };
+    let told = tokio::time::timeout(DEADLINE, async {
+        loop {
+            match events[loser_node].recv().await.unwrap() {
+                NodeEvent::LeaseLost { holder, winner: w, .. } => return (holder, w),
+                _ => continue,
+            }
+        }
+    })
+    .await
+    .expect("the losing node reports the lost grant");
+    assert_eq!(told.0, loser);
+    assert_eq!(told.1, winner);
+    // Afterwards the loser's holder is refused on every node.
+    for n in &nodes {
+        assert!(n.lease("locks", "db", acquire(loser)).await.is_err());
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_bootstrapped_to_a_neighbour_receives_everything() {
+    // A <- B <- C <- D: D only knows C, yet gets A's writes (through gossip relays or discovery).
+    let cluster = chain(&[Role::Primary, Role::Replica, Role::Replica, Role::Replica], |_| {}).await;
+    let nodes = cluster.handles();
+    let mut last = None;
+    for i in 0..200 {
+        last = Some(nodes[0].put("docs", format!("d{i}"), format!("v{i}")).await.unwrap());
+    }
+    let token = last.unwrap().token.parse().unwrap();
+    for n in &nodes[1..] {
+        n.wait_applied(&[token], DEADLINE).await.unwrap();
+        assert_eq!(n.get("docs", b"d199").await.unwrap().as_deref(), Some(&b"v199"[..]));
+    }
+    converged(&nodes).await;
+    // The replicas refuse writes and name the primary they know.
+    match nodes[3].put("docs", "x", "y").await {
+        Err(peersync::node::NodeError::ReadOnlyReplica { .. }) => {}
+        other => panic!("a replica must refuse writes, got {other:?}"),
+    }
+    match nodes[1].put("docs", "x", "y").await {
+        Err(peersync::node::NodeError::ReadOnlyReplica { primaries }) => {
+            assert!(primaries.iter().any(|p| p.ends_with(&nodes[0].peer_id().to_string())), "{primaries:?}");
+        }
+        other => panic!("a replica must refuse writes, got {other:?}"),
+    }
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_that_joins_late_catches_up_by_replay() {
+    let cluster = chain(&[Role::Primary], |_| {}).await;
+    let a = cluster.nodes[0].handle();
+    for i in 0..500 {
+        a.put("early", format!("k{i}"), vec![i as u8; 100]).await.unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::local(dir.path());
+    config.net.bootstrap = vec![dial_addr(&a).await];
+    config.net.role = Role::Replica;
+    let late = Node::start(config).await.unwrap();
+    converged(&[a.clone(), late.handle()]).await;
+    assert_eq!(late.handle().get("early", b"k499").await.unwrap(), Some(vec![243u8; 100]));
+    let metrics = late.handle().metrics().render();
+    assert!(metrics.contains("peersync_ops_replayed_total 500"), "the late node pulled the ops by replay:\n{metrics}");
+    late.shutdown().await;
+    cluster.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_of_another_cluster_are_not_synced_with() {
+    let cluster = chain(&[Role::Primary], |_| {}).await;
+    let a = cluster.nodes[0].handle();
+    a.put("r", "k", "v").await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::local(dir.path());
+    config.net.bootstrap = vec![dial_addr(&a).await];
+    config.net.cluster = "other".into();
+    let other = Node::start(config).await.unwrap();
+    let o = other.handle();
+    // It connects and identifies A as a node of cluster "default", but never syncs.
+    eventually("identify", DEADLINE, || async {
+        let s = o.net_status().await.map_err(|e| e.to_string())?;
+        if s.peers.iter().any(|p| p.cluster.as_deref() == Some("default")) {
+            Ok(())
+        } else {
+            Err(format!("{:?}", s.peers))
+        }
+    })
+    .await;
+    o.put("r", "mine", "x").await.unwrap();
+    a.put("r", "k2", "v2").await.unwrap();
+    // Let several sync rounds pass (in which a digest could wrongly have triggered a pull) before
+    // checking that nothing moved.
+    let rounds = |h: &NodeHandle| -> u64 {
+        let text = h.metrics().render();
+        text.lines()
+            .find_map(|l| l.strip_prefix("peersync_sync_rounds_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (start_o, start_a) = (rounds(&o), rounds(&a));
+    eventually("three sync rounds on both nodes", DEADLINE, || async {
+        let (now_o, now_a) = (rounds(&o), rounds(&a));
+        if now_o >= start_o + 3 && now_a >= start_a + 3 {
+            Ok(())
+        } else {
+            Err(format!("rounds: other {now_o}, default {now_a}"))
+        }
+    })
+    .await;
+    assert_eq!(o.get("r", b"k").await.unwrap(), None);
+    assert_eq!(a.get("r", b"mine").await.unwrap(), None);
+    assert_eq!(o.store().version_vector().0.len(), 1);
+    other.shutdown().await;
+    cluster.shutdown().await;
+}
