@@ -150,3 +150,51 @@ fn invalid_flags_exit_non_zero_naming_the_flag() {
     let (ok, _, err) = cli(&["status", "--api", "http://127.0.0.1:1"]);
     assert!(!ok && err.contains("cannot reach"), "{err}");
 }
+
+/// The address a peer can bootstrap from, read from the node's status.
+fn bootstrap_addr(node: &NodeProc) -> String {
+    let mut addr = None;
+    common::wait_sync("a listen address in status", std::time::Duration::from_secs(30), || {
+        let s = status(&node.api);
+        addr = s["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_owned);
+        addr.as_ref().map(|_| ()).ok_or_else(|| s.to_string())
+    });
+    format!("{}/p2p/{}", addr.unwrap(), node.peer_id)
+}
+
+#[test]
+fn three_processes_in_a_chain_replicate_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let a_addr = bootstrap_addr(&a);
+    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
+    let b_addr = bootstrap_addr(&b);
+    let c =
+        NodeProc::start(&dir.path().join("c"), &[&fast[..], &["--bootstrap", &b_addr, "--role", "replica"]].concat());
+
+    let put = |node: &NodeProc, key: &str, value: &str| -> String {
+        let (ok, out, err) = cli(&["put", "docs", key, value, "--api", &node.api]);
+        assert!(ok, "put on {}: {err}", node.api);
+        serde_json::from_str::<Value>(&out).unwrap()["token"].as_str().unwrap().to_owned()
+    };
+    let from_a = put(&a, "from-a", "written on A");
+    let from_b = put(&b, "from-b", "written on B");
+    // `--after` makes C wait until both writes are applied there (read-your-writes across nodes).
+    let after = format!("{from_a},{from_b}");
+    let (ok, out, err) = cli(&["get", "docs", "from-a", "--after", &after, "--api", &c.api]);
+    assert!(ok, "C never applied A's and B's writes: {err}\nC's log:\n{}", c.log());
+    assert_eq!(out, "written on A\n");
+    let (ok, out, _) = cli(&["get", "docs", "from-b", "--api", &c.api]);
+    assert!(ok);
+    assert_eq!(out, "written on B\n");
+
+    let (ok, _, err) = cli(&["put", "docs", "nope", "x", "--api", &c.api]);
+    assert!(!ok && err.contains("read_only_replica"), "a replica must refuse writes: {err}");
+    let s = status(&c.api);
+    assert_eq!(s["role"], "replica");
+    assert!(s["peers"].as_array().unwrap().iter().any(|p| p["peer_id"] == b.peer_id.as_str()), "{s}");
+    for node in [a, b, c] {
+        assert!(node.terminate().success());
+    }
+}

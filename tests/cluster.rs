@@ -265,3 +265,132 @@ async fn nodes_of_another_cluster_are_not_synced_with() {
     other.shutdown().await;
     cluster.shutdown().await;
 }
+
+/// A rogue publisher: a bare swarm of the cluster that publishes hand-made op batches.
+struct Rogue {
+    swarm: libp2p::Swarm<peersync::net::Behaviour>,
+    signer: peersync::op::Signer,
+}
+
+impl Rogue {
+    async fn join(role: Role, target: &NodeHandle) -> Rogue {
+        let keypair = libp2p::identity::Keypair::generate_ed25519();
+        let mut config = peersync::net::NetConfig {
+            listen: vec![],
+            bootstrap: vec![dial_addr(target).await],
+            mdns: false,
+            role,
+            gossip_heartbeat: Duration::from_millis(100),
+            ..Default::default()
+        };
+        config.cluster = target.status().await.unwrap().cluster;
+        let mut swarm = peersync::net::build_swarm(keypair.clone(), &config).unwrap();
+        peersync::net::start(&mut swarm, &config).unwrap();
+        Rogue { swarm, signer: peersync::op::Signer::new(keypair) }
+    }
+
+    /// Drives the swarm until `target` is in its gossip mesh.
+    async fn wait_mesh(&mut self, target: &NodeHandle, cluster: &str) {
+        use futures::StreamExt;
+        let topic = peersync::net::cluster_topic(cluster).hash();
+        let peer = target.peer_id();
+        tokio::time::timeout(DEADLINE, async {
+            while !self.swarm.behaviour().gossipsub.mesh_peers(&topic).any(|p| *p == peer) {
+                tokio::select! {
+                    _ = self.swarm.select_next_some() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                }
+            }
+        })
+        .await
+        .expect("the rogue joins the target's mesh");
+    }
+
+    /// Publishes one signed put as `claimed` and drives the swarm a little so it goes out.
+    fn publish(&mut self, claimed: Role, seq: u64, prev: peersync::op::ChainHash) -> peersync::op::ChainHash {
+        use peersync::op::{Op, OpBatch, OpBody};
+        let op = Op {
+            origin: self.signer.origin(),
+            seq: peersync::ids::Seq(seq),
+            hlc: peersync::crdt::Hlc::new(1, 0),
+            body: OpBody::RegisterPut {
+                register: "r".into(),
+                key: format!("rogue{seq}").into_bytes(),
+                value: b"x".to_vec(),
+            },
+        };
+        let bytes = op.encode();
+        let chain = prev.extend(blake3::hash(&bytes).as_bytes());
+        let batch = OpBatch {
+            after: peersync::ids::Seq(seq - 1),
+            ops: vec![serde_bytes::ByteBuf::from(bytes)],
+            head: self.signer.sign_head(peersync::ids::Seq(seq), chain),
+        };
+        let data = peersync::net::encode_gossip(&peersync::net::GossipMessage::Ops { role: claimed, batch });
+        let topic = peersync::net::cluster_topic("default");
+        self.swarm.behaviour_mut().gossipsub.publish(topic, data).unwrap();
+        chain
+    }
+
+    async fn drive_until(&mut self, what: &str, mut done: impl FnMut() -> bool) {
+        use futures::StreamExt;
+        tokio::time::timeout(DEADLINE, async {
+            while !done() {
+                tokio::select! {
+                    _ = self.swarm.select_next_some() => {}
+                    _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+}
+
+fn rejected(node: &NodeHandle) -> u64 {
+    let text = node.metrics().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix("peersync_gossip_rejected_total "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ops_from_a_non_primary_origin_are_rejected() {
+    let cluster = chain(&[Role::Primary], |_| {}).await;
+    let a = cluster.nodes[0].handle();
+
+    // A replica that says so on the message.
+    let mut honest = Rogue::join(Role::Replica, &a).await;
+    honest.wait_mesh(&a, "default").await;
+    honest.publish(Role::Replica, 1, peersync::op::ChainHash::GENESIS);
+    honest.drive_until("the claimed-replica message to be rejected", || rejected(&a) >= 1).await;
+
+    // A replica (per identify) that claims to be a primary on the message.
+    let mut liar = Rogue::join(Role::Replica, &a).await;
+    liar.wait_mesh(&a, "default").await;
+    eventually("A identifies the liar as a replica", DEADLINE, || async {
+        let s = a.net_status().await.map_err(|e| e.to_string())?;
+        let id = liar.signer.origin().to_string();
+        if s.peers.iter().any(|p| p.peer_id == id && p.role == Some(Role::Replica)) {
+            Ok(())
+        } else {
+            Err(format!("{:?}", s.peers))
+        }
+    })
+    .await;
+    liar.publish(Role::Primary, 1, peersync::op::ChainHash::GENESIS);
+    liar.drive_until("the lying message to be rejected", || rejected(&a) >= 2).await;
+
+    // A well-formed message from a primary-claiming peer is applied, so the test can tell apart.
+    let mut primary = Rogue::join(Role::Primary, &a).await;
+    primary.wait_mesh(&a, "default").await;
+    primary.publish(Role::Primary, 1, peersync::op::ChainHash::GENESIS);
+    let origin = primary.signer.origin();
+    primary.drive_until("the primary's op to apply", || a.store().version_vector().get(&origin).0 == 1).await;
+
+    assert_eq!(a.store().version_vector().get(&honest.signer.origin()).0, 0);
+    assert_eq!(a.store().version_vector().get(&liar.signer.origin()).0, 0);
+    assert_eq!(a.status().await.unwrap().sync["rejected_messages"], 2);
+    cluster.shutdown().await;
+}

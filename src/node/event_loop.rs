@@ -355,7 +355,7 @@ impl EventLoop {
                 let info = self.peers.entry(peer_id).or_default();
                 info.connections += 1;
                 if endpoint.is_dialer() {
-                    info.addrs.insert(endpoint.get_remote_address().clone());
+                    info.addrs.insert(without_p2p(endpoint.get_remote_address()));
                 }
                 if info.connections == 1 {
                     tracing::info!(peer = %peer_id, addr = %endpoint.get_remote_address(), "connected");
@@ -389,7 +389,7 @@ impl EventLoop {
                 on_identify(&mut self.swarm, &peer_id, &info);
                 let entry = self.peers.entry(peer_id).or_default();
                 entry.meta = meta;
-                entry.addrs.extend(info.listen_addrs.iter().cloned());
+                entry.addrs.extend(info.listen_addrs.iter().map(without_p2p));
             }
             BehaviourEvent::Ping(ping::Event { peer, result: Ok(rtt), .. }) => {
                 self.peers.entry(peer).or_default().rtt = Some(rtt);
@@ -549,6 +549,11 @@ impl EventLoop {
         tracing::trace!(%peer, vv = ?digest.version_vector, "digest");
         self.peers.entry(peer).or_default().digest = Some(digest);
     }
+}
+
+/// An address without its trailing `/p2p/<peer>` part, so each peer lists each address once.
+fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect()
 }
 
 fn vv_json(vv: &VersionVector) -> BTreeMap<String, u64> {

@@ -303,7 +303,10 @@ impl NodeHandle {
             let primaries = peers
                 .into_iter()
                 .filter(|p| p.role == Some(Role::Primary))
-                .flat_map(|p| p.addrs.into_iter().map(move |a| format!("{a}/p2p/{}", p.peer_id)))
+                .map(|p| match p.addrs.first() {
+                    Some(addr) => format!("{addr}/p2p/{}", p.peer_id),
+                    None => p.peer_id,
+                })
                 .collect();
             return Err(NodeError::ReadOnlyReplica { primaries });
         }
