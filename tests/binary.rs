@@ -180,6 +180,7 @@ fn three_processes_in_a_chain_replicate_writes() {
     };
     let from_a = put(&a, "from-a", "written on A");
     let from_b = put(&b, "from-b", "written on B");
+    wait_active(&c);
     // `--after` makes C wait until both writes are applied there (read-your-writes across nodes).
     let after = format!("{from_a},{from_b}");
     let (ok, out, err) = cli(&["get", "docs", "from-a", "--after", &after, "--api", &c.api]);
@@ -195,6 +196,83 @@ fn three_processes_in_a_chain_replicate_writes() {
     assert_eq!(s["role"], "replica");
     assert!(s["peers"].as_array().unwrap().iter().any(|p| p["peer_id"] == b.peer_id.as_str()), "{s}");
     for node in [a, b, c] {
+        assert!(node.terminate().success());
+    }
+}
+
+fn wait_active(node: &NodeProc) {
+    common::wait_sync("the node to become active", std::time::Duration::from_secs(60), || {
+        let s = status(&node.api);
+        if s["state"] == "active" {
+            Ok(())
+        } else {
+            Err(s["sync"].to_string())
+        }
+    });
+}
+
+/// The stale-rejoin timeline: a node that was down while writes landed never answers "not found"
+/// for them after it restarts: 503 while syncing, then the value.
+#[test]
+fn a_restarted_node_never_answers_stale_not_found() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
+    let n1 = NodeProc::start(&dir.path().join("n1"), &fast);
+    let n1_addr = bootstrap_addr(&n1);
+    let n2 = NodeProc::start(&dir.path().join("n2"), &[&fast[..], &["--bootstrap", &n1_addr]].concat());
+    let n3_dir = dir.path().join("n3");
+    let n3_args: Vec<&str> = [&fast[..], &["--bootstrap", &n1_addr, "--role", "replica"]].concat();
+    let n3 = NodeProc::start(&n3_dir, &n3_args);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    let put_range = |range: std::ops::RangeInclusive<u32>| {
+        let mut last = String::new();
+        for i in range {
+            let node = if i % 2 == 0 { &n1 } else { &n2 };
+            let resp = rt
+                .block_on(http.put(format!("{}/v1/registers/keys/key-{i}", node.api)).body(format!("value-{i}")).send())
+                .unwrap();
+            assert_eq!(resp.status(), 200);
+            last = rt.block_on(resp.json::<Value>()).unwrap()["token"].as_str().unwrap().to_owned();
+        }
+        last
+    };
+    let last = put_range(1..=100);
+    wait_active(&n3);
+    let (ok, _, err) = cli(&["get", "keys", "key-100", "--after", &last, "--api", &n3.api]);
+    assert!(ok, "n3 has the first 100 keys before it goes down: {err}");
+
+    n3.kill9();
+    put_range(101..=150);
+
+    let n3 = NodeProc::start(&n3_dir, &n3_args);
+    let mut seen = BTreeMap::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let resp = rt.block_on(http.get(format!("{}/v1/registers/keys/key-125", n3.api)).send()).unwrap();
+        let code = resp.status().as_u16();
+        *seen.entry(code).or_insert(0u32) += 1;
+        assert_ne!(code, 404, "a rejoining node answered 404 for a key written while it was away; seen {seen:?}");
+        if code == 200 {
+            assert_eq!(rt.block_on(resp.text()).unwrap(), "value-125");
+            break;
+        }
+        assert_eq!(code, 503, "while syncing the answer is 503; seen {seen:?}");
+        assert!(std::time::Instant::now() < deadline, "n3 never served key-125; seen {seen:?}\n{}", n3.log());
+    }
+    wait_active(&n3);
+    common::wait_sync("equal state roots", std::time::Duration::from_secs(30), || {
+        let roots: Vec<Value> = [&n1, &n2, &n3].iter().map(|n| status(&n.api)["state_root"].clone()).collect();
+        if roots.windows(2).all(|w| w[0] == w[1]) {
+            Ok(())
+        } else {
+            Err(format!("{roots:?}"))
+        }
+    });
+    let s = status(&n3.api);
+    assert_eq!(s["state"], "active");
+    println!("stale-rejoin: reads of key-125 on the restarted node: {seen:?} (HTTP status -> count)");
+    for node in [n1, n2, n3] {
         assert!(node.terminate().success());
     }
 }

@@ -13,7 +13,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::ids::{Origin, Seq, StateRoot};
 pub use crate::ids::{ParseRoleError, Role};
-use crate::op::OpBatch;
+use crate::op::{public_key_of, AuthError, OpBatch, Signer};
 use crate::store::VersionVector;
 
 /// Kademlia protocol of peersync: a DHT of our own, so nodes never join the public IPFS DHT.
@@ -36,6 +36,48 @@ pub enum GossipMessage {
     /// by that origin. `role` is the publisher's own claim; receivers also check it against what
     /// identify told them, and drop ops whose origin is not a primary.
     Ops { role: Role, batch: OpBatch },
+    /// A node announces that it is active at this vector with this state root.
+    Attestation(Attestation),
+}
+
+/// A node's signed statement that its state at `version_vector` has root `state_root`. Peers that
+/// reach the same vector use it to prove their own state before calling themselves active.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attestation {
+    pub peer: Origin,
+    pub cluster: String,
+    pub version_vector: VersionVector,
+    #[serde(with = "state_root_bytes")]
+    pub state_root: StateRoot,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+const ATTESTATION_DOMAIN: &[u8] = b"peersync/attestation/v1";
+
+impl Attestation {
+    fn message(peer: &Origin, cluster: &str, vv: &VersionVector, root: &StateRoot) -> Vec<u8> {
+        let mut m = ATTESTATION_DOMAIN.to_vec();
+        m.extend(postcard::to_stdvec(&(peer, cluster, vv, root.0)).expect("attestations encode"));
+        m
+    }
+
+    pub fn sign(signer: &Signer, cluster: &str, version_vector: VersionVector, state_root: StateRoot) -> Attestation {
+        let peer = signer.origin();
+        let signature = signer.sign(&Self::message(&peer, cluster, &version_vector, &state_root));
+        Attestation { peer, cluster: cluster.to_owned(), version_vector, state_root, signature }
+    }
+
+    /// Checks the signature against the key inlined in `peer`.
+    pub fn verify(&self) -> Result<(), AuthError> {
+        let key = public_key_of(&self.peer)?;
+        let message = Self::message(&self.peer, &self.cluster, &self.version_vector, &self.state_root);
+        if key.verify(&message, &self.signature) {
+            Ok(())
+        } else {
+            Err(AuthError::BadSignature { origin: self.peer, seq: crate::ids::Seq::ZERO })
+        }
+    }
 }
 
 /// The identify agent version of a node: `peersync/VERSION role=ROLE cluster=NAME`.

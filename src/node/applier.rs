@@ -162,8 +162,23 @@ impl Applier {
         source_meta: Option<(Role, String)>,
         data: &[u8],
     ) -> Result<(), Refusal> {
-        let GossipMessage::Ops { role, batch } =
-            decode_gossip(data, self.max_gossip_bytes).map_err(|e| e.to_string())?;
+        let (role, batch) = match decode_gossip(data, self.max_gossip_bytes).map_err(|e| e.to_string())? {
+            GossipMessage::Ops { role, batch } => (role, batch),
+            GossipMessage::Attestation(a) => {
+                if source != Some(a.peer) {
+                    return Err(format!("attestation of {} published by {source:?}", a.peer));
+                }
+                if a.cluster != self.cluster {
+                    return Err(format!("attestation for cluster {:?}, not {:?}", a.cluster, self.cluster));
+                }
+                a.verify().map_err(|e| e.to_string())?;
+                let _ = self
+                    .commands
+                    .send(Command::PeerState { peer: a.peer, vv: a.version_vector, root: a.state_root })
+                    .await;
+                return Ok(());
+            }
+        };
         let origin = batch.head.origin;
         if source != Some(origin) {
             return Err(format!("ops of {origin} published by {source:?}: only an origin publishes its ops"));

@@ -54,6 +54,14 @@ pub struct NodeConfig {
     /// How often to look up the cluster's other nodes in Kademlia and refresh this node's provider
     /// record. Default 30 s; tests use much less.
     pub discovery_interval: Duration,
+    /// Shortest period between digest exchanges: used while syncing, behind, or after changes.
+    /// Default 250 ms.
+    pub digest_interval_min: Duration,
+    /// Longest period between digest exchanges, reached by doubling while idle. Default 10 s.
+    pub digest_interval_max: Duration,
+    /// A node that can discover peers but hears from none within this time after start calls
+    /// itself active on its own (it may be the first node of a cluster). Default 5 s.
+    pub join_grace: Duration,
     pub limits: Limits,
     pub writer: WriterConfig,
     /// Bounds of the buffer of ops that arrived ahead of a gap.
@@ -70,6 +78,9 @@ impl Default for NodeConfig {
             api_addr: SocketAddr::from(([127, 0, 0, 1], 7700)),
             net: NetConfig::default(),
             discovery_interval: Duration::from_secs(30),
+            digest_interval_min: Duration::from_millis(250),
+            digest_interval_max: Duration::from_secs(10),
+            join_grace: Duration::from_secs(5),
             limits: Limits::default(),
             writer: WriterConfig::default(),
             gap: GapLimits::default(),
@@ -93,6 +104,9 @@ impl NodeConfig {
         c.net.mdns = false;
         c.net.gossip_heartbeat = Duration::from_millis(100);
         c.discovery_interval = Duration::from_millis(500);
+        c.digest_interval_min = Duration::from_millis(100);
+        c.digest_interval_max = Duration::from_millis(500);
+        c.join_grace = Duration::from_secs(2);
         c
     }
 
@@ -118,6 +132,9 @@ impl NodeConfig {
                 "writer batch_max_bytes ({}) must leave 4 KiB of room under the gossip limit ({})",
                 w.batch_max_bytes, self.net.max_gossip_bytes
             )));
+        }
+        if self.digest_interval_min.is_zero() || self.digest_interval_max < self.digest_interval_min {
+            return Err(ConfigError("digest intervals must be positive with min <= max".into()));
         }
         if self.discovery_interval.is_zero() || self.inbound_queue == 0 {
             return Err(ConfigError("discovery_interval and inbound_queue must be greater than zero".into()));

@@ -17,17 +17,18 @@ use libp2p::request_response::{self, OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::applier::Inbound;
 use super::metrics::Metrics;
-use crate::ids::{Origin, Role, Seq};
+use crate::ids::{Origin, Role, Seq, StateRoot};
 use crate::net::{
-    cluster_provider_key, cluster_topic, encode_gossip, on_identify, parse_agent_version, Behaviour, BehaviourEvent,
-    Digest, GossipMessage, SyncRequest, SyncResponse,
+    cluster_provider_key, cluster_topic, encode_gossip, on_identify, parse_agent_version, Attestation, Behaviour,
+    BehaviourEvent, Digest, GossipMessage, SyncRequest, SyncResponse,
 };
+use crate::op::Signer;
 use crate::store::{CommitEvent, Store, VersionVector};
-use crate::sync::{PeerView, Pull, ReplayPlanner};
+use crate::sync::{PeerView, Phase, Pull, Readiness, ReplayPlanner, Transition};
 
 /// Ops asked for in one pull at most.
 const PULL_MAX_OPS: u32 = 16_384;
@@ -52,6 +53,12 @@ pub(crate) enum Command {
         peer: PeerId,
         origin: Origin,
         result: Result<Seq, String>,
+    },
+    /// A verified attestation: `peer` holds `vv` with `root`.
+    PeerState {
+        peer: PeerId,
+        vv: VersionVector,
+        root: StateRoot,
     },
     Status {
         reply: oneshot::Sender<NetStatus>,
@@ -106,18 +113,49 @@ impl PeerInfo {
     }
 }
 
-pub(crate) struct EventLoop {
+/// Timings of the event loop.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timings {
+    pub discovery: Duration,
+    pub digest_min: Duration,
+    pub digest_max: Duration,
+    pub join_grace: Duration,
+    pub request_timeout: Duration,
+}
+
+/// Everything the event loop is wired to.
+pub(crate) struct Parts {
     pub swarm: Swarm<Behaviour>,
     pub store: Store,
+    pub signer: Signer,
     pub role: Role,
     pub cluster: String,
-    pub discovery_interval: Duration,
+    pub discoverable: bool,
+    pub timings: Timings,
     pub commands: mpsc::Receiver<Command>,
     pub commands_tx: mpsc::Sender<Command>,
     pub commits: broadcast::Receiver<Arc<CommitEvent>>,
     pub inbound: mpsc::Sender<Inbound>,
     pub metrics: Arc<Metrics>,
-    pub planner: ReplayPlanner,
+    pub phase: watch::Sender<Phase>,
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    store: Store,
+    signer: Signer,
+    role: Role,
+    cluster: String,
+    timings: Timings,
+    commands: mpsc::Receiver<Command>,
+    commands_tx: mpsc::Sender<Command>,
+    commits: broadcast::Receiver<Arc<CommitEvent>>,
+    inbound: mpsc::Sender<Inbound>,
+    metrics: Arc<Metrics>,
+    planner: ReplayPlanner,
+    readiness: Readiness,
+    /// Publishes the phase to the node's handle (reads answer 503 while syncing).
+    phase: watch::Sender<Phase>,
     peers: HashMap<PeerId, PeerInfo>,
     listen_addrs: Vec<Multiaddr>,
     pulls: HashMap<OutboundRequestId, (PeerId, Origin)>,
@@ -125,51 +163,50 @@ pub(crate) struct EventLoop {
     /// so the next pull starts after them rather than fetching them again. An entry the store has
     /// not caught up with within the request timeout is dropped: those ops failed to apply.
     pulled: HashMap<Origin, (Seq, Instant)>,
-    request_timeout: Duration,
+    /// Current digest period: short while behind or after changes, doubling up to the maximum while
+    /// idle.
+    digest_every: Duration,
+    /// Ops applied at the last digest round, to tell whether anything changed since.
+    applied_at_last_digest: u64,
     /// Whether the provider record was published since the first connection (a record announced
     /// with no peer is only stored locally).
     provided: bool,
 }
 
 impl EventLoop {
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        swarm: Swarm<Behaviour>,
-        store: Store,
-        role: Role,
-        cluster: String,
-        discovery_interval: Duration,
-        commands: mpsc::Receiver<Command>,
-        commands_tx: mpsc::Sender<Command>,
-        commits: broadcast::Receiver<Arc<CommitEvent>>,
-        inbound: mpsc::Sender<Inbound>,
-        metrics: Arc<Metrics>,
-        request_timeout: Duration,
-    ) -> Self {
+    pub fn new(p: Parts) -> Self {
+        let now = Instant::now();
         EventLoop {
-            swarm,
-            store,
-            role,
-            cluster,
-            discovery_interval,
-            commands,
-            commands_tx,
-            commits,
-            inbound,
-            metrics,
-            planner: ReplayPlanner::new(role, request_timeout),
+            readiness: Readiness::new(p.discoverable, p.timings.join_grace, now),
+            planner: ReplayPlanner::new(p.role, p.timings.request_timeout),
+            digest_every: p.timings.digest_min,
+            swarm: p.swarm,
+            store: p.store,
+            signer: p.signer,
+            role: p.role,
+            cluster: p.cluster,
+            timings: p.timings,
+            commands: p.commands,
+            commands_tx: p.commands_tx,
+            commits: p.commits,
+            inbound: p.inbound,
+            metrics: p.metrics,
+            phase: p.phase,
             peers: HashMap::new(),
             listen_addrs: Vec::new(),
             pulls: HashMap::new(),
             pulled: HashMap::new(),
-            request_timeout,
+            applied_at_last_digest: 0,
             provided: false,
         }
     }
 
     pub async fn run(mut self) {
-        let mut tick = tokio::time::interval(self.discovery_interval);
+        let mut tick = tokio::time::interval(self.timings.discovery);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let digest = tokio::time::sleep(self.digest_every);
+        tokio::pin!(digest);
+        self.check_ready();
         loop {
             tokio::select! {
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
@@ -178,7 +215,12 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                 },
                 commit = self.commits.recv() => match commit {
-                    Ok(c) => self.publish(&c),
+                    Ok(c) => {
+                        self.publish(&c);
+                        if !self.readiness.is_active() {
+                            self.check_ready();
+                        }
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
                         self.metrics.events_lagged.inc_by(n);
@@ -186,6 +228,10 @@ impl EventLoop {
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 _ = tick.tick() => self.on_tick(),
+                _ = &mut digest => {
+                    self.digest_round();
+                    digest.as_mut().reset(tokio::time::Instant::now() + self.digest_every);
+                }
             }
         }
         tracing::debug!("event loop stopped");
@@ -212,6 +258,7 @@ impl EventLoop {
         }
     }
 
+    /// Discovery: refresh the provider record and look for other nodes of the cluster.
     fn on_tick(&mut self) {
         self.metrics.sync_rounds.inc();
         let connected = self.peers.values().any(|p| p.connections > 0);
@@ -225,18 +272,60 @@ impl EventLoop {
             }
             kad.get_providers(cluster_provider_key(&self.cluster));
         }
-        // Periodic digests catch whatever gossip missed.
+        self.check_ready();
+    }
+
+    /// Sends this node's digest to every peer of the cluster, then picks the next period: short
+    /// while syncing, behind, or after changes; doubling towards the maximum while idle.
+    fn digest_round(&mut self) {
         let digest = self.my_digest();
+        let applied = digest.version_vector.total();
         let targets: Vec<PeerId> = self
             .peers
             .iter()
             .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
             .map(|(id, _)| *id)
             .collect();
-        for peer in targets {
-            self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Digest(digest.clone()));
+        for peer in &targets {
+            self.swarm.behaviour_mut().sync.send_request(peer, SyncRequest::Digest(digest.clone()));
         }
+        let behind = self
+            .peers
+            .values()
+            .filter_map(|p| p.digest.as_ref())
+            .any(|d| !digest.version_vector.dominates(&d.version_vector));
+        let changed = applied != self.applied_at_last_digest;
+        self.applied_at_last_digest = applied;
+        self.digest_every = if behind || changed || !self.readiness.is_active() || targets.is_empty() {
+            self.timings.digest_min
+        } else {
+            (self.digest_every * 2).min(self.timings.digest_max)
+        };
         self.plan_pulls();
+        self.check_ready();
+    }
+
+    /// Re-evaluates the phase; announces an attestation on becoming active.
+    fn check_ready(&mut self) {
+        let (root, vv) = self.store.state_root();
+        match self.readiness.check(&vv, root, Instant::now()) {
+            Transition::None => {}
+            Transition::BecameActive { proven_by } => {
+                tracing::info!(?proven_by, ops = vv.total(), %root, "caught up and verified; node is active");
+                let attestation = Attestation::sign(&self.signer, &self.cluster, vv, root);
+                let data = encode_gossip(&GossipMessage::Attestation(attestation));
+                let _ = self.swarm.behaviour_mut().gossipsub.publish(cluster_topic(&self.cluster), data);
+            }
+            Transition::Divergence { peer } => {
+                tracing::warn!(%peer, %root, "same version vector as a peer but another state root: diverged");
+                self.metrics.divergences.inc();
+            }
+        }
+        self.phase.send_if_modified(|p| {
+            let changed = *p != self.readiness.phase();
+            *p = self.readiness.phase();
+            changed
+        });
     }
 
     fn on_command(&mut self, command: Command) {
@@ -271,6 +360,10 @@ impl EventLoop {
                 }
                 self.plan_pulls();
             }
+            Command::PeerState { peer, vv, root } => {
+                self.readiness.on_peer_state(peer, vv, root);
+                self.check_ready();
+            }
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
             }
@@ -282,8 +375,8 @@ impl EventLoop {
     fn plan_pulls(&mut self) {
         let mut have = self.store.version_vector();
         let now = Instant::now();
-        self.pulled
-            .retain(|origin, (seq, at)| *seq > have.get(origin) && now.duration_since(*at) < self.request_timeout);
+        let timeout = self.timings.request_timeout;
+        self.pulled.retain(|origin, (seq, at)| *seq > have.get(origin) && now.duration_since(*at) < timeout);
         for (origin, (seq, _)) in &self.pulled {
             have.0.insert(*origin, *seq);
         }
@@ -369,6 +462,7 @@ impl EventLoop {
                 }
                 if num_established == 0 {
                     tracing::info!(peer = %peer_id, "disconnected");
+                    self.readiness.on_peer_gone(&peer_id);
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -547,7 +641,9 @@ impl EventLoop {
             return;
         }
         tracing::trace!(%peer, vv = ?digest.version_vector, "digest");
+        self.readiness.on_peer_state(peer, digest.version_vector.clone(), digest.state_root);
         self.peers.entry(peer).or_default().digest = Some(digest);
+        self.check_ready();
     }
 }
 

@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::applier::ApplierView;
 use super::config::{NodeConfig, Role};
@@ -16,6 +16,7 @@ use super::{validate, NodeError};
 use crate::crdt::LeaseRequest;
 use crate::ids::{Origin, Token};
 use crate::store::{AppliedOp, Effect, ListPage, LocalIntent, Store, WriteHandle};
+use crate::sync::Phase;
 
 /// Names a committed write: where it came from, its position, its content address.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -84,6 +85,8 @@ pub(crate) struct Inner {
     pub net: mpsc::Sender<Command>,
     /// What the apply pipeline shows in status (gaps, buffered ops).
     pub view: Arc<Mutex<ApplierView>>,
+    /// The sync phase, published by the event loop.
+    pub phase: watch::Receiver<Phase>,
 }
 
 /// The library API of a running node. Cloneable; every clone talks to the same node.
@@ -261,7 +264,27 @@ impl NodeHandle {
 
     /// Whether reads may be served as current.
     pub fn sync_state(&self) -> SyncState {
-        SyncState::Active
+        if *self.inner.phase.borrow() == Phase::Active {
+            SyncState::Active
+        } else {
+            SyncState::Syncing
+        }
+    }
+
+    /// The detailed sync phase.
+    pub fn phase(&self) -> Phase {
+        *self.inner.phase.borrow()
+    }
+
+    /// Waits until the node is active, or `timeout` passes.
+    pub async fn wait_active(&self, timeout: Duration) -> Result<(), NodeError> {
+        let mut rx = self.inner.phase.clone();
+        let waited = tokio::time::timeout(timeout, rx.wait_for(|p| *p == Phase::Active)).await.map(|r| r.is_ok());
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(NodeError::ShuttingDown),
+            Err(_) => Err(NodeError::Syncing),
+        }
     }
 
     /// The network's view: listen addresses, peers, pulls in flight.
@@ -287,7 +310,8 @@ impl NodeHandle {
             log_ops: self.inner.store.log_len()?,
             peers: net.peers,
             sync: serde_json::json!({
-                "phase": if busy { "catching_up" } else { "idle" },
+                "phase": self.phase(),
+                "busy": busy,
                 "lag_ops": net.lag_ops,
                 "pulls": net.pulls,
                 "gaps": view.gaps,

@@ -48,6 +48,8 @@ pub struct Metrics {
     pub ops_replayed: Counter,
     /// Discovery and digest rounds run by the event loop.
     pub sync_rounds: Counter,
+    /// Times a peer held the same version vector with another state root.
+    pub divergences: Counter,
     /// Bytes received, by protocol.
     pub bytes_in: Family<ProtocolLabel, Counter>,
     /// Bytes sent, by protocol.
@@ -72,6 +74,7 @@ impl Default for Metrics {
             gap_overflows: Counter::default(),
             ops_replayed: Counter::default(),
             sync_rounds: Counter::default(),
+            divergences: Counter::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             registry: Registry::default(),
@@ -87,6 +90,11 @@ impl Default for Metrics {
         registry.register("replay_rejected", "Replayed batches rejected", m.replay_rejected.clone());
         registry.register("gap_overflows", "Batches dropped because the gap buffer was full", m.gap_overflows.clone());
         registry.register("ops_replayed", "Ops received through replay pulls", m.ops_replayed.clone());
+        registry.register(
+            "divergences",
+            "Same version vector as a peer with another state root",
+            m.divergences.clone(),
+        );
         registry.register("sync_rounds", "Discovery and digest rounds run", m.sync_rounds.clone());
         registry.register("bytes_received", "Bytes received, by protocol", m.bytes_in.clone());
         registry.register("bytes_sent", "Bytes sent, by protocol", m.bytes_out.clone());

@@ -15,10 +15,11 @@ pub(crate) mod validate;
 
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::op::Signer;
 use crate::store::Store;
+use crate::sync::Phase;
 
 pub use applier::ApplierView;
 pub use config::{ConfigError, Limits, NodeConfig, Role};
@@ -63,6 +64,7 @@ impl Node {
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
 
+        let keypair_for_loop = keypair.clone();
         let mut swarm = crate::net::build_swarm(keypair, &config.net)?;
         crate::net::start(&mut swarm, &config.net)?;
 
@@ -87,19 +89,30 @@ impl Node {
             view.clone(),
             metrics.clone(),
         );
-        let event_loop = event_loop::EventLoop::new(
+        let discoverable = !config.net.bootstrap.is_empty() || config.net.mdns;
+        // A node with no way to find peers is active from the start (see `sync::Readiness`).
+        let (phase_tx, phase) = watch::channel(if discoverable { Phase::Joining } else { Phase::Active });
+        let event_loop = event_loop::EventLoop::new(event_loop::Parts {
             swarm,
-            store.clone(),
-            config.net.role,
-            config.net.cluster.clone(),
-            config.discovery_interval,
-            net_rx,
-            net_tx.clone(),
-            publisher_rx,
-            inbound_tx,
-            metrics.clone(),
-            config.net.request_timeout,
-        );
+            store: store.clone(),
+            signer: Signer::new(keypair_for_loop),
+            role: config.net.role,
+            cluster: config.net.cluster.clone(),
+            discoverable,
+            timings: event_loop::Timings {
+                discovery: config.discovery_interval,
+                digest_min: config.digest_interval_min,
+                digest_max: config.digest_interval_max,
+                join_grace: config.join_grace,
+                request_timeout: config.net.request_timeout,
+            },
+            commands: net_rx,
+            commands_tx: net_tx.clone(),
+            commits: publisher_rx,
+            inbound: inbound_tx,
+            metrics: metrics.clone(),
+            phase: phase_tx,
+        });
         let tasks = vec![
             tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone())),
             tokio::spawn(applier.run(inbound_rx)),
@@ -107,7 +120,7 @@ impl Node {
         ];
 
         tracing::info!(%peer_id, role = %config.net.role, cluster = %config.net.cluster, data_dir = %config.data_dir.display(), "node started");
-        let inner = handle::Inner { peer_id, config, store, writer, events, metrics, net: net_tx, view };
+        let inner = handle::Inner { peer_id, config, store, writer, events, metrics, net: net_tx, view, phase };
         Ok(Node { handle: NodeHandle { inner: Arc::new(inner) }, writer_thread, tasks })
     }
 

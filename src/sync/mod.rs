@@ -5,7 +5,9 @@
 //! Must never depend on: the store's internals, the network, or the node.
 
 mod gap;
+mod readiness;
 mod replay;
 
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
+pub use readiness::{Phase, Readiness, Transition};
 pub use replay::{PeerView, Pull, ReplayPlanner};

@@ -125,10 +125,9 @@ mod tests {
         let mut planner = ReplayPlanner::new(Role::Primary, Duration::from_secs(5));
         let now = Instant::now();
         let pulls = planner.plan(&vv(&[(a, 3)]), &[far.clone(), near.clone()], now);
-        assert_eq!(
-            pulls,
-            vec![Pull { peer: near.peer, origin: a, after: Seq(3) }, Pull { peer: far.peer, origin: b, after: Seq(0) }]
-        );
+        assert_eq!(pulls.len(), 2, "{pulls:?}");
+        assert!(pulls.contains(&Pull { peer: near.peer, origin: a, after: Seq(3) }), "{pulls:?}");
+        assert!(pulls.contains(&Pull { peer: far.peer, origin: b, after: Seq(0) }), "{pulls:?}");
         assert!(planner.plan(&vv(&[(a, 3)]), &[far.clone(), near.clone()], now).is_empty(), "one pull per origin");
         planner.answered(&a);
         let again = planner.plan(&vv(&[(a, 8)]), &[far.clone(), near], now);
