@@ -237,6 +237,10 @@ impl EventLoop {
         tracing::debug!("event loop stopped");
     }
 
+    fn is_connected(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.connections > 0)
+    }
+
     fn my_digest(&self) -> Digest {
         let (state_root, version_vector) = self.store.state_root();
         Digest { cluster: self.cluster.clone(), role: self.role, version_vector, state_root }
@@ -490,8 +494,7 @@ impl EventLoop {
             }
             BehaviourEvent::Mdns(mdns::Event::Discovered(found)) => {
                 for (peer, addr) in found {
-                    if peer != *self.swarm.local_peer_id() && !self.peers.get(&peer).is_some_and(|p| p.connections > 0)
-                    {
+                    if peer != *self.swarm.local_peer_id() && !self.is_connected(&peer) {
                         tracing::info!(%peer, %addr, "found on the LAN");
                         self.swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
                         let _ = self.swarm.dial(addr);
@@ -504,7 +507,7 @@ impl EventLoop {
             }) => {
                 let me = *self.swarm.local_peer_id();
                 for peer in providers {
-                    if peer != me && !self.peers.get(&peer).is_some_and(|p| p.connections > 0) {
+                    if peer != me && !self.is_connected(&peer) {
                         tracing::debug!(%peer, "dialing a provider of the cluster");
                         let _ = self.swarm.dial(peer);
                     }

@@ -23,7 +23,7 @@ pub enum Effect {
     Counter { value: i64 },
     /// A lease write; `state` is the lease after the merge, `won` whether this write is it, and
     /// `displaced` the state it replaced when it won.
-    Lease { state: LeaseState, won: bool, displaced: Option<LeaseState> },
+    Lease { state: LeaseState, won: bool, displaced: Option<Box<LeaseState>> },
 }
 
 /// The tables one group commit writes, opened once per transaction.
@@ -96,7 +96,7 @@ impl<'t> Tables<'t> {
                 let bytes = encode(&new);
                 self.replace(buckets, &id, old.as_deref(), &bytes);
                 self.leases.insert((lease.as_str(), key.as_slice()), bytes.as_slice())?;
-                Ok(Effect::Lease { state: new, won: true, displaced: current })
+                Ok(Effect::Lease { state: new, won: true, displaced: current.map(Box::new) })
             }
         }
     }

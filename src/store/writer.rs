@@ -534,7 +534,7 @@ fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect, me: Origin) {
                     event.leases_lost.push(LeaseLoss {
                         lease: lease.clone(),
                         key: key.clone(),
-                        lost: lost.clone(),
+                        lost: (**lost).clone(),
                         winner: state.clone(),
                     });
                 }

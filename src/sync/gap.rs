@@ -89,10 +89,7 @@ impl GapBuffer {
         let Some(slot) = self.origins.get_mut(origin) else {
             return ready;
         };
-        loop {
-            let Some((&key, _)) = slot.iter().next() else {
-                break;
-            };
+        while let Some((&key, _)) = slot.first_key_value() {
             if key.0 > have {
                 break;
             }
