@@ -7,7 +7,9 @@
 mod gap;
 mod readiness;
 mod replay;
+mod snapshot;
 
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
 pub use readiness::{Phase, Readiness, Transition};
 pub use replay::{PeerView, Pull, ReplayPlanner};
+pub use snapshot::{ChunkRequest, PullProgress, SnapshotPull};

@@ -1,0 +1,289 @@
+//! Pulling a snapshot's chunks from several sources: which chunk to ask of whom, and what to do
+//! when a source is slow, dies, or lies.
+//!
+//! The destination drives: it knows the manifest (chunk CIDs and sizes) and which chunks it already
+//! holds (verified and persisted, so a restart resumes with only the missing ones). Each missing
+//! chunk is asked of one source at a time; sources are used nearest first (lowest round-trip time),
+//! each with a bounded number of requests in flight. A source that serves a corrupt chunk or fails
+//! is dropped for a while, with a pause that doubles with every strike, and its chunks go to the
+//! others. No I/O and no clock: the caller passes `now`.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use cid::Cid;
+use libp2p::PeerId;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Missing,
+    InFlight { peer: PeerId, since: Instant },
+    Have,
+}
+
+#[derive(Debug, Clone)]
+struct Source {
+    rtt: Option<Duration>,
+    in_flight: usize,
+    strikes: u32,
+    paused_until: Option<Instant>,
+}
+
+/// A chunk request to send.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRequest {
+    pub peer: PeerId,
+    pub index: usize,
+    pub cid: Cid,
+}
+
+/// How far a pull has come, for status.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct PullProgress {
+    pub chunks_total: usize,
+    pub chunks_have: usize,
+    pub bytes_total: u64,
+    pub bytes_have: u64,
+    /// Sources usable now (not paused).
+    pub sources: usize,
+    /// Chunk bytes received over the network, including any that failed verification.
+    pub bytes_fetched: u64,
+}
+
+#[derive(Debug)]
+pub struct SnapshotPull {
+    chunks: Vec<(Cid, u64, Slot)>,
+    sources: HashMap<PeerId, Source>,
+    per_source: usize,
+    timeout: Duration,
+    bytes_fetched: u64,
+}
+
+impl SnapshotPull {
+    /// `chunks`: CID and size of each chunk in manifest order; `have` tells which are already held.
+    pub fn new(chunks: Vec<(Cid, u64)>, have: impl Fn(&Cid) -> bool, per_source: usize, timeout: Duration) -> Self {
+        let chunks = chunks
+            .into_iter()
+            .map(|(cid, size)| (cid, size, if have(&cid) { Slot::Have } else { Slot::Missing }))
+            .collect();
+        SnapshotPull { chunks, sources: HashMap::new(), per_source: per_source.max(1), timeout, bytes_fetched: 0 }
+    }
+
+    /// A peer that holds the snapshot (found through Kademlia or a digest).
+    pub fn add_source(&mut self, peer: PeerId, rtt: Option<Duration>) {
+        let s = self.sources.entry(peer).or_insert(Source { rtt, in_flight: 0, strikes: 0, paused_until: None });
+        if rtt.is_some() {
+            s.rtt = rtt;
+        }
+    }
+
+    /// A source went away: its chunks in flight are asked elsewhere.
+    pub fn remove_source(&mut self, peer: &PeerId) {
+        self.sources.remove(peer);
+        self.release(|p| p == *peer);
+    }
+
+    fn release(&mut self, mut which: impl FnMut(PeerId) -> bool) {
+        for (_, _, slot) in &mut self.chunks {
+            if let Slot::InFlight { peer, .. } = *slot {
+                if which(peer) {
+                    *slot = Slot::Missing;
+                }
+            }
+        }
+    }
+
+    /// The requests to send now: missing chunks in order, to the nearest usable sources first.
+    pub fn next_requests(&mut self, now: Instant) -> Vec<ChunkRequest> {
+        // Requests that took too long count against their source, and their chunks go elsewhere.
+        let late: Vec<(usize, PeerId)> = self
+            .chunks
+            .iter()
+            .enumerate()
+            .filter_map(|(i, (_, _, s))| match s {
+                Slot::InFlight { peer, since } if now.duration_since(*since) >= self.timeout => Some((i, *peer)),
+                _ => None,
+            })
+            .collect();
+        for (i, peer) in late {
+            self.fail(&peer, i, now);
+        }
+        let mut order: Vec<(PeerId, Duration)> = self
+            .sources
+            .iter()
+            .filter(|(_, s)| s.paused_until.is_none_or(|t| t <= now))
+            .map(|(p, s)| (*p, s.rtt.unwrap_or(Duration::from_secs(3600))))
+            .collect();
+        order.sort_by_key(|(p, rtt)| (*rtt, *p));
+        let mut out = Vec::new();
+        let mut missing = self
+            .chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| c.2 == Slot::Missing)
+            .map(|(i, _)| i)
+            .collect::<Vec<_>>()
+            .into_iter();
+        'sources: for (peer, _) in order {
+            let source = self.sources.get_mut(&peer).expect("listed above");
+            while source.in_flight < self.per_source {
+                let Some(index) = missing.next() else { break 'sources };
+                source.in_flight += 1;
+                self.chunks[index].2 = Slot::InFlight { peer, since: now };
+                out.push(ChunkRequest { peer, index, cid: self.chunks[index].0 });
+            }
+        }
+        out
+    }
+
+    /// `peer` answered chunk `index` with `len` bytes that verified and were persisted. Late or
+    /// unexpected answers are counted but change nothing.
+    pub fn on_chunk(&mut self, peer: &PeerId, index: usize, len: u64) {
+        self.bytes_fetched += len;
+        if let Some(source) = self.sources.get_mut(peer) {
+            source.in_flight = source.in_flight.saturating_sub(1);
+            source.strikes = 0;
+        }
+        if let Some(c) = self.chunks.get_mut(index) {
+            c.2 = Slot::Have;
+        }
+    }
+
+    /// `peer` answered chunk `index` with bytes that failed verification: a lying or broken source.
+    pub fn on_corrupt(&mut self, peer: &PeerId, index: usize, len: u64, now: Instant) {
+        self.bytes_fetched += len;
+        self.fail(peer, index, now);
+    }
+
+    /// The request for chunk `index` to `peer` failed (timeout, refused, connection lost).
+    pub fn on_failure(&mut self, peer: &PeerId, index: usize, now: Instant) {
+        self.fail(peer, index, now);
+    }
+
+    fn fail(&mut self, peer: &PeerId, index: usize, now: Instant) {
+        if let Some(c) = self.chunks.get_mut(index) {
+            if matches!(c.2, Slot::InFlight { peer: p, .. } if p == *peer) {
+                c.2 = Slot::Missing;
+            }
+        }
+        if let Some(source) = self.sources.get_mut(peer) {
+            source.in_flight = source.in_flight.saturating_sub(1);
+            source.strikes += 1;
+            let pause = Duration::from_millis(250).saturating_mul(1 << source.strikes.min(10));
+            source.paused_until = Some(now + pause);
+        }
+        // Everything else in flight from a failing source is moved too.
+        let p = *peer;
+        self.release(|q| q == p);
+        if let Some(source) = self.sources.get_mut(peer) {
+            source.in_flight = 0;
+        }
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.chunks.iter().all(|c| c.2 == Slot::Have)
+    }
+
+    /// When the next request could be sent if nothing else happens (a paused source resumes or an
+    /// in-flight request times out); `None` when nothing is waiting.
+    pub fn next_wakeup(&self) -> Option<Instant> {
+        let resumes = self.sources.values().filter_map(|s| s.paused_until);
+        let timeouts = self.chunks.iter().filter_map(|c| {
+            if let Slot::InFlight { since, .. } = c.2 {
+                Some(since + self.timeout)
+            } else {
+                None
+            }
+        });
+        resumes.chain(timeouts).min()
+    }
+
+    pub fn progress(&self, now: Instant) -> PullProgress {
+        let have = self.chunks.iter().filter(|c| c.2 == Slot::Have);
+        PullProgress {
+            chunks_total: self.chunks.len(),
+            chunks_have: have.clone().count(),
+            bytes_total: self.chunks.iter().map(|c| c.1).sum(),
+            bytes_have: have.map(|c| c.1).sum(),
+            sources: self.sources.values().filter(|s| s.paused_until.is_none_or(|t| t <= now)).count(),
+            bytes_fetched: self.bytes_fetched,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::raw_cid;
+
+    fn chunks(n: usize) -> Vec<(Cid, u64)> {
+        (0..n).map(|i| (raw_cid(&[i as u8]), 100)).collect()
+    }
+
+    #[test]
+    fn spreads_chunks_nearest_first_and_never_asks_twice() {
+        let (near, far) = (PeerId::random(), PeerId::random());
+        let mut pull = SnapshotPull::new(chunks(10), |_| false, 3, Duration::from_secs(10));
+        pull.add_source(far, Some(Duration::from_millis(20)));
+        pull.add_source(near, Some(Duration::from_millis(1)));
+        let now = Instant::now();
+        let first = pull.next_requests(now);
+        assert_eq!(first.len(), 6);
+        assert!(first[..3].iter().all(|r| r.peer == near), "nearest first: {first:?}");
+        assert!(pull.next_requests(now).is_empty(), "every source is at its limit");
+        for r in &first {
+            pull.on_chunk(&r.peer, r.index, 100);
+        }
+        let second = pull.next_requests(now);
+        assert_eq!(second.iter().map(|r| r.index).collect::<Vec<_>>(), vec![6, 7, 8, 9]);
+        let mut asked: Vec<usize> = first.iter().chain(&second).map(|r| r.index).collect();
+        asked.sort();
+        asked.dedup();
+        assert_eq!(asked.len(), 10, "each chunk asked once");
+    }
+
+    #[test]
+    fn a_dead_or_lying_source_loses_its_chunks_to_the_others() {
+        let (a, b) = (PeerId::random(), PeerId::random());
+        let mut pull = SnapshotPull::new(chunks(4), |_| false, 2, Duration::from_secs(10));
+        pull.add_source(a, Some(Duration::from_millis(1)));
+        pull.add_source(b, Some(Duration::from_millis(5)));
+        let now = Instant::now();
+        let reqs = pull.next_requests(now);
+        let from_a: Vec<usize> = reqs.iter().filter(|r| r.peer == a).map(|r| r.index).collect();
+        pull.on_corrupt(&a, from_a[0], 100, now);
+        for r in reqs.iter().filter(|r| r.peer == b) {
+            pull.on_chunk(&b, r.index, 100);
+        }
+        let retry = pull.next_requests(now);
+        assert!(retry.iter().all(|r| r.peer == b), "the lying source is paused: {retry:?}");
+        assert_eq!(retry.iter().map(|r| r.index).collect::<Vec<_>>(), from_a);
+        pull.remove_source(&b);
+        assert!(pull.next_requests(now).is_empty(), "a is paused and b is gone");
+        let later = now + Duration::from_secs(1);
+        assert_eq!(pull.next_requests(later).len(), 2, "a is tried again after its pause");
+        assert_eq!(pull.progress(later).bytes_fetched, 300);
+    }
+
+    #[test]
+    fn resumes_with_only_missing_chunks_and_times_out_slow_sources() {
+        let cs = chunks(5);
+        let held: Vec<Cid> = cs[..3].iter().map(|c| c.0).collect();
+        let mut pull = SnapshotPull::new(cs, |c| held.contains(c), 8, Duration::from_secs(2));
+        let a = PeerId::random();
+        pull.add_source(a, None);
+        let now = Instant::now();
+        assert_eq!(pull.next_requests(now).iter().map(|r| r.index).collect::<Vec<_>>(), vec![3, 4]);
+        assert_eq!(pull.progress(now).chunks_have, 3);
+        assert_eq!(pull.next_wakeup(), Some(now + Duration::from_secs(2)));
+        let b = PeerId::random();
+        pull.add_source(b, None);
+        let later = now + Duration::from_secs(3);
+        let retry = pull.next_requests(later);
+        assert!(retry.iter().all(|r| r.peer == b), "the slow source is paused: {retry:?}");
+        for r in retry {
+            pull.on_chunk(&r.peer, r.index, 100);
+        }
+        assert!(pull.is_complete());
+    }
+}
