@@ -345,6 +345,8 @@ async fn digest_exchange_over_quic() {
     let a = nodes[A].id();
 
     let digest = |role, origin, seq, root| net::Digest {
+        log_floors: Default::default(),
+        snapshots: vec![],
         cluster: cluster.to_owned(),
         role,
         version_vector: VersionVector([(origin, Seq(seq))].into_iter().collect()),

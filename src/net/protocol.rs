@@ -8,6 +8,7 @@
 //!
 //! Must never depend on: the store (except the plain `VersionVector` type), the sync logic or the node.
 
+use cid::Cid;
 use libp2p::StreamProtocol;
 use serde::{Deserialize, Serialize};
 
@@ -168,6 +169,13 @@ pub struct Digest {
     /// Digest of the sender's whole state at `version_vector`.
     #[serde(with = "state_root_bytes")]
     pub state_root: StateRoot,
+    /// Per origin, the highest seq compacted out of the sender's op log: it can serve replay only
+    /// after these. Absent origins have a floor of 0.
+    #[serde(default)]
+    pub log_floors: VersionVector,
+    /// CIDs of the snapshots the sender holds and serves, newest first.
+    #[serde(default)]
+    pub snapshots: Vec<Cid>,
 }
 
 /// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
@@ -187,6 +195,14 @@ pub enum SyncRequest {
         /// Rough cap on the op bytes returned; at least one op is returned whatever its size.
         max_bytes: u32,
     },
+    /// The signed manifest of the snapshot with this CID.
+    GetManifest { cid: Cid },
+    /// One snapshot chunk by CID.
+    GetChunk { cid: Cid },
+    /// The responder's state-root bucket hashes (to find where two states differ).
+    GetBuckets,
+    /// Every state entry in these buckets.
+    GetEntries { buckets: Vec<u32> },
 }
 
 /// A repair-plane response.
@@ -196,6 +212,14 @@ pub enum SyncResponse {
     Digest(Digest),
     /// Contiguous batches answering `GetOps`; empty when the responder has nothing after `after`.
     Ops(Vec<OpBatch>),
+    /// Signed manifest bytes answering `GetManifest`.
+    Manifest(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Chunk bytes answering `GetChunk` (the requester checks them against the CID).
+    Chunk(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Bucket hashes answering `GetBuckets`: 32 bytes per bucket, in bucket order.
+    Buckets(#[serde(with = "serde_bytes")] Vec<u8>),
+    /// Encoded state entries answering `GetEntries`.
+    Entries(Vec<serde_bytes::ByteBuf>),
     /// The request could not be served.
     Error {
         /// Stable machine-readable reason, e.g. `wrong_cluster` or `compacted`.
@@ -244,6 +268,8 @@ mod tests {
     #[test]
     fn digest_round_trips() {
         let digest = Digest {
+            log_floors: VersionVector::default(),
+            snapshots: vec![],
             cluster: "c".into(),
             role: Role::Replica,
             version_vector: VersionVector::default(),

@@ -59,8 +59,9 @@ pub struct NodeConfig {
     pub digest_interval_min: Duration,
     /// Longest period between digest exchanges, reached by doubling while idle. Default 10 s.
     pub digest_interval_max: Duration,
-    /// A node that can discover peers but hears from none within this time after start calls
-    /// itself active on its own (it may be the first node of a cluster). Default 5 s.
+    /// A node that discovers peers by mDNS only (no bootstrap address) and hears from none within
+    /// this time after start calls itself active on its own (it may be the first node of its
+    /// cluster). A node with bootstrap addresses waits for its peers. Default 5 s.
     pub join_grace: Duration,
     pub limits: Limits,
     pub writer: WriterConfig,

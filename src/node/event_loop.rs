@@ -243,7 +243,14 @@ impl EventLoop {
 
     fn my_digest(&self) -> Digest {
         let (state_root, version_vector) = self.store.state_root();
-        Digest { cluster: self.cluster.clone(), role: self.role, version_vector, state_root }
+        Digest {
+            cluster: self.cluster.clone(),
+            role: self.role,
+            version_vector,
+            state_root,
+            log_floors: VersionVector::default(),
+            snapshots: Vec::new(),
+        }
     }
 
     /// Publishes this node's freshly committed ops on the cluster topic.
@@ -566,7 +573,7 @@ impl EventLoop {
                 let _ = self.swarm.behaviour_mut().sync.send_response(channel, SyncResponse::Digest(mine));
                 self.plan_pulls();
             }
-            SyncRequest::GetOps { origin, after, max_ops, max_bytes } => {
+            other => {
                 if !self.peers.get(&peer).is_some_and(|p| p.in_cluster(&self.cluster)) {
                     let response = SyncResponse::Error {
                         code: "not_in_cluster".into(),
@@ -575,27 +582,25 @@ impl EventLoop {
                     let _ = self.swarm.behaviour_mut().sync.send_response(channel, response);
                     return;
                 }
-                let store = self.store.clone();
-                let commands = self.commands_tx.clone();
-                tokio::spawn(async move {
-                    let read = tokio::task::spawn_blocking(move || {
-                        store.read_batches(
-                            &origin,
-                            after,
-                            max_ops.min(PULL_MAX_OPS) as usize,
-                            max_bytes.min(PULL_MAX_BYTES) as usize,
-                        )
-                    })
-                    .await;
-                    let response = match read {
-                        Ok(Ok(batches)) => SyncResponse::Ops(batches),
-                        Ok(Err(e)) => SyncResponse::Error { code: "storage".into(), message: e.to_string() },
-                        Err(_) => SyncResponse::Error { code: "internal".into(), message: "read task failed".into() },
-                    };
-                    let _ = commands.send(Command::Respond { channel, response }).await;
-                });
+                self.serve_from_store(channel, move |store| serve(store, other));
             }
         }
+    }
+
+    /// Answers a request from the store on a blocking thread, so reads never stall the swarm.
+    fn serve_from_store(
+        &self,
+        channel: ResponseChannel<SyncResponse>,
+        read: impl FnOnce(&Store) -> SyncResponse + Send + 'static,
+    ) {
+        let store = self.store.clone();
+        let commands = self.commands_tx.clone();
+        tokio::spawn(async move {
+            let response = tokio::task::spawn_blocking(move || read(&store)).await.unwrap_or_else(|_| {
+                SyncResponse::Error { code: "internal".into(), message: "read task failed".into() }
+            });
+            let _ = commands.send(Command::Respond { channel, response }).await;
+        });
     }
 
     fn on_response(&mut self, peer: PeerId, request_id: OutboundRequestId, response: SyncResponse) {
@@ -629,6 +634,12 @@ impl EventLoop {
                     let _ = commands.send(Command::PullDone { peer, origin, result }).await;
                 });
             }
+            SyncResponse::Manifest(_)
+            | SyncResponse::Chunk(_)
+            | SyncResponse::Buckets(_)
+            | SyncResponse::Entries(_) => {
+                tracing::debug!(%peer, "unexpected response kind");
+            }
             SyncResponse::Error { code, message } => {
                 tracing::warn!(%peer, %code, %message, "peer refused a request");
                 if let Some((peer, _)) = self.pulls.remove(&request_id) {
@@ -647,6 +658,33 @@ impl EventLoop {
         self.readiness.on_peer_state(peer, digest.version_vector.clone(), digest.state_root);
         self.peers.entry(peer).or_default().digest = Some(digest);
         self.check_ready();
+    }
+}
+
+/// Answers a repair request from the store (runs on a blocking thread).
+fn serve(store: &Store, request: SyncRequest) -> SyncResponse {
+    let storage = |e: crate::store::StoreError| SyncResponse::Error { code: "storage".into(), message: e.to_string() };
+    match request {
+        SyncRequest::GetOps { origin, after, max_ops, max_bytes } => {
+            match store.read_batches(
+                &origin,
+                after,
+                max_ops.min(PULL_MAX_OPS) as usize,
+                max_bytes.min(PULL_MAX_BYTES) as usize,
+            ) {
+                Ok(batches) => SyncResponse::Ops(batches),
+                Err(e) => storage(e),
+            }
+        }
+        SyncRequest::Digest(_) => {
+            SyncResponse::Error { code: "internal".into(), message: "digests are not read from the store".into() }
+        }
+        SyncRequest::GetManifest { .. }
+        | SyncRequest::GetChunk { .. }
+        | SyncRequest::GetBuckets
+        | SyncRequest::GetEntries { .. } => {
+            SyncResponse::Error { code: "unsupported".into(), message: "not served by this node yet".into() }
+        }
     }
 }
 

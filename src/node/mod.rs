@@ -14,6 +14,7 @@ mod metrics;
 pub(crate) mod validate;
 
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch};
 
@@ -103,7 +104,10 @@ impl Node {
                 discovery: config.discovery_interval,
                 digest_min: config.digest_interval_min,
                 digest_max: config.digest_interval_max,
-                join_grace: config.join_grace,
+                // A node told where its peers are waits for them however long it takes: declaring
+                // itself current on its own could serve stale reads. Only a node that relies on
+                // mDNS alone (perhaps the first of its cluster) goes active after the grace.
+                join_grace: if config.net.bootstrap.is_empty() { config.join_grace } else { Duration::MAX },
                 request_timeout: config.net.request_timeout,
             },
             commands: net_rx,
