@@ -19,7 +19,7 @@ use crate::crdt::Hlc;
 use crate::ids::{Origin, Seq, Token};
 
 pub use batch::{OpBatch, VerifiedBatch, VerifiedOp, VerifyError};
-pub use chain::{ChainHash, SignedHead, Signer};
+pub use chain::{public_key_of, AuthError, ChainHash, SignedHead, Signer};
 
 /// Multicodec code of raw bytes, used for op CIDs and opaque chunks.
 pub const RAW_CODEC: u64 = 0x55;
