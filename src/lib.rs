@@ -4,5 +4,6 @@ pub mod ids;
 pub mod net;
 pub mod node;
 pub mod op;
+pub mod snapshot;
 pub mod store;
 pub mod sync;

@@ -103,6 +103,15 @@ impl Signer {
             self.keypair.sign(&head_message(&self.origin, seq, &head)).expect("ed25519 signing cannot fail");
         SignedHead { origin: self.origin, seq, head, signature }
     }
+
+    /// Signs `domain || payload`. `domain` must be a distinct, prefix-free tag per kind of signed
+    /// message (like [`HEAD_DOMAIN`]), so no signature can be replayed as another kind.
+    pub(crate) fn sign_in_domain(&self, domain: &[u8], payload: &[u8]) -> Vec<u8> {
+        let mut msg = Vec::with_capacity(domain.len() + payload.len());
+        msg.extend_from_slice(domain);
+        msg.extend_from_slice(payload);
+        self.keypair.sign(&msg).expect("ed25519 signing cannot fail")
+    }
 }
 
 impl std::fmt::Debug for Signer {

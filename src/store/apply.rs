@@ -6,14 +6,18 @@ use redb::{ReadableTable, Table, WriteTransaction};
 
 use super::root::{entry_hash, identity_hash, Buckets, EntryKind};
 use super::tables::*;
-use super::StoreError;
-use crate::crdt::{LeaseState, PnCounter, RegisterValue};
+use super::{SnapshotError, StoreError};
+use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
 use crate::op::{Op, OpBody};
+use crate::snapshot::{Kind, StateEntry};
 
 type StateTable<'t> = Table<'t, (&'static str, &'static [u8]), &'static [u8]>;
 type LogTable<'t> = Table<'t, (&'static [u8], u64), &'static [u8]>;
 
 /// What applying an op did to the state.
+// Short-lived (returned once per op and consumed at once): boxing the lease would only add an
+// allocation per lease write.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// A register write. `won` is false when a newer write (by HLC, origin) was already there, so
@@ -124,6 +128,50 @@ impl<'t> Tables<'t> {
         Ok(Effect::Register { won: true, replaced_other_origin })
     }
 
+    /// Merges a state entry (from a snapshot or a repair) into the state with its kind's CRDT merge.
+    /// An entry whose value does not decode canonically is refused as entry `index`.
+    pub fn merge_entry(
+        &mut self,
+        buckets: &mut Buckets,
+        index: u64,
+        entry: &StateEntry,
+    ) -> Result<MergeEffect, StoreError> {
+        let refuse = |reason: String| StoreError::from(SnapshotError::Entry { index, reason });
+        let table = match entry.kind {
+            Kind::Register => &mut self.registers,
+            Kind::Counter => &mut self.counters,
+            Kind::Lease => &mut self.leases,
+        };
+        let old = table.get((entry.collection.as_str(), entry.key.as_slice()))?.map(|g| g.value().to_vec());
+        let (new, hlc, lease) = match entry.kind {
+            Kind::Register => {
+                let (incoming, current) = decode_pair::<RegisterValue>(&entry.value, old.as_deref(), "register")
+                    .map_err(|e| e.map_refused(refuse))?;
+                let hlc = incoming.hlc;
+                (encode(&current.map_or(incoming.clone(), |c| c.merge(incoming))), Some(hlc), None)
+            }
+            Kind::Counter => {
+                let (incoming, current) = decode_pair::<PnCounter>(&entry.value, old.as_deref(), "counter")
+                    .map_err(|e| e.map_refused(refuse))?;
+                (encode(&current.unwrap_or_default().merge(&incoming)), None, None)
+            }
+            Kind::Lease => {
+                let (incoming, current) = decode_pair::<LeaseState>(&entry.value, old.as_deref(), "lease")
+                    .map_err(|e| e.map_refused(refuse))?;
+                let hlc = incoming.hlc;
+                let merged = current.map_or(incoming.clone(), |c| c.merge(incoming));
+                (encode(&merged), Some(hlc), Some(merged))
+            }
+        };
+        if old.as_deref() == Some(new.as_slice()) {
+            return Ok(MergeEffect { changed: false, hlc, lease: None });
+        }
+        table.insert((entry.collection.as_str(), entry.key.as_slice()), new.as_slice())?;
+        let id = identity_hash(entry_kind(entry.kind), &entry.collection, &entry.key);
+        self.replace(buckets, &id, old.as_deref(), &new);
+        Ok(MergeEffect { changed: true, hlc, lease })
+    }
+
     fn replace(&mut self, buckets: &mut Buckets, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
         if let Some(old) = old {
             buckets.toggle(id, &entry_hash(id, old));
@@ -131,6 +179,57 @@ impl<'t> Tables<'t> {
         let b = buckets.toggle(id, &entry_hash(id, new));
         self.dirty.insert(b);
     }
+}
+
+/// What merging one state entry did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct MergeEffect {
+    /// Whether the stored value changed.
+    pub changed: bool,
+    /// The incoming value's stamp (registers and leases), for the local clock to observe.
+    pub hlc: Option<Hlc>,
+    /// The lease state after the merge, when a lease changed.
+    pub lease: Option<LeaseState>,
+}
+
+/// The snapshot format's kind of an entry as the state root names it.
+pub(crate) fn entry_kind(kind: Kind) -> EntryKind {
+    match kind {
+        Kind::Register => EntryKind::Register,
+        Kind::Counter => EntryKind::Counter,
+        Kind::Lease => EntryKind::Lease,
+    }
+}
+
+/// Decoding an incoming value failed (the sender's fault) or the stored one did (this store's).
+enum PairError {
+    Refused(String),
+    Store(StoreError),
+}
+
+impl PairError {
+    fn map_refused(self, refuse: impl FnOnce(String) -> StoreError) -> StoreError {
+        match self {
+            PairError::Refused(reason) => refuse(reason),
+            PairError::Store(e) => e,
+        }
+    }
+}
+
+/// Decodes an incoming value, which must be in canonical encoding (one value, one entry hash), and
+/// the stored one if any.
+fn decode_pair<T: serde::Serialize + serde::de::DeserializeOwned>(
+    incoming: &[u8],
+    stored: Option<&[u8]>,
+    what: &str,
+) -> Result<(T, Option<T>), PairError> {
+    let value: T = postcard::from_bytes(incoming)
+        .map_err(|e| PairError::Refused(format!("value is not a valid {what} encoding: {e}")))?;
+    if encode(&value) != incoming {
+        return Err(PairError::Refused(format!("{what} value is not in canonical encoding")));
+    }
+    let current = stored.map(|b| decode::<T>(b, what)).transpose().map_err(PairError::Store)?;
+    Ok((value, current))
 }
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {

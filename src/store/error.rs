@@ -1,5 +1,10 @@
 use std::path::PathBuf;
 
+use cid::Cid;
+
+use crate::ids::StateRoot;
+use crate::snapshot::{ChunkError, Kind, ManifestError};
+
 /// Errors of the store. `Storage` covers I/O failures (a full disk among them): the transaction was
 /// rolled back and nothing it held was acknowledged. `Corrupt` and `Format` mean the files are not
 /// what this build can read.
@@ -13,6 +18,37 @@ pub enum StoreError {
     Storage(#[from] redb::Error),
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// A snapshot, chunk or list of entries was refused; nothing of it was written. Expected when a
+    /// peer sends bad data (or chunks are still missing), not a fault of this store.
+    #[error(transparent)]
+    Snapshot(Box<SnapshotError>),
+}
+
+impl From<SnapshotError> for StoreError {
+    fn from(e: SnapshotError) -> Self {
+        StoreError::Snapshot(Box::new(e))
+    }
+}
+
+/// Why a snapshot, a chunk or a list of state entries was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum SnapshotError {
+    #[error("snapshot manifest refused: {0}")]
+    Manifest(#[from] ManifestError),
+    #[error("snapshot chunk {cid} refused: {source}")]
+    Chunk { cid: Cid, source: ChunkError },
+    #[error(
+        "snapshot {manifest} needs {missing} chunk(s) not held here (first: {first}); put them, then install again"
+    )]
+    MissingChunks { manifest: Cid, missing: usize, first: Cid },
+    #[error("state entry {index} refused: {reason}")]
+    Entry { index: u64, reason: String },
+    #[error("the snapshot's entries hash to state root {found}, but its manifest claims {claimed}")]
+    RootMismatch { claimed: StateRoot, found: StateRoot },
+    #[error("the snapshot holds {found} entries of {kind:?} {name:?}, its manifest lists {claimed}")]
+    CountMismatch { kind: Kind, name: String, claimed: u64, found: u64 },
+    #[error("chunk size {0} is out of range: use 1 ..= {max} raw bytes", max = crate::snapshot::MAX_CHUNK_RAW_BYTES)]
+    ChunkSize(u64),
 }
 
 macro_rules! from_redb {

@@ -12,6 +12,7 @@ mod apply;
 mod error;
 mod read;
 pub mod root;
+mod snapshots;
 mod tables;
 mod vv;
 mod writer;
@@ -29,12 +30,14 @@ use crate::op::ChainHash;
 use tables::*;
 
 pub use apply::Effect;
-pub use error::StoreError;
-pub use read::{ListPage, LogReport};
+pub use error::{SnapshotError, StoreError};
+pub use read::{ListPage, LogRead, LogReport};
 pub use root::Buckets;
+pub use snapshots::{PruneOutcome, SnapshotInfo, StoredSnapshot};
 pub use vv::VersionVector;
 pub use writer::{
-    AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, WriteHandle, WriterConfig, WriterError,
+    AppliedOp, CommitEvent, CompactOutcome, InstallOutcome, LeaseLoss, LocalIntent, MergeOutcome, RemoteOutcome,
+    WriteHandle, WriterConfig, WriterError,
 };
 
 /// Where each origin's log stands: highest contiguous seq and the chain hash there.
@@ -98,6 +101,9 @@ impl Store {
             txn.open_table(VERSION_VECTOR)?;
             txn.open_table(LOG_FLOORS)?;
             txn.open_table(BUCKETS)?;
+            txn.open_table(SNAPSHOT_CHUNKS)?;
+            txn.open_table(SNAPSHOTS)?;
+            txn.open_table(SNAPSHOT_ORDER)?;
         }
         txn.commit()?;
         let db = Arc::new(db);
@@ -145,17 +151,7 @@ fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
         let origin = origin_from_bytes(k.value())?;
         mirror.progress.insert(origin, decode_progress(v.value())?);
     }
-    for row in txn.open_table(BUCKETS)?.iter()? {
-        let (k, v) = row?;
-        let idx = k.value() as usize;
-        let hash: [u8; 32] =
-            v.value().try_into().map_err(|_| StoreError::Corrupt(format!("bucket {idx} is not 32 bytes")))?;
-        *mirror
-            .buckets
-            .0
-            .get_mut(idx)
-            .ok_or_else(|| StoreError::Corrupt(format!("bucket index {idx} out of range")))? = hash;
-    }
+    mirror.buckets = snapshots::read_buckets(&txn.open_table(BUCKETS)?)?;
     if let Some(v) = txn.open_table(META)?.get(META_HLC)? {
         mirror.hlc = decode_hlc(v.value())?;
     }

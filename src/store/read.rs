@@ -3,7 +3,10 @@
 
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
 
-use super::apply::decode;
+use std::collections::{BTreeMap, BTreeSet};
+
+use super::apply::{decode, entry_kind};
+use super::root::{bucket_of, identity_hash};
 use super::tables::*;
 use super::{decode_progress, origin_from_bytes, Store, StoreError};
 use crate::crdt::{LeaseState, PnCounter, RegisterValue};
@@ -11,6 +14,7 @@ use serde_bytes::ByteBuf;
 
 use crate::ids::{Origin, Seq};
 use crate::op::{ChainHash, OpBatch, SignedHead};
+use crate::snapshot::{Kind, StateEntry};
 
 /// One page of a register listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -184,7 +188,8 @@ impl Store {
 
     /// Signed batches of `origin`'s ops after `after`, in order, each ending at a signed head, until
     /// `max_ops` or `max_bytes` is reached (at least one batch when any is held). A relay serves
-    /// these unchanged: the receiver verifies them against the origin's signature.
+    /// these unchanged: the receiver verifies them against the origin's signature. Empty both when
+    /// nothing newer is held and when `after` is below the log floor: [`Store::read_log`] tells which.
     pub fn read_batches(
         &self,
         origin: &Origin,
@@ -192,8 +197,24 @@ impl Store {
         max_ops: usize,
         max_bytes: usize,
     ) -> Result<Vec<OpBatch>, StoreError> {
+        Ok(self.read_log(origin, after, max_ops, max_bytes)?.batches)
+    }
+
+    /// Like [`Store::read_batches`], with the log floor read in the same transaction, so a caller
+    /// knows whether an empty answer means "up to date" or "compacted away: use a snapshot".
+    pub fn read_log(
+        &self,
+        origin: &Origin,
+        after: Seq,
+        max_ops: usize,
+        max_bytes: usize,
+    ) -> Result<LogRead, StoreError> {
         let origin_bytes = origin.to_bytes();
         let txn = self.db().begin_read()?;
+        let floor = Seq(txn.open_table(LOG_FLOORS)?.get(origin_bytes.as_slice())?.map_or(0, |f| f.value()));
+        if after < floor {
+            return Ok(LogRead { batches: Vec::new(), floor, below_floor: true });
+        }
         let oplog = txn.open_table(OPLOG)?;
         let heads = txn.open_table(HEADS)?;
         let (mut ops_total, mut bytes_total) = (0usize, 0usize);
@@ -232,6 +253,65 @@ impl Store {
                 break;
             }
         }
-        Ok(batches)
+        Ok(LogRead { batches, floor, below_floor: false })
     }
+
+    /// The highest seq of `origin` compacted out of the log (0 when none).
+    pub fn log_floor(&self, origin: &Origin) -> Result<Seq, StoreError> {
+        let txn = self.db().begin_read()?;
+        let floor = txn.open_table(LOG_FLOORS)?.get(origin.to_bytes().as_slice())?.map_or(0, |f| f.value());
+        Ok(Seq(floor))
+    }
+
+    /// Every origin's log floor that is above 0.
+    pub fn log_floors(&self) -> Result<BTreeMap<Origin, Seq>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let mut floors = BTreeMap::new();
+        for row in txn.open_table(LOG_FLOORS)?.iter()? {
+            let (k, v) = row?;
+            if v.value() > 0 {
+                floors.insert(origin_from_bytes(k.value())?, Seq(v.value()));
+            }
+        }
+        Ok(floors)
+    }
+
+    /// The state-root bucket hashes as of the last commit, to compare with a peer's.
+    pub fn bucket_hashes(&self) -> Vec<[u8; 32]> {
+        self.mirror.read().expect("mirror lock").buckets.0.clone()
+    }
+
+    /// Every state entry (tombstones included) in the given buckets, to send to a peer whose buckets
+    /// differ. A full scan of the state, in one read transaction.
+    pub fn entries_in_buckets(&self, buckets: &[u32]) -> Result<Vec<StateEntry>, StoreError> {
+        let wanted: BTreeSet<usize> = buckets.iter().map(|b| *b as usize).collect();
+        let txn = self.db().begin_read()?;
+        let mut out = Vec::new();
+        for (kind, def) in [(Kind::Register, REGISTERS), (Kind::Counter, COUNTERS), (Kind::Lease, LEASES)] {
+            for row in txn.open_table(def)?.iter()? {
+                let (k, v) = row?;
+                let (collection, key) = k.value();
+                if wanted.contains(&bucket_of(&identity_hash(entry_kind(kind), collection, key))) {
+                    out.push(StateEntry {
+                        kind,
+                        collection: collection.to_owned(),
+                        key: key.to_vec(),
+                        value: v.value().to_vec(),
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Batches read from an origin's log, with the floor they were read against.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogRead {
+    pub batches: Vec<OpBatch>,
+    /// The origin's log floor: ops at or below it are compacted away.
+    pub floor: Seq,
+    /// True when the request started below the floor: the ops are gone, replay cannot serve it and
+    /// the caller needs a snapshot.
+    pub below_floor: bool,
 }

@@ -31,6 +31,19 @@ pub(crate) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new(
 /// State-root buckets. Key: bucket index. Value: 32-byte XOR of the entry hashes in the bucket.
 pub(crate) const BUCKETS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
 
+/// Snapshot chunks. Key: chunk CID bytes. Value: the compressed chunk, which hashes to that CID
+/// (checked before every insert). Chunks of several snapshots are shared; a puller's chunks wait here
+/// before their manifest is installed.
+pub(crate) const SNAPSHOT_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshot_chunks_v1");
+
+/// Snapshots held. Key: manifest CID bytes. Value: postcard `snapshot::SignedManifest`, verified before
+/// it was stored. Every chunk a held manifest lists is in `SNAPSHOT_CHUNKS`.
+pub(crate) const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots_v1");
+
+/// Order in which snapshots were stored here (created or installed). Key: increasing number. Value:
+/// manifest CID bytes. The last entry is the latest snapshot.
+pub(crate) const SNAPSHOT_ORDER: TableDefinition<u64, &[u8]> = TableDefinition::new("snapshot_order_v1");
+
 /// Node metadata. Key: one of the `META_*` names. Value: as described at each name.
 pub(crate) const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
 

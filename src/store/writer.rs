@@ -17,6 +17,10 @@ use cid::Cid;
 use serde_bytes::ByteBuf;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+mod maintenance;
+
+pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
+
 use super::apply::{Effect, Tables};
 use super::tables::*;
 use super::{encode_hlc, encode_progress, load_mirror, Mirror, OriginProgress, Store, StoreError};
@@ -88,6 +92,9 @@ pub struct CommitEvent {
     /// Register writes that arrived after a newer concurrent write and lost, plus writes that
     /// replaced another origin's value.
     pub conflicts: u64,
+    /// The manifest CID of a snapshot installed by this commit (its state is merged and the version
+    /// vector jumped to it; no ops of the jump are listed in `remote`).
+    pub snapshot_installed: Option<Cid>,
 }
 
 /// A lease grant of this node that lost to a concurrent grant elsewhere.
@@ -123,6 +130,9 @@ enum Request {
     },
     /// Commit what came before, then stop: later writes fail with `Closed`.
     Stop,
+    /// Snapshot install, entry merge or compaction: runs alone in its own transaction (see
+    /// `maintenance`).
+    Maintenance(maintenance::Task),
 }
 
 impl Request {
@@ -130,7 +140,7 @@ impl Request {
         match self {
             Request::Local { intents, .. } => intents.len(),
             Request::Remote { batch, .. } => batch.ops.len(),
-            Request::Stop => 0,
+            Request::Stop | Request::Maintenance(_) => 0,
         }
     }
 }
@@ -243,7 +253,7 @@ impl Writer {
                 group.drain(i..).for_each(abandon);
             }
             if !group.is_empty() {
-                self.commit_group(group);
+                self.commit_segments(group);
             }
         }
         rx.close();
@@ -358,6 +368,11 @@ impl Writer {
                     }
                 }
                 Request::Stop => None,
+                // `commit_segments` never puts one in a group; refuse rather than run it half-way.
+                Request::Maintenance(task) => {
+                    task.abandon();
+                    None
+                }
             };
             if let Some(e) = failure {
                 requests.for_each(abandon);
@@ -550,5 +565,6 @@ fn abandon(r: Request) {
         Request::Local { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
         Request::Remote { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
         Request::Stop => {}
+        Request::Maintenance(task) => task.abandon(),
     }
 }

@@ -1,0 +1,337 @@
+//! Snapshots kept in the store: creating one from a single read transaction, the chunks and manifests
+//! a node holds (to install them, and to serve them to others), and deleting old ones.
+//!
+//! Creation reads everything from one redb read transaction, so the version vector, the heads, the
+//! state root and the entries belong to one commit while the writer keeps committing; it then writes
+//! the chunks and the manifest in one short write transaction (a crash leaves all or none of them).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use cid::Cid;
+use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+
+use super::apply::entry_kind;
+use super::root::{entry_hash, identity_hash, Buckets};
+use super::tables::*;
+use super::{decode_progress, origin_from_bytes, SnapshotError, Store, StoreError, VersionVector};
+use crate::ids::StateRoot;
+use crate::op::Signer;
+use crate::snapshot::{
+    verify_chunk_cid, ChunkBuilder, CollectionInfo, Kind, Manifest, SignedManifest, StateEntry, FORMAT,
+    MAX_CHUNK_RAW_BYTES,
+};
+
+/// What [`Store::create_snapshot`] made.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnapshotInfo {
+    /// CID of the manifest: the snapshot's name.
+    pub cid: Cid,
+    pub version_vector: VersionVector,
+    pub state_root: StateRoot,
+    pub entries: u64,
+    pub chunks: usize,
+    /// Uncompressed bytes of all chunks.
+    pub raw_bytes: u64,
+    /// Compressed bytes of all chunks.
+    pub compressed_bytes: u64,
+    /// Bytes of the signed manifest as stored and served.
+    pub manifest_bytes: u64,
+}
+
+/// A snapshot this store holds (created here or installed), with its manifest decoded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredSnapshot {
+    pub cid: Cid,
+    pub manifest: Manifest,
+}
+
+/// What [`Store::prune_snapshots`] deleted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PruneOutcome {
+    pub snapshots: usize,
+    pub chunks: usize,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}
+
+impl Store {
+    /// Makes a snapshot of the state as of the last commit, signed by `signer`, in chunks of at most
+    /// `chunk_raw_bytes` raw bytes (see [`crate::snapshot::DEFAULT_CHUNK_RAW_BYTES`]), and keeps it.
+    /// Blocking (it reads the whole state): call it from a blocking thread. The writer keeps
+    /// committing meanwhile, except during the short final write.
+    pub fn create_snapshot(
+        &self,
+        signer: &Signer,
+        cluster: &str,
+        chunk_raw_bytes: u64,
+    ) -> Result<SnapshotInfo, StoreError> {
+        if chunk_raw_bytes == 0 || chunk_raw_bytes > MAX_CHUNK_RAW_BYTES {
+            return Err(SnapshotError::ChunkSize(chunk_raw_bytes).into());
+        }
+        let txn = self.db().begin_read()?;
+        let mut version_vector = VersionVector::default();
+        let mut heads = BTreeMap::new();
+        for row in txn.open_table(VERSION_VECTOR)?.iter()? {
+            let (k, v) = row?;
+            let origin = origin_from_bytes(k.value())?;
+            let p = decode_progress(v.value())?;
+            if p.seq.0 > 0 {
+                version_vector.0.insert(origin, p.seq);
+                heads.insert(origin, p.chain);
+            }
+        }
+        let stored = read_buckets(&txn.open_table(BUCKETS)?)?;
+
+        // The entries, checked against the stored buckets as they go into chunks: a snapshot of a
+        // state that does not match its own root would be refused by every installer.
+        let mut recomputed = Buckets::default();
+        let mut counts: BTreeMap<(Kind, String), u64> = BTreeMap::new();
+        let mut builder = ChunkBuilder::new(chunk_raw_bytes);
+        let mut chunks = Vec::new();
+        let mut index = 0u64;
+        for (kind, def) in [(Kind::Register, REGISTERS), (Kind::Counter, COUNTERS), (Kind::Lease, LEASES)] {
+            let table = txn.open_table(def)?;
+            for row in table.iter()? {
+                let (k, v) = row?;
+                let (collection, key) = k.value();
+                let entry = StateEntry {
+                    kind,
+                    collection: collection.to_owned(),
+                    key: key.to_vec(),
+                    value: v.value().to_vec(),
+                };
+                let id = identity_hash(entry_kind(kind), collection, key);
+                recomputed.toggle(&id, &entry_hash(&id, &entry.value));
+                match counts.get_mut(&(kind, entry.collection.clone())) {
+                    Some(n) => *n += 1,
+                    None => drop(counts.insert((kind, entry.collection.clone()), 1)),
+                }
+                let sealed = builder.push(&entry).map_err(|e| SnapshotError::Entry { index, reason: e.to_string() })?;
+                chunks.extend(sealed);
+                index += 1;
+            }
+        }
+        chunks.extend(builder.finish().map_err(|e| SnapshotError::Entry { index, reason: e.to_string() })?);
+        drop(txn);
+        if recomputed != stored {
+            return Err(StoreError::Corrupt("the state entries do not hash to the stored state-root buckets".into()));
+        }
+
+        let manifest = Manifest {
+            format: FORMAT,
+            cluster: cluster.to_owned(),
+            creator: signer.origin(),
+            created_at_ms: now_ms(),
+            version_vector: version_vector.clone(),
+            heads,
+            state_root: stored.root(),
+            collections: counts
+                .into_iter()
+                .map(|((kind, name), entries)| CollectionInfo { kind, name, entries })
+                .collect(),
+            chunks: chunks.iter().map(|c| c.chunk_ref()).collect(),
+        };
+        let signed = manifest.sign(signer).map_err(SnapshotError::from)?;
+        let cid = signed.cid();
+        let encoded = signed.encode();
+
+        let wtxn = self.db().begin_write()?;
+        {
+            let mut table = wtxn.open_table(SNAPSHOT_CHUNKS)?;
+            for c in &chunks {
+                let key = c.cid.to_bytes();
+                if table.get(key.as_slice())?.is_none() {
+                    table.insert(key.as_slice(), c.bytes.as_slice())?;
+                }
+            }
+        }
+        keep_manifest(&wtxn, &cid, &encoded)?;
+        wtxn.commit()?;
+        Ok(SnapshotInfo {
+            cid,
+            version_vector,
+            state_root: manifest.state_root,
+            entries: index,
+            chunks: chunks.len(),
+            raw_bytes: manifest.raw_bytes(),
+            compressed_bytes: manifest.compressed_bytes(),
+            manifest_bytes: encoded.len() as u64,
+        })
+    }
+
+    /// The snapshots held, oldest first.
+    pub fn list_snapshots(&self) -> Result<Vec<StoredSnapshot>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let order = txn.open_table(SNAPSHOT_ORDER)?;
+        let manifests = txn.open_table(SNAPSHOTS)?;
+        let mut out = Vec::new();
+        for row in order.iter()? {
+            let (_, cid) = row?;
+            out.push(stored_snapshot(&manifests, cid.value())?);
+        }
+        Ok(out)
+    }
+
+    /// The snapshot stored last (created or installed), if any.
+    pub fn latest_snapshot(&self) -> Result<Option<StoredSnapshot>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let manifests = txn.open_table(SNAPSHOTS)?;
+        let order = txn.open_table(SNAPSHOT_ORDER)?;
+        let last = order.last()?;
+        last.map(|(_, cid)| stored_snapshot(&manifests, cid.value())).transpose()
+    }
+
+    /// The signed manifest of a held snapshot, to serve as is.
+    pub fn snapshot_manifest(&self, cid: &Cid) -> Result<Option<SignedManifest>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let value = txn.open_table(SNAPSHOTS)?.get(cid.to_bytes().as_slice())?;
+        value
+            .map(|v| {
+                SignedManifest::decode(v.value()).map_err(|e| StoreError::Corrupt(format!("stored manifest: {e}")))
+            })
+            .transpose()
+    }
+
+    /// The compressed bytes of a held chunk.
+    pub fn snapshot_chunk(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let value = txn.open_table(SNAPSHOT_CHUNKS)?.get(cid.to_bytes().as_slice())?;
+        Ok(value.map(|v| v.value().to_vec()))
+    }
+
+    pub fn has_chunk(&self, cid: &Cid) -> Result<bool, StoreError> {
+        let txn = self.db().begin_read()?;
+        Ok(txn.open_table(SNAPSHOT_CHUNKS)?.get(cid.to_bytes().as_slice())?.is_some())
+    }
+
+    /// The chunks of `manifest` not held yet: what a resumed pull still has to fetch.
+    pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<Cid>, StoreError> {
+        let txn = self.db().begin_read()?;
+        let table = txn.open_table(SNAPSHOT_CHUNKS)?;
+        let mut missing = Vec::new();
+        for c in &manifest.chunks {
+            if table.get(c.cid.to_bytes().as_slice())?.is_none() {
+                missing.push(c.cid);
+            }
+        }
+        Ok(missing)
+    }
+
+    /// Number of chunks held (of all snapshots, and of pulls not installed yet).
+    pub fn chunk_count(&self) -> Result<u64, StoreError> {
+        let txn = self.db().begin_read()?;
+        Ok(txn.open_table(SNAPSHOT_CHUNKS)?.len()?)
+    }
+
+    /// Keeps a chunk fetched from a peer, after checking that its bytes hash to `cid` (one durable
+    /// write per chunk, so a restarted pull fetches only what is missing). Returns false when it was
+    /// already held. Blocking.
+    pub fn put_chunk(&self, cid: &Cid, bytes: &[u8]) -> Result<bool, StoreError> {
+        verify_chunk_cid(cid, bytes).map_err(|source| SnapshotError::Chunk { cid: *cid, source })?;
+        let key = cid.to_bytes();
+        if self.has_chunk(cid)? {
+            return Ok(false);
+        }
+        let txn = self.db().begin_write()?;
+        {
+            let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
+            table.insert(key.as_slice(), bytes)?;
+        }
+        txn.commit()?;
+        Ok(true)
+    }
+
+    /// Deletes all but the latest `keep` snapshots (at least one is always kept, since compaction
+    /// relies on the latest), with their chunks unless a kept snapshot lists them too. Chunks no
+    /// manifest lists (a pull in progress) are left alone. Blocking.
+    pub fn prune_snapshots(&self, keep: usize) -> Result<PruneOutcome, StoreError> {
+        let keep = keep.max(1);
+        let txn = self.db().begin_write()?;
+        let mut outcome = PruneOutcome::default();
+        {
+            let mut order = txn.open_table(SNAPSHOT_ORDER)?;
+            let mut manifests = txn.open_table(SNAPSHOTS)?;
+            let mut chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
+            let mut all = Vec::new();
+            for row in order.iter()? {
+                let (k, v) = row?;
+                all.push((k.value(), v.value().to_vec()));
+            }
+            let cut = all.len().saturating_sub(keep);
+            let chunk_set = |cid: &[u8]| -> Result<BTreeSet<Vec<u8>>, StoreError> {
+                let s = stored_snapshot(&manifests, cid)?;
+                Ok(s.manifest.chunks.iter().map(|c| c.cid.to_bytes()).collect())
+            };
+            let mut kept = BTreeSet::new();
+            for (_, cid) in &all[cut..] {
+                kept.extend(chunk_set(cid)?);
+            }
+            let mut doomed = BTreeSet::new();
+            for (_, cid) in &all[..cut] {
+                doomed.extend(chunk_set(cid)?.into_iter().filter(|c| !kept.contains(c)));
+            }
+            for c in &doomed {
+                if chunks.remove(c.as_slice())?.is_some() {
+                    outcome.chunks += 1;
+                }
+            }
+            for (n, cid) in &all[..cut] {
+                order.remove(*n)?;
+                manifests.remove(cid.as_slice())?;
+                outcome.snapshots += 1;
+            }
+        }
+        txn.commit()?;
+        Ok(outcome)
+    }
+}
+
+/// Stores a verified signed manifest and appends it to the order, unless it is already held.
+pub(super) fn keep_manifest(txn: &WriteTransaction, cid: &Cid, signed: &[u8]) -> Result<(), StoreError> {
+    let key = cid.to_bytes();
+    let mut manifests = txn.open_table(SNAPSHOTS)?;
+    if manifests.get(key.as_slice())?.is_some() {
+        return Ok(());
+    }
+    manifests.insert(key.as_slice(), signed)?;
+    let mut order = txn.open_table(SNAPSHOT_ORDER)?;
+    let next = order.last()?.map_or(0, |(k, _)| k.value() + 1);
+    order.insert(next, key.as_slice())?;
+    Ok(())
+}
+
+/// The latest held snapshot's manifest, read inside a write transaction.
+pub(super) fn latest_in(txn: &WriteTransaction) -> Result<Option<Manifest>, StoreError> {
+    let manifests = txn.open_table(SNAPSHOTS)?;
+    let order = txn.open_table(SNAPSHOT_ORDER)?;
+    let last = order.last()?;
+    last.map(|(_, cid)| stored_snapshot(&manifests, cid.value()).map(|s| s.manifest)).transpose()
+}
+
+fn stored_snapshot(
+    manifests: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    cid: &[u8],
+) -> Result<StoredSnapshot, StoreError> {
+    let corrupt = |what: String| StoreError::Corrupt(format!("snapshot index: {what}"));
+    let cid = Cid::try_from(cid).map_err(|e| corrupt(format!("bad CID: {e}")))?;
+    let value = manifests.get(cid.to_bytes().as_slice())?.ok_or_else(|| corrupt(format!("{cid} has no manifest")))?;
+    let signed = SignedManifest::decode(value.value()).map_err(|e| corrupt(e.to_string()))?;
+    let manifest = signed.manifest_unverified().map_err(|e| corrupt(e.to_string()))?;
+    Ok(StoredSnapshot { cid, manifest })
+}
+
+/// The bucket hashes persisted in a `BUCKETS` table.
+pub(super) fn read_buckets(table: &impl ReadableTable<u32, &'static [u8]>) -> Result<Buckets, StoreError> {
+    let mut buckets = Buckets::default();
+    for row in table.iter()? {
+        let (k, v) = row?;
+        let idx = k.value() as usize;
+        let hash: [u8; 32] =
+            v.value().try_into().map_err(|_| StoreError::Corrupt(format!("bucket {idx} is not 32 bytes")))?;
+        *buckets.0.get_mut(idx).ok_or_else(|| StoreError::Corrupt(format!("bucket index {idx} out of range")))? = hash;
+    }
+    Ok(buckets)
+}

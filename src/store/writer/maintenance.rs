@@ -1,0 +1,362 @@
+//! Writer requests that run alone, each in a transaction of its own, between group commits:
+//! installing a snapshot, merging state entries (repair of divergent buckets) and compacting the log.
+//!
+//! Running on the writer thread serializes them with every write. Each works on a copy of the mirror
+//! and publishes it only once its transaction is durable, so a refused snapshot or a failed commit
+//! leaves both the database and the in-memory state as they were.
+
+use std::collections::BTreeMap;
+
+use cid::Cid;
+use redb::{ReadableTable, WriteTransaction};
+use tokio::sync::oneshot;
+
+use super::{now_ms, CommitEvent, Request, WriteHandle, Writer, WriterError, MAX_CLOCK_AHEAD_MS};
+use crate::crdt::HlcClock;
+use crate::ids::{Origin, Seq};
+use crate::snapshot::{decode_chunk, Kind, Manifest, SignedManifest, StateEntry};
+use crate::store::apply::{entry_kind, Tables};
+use crate::store::root::{entry_hash, identity_hash, Buckets};
+use crate::store::snapshots::{keep_manifest, latest_in};
+use crate::store::tables::*;
+use crate::store::{encode_hlc, encode_progress, Mirror, OriginProgress, SnapshotError, StoreError};
+
+/// A maintenance request and where its answer goes.
+pub(in crate::store) enum Task {
+    Install { manifest: Box<SignedManifest>, reply: oneshot::Sender<Result<InstallOutcome, WriterError>> },
+    Merge { entries: Vec<StateEntry>, reply: oneshot::Sender<Result<MergeOutcome, WriterError>> },
+    Compact { keep_ops: u64, keep_bytes: u64, reply: oneshot::Sender<Result<CompactOutcome, WriterError>> },
+}
+
+impl Task {
+    /// Answers a task that will not run with `Closed`.
+    pub(super) fn abandon(self) {
+        match self {
+            Task::Install { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
+            Task::Merge { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
+            Task::Compact { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
+        }
+    }
+}
+
+/// What installing a snapshot did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InstallOutcome {
+    /// The local version vector already covered the snapshot's: nothing was read or written.
+    AlreadyCovered,
+    Installed {
+        /// The manifest CID; the snapshot is now held and can be served.
+        cid: Cid,
+        /// Entries merged, and how many of them changed the local state.
+        entries: u64,
+        changed: u64,
+        /// Origins the snapshot was ahead for: `(origin, local seq before, snapshot seq)`. Their log
+        /// now starts after the snapshot seq (the log floor).
+        advanced: Vec<(Origin, Seq, Seq)>,
+    },
+}
+
+/// What merging state entries did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MergeOutcome {
+    pub entries: u64,
+    /// Entries that changed the local state.
+    pub changed: u64,
+}
+
+/// What compaction did.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct CompactOutcome {
+    /// Origins whose floor rose: `(origin, old floor, new floor)`.
+    pub floors: Vec<(Origin, Seq, Seq)>,
+    pub ops_deleted: u64,
+}
+
+impl WriteHandle {
+    /// Installs a snapshot whose chunks are all held (see `Store::put_chunk`): verifies the manifest,
+    /// every chunk and the state root, merges the entries into the local state, and moves the log of
+    /// every origin the snapshot is ahead for to the snapshot's seq. One transaction: all or nothing.
+    /// Whether the creator and cluster are acceptable is the caller's decision.
+    pub async fn install_snapshot(&self, manifest: SignedManifest) -> Result<InstallOutcome, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        let task = Task::Install { manifest: Box::new(manifest), reply };
+        self.tx.send(Request::Maintenance(task)).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// Merges state entries (as `Store::entries_in_buckets` returns them) with the CRDT merges,
+    /// without touching the version vector or the log: repairs buckets that diverged. All or nothing.
+    pub async fn merge_entries(&self, entries: Vec<StateEntry>) -> Result<MergeOutcome, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Maintenance(Task::Merge { entries, reply })).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
+    /// Per origin, deletes the log older than its newest `keep_ops` ops and newest `keep_bytes` op
+    /// bytes (whichever keeps more), but never past what the latest held snapshot covers, and raises
+    /// the log floors. Without a snapshot nothing is compacted.
+    pub async fn compact(&self, keep_ops: u64, keep_bytes: u64) -> Result<CompactOutcome, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        let task = Task::Compact { keep_ops, keep_bytes, reply };
+        self.tx.send(Request::Maintenance(task)).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+}
+
+/// The working copies a maintenance transaction changes; kept only if it commits.
+struct Work {
+    mirror: Mirror,
+    clock: HlcClock,
+    event: CommitEvent,
+}
+
+fn refused(e: impl Into<SnapshotError>) -> WriterError {
+    WriterError::Store(std::sync::Arc::new(StoreError::from(e.into())))
+}
+
+fn store_err(e: impl Into<StoreError>) -> WriterError {
+    WriterError::Store(std::sync::Arc::new(e.into()))
+}
+
+impl Writer {
+    /// Commits a group in runs of ordinary requests, with each maintenance task alone in between, in
+    /// the order they were queued.
+    pub(super) fn commit_segments(&mut self, group: Vec<Request>) {
+        let mut run = Vec::new();
+        for request in group {
+            match request {
+                Request::Maintenance(task) => {
+                    if !run.is_empty() {
+                        self.commit_group(std::mem::take(&mut run));
+                    }
+                    self.run_task(task);
+                }
+                other => run.push(other),
+            }
+        }
+        if !run.is_empty() {
+            self.commit_group(run);
+        }
+    }
+
+    fn run_task(&mut self, task: Task) {
+        match task {
+            Task::Install { manifest, reply } => drop(reply.send(self.install(&manifest))),
+            Task::Merge { entries, reply } => {
+                let r = self.transact(|txn, work| {
+                    let mut tables = Tables::open(txn)?;
+                    let mut changed = 0;
+                    for (index, entry) in entries.iter().enumerate() {
+                        changed += merge_one(&mut tables, work, index as u64, entry)? as u64;
+                    }
+                    persist_buckets(txn, &mut tables, &work.mirror)?;
+                    Ok(MergeOutcome { entries: entries.len() as u64, changed })
+                });
+                drop(reply.send(r));
+            }
+            Task::Compact { keep_ops, keep_bytes, reply } => {
+                drop(reply.send(self.transact(|txn, work| compact(txn, &work.mirror, keep_ops, keep_bytes))));
+            }
+        }
+    }
+
+    fn install(&mut self, signed: &SignedManifest) -> Result<InstallOutcome, WriterError> {
+        let manifest = signed.verify().map_err(refused)?;
+        if self.mirror.version_vector().dominates(&manifest.version_vector) {
+            return Ok(InstallOutcome::AlreadyCovered);
+        }
+        let cid = signed.cid();
+        self.transact(|txn, work| {
+            let (entries, changed) = merge_snapshot(txn, work, &cid, &manifest)?;
+            let advanced = advance_logs(txn, &mut work.mirror, &manifest)?;
+            keep_manifest(txn, &cid, &signed.encode())?;
+            work.event.snapshot_installed = Some(cid);
+            Ok(InstallOutcome::Installed { cid, entries, changed, advanced })
+        })
+    }
+
+    /// Runs `f` in a write transaction of its own on copies of the mirror and clock, and keeps them,
+    /// publishes the mirror and the version vector and sends the commit event only once it committed.
+    fn transact<T>(
+        &mut self,
+        f: impl FnOnce(&WriteTransaction, &mut Work) -> Result<T, StoreError>,
+    ) -> Result<T, WriterError> {
+        let mut work = Work { mirror: self.mirror.clone(), clock: self.clock, event: CommitEvent::default() };
+        let txn = self.store.db().begin_write().map_err(store_err)?;
+        // On error the transaction is dropped uncommitted: redb rolls it back.
+        let value = f(&txn, &mut work).map_err(store_err)?;
+        if work.clock.last() != self.clock.last() {
+            work.mirror.hlc = work.clock.last();
+            let mut meta = txn.open_table(META).map_err(store_err)?;
+            meta.insert(META_HLC, encode_hlc(work.mirror.hlc).as_slice()).map_err(store_err)?;
+        }
+        txn.commit().map_err(store_err)?;
+        self.mirror = work.mirror;
+        self.clock = work.clock;
+        *self.store.mirror.write().expect("mirror lock") = self.mirror.clone();
+        let vv = self.mirror.version_vector();
+        self.store.vv_watch.send_if_modified(|current| {
+            let modified = *current != vv;
+            *current = vv;
+            modified
+        });
+        let e = work.event;
+        if e.snapshot_installed.is_some() || !e.leases.is_empty() {
+            let _ = self.events.send(std::sync::Arc::new(e));
+        }
+        Ok(value)
+    }
+}
+
+/// Merges one entry, keeping the working mirror's buckets and clock in step. Returns whether it
+/// changed the state.
+fn merge_one(tables: &mut Tables, work: &mut Work, index: u64, entry: &StateEntry) -> Result<bool, StoreError> {
+    let effect = tables.merge_entry(&mut work.mirror.buckets, index, entry)?;
+    // A stamp far ahead of the wall clock is merged, but the clock does not follow it.
+    if let Some(hlc) = effect.hlc.filter(|h| h.wall_ms <= now_ms().saturating_add(MAX_CLOCK_AHEAD_MS)) {
+        work.clock.observe(hlc);
+    }
+    if let Some(state) = effect.lease {
+        work.event.leases.push((entry.collection.clone(), entry.key.clone(), state));
+    }
+    Ok(effect.changed)
+}
+
+/// Writes the buckets the transaction touched.
+fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror) -> Result<(), StoreError> {
+    let mut buckets = txn.open_table(BUCKETS)?;
+    for b in std::mem::take(&mut tables.dirty) {
+        buckets.insert(b as u32, mirror.buckets.0[b].as_slice())?;
+    }
+    Ok(())
+}
+
+/// Verifies every chunk of the snapshot and merges its entries; checks that the entries hash to the
+/// manifest's state root and match its collection counts. Returns (entries, changed).
+fn merge_snapshot(
+    txn: &WriteTransaction,
+    work: &mut Work,
+    cid: &Cid,
+    manifest: &Manifest,
+) -> Result<(u64, u64), StoreError> {
+    let chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
+    let mut missing = Vec::new();
+    for c in &manifest.chunks {
+        if chunks.get(c.cid.to_bytes().as_slice())?.is_none() {
+            missing.push(c.cid);
+        }
+    }
+    if let Some(first) = missing.first() {
+        return Err(SnapshotError::MissingChunks { manifest: *cid, missing: missing.len(), first: *first }.into());
+    }
+    let mut tables = Tables::open(txn)?;
+    let mut theirs = Buckets::default();
+    let mut counts: BTreeMap<(Kind, String), u64> = BTreeMap::new();
+    let (mut index, mut changed) = (0u64, 0u64);
+    for c in &manifest.chunks {
+        let bytes = chunks.get(c.cid.to_bytes().as_slice())?.expect("checked present in this transaction");
+        let entries = decode_chunk(c, bytes.value()).map_err(|source| SnapshotError::Chunk { cid: c.cid, source })?;
+        for entry in &entries {
+            let id = identity_hash(entry_kind(entry.kind), &entry.collection, &entry.key);
+            theirs.toggle(&id, &entry_hash(&id, &entry.value));
+            *counts.entry((entry.kind, entry.collection.clone())).or_default() += 1;
+            changed += merge_one(&mut tables, work, index, entry)? as u64;
+            index += 1;
+        }
+    }
+    if theirs.root() != manifest.state_root {
+        return Err(SnapshotError::RootMismatch { claimed: manifest.state_root, found: theirs.root() }.into());
+    }
+    let mut claimed: BTreeMap<(Kind, String), u64> =
+        manifest.collections.iter().map(|c| ((c.kind, c.name.clone()), c.entries)).collect();
+    for ((kind, name), found) in counts {
+        let claimed = claimed.remove(&(kind, name.clone())).unwrap_or(0);
+        if claimed != found {
+            return Err(SnapshotError::CountMismatch { kind, name, claimed, found }.into());
+        }
+    }
+    if let Some(((kind, name), claimed)) = claimed.into_iter().find(|(_, n)| *n > 0) {
+        return Err(SnapshotError::CountMismatch { kind, name, claimed, found: 0 }.into());
+    }
+    persist_buckets(txn, &mut tables, &work.mirror)?;
+    Ok((index, changed))
+}
+
+/// For every origin the snapshot is ahead for: its progress becomes the snapshot's (seq, head), its
+/// log floor the snapshot seq, and its older log entries and signed heads go (they no longer join
+/// the log that continues after the floor).
+fn advance_logs(
+    txn: &WriteTransaction,
+    mirror: &mut Mirror,
+    manifest: &Manifest,
+) -> Result<Vec<(Origin, Seq, Seq)>, StoreError> {
+    let mut oplog = txn.open_table(OPLOG)?;
+    let mut heads = txn.open_table(HEADS)?;
+    let mut floors = txn.open_table(LOG_FLOORS)?;
+    let mut vv = txn.open_table(VERSION_VECTOR)?;
+    let mut advanced = Vec::new();
+    for (origin, seq) in &manifest.version_vector.0 {
+        let have = mirror.progress.get(origin).map_or(Seq::ZERO, |p| p.seq);
+        if *seq <= have {
+            continue;
+        }
+        let ob = origin.to_bytes();
+        let range = (ob.as_slice(), 0u64)..=(ob.as_slice(), seq.0);
+        oplog.retain_in(range.clone(), |_, _| false)?;
+        heads.retain_in(range, |_, _| false)?;
+        floors.insert(ob.as_slice(), seq.0)?;
+        let progress = OriginProgress { seq: *seq, chain: manifest.heads[origin] };
+        vv.insert(ob.as_slice(), encode_progress(&progress).as_slice())?;
+        mirror.progress.insert(*origin, progress);
+        advanced.push((*origin, have, *seq));
+    }
+    Ok(advanced)
+}
+
+fn compact(
+    txn: &WriteTransaction,
+    mirror: &Mirror,
+    keep_ops: u64,
+    keep_bytes: u64,
+) -> Result<CompactOutcome, StoreError> {
+    let mut outcome = CompactOutcome::default();
+    let Some(snapshot) = latest_in(txn)? else {
+        return Ok(outcome);
+    };
+    let mut oplog = txn.open_table(OPLOG)?;
+    let mut heads = txn.open_table(HEADS)?;
+    let mut floors = txn.open_table(LOG_FLOORS)?;
+    for (origin, progress) in &mirror.progress {
+        let ob = origin.to_bytes();
+        let floor = floors.get(ob.as_slice())?.map_or(0, |f| f.value());
+        let cap = snapshot.version_vector.get(origin).min(progress.seq).0;
+        if cap <= floor {
+            continue;
+        }
+        // Walk back from the newest op until both quotas are met; everything older may go.
+        let (mut kept_ops, mut kept_bytes, mut oldest_dropped) = (0u64, 0u64, floor);
+        for row in oplog.range((ob.as_slice(), floor + 1)..=(ob.as_slice(), progress.seq.0))?.rev() {
+            let (k, v) = row?;
+            if kept_ops >= keep_ops && kept_bytes >= keep_bytes {
+                oldest_dropped = k.value().1;
+                break;
+            }
+            kept_ops += 1;
+            kept_bytes += v.value().len().saturating_sub(32) as u64;
+        }
+        let new_floor = oldest_dropped.min(cap);
+        if new_floor <= floor {
+            continue;
+        }
+        let mut deleted = 0u64;
+        oplog.retain_in((ob.as_slice(), floor + 1)..=(ob.as_slice(), new_floor), |_, _| {
+            deleted += 1;
+            false
+        })?;
+        heads.retain_in((ob.as_slice(), 0u64)..=(ob.as_slice(), new_floor), |_, _| false)?;
+        floors.insert(ob.as_slice(), new_floor)?;
+        outcome.ops_deleted += deleted;
+        outcome.floors.push((*origin, Seq(floor), Seq(new_floor)));
+    }
+    Ok(outcome)
+}

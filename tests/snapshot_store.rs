@@ -1,0 +1,438 @@
+//! Snapshots in the store, through the public API: create on one store, move manifest and chunks by
+//! CID, install on another, replay the rest of the log; merges onto existing state; refusal of bad
+//! data with nothing written; compaction and log floors; atomicity across a reopen.
+
+use std::collections::BTreeMap;
+use std::thread::JoinHandle;
+
+use peersync::crdt::LeaseRequest;
+use peersync::ids::{Origin, Seq};
+use peersync::op::{raw_cid, Signer};
+use peersync::snapshot::{ChunkError, ChunkRef, Manifest, ManifestError, SignedManifest, StateEntry};
+use peersync::store::{
+    InstallOutcome, LocalIntent, RemoteOutcome, SnapshotError, Store, StoreError, WriteHandle, WriterConfig,
+    WriterError,
+};
+
+struct Node {
+    store: Store,
+    writer: WriteHandle,
+    signer: Signer,
+    join: Option<JoinHandle<()>>,
+}
+
+fn open_with(path: &std::path::Path, signer: Signer) -> Node {
+    let store = Store::open(path).unwrap();
+    let (events, _) = tokio::sync::broadcast::channel(1024);
+    let config = WriterConfig { batch_max_ops: 4, ..Default::default() };
+    let (writer, join) = store.spawn_writer(signer.clone(), config, events);
+    Node { store, writer, signer, join: Some(join) }
+}
+
+fn open(dir: &tempfile::TempDir, name: &str) -> Node {
+    open_with(&dir.path().join(name), Signer::new(libp2p::identity::Keypair::generate_ed25519()))
+}
+
+impl Node {
+    fn origin(&self) -> Origin {
+        self.signer.origin()
+    }
+
+    /// Stops the writer and drops every handle, so the database file is closed.
+    async fn close(mut self) -> Signer {
+        self.writer.stop().await;
+        self.join.take().unwrap().join().unwrap();
+        self.signer
+    }
+}
+
+/// `rounds` rounds of mixed writes: registers (shared keys, so origins conflict, and deletes, so there
+/// are tombstones), a shared counter, a per-origin lease and a shared lease granted with ttl 0.
+async fn write(node: &Node, tag: u8, rounds: u8) {
+    for i in 0..rounds {
+        let mut intents = vec![
+            LocalIntent::Put { register: "reg".into(), key: vec![i % 7], value: vec![tag, i] },
+            LocalIntent::Put { register: format!("own-{tag}"), key: vec![i], value: vec![i; 40] },
+            LocalIntent::CounterAdd { counter: "ctr".into(), key: b"hits".to_vec(), delta: i as i64 - 3 },
+            LocalIntent::Lease {
+                lease: "lk".into(),
+                key: b"shared".to_vec(),
+                request: LeaseRequest::Acquire { holder: format!("h{tag}"), ttl_ms: 0 },
+            },
+        ];
+        if i % 3 == 2 {
+            intents.push(LocalIntent::Delete { register: "reg".into(), key: vec![(i + 1) % 7] });
+        }
+        if i == 0 {
+            intents.push(LocalIntent::Lease {
+                lease: "lk".into(),
+                key: vec![tag],
+                request: LeaseRequest::Acquire { holder: format!("h{tag}"), ttl_ms: 3_600_000 },
+            });
+        }
+        node.writer.local(intents).await.unwrap();
+    }
+}
+
+/// Replays `origin`'s ops from `from` onto `to`, batch after batch, as a puller would; stops after
+/// `max_ops` ops (roughly: whole batches) or when `to` has everything.
+async fn replay(from: &Store, to: &Node, origin: &Origin, max_ops: usize) {
+    let mut moved = 0;
+    while moved < max_ops {
+        let have = to.store.version_vector().get(origin);
+        let read = from.read_log(origin, have, 16, usize::MAX).unwrap();
+        assert!(!read.below_floor, "replay of {origin} from {have} is below the source's floor {}", read.floor);
+        if read.batches.is_empty() {
+            break;
+        }
+        for batch in read.batches {
+            let prev = to.store.chain_at(origin, batch.after).unwrap().expect("chain at the batch start");
+            let verified = batch.verify(prev, 10_000).unwrap();
+            moved += verified.ops.len();
+            let outcome = to.writer.remote(verified).await.unwrap();
+            assert!(matches!(outcome, RemoteOutcome::Applied { .. }), "{outcome:?}");
+        }
+    }
+}
+
+/// Copies a snapshot's manifest and chunks from one store to another, by CID, verifying each chunk.
+fn copy_snapshot(from: &Store, to: &Store, cid: &cid::Cid) -> SignedManifest {
+    let signed = from.snapshot_manifest(cid).unwrap().expect("manifest held");
+    let manifest = signed.verify().unwrap();
+    for c in to.missing_chunks(&manifest).unwrap() {
+        assert!(to.put_chunk(&c, &from.snapshot_chunk(&c).unwrap().unwrap()).unwrap());
+    }
+    assert!(to.missing_chunks(&manifest).unwrap().is_empty());
+    signed
+}
+
+fn assert_sound(store: &Store) {
+    let report = store.check_log().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+}
+
+fn refusal(e: WriterError) -> SnapshotError {
+    match e {
+        WriterError::Store(e) => match std::sync::Arc::try_unwrap(e).expect("sole owner") {
+            StoreError::Snapshot(e) => *e,
+            other => panic!("expected a refusal, got {other}"),
+        },
+        other => panic!("expected a refusal, got {other}"),
+    }
+}
+
+#[tokio::test]
+async fn snapshot_installs_on_an_empty_store_and_replay_continues_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    let p = open(&dir, "p.redb");
+    write(&a, 1, 20).await;
+    write(&p, 2, 15).await;
+    replay(&p.store, &a, &p.origin(), usize::MAX).await;
+
+    let info = a.store.create_snapshot(&a.signer, "test", 512).unwrap();
+    assert!(info.chunks > 3, "{info:?}");
+    assert_eq!((info.state_root, info.version_vector.clone()), a.store.state_root());
+    assert_eq!(a.store.latest_snapshot().unwrap().unwrap().cid, info.cid);
+
+    let b = open(&dir, "b.redb");
+    let signed = copy_snapshot(&a.store, &b.store, &info.cid);
+    let manifest = signed.verify().unwrap();
+    assert_eq!(manifest.cluster, "test");
+    assert_eq!(manifest.entries(), info.entries);
+    let outcome = b.writer.install_snapshot(signed.clone()).await.unwrap();
+    let InstallOutcome::Installed { cid, entries, changed, advanced } = outcome else { panic!("{outcome:?}") };
+    assert_eq!((cid, entries, changed, advanced.len()), (info.cid, info.entries, info.entries, 2));
+    assert_eq!(b.store.state_root(), a.store.state_root());
+    assert_eq!(b.store.counter("ctr", b"hits").unwrap(), a.store.counter("ctr", b"hits").unwrap());
+    assert_eq!(b.store.lease("lk", b"shared").unwrap(), a.store.lease("lk", b"shared").unwrap());
+    assert_sound(&b.store);
+    assert_eq!(b.store.log_len().unwrap(), 0);
+    assert_eq!(b.store.log_floors().unwrap(), info.version_vector.0);
+    // B serves what it installed.
+    assert_eq!(b.store.snapshot_manifest(&info.cid).unwrap().unwrap(), signed);
+    for c in &manifest.chunks {
+        assert_eq!(b.store.snapshot_chunk(&c.cid).unwrap(), a.store.snapshot_chunk(&c.cid).unwrap());
+    }
+    assert_eq!(b.store.latest_snapshot().unwrap().unwrap().cid, info.cid);
+    // Installing it again changes nothing.
+    assert_eq!(b.writer.install_snapshot(signed).await.unwrap(), InstallOutcome::AlreadyCovered);
+
+    // Later ops continue the snapshot's chain heads: replay onto B verifies and converges.
+    write(&a, 1, 9).await;
+    write(&p, 2, 6).await;
+    replay(&p.store, &a, &p.origin(), usize::MAX).await;
+    for origin in [a.origin(), p.origin()] {
+        replay(&a.store, &b, &origin, usize::MAX).await;
+    }
+    assert_eq!(b.store.state_root(), a.store.state_root());
+    assert_sound(&b.store);
+    // B's own writes continue after the snapshot too.
+    write(&b, 3, 2).await;
+    assert_sound(&b.store);
+}
+
+#[tokio::test]
+async fn install_onto_overlapping_and_newer_state_equals_the_crdt_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p1, p2) = (open(&dir, "p1.redb"), open(&dir, "p2.redb"));
+    write(&p1, 1, 24).await;
+    write(&p2, 2, 12).await;
+    let a = open(&dir, "a.redb");
+    replay(&p1.store, &a, &p1.origin(), usize::MAX).await;
+    replay(&p2.store, &a, &p2.origin(), usize::MAX).await;
+    let info = a.store.create_snapshot(&a.signer, "test", 700).unwrap();
+    write(&p2, 2, 10).await;
+
+    // B: part of p1's log (behind the snapshot), all of p2's (ahead of it), and writes of its own.
+    let b = open(&dir, "b.redb");
+    replay(&p1.store, &b, &p1.origin(), 20).await;
+    replay(&p2.store, &b, &p2.origin(), usize::MAX).await;
+    write(&b, 3, 8).await;
+    let b_p1_before = b.store.version_vector().get(&p1.origin());
+    assert!(b_p1_before < info.version_vector.get(&p1.origin()));
+
+    // The reference applied every op.
+    let r = open(&dir, "r.redb");
+    for origin in [p1.origin(), p2.origin()] {
+        replay(&a.store, &r, &origin, usize::MAX).await;
+    }
+    replay(&p2.store, &r, &p2.origin(), usize::MAX).await;
+    replay(&b.store, &r, &b.origin(), usize::MAX).await;
+
+    let signed = copy_snapshot(&a.store, &b.store, &info.cid);
+    let outcome = b.writer.install_snapshot(signed.clone()).await.unwrap();
+    let InstallOutcome::Installed { advanced, .. } = outcome else { panic!("{outcome:?}") };
+    assert_eq!(advanced, vec![(p1.origin(), b_p1_before, info.version_vector.get(&p1.origin()))]);
+    assert_eq!(b.store.state_root(), r.store.state_root());
+    assert_sound(&b.store);
+    let floors = b.store.log_floors().unwrap();
+    assert_eq!(floors, BTreeMap::from([(p1.origin(), info.version_vector.get(&p1.origin()))]));
+
+    // A store that already covers the snapshot is left exactly as it was.
+    copy_snapshot(&a.store, &r.store, &info.cid);
+    let before = r.store.state_root();
+    assert_eq!(r.writer.install_snapshot(signed).await.unwrap(), InstallOutcome::AlreadyCovered);
+    assert_eq!(r.store.state_root(), before);
+    assert!(r.store.list_snapshots().unwrap().is_empty());
+
+    // Repair by entries: a store missing a collection gets it from the buckets that differ.
+    let c = open(&dir, "c.redb");
+    replay(&p2.store, &c, &p2.origin(), usize::MAX).await;
+    let (ours, theirs) = (c.store.bucket_hashes(), r.store.bucket_hashes());
+    let differ: Vec<u32> = (0..ours.len() as u32).filter(|i| ours[*i as usize] != theirs[*i as usize]).collect();
+    let entries = r.store.entries_in_buckets(&differ).unwrap();
+    let merged = c.writer.merge_entries(entries.clone()).await.unwrap();
+    assert!(merged.changed > 0 && merged.changed <= merged.entries);
+    assert_eq!(c.store.bucket_hashes(), r.store.bucket_hashes());
+    assert_eq!(c.writer.merge_entries(entries).await.unwrap().changed, 0);
+}
+
+/// A manifest over `chunks` signed by `forger` (who is its creator, so the signature is valid).
+fn forged(forger: &Signer, template: &Manifest, chunks: Vec<ChunkRef>) -> SignedManifest {
+    let m = Manifest { creator: forger.origin(), chunks, ..template.clone() };
+    m.sign(forger).unwrap()
+}
+
+#[tokio::test]
+async fn bad_manifests_and_chunks_are_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 20).await;
+    let info = a.store.create_snapshot(&a.signer, "test", 400).unwrap();
+    let good = a.store.snapshot_manifest(&info.cid).unwrap().unwrap();
+    let manifest = good.verify().unwrap();
+    let b = open(&dir, "b.redb");
+    let empty = b.store.state_root();
+
+    // A chunk is stored only under the CID its bytes hash to.
+    let (c0, c1) = (&manifest.chunks[0], &manifest.chunks[1]);
+    let bytes0 = a.store.snapshot_chunk(&c0.cid).unwrap().unwrap();
+    let err = b.store.put_chunk(&c1.cid, &bytes0).unwrap_err();
+    let StoreError::Snapshot(e) = err else { panic!("{err}") };
+    assert!(matches!(*e, SnapshotError::Chunk { source: ChunkError::CidMismatch { .. }, .. }), "{e}");
+    let mut flipped = bytes0.clone();
+    flipped[3] ^= 0x40;
+    assert!(b.store.put_chunk(&c0.cid, &flipped).is_err());
+    assert_eq!(b.store.chunk_count().unwrap(), 0);
+
+    // Chunks missing: refused, named.
+    let e = refusal(b.writer.install_snapshot(good.clone()).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::MissingChunks { missing, .. } if missing == manifest.chunks.len()), "{e}");
+
+    // Bad signatures and garbage manifests.
+    let mut bad_sig = good.clone();
+    bad_sig.signature[10] ^= 1;
+    let e = refusal(b.writer.install_snapshot(bad_sig).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::Manifest(ManifestError::BadSignature(_))), "{e}");
+    let mut altered = good.clone();
+    let last = altered.manifest_bytes.len() - 1;
+    altered.manifest_bytes[last] ^= 1;
+    assert!(altered.verify().is_err());
+    let stranger = Signer::new(libp2p::identity::Keypair::generate_ed25519());
+    let mut resigned = forged(&stranger, &manifest, manifest.chunks.clone());
+    resigned.manifest_bytes = good.manifest_bytes.clone();
+    assert!(matches!(resigned.verify(), Err(ManifestError::BadSignature(_))));
+    for garbage in [vec![], vec![0xff; 7], vec![1; 300]] {
+        let signed = SignedManifest { manifest_bytes: garbage.clone(), signature: vec![0; 64] };
+        let e = refusal(b.writer.install_snapshot(signed).await.unwrap_err());
+        assert!(matches!(e, SnapshotError::Manifest(ManifestError::Malformed(_))), "{e}");
+        assert!(SignedManifest::decode(&garbage).is_err());
+    }
+    let mut trailing = good.manifest_bytes.clone();
+    trailing.push(0);
+    let e = SignedManifest { manifest_bytes: trailing, ..good.clone() }.verify().unwrap_err();
+    assert!(matches!(e, ManifestError::NotCanonical | ManifestError::BadSignature(_)), "{e}");
+
+    // Validly signed by a (malicious) creator, but the chunks lie: truncated zstd, a bomb, wrong
+    // sizes, or a state root the entries do not hash to.
+    for c in &manifest.chunks {
+        b.store.put_chunk(&c.cid, &a.store.snapshot_chunk(&c.cid).unwrap().unwrap()).unwrap();
+    }
+    let truncated = bytes0[..bytes0.len() - 4].to_vec();
+    let bomb = zstd::bulk::compress(&vec![0u8; 8 << 20], 3).unwrap();
+    let cases: Vec<(Vec<u8>, u64, &str)> = vec![(truncated, c0.raw_size, "truncated"), (bomb, 1 << 16, "bomb")];
+    for (bytes, raw_size, what) in cases {
+        let cid = raw_cid(&bytes);
+        b.store.put_chunk(&cid, &bytes).unwrap();
+        let mut chunks = manifest.chunks.clone();
+        // The bad chunk comes last: the good ones before it are merged, then all is rolled back.
+        chunks.push(ChunkRef { cid, size: bytes.len() as u64, raw_size });
+        let e = refusal(b.writer.install_snapshot(forged(&stranger, &manifest, chunks)).await.unwrap_err());
+        match (what, &e) {
+            ("truncated", SnapshotError::Chunk { source: ChunkError::Decompress(_), .. }) => {}
+            ("bomb", SnapshotError::Chunk { source: ChunkError::Bomb(_), .. }) => {}
+            _ => panic!("{what}: {e}"),
+        }
+    }
+    let mut sizes = manifest.chunks.clone();
+    sizes[0].raw_size += 1;
+    let e = refusal(b.writer.install_snapshot(forged(&stranger, &manifest, sizes)).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::Chunk { source: ChunkError::RawSizeMismatch { .. }, .. }), "{e}");
+    let wrong_root =
+        Manifest { creator: stranger.origin(), state_root: peersync::ids::StateRoot([7; 32]), ..manifest.clone() };
+    let e = refusal(b.writer.install_snapshot(wrong_root.sign(&stranger).unwrap()).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::RootMismatch { .. }), "{e}");
+    let mut short = manifest.chunks.clone();
+    short.pop();
+    let e = refusal(b.writer.install_snapshot(forged(&stranger, &manifest, short)).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::RootMismatch { .. }), "{e}");
+
+    // Bad entries in repairs are refused too.
+    let bad =
+        StateEntry { kind: peersync::snapshot::Kind::Counter, collection: "c".into(), key: vec![1], value: vec![9; 5] };
+    let e = refusal(b.writer.merge_entries(vec![bad]).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::Entry { index: 0, .. }), "{e}");
+
+    // Nothing of any of it was written.
+    assert_eq!(b.store.state_root(), empty);
+    assert!(b.store.list_snapshots().unwrap().is_empty());
+    assert!(b.store.log_floors().unwrap().is_empty());
+    assert_sound(&b.store);
+    let b_path = dir.path().join("b.redb");
+    b.close().await;
+    let reopened = Store::open(&b_path).unwrap();
+    assert_eq!(reopened.state_root(), empty);
+
+    // And the good one still installs.
+    drop(reopened);
+    let b = open(&dir, "b.redb");
+    assert!(matches!(b.writer.install_snapshot(good).await.unwrap(), InstallOutcome::Installed { .. }));
+    assert_eq!(b.store.state_root(), a.store.state_root());
+}
+
+#[tokio::test]
+async fn compaction_keeps_newest_ops_and_never_passes_the_latest_snapshot() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    let me = a.origin();
+    write(&a, 1, 15).await;
+    // No snapshot: nothing may be compacted.
+    assert_eq!(a.writer.compact(0, 0).await.unwrap().ops_deleted, 0);
+    let first = a.store.create_snapshot(&a.signer, "test", 4096).unwrap();
+    let at_snapshot = first.version_vector.get(&me);
+    write(&a, 1, 15).await;
+    let total = a.store.version_vector().get(&me);
+
+    let out = a.writer.compact(10, 0).await.unwrap();
+    assert_eq!(out.floors, vec![(me, Seq(0), at_snapshot)], "capped at the snapshot, not at total - 10");
+    assert_eq!(a.store.log_floor(&me).unwrap(), at_snapshot);
+    assert_eq!(a.store.log_len().unwrap(), total.0 - at_snapshot.0);
+    assert_sound(&a.store);
+
+    // Below the floor is told apart from "nothing newer".
+    let below = a.store.read_log(&me, Seq(3), 100, usize::MAX).unwrap();
+    assert!(below.below_floor && below.batches.is_empty());
+    let at_end = a.store.read_log(&me, total, 100, usize::MAX).unwrap();
+    assert!(!at_end.below_floor && at_end.batches.is_empty());
+    assert!(!a.store.read_log(&me, at_snapshot, 100, usize::MAX).unwrap().batches.is_empty());
+
+    // A peer that installs the snapshot replays the rest from the compacted log.
+    let b = open(&dir, "b.redb");
+    let signed = copy_snapshot(&a.store, &b.store, &first.cid);
+    b.writer.install_snapshot(signed).await.unwrap();
+    replay(&a.store, &b, &me, usize::MAX).await;
+    assert_eq!(b.store.state_root(), a.store.state_root());
+
+    // With a newer snapshot, the quotas decide: the newest 10 ops stay, or enough of them for the
+    // byte quota, whichever keeps more.
+    let second = a.store.create_snapshot(&a.signer, "test", 4096).unwrap();
+    assert_eq!(second.version_vector.get(&me), total);
+    let op_bytes: Vec<u64> = (total.0 - 30..=total.0)
+        .map(|s| a.store.read_batches(&me, Seq(s - 1), 1, 1).unwrap()[0].ops[0].len() as u64)
+        .collect();
+    let bytes_of_newest_20: u64 = op_bytes[op_bytes.len() - 20..].iter().sum();
+    let out = a.writer.compact(10, bytes_of_newest_20).await.unwrap();
+    assert_eq!(out.floors, vec![(me, at_snapshot, Seq(total.0 - 20))]);
+    assert_eq!(a.store.log_len().unwrap(), 20);
+    let out = a.writer.compact(10, 0).await.unwrap();
+    assert_eq!((out.floors, out.ops_deleted), (vec![(me, Seq(total.0 - 20), Seq(total.0 - 10))], 10));
+    assert_eq!(a.writer.compact(10, 0).await.unwrap().ops_deleted, 0);
+    assert_sound(&a.store);
+    // Writes go on after compaction, and the log stays sound.
+    write(&a, 1, 3).await;
+    assert_sound(&a.store);
+
+    // Pruning keeps the latest snapshot and every chunk it lists.
+    let held = a.store.chunk_count().unwrap();
+    let pruned = a.store.prune_snapshots(0).unwrap();
+    assert_eq!(pruned.snapshots, 1);
+    let latest = a.store.latest_snapshot().unwrap().unwrap();
+    assert_eq!(latest.cid, second.cid);
+    assert_eq!(a.store.chunk_count().unwrap(), held - pruned.chunks as u64);
+    assert!(a.store.missing_chunks(&latest.manifest).unwrap().is_empty());
+    assert!(a.store.snapshot_manifest(&first.cid).unwrap().is_none());
+}
+
+#[tokio::test]
+async fn create_and_install_survive_a_reopen_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 12).await;
+    let info = a.store.create_snapshot(&a.signer, "test", 300).unwrap();
+    let root = a.store.state_root();
+    let a_signer = a.close().await;
+
+    // Reopened: the snapshot is there whole and verifies.
+    let a = open_with(&dir.path().join("a.redb"), a_signer);
+    assert_eq!(a.store.state_root(), root);
+    let snapshot = a.store.latest_snapshot().unwrap().unwrap();
+    assert_eq!(snapshot.cid, info.cid);
+    assert!(a.store.missing_chunks(&snapshot.manifest).unwrap().is_empty());
+    let signed = a.store.snapshot_manifest(&info.cid).unwrap().unwrap();
+    assert_eq!(signed.verify().unwrap(), snapshot.manifest);
+
+    let b = open(&dir, "b.redb");
+    copy_snapshot(&a.store, &b.store, &info.cid);
+    b.writer.install_snapshot(signed).await.unwrap();
+    let b_signer = b.close().await;
+    let b = open_with(&dir.path().join("b.redb"), b_signer);
+    assert_eq!(b.store.state_root(), root);
+    assert_eq!(b.store.log_floors().unwrap(), info.version_vector.0);
+    assert_eq!(b.store.latest_snapshot().unwrap().unwrap().cid, info.cid);
+    assert_sound(&b.store);
+    // The reopened node continues the chain it installed.
+    write(&a, 1, 3).await;
+    replay(&a.store, &b, &a.origin(), usize::MAX).await;
+    assert_eq!(b.store.state_root(), a.store.state_root());
+}
