@@ -57,22 +57,22 @@ pub struct Attestation {
 const ATTESTATION_DOMAIN: &[u8] = b"peersync/attestation/v1";
 
 impl Attestation {
-    fn message(peer: &Origin, cluster: &str, vv: &VersionVector, root: &StateRoot) -> Vec<u8> {
-        let mut m = ATTESTATION_DOMAIN.to_vec();
-        m.extend(postcard::to_stdvec(&(peer, cluster, vv, root.0)).expect("attestations encode"));
-        m
+    fn payload(peer: &Origin, cluster: &str, vv: &VersionVector, root: &StateRoot) -> Vec<u8> {
+        postcard::to_stdvec(&(peer, cluster, vv, root.0)).expect("attestations encode")
     }
 
     pub fn sign(signer: &Signer, cluster: &str, version_vector: VersionVector, state_root: StateRoot) -> Attestation {
         let peer = signer.origin();
-        let signature = signer.sign(&Self::message(&peer, cluster, &version_vector, &state_root));
+        let signature =
+            signer.sign_in_domain(ATTESTATION_DOMAIN, &Self::payload(&peer, cluster, &version_vector, &state_root));
         Attestation { peer, cluster: cluster.to_owned(), version_vector, state_root, signature }
     }
 
     /// Checks the signature against the key inlined in `peer`.
     pub fn verify(&self) -> Result<(), AuthError> {
         let key = public_key_of(&self.peer)?;
-        let message = Self::message(&self.peer, &self.cluster, &self.version_vector, &self.state_root);
+        let mut message = ATTESTATION_DOMAIN.to_vec();
+        message.extend(Self::payload(&self.peer, &self.cluster, &self.version_vector, &self.state_root));
         if key.verify(&message, &self.signature) {
             Ok(())
         } else {

@@ -92,12 +92,6 @@ impl Signer {
         self.origin
     }
 
-    /// Signs an arbitrary message; callers prefix a domain of their own so signatures of different
-    /// kinds can never be confused.
-    pub fn sign(&self, message: &[u8]) -> Vec<u8> {
-        self.keypair.sign(message).expect("ed25519 signing cannot fail")
-    }
-
     pub fn sign_head(&self, seq: Seq, head: ChainHash) -> SignedHead {
         let signature =
             self.keypair.sign(&head_message(&self.origin, seq, &head)).expect("ed25519 signing cannot fail");

@@ -17,7 +17,6 @@ type LogTable<'t> = Table<'t, (&'static [u8], u64), &'static [u8]>;
 /// What applying an op did to the state.
 // Short-lived (returned once per op and consumed at once): boxing the lease would only add an
 // allocation per lease write.
-#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Effect {
     /// A register write. `won` is false when a newer write (by HLC, origin) was already there, so
