@@ -42,6 +42,7 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/v1/counters/{ctr}/{key}", post(counter_add).get(counter_get))
         .route("/v1/leases/{lease}/{key}", get(lease_get))
         .route("/v1/leases/{lease}/{key}/{verb}", post(lease_verb))
+        .route("/v1/snapshots", post(snapshot_create).get(snapshot_list))
         .route("/v1/status", get(status))
         .route("/metrics", get(metrics))
         .fallback(|| async {
@@ -309,6 +310,14 @@ async fn lease_get(
         }
         None => Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", format!("lease {lease:?} has no key {key:?}"))),
     }
+}
+
+async fn snapshot_create(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    Ok(Json(node.create_snapshot().await?).into_response())
+}
+
+async fn snapshot_list(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    Ok(Json(json!({ "snapshots": node.list_snapshots().await? })).into_response())
 }
 
 async fn status(State(node): State<NodeHandle>) -> Result<Response, ApiError> {

@@ -77,6 +77,13 @@ enum Command {
         #[command(flatten)]
         api: ApiArg,
     },
+    /// Make a snapshot now, or list the snapshots the node holds.
+    Snapshot {
+        #[arg(value_parser = ["create", "list"])]
+        action: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// Print the node's status.
     Status {
         /// Print it again every second.
@@ -176,6 +183,10 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let path = format!("/v1/leases/{}/{}/{verb}", segment(&lease), segment(&key));
             let body = serde_json::json!({ "holder": holder, "ttl_ms": ttl_ms }).to_string().into_bytes();
             print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
+        }
+        Command::Snapshot { action, api } => {
+            let method = if action == "create" { Method::POST } else { Method::GET };
+            print_json(Client::new(&api.api)?.call(method, "/v1/snapshots", None).await?)
         }
         Command::Status { watch, api } => {
             let client = Client::new(&api.api)?;

@@ -63,6 +63,19 @@ pub struct NodeConfig {
     /// this time after start calls itself active on its own (it may be the first node of its
     /// cluster). A node with bootstrap addresses waits for its peers. Default 5 s.
     pub join_grace: Duration,
+    /// How often to consider making a snapshot. Default 60 s.
+    pub snapshot_interval: Duration,
+    /// Ops applied since the last snapshot before a periodic one is made. Default 100 000.
+    pub snapshot_min_ops: u64,
+    /// Raw bytes per snapshot chunk (before zstd). Default 4 MiB.
+    pub snapshot_chunk_bytes: u64,
+    /// Chunk requests in flight per source while pulling a snapshot. Default 4.
+    pub snapshot_chunks_per_source: usize,
+    /// Op log kept per origin beyond the latest snapshot, in ops and in bytes (whichever keeps more).
+    /// Older ops are compacted once a snapshot covers them; a peer that needs them takes a snapshot.
+    /// Defaults 1 000 000 ops and 256 MiB.
+    pub log_retention_ops: u64,
+    pub log_retention_bytes: u64,
     pub limits: Limits,
     pub writer: WriterConfig,
     /// Bounds of the buffer of ops that arrived ahead of a gap.
@@ -82,6 +95,12 @@ impl Default for NodeConfig {
             digest_interval_min: Duration::from_millis(250),
             digest_interval_max: Duration::from_secs(10),
             join_grace: Duration::from_secs(5),
+            snapshot_interval: Duration::from_secs(60),
+            snapshot_min_ops: 100_000,
+            snapshot_chunk_bytes: 4 << 20,
+            snapshot_chunks_per_source: 4,
+            log_retention_ops: 1_000_000,
+            log_retention_bytes: 256 << 20,
             limits: Limits::default(),
             writer: WriterConfig::default(),
             gap: GapLimits::default(),
@@ -133,6 +152,12 @@ impl NodeConfig {
                 "writer batch_max_bytes ({}) must leave 4 KiB of room under the gossip limit ({})",
                 w.batch_max_bytes, self.net.max_gossip_bytes
             )));
+        }
+        if self.snapshot_interval.is_zero() || self.snapshot_chunk_bytes < 4096 || self.snapshot_chunks_per_source == 0
+        {
+            return Err(ConfigError(
+                "snapshot_interval must be positive and snapshot_chunk_bytes at least 4096".into(),
+            ));
         }
         if self.digest_interval_min.is_zero() || self.digest_interval_max < self.digest_interval_min {
             return Err(ConfigError("digest intervals must be positive with min <= max".into()));

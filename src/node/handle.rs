@@ -15,6 +15,7 @@ use super::metrics::Metrics;
 use super::{validate, NodeError};
 use crate::crdt::LeaseRequest;
 use crate::ids::{Origin, Token};
+use crate::op::Signer;
 use crate::store::{AppliedOp, Effect, ListPage, LocalIntent, Store, WriteHandle};
 use crate::sync::Phase;
 
@@ -37,6 +38,26 @@ impl From<&AppliedOp> for WriteReceipt {
             token: a.token.to_string(),
         }
     }
+}
+
+/// A snapshot this node made or holds.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotSummary {
+    /// CID of the signed manifest: the snapshot's name.
+    pub cid: String,
+    pub version_vector: BTreeMap<String, u64>,
+    pub state_root: String,
+    pub entries: u64,
+    pub chunks: usize,
+    pub raw_bytes: u64,
+    /// Compressed bytes of all chunks.
+    pub bytes: u64,
+    /// Log entries compacted after making it (0 in listings).
+    pub ops_compacted: u64,
+}
+
+fn vv_json(vv: &crate::store::VersionVector) -> BTreeMap<String, u64> {
+    vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect()
 }
 
 /// A granted lease request.
@@ -87,6 +108,8 @@ pub(crate) struct Inner {
     pub view: Arc<Mutex<ApplierView>>,
     /// The sync phase, published by the event loop.
     pub phase: watch::Receiver<Phase>,
+    /// Signs the snapshots this node makes.
+    pub signer: Signer,
 }
 
 /// The library API of a running node. Cloneable; every clone talks to the same node.
@@ -287,6 +310,56 @@ impl NodeHandle {
         }
     }
 
+    /// Makes a snapshot now at a consistent version vector, keeps the newest two, compacts the op
+    /// log down to the configured retention, and announces the snapshot to the network.
+    pub async fn create_snapshot(&self) -> Result<SnapshotSummary, NodeError> {
+        let c = &self.inner.config;
+        let (store, signer, cluster, chunk) =
+            (self.inner.store.clone(), self.inner.signer.clone(), c.net.cluster.clone(), c.snapshot_chunk_bytes);
+        let info = tokio::task::spawn_blocking(move || {
+            let info = store.create_snapshot(&signer, &cluster, chunk)?;
+            store.prune_snapshots(crate::snapshot::DEFAULT_KEEP_SNAPSHOTS)?;
+            Ok::<_, crate::store::StoreError>(info)
+        })
+        .await
+        .map_err(|_| NodeError::ShuttingDown)??;
+        let compacted = self.inner.writer.compact(c.log_retention_ops, c.log_retention_bytes).await?;
+        let _ = self.inner.net.send(Command::SnapshotCreated { cid: info.cid }).await;
+        tracing::info!(cid = %info.cid, ops = info.version_vector.total(), chunks = info.chunks,
+            bytes = info.compressed_bytes, compacted = compacted.ops_deleted, "snapshot made");
+        Ok(SnapshotSummary {
+            cid: info.cid.to_string(),
+            version_vector: vv_json(&info.version_vector),
+            state_root: info.state_root.to_string(),
+            entries: info.entries,
+            chunks: info.chunks,
+            raw_bytes: info.raw_bytes,
+            bytes: info.compressed_bytes,
+            ops_compacted: compacted.ops_deleted,
+        })
+    }
+
+    /// The snapshots this node holds and serves, oldest first.
+    pub async fn list_snapshots(&self) -> Result<Vec<SnapshotSummary>, NodeError> {
+        let store = self.inner.store.clone();
+        let list = tokio::task::spawn_blocking(move || store.list_snapshots())
+            .await
+            .map_err(|_| NodeError::ShuttingDown)??;
+        Ok(list
+            .into_iter()
+            .map(|s| SnapshotSummary {
+                cid: s.cid.to_string(),
+                version_vector: vv_json(&s.manifest.version_vector),
+                state_root: s.manifest.state_root.to_string(),
+                entries: s.manifest.collections.iter().map(|c| c.entries).sum(),
+                chunks: s.manifest.chunks.len(),
+                raw_bytes: s.manifest.chunks.iter().map(|c| c.raw_size).sum(),
+                bytes: s.manifest.chunks.iter().map(|c| c.size).sum(),
+                ops_compacted: 0,
+            })
+            .collect())
+    }
+
     /// The network's view: listen addresses, peers, pulls in flight.
     pub async fn net_status(&self) -> Result<NetStatus, NodeError> {
         let (reply, rx) = oneshot::channel();
@@ -317,6 +390,7 @@ impl NodeHandle {
                 "gaps": view.gaps,
                 "buffered_ops": view.buffered_ops,
                 "rejected_messages": view.rejected,
+                "snapshot": net.snapshot,
             }),
         })
     }

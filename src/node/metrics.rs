@@ -50,6 +50,10 @@ pub struct Metrics {
     pub sync_rounds: Counter,
     /// Times a peer held the same version vector with another state root.
     pub divergences: Counter,
+    /// Snapshots pulled and installed.
+    pub snapshots_installed: Counter,
+    /// Snapshot chunks or manifests that failed verification.
+    pub chunks_rejected: Counter,
     /// Bytes received, by protocol.
     pub bytes_in: Family<ProtocolLabel, Counter>,
     /// Bytes sent, by protocol.
@@ -75,6 +79,8 @@ impl Default for Metrics {
             ops_replayed: Counter::default(),
             sync_rounds: Counter::default(),
             divergences: Counter::default(),
+            snapshots_installed: Counter::default(),
+            chunks_rejected: Counter::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
             registry: Registry::default(),
@@ -94,6 +100,12 @@ impl Default for Metrics {
             "divergences",
             "Same version vector as a peer with another state root",
             m.divergences.clone(),
+        );
+        registry.register("snapshots_installed", "Snapshots pulled and installed", m.snapshots_installed.clone());
+        registry.register(
+            "chunks_rejected",
+            "Snapshot chunks or manifests that failed verification",
+            m.chunks_rejected.clone(),
         );
         registry.register("sync_rounds", "Discovery and digest rounds run", m.sync_rounds.clone());
         registry.register("bytes_received", "Bytes received, by protocol", m.bytes_in.clone());

@@ -25,9 +25,9 @@ use crate::sync::Phase;
 pub use applier::ApplierView;
 pub use config::{ConfigError, Limits, NodeConfig, Role};
 pub use error::NodeError;
-pub use event_loop::{NetStatus, PeerStatus};
+pub use event_loop::{NetStatus, PeerStatus, SnapshotStatus};
 pub use events::NodeEvent;
-pub use handle::{LeaseInfo, NodeHandle, Status, SyncState, WriteReceipt};
+pub use handle::{LeaseInfo, NodeHandle, SnapshotSummary, Status, SyncState, WriteReceipt};
 pub use metrics::Metrics;
 
 /// File name of the database inside the data dir.
@@ -64,14 +64,14 @@ impl Node {
         let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.expect("store open task")?;
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
+        let writer_signer = signer.clone();
 
-        let keypair_for_loop = keypair.clone();
         let mut swarm = crate::net::build_swarm(keypair, &config.net)?;
         crate::net::start(&mut swarm, &config.net)?;
 
         let (commit_tx, commit_rx) = broadcast::channel(1024);
         let publisher_rx = commit_tx.subscribe();
-        let (writer, writer_thread) = store.spawn_writer(signer, config.writer.clone(), commit_tx);
+        let (writer, writer_thread) = store.spawn_writer(writer_signer, config.writer.clone(), commit_tx);
         let (events, _) = broadcast::channel(4096);
         let metrics = Arc::new(Metrics::default());
         metrics.applied_total.set(store.version_vector().total() as i64);
@@ -96,7 +96,7 @@ impl Node {
         let event_loop = event_loop::EventLoop::new(event_loop::Parts {
             swarm,
             store: store.clone(),
-            signer: Signer::new(keypair_for_loop),
+            signer: signer.clone(),
             role: config.net.role,
             cluster: config.net.cluster.clone(),
             discoverable,
@@ -109,6 +109,7 @@ impl Node {
                 // mDNS alone (perhaps the first of its cluster) goes active after the grace.
                 join_grace: if config.net.bootstrap.is_empty() { config.join_grace } else { Duration::MAX },
                 request_timeout: config.net.request_timeout,
+                chunks_per_source: config.snapshot_chunks_per_source,
             },
             commands: net_rx,
             commands_tx: net_tx.clone(),
@@ -116,6 +117,7 @@ impl Node {
             inbound: inbound_tx,
             metrics: metrics.clone(),
             phase: phase_tx,
+            writer: writer.clone(),
         });
         let tasks = vec![
             tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone())),
@@ -124,8 +126,11 @@ impl Node {
         ];
 
         tracing::info!(%peer_id, role = %config.net.role, cluster = %config.net.cluster, data_dir = %config.data_dir.display(), "node started");
-        let inner = handle::Inner { peer_id, config, store, writer, events, metrics, net: net_tx, view, phase };
-        Ok(Node { handle: NodeHandle { inner: Arc::new(inner) }, writer_thread, tasks })
+        let inner = handle::Inner { peer_id, config, store, writer, events, metrics, net: net_tx, view, phase, signer };
+        let handle = NodeHandle { inner: Arc::new(inner) };
+        let mut tasks = tasks;
+        tasks.push(tokio::spawn(snapshot_maintenance(handle.clone())));
+        Ok(Node { handle, writer_thread, tasks })
     }
 
     pub fn handle(&self) -> NodeHandle {
@@ -143,5 +148,27 @@ impl Node {
             t.abort();
         }
         tracing::info!(peer_id = %self.handle.inner.peer_id, "node stopped");
+    }
+}
+
+/// Makes a snapshot (and compacts the log) every `snapshot_interval` once `snapshot_min_ops` ops
+/// were applied since the last one, so the log stays bounded and late joiners have something recent.
+async fn snapshot_maintenance(handle: NodeHandle) {
+    let every = handle.config().snapshot_interval;
+    let min_ops = handle.config().snapshot_min_ops;
+    let mut last = handle.store().latest_snapshot().ok().flatten().map_or(0, |s| s.manifest.version_vector.total());
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let applied = handle.store().version_vector().total();
+        if applied.saturating_sub(last) < min_ops {
+            continue;
+        }
+        match handle.create_snapshot().await {
+            Ok(_) => last = applied,
+            Err(NodeError::ShuttingDown) => return,
+            Err(e) => tracing::warn!(error = %e, "periodic snapshot failed; will try again"),
+        }
     }
 }

@@ -287,3 +287,64 @@ mod tests {
         assert!(pull.is_complete());
     }
 }
+
+/// What a peer offers for catching up, from its digest.
+#[derive(Debug, Clone)]
+pub struct Offer {
+    pub peer: PeerId,
+    pub version_vector: crate::store::VersionVector,
+    /// Per origin, the highest seq compacted out of the peer's log.
+    pub log_floors: crate::store::VersionVector,
+    /// Snapshots the peer serves, newest first.
+    pub snapshots: Vec<Cid>,
+}
+
+/// Decides between replay and snapshot, as Redis chooses between partial and full resync: when some
+/// origin has ops this node lacks and no peer can replay them (each peer that has them compacted
+/// them away), a snapshot is needed. Returns the snapshot offered by the most peers and those peers.
+pub fn choose_snapshot(have: &crate::store::VersionVector, offers: &[Offer]) -> Option<(Cid, Vec<PeerId>)> {
+    let stuck = offers.iter().flat_map(|o| o.version_vector.0.iter()).any(|(origin, seq)| {
+        *seq > have.get(origin)
+            && !offers.iter().any(|o| {
+                o.version_vector.get(origin) > have.get(origin) && o.log_floors.get(origin) <= have.get(origin)
+            })
+    });
+    if !stuck {
+        return None;
+    }
+    let mut counts: Vec<(Cid, Vec<PeerId>)> = Vec::new();
+    for o in offers {
+        if let Some(cid) = o.snapshots.first() {
+            match counts.iter_mut().find(|(c, _)| c == cid) {
+                Some((_, peers)) => peers.push(o.peer),
+                None => counts.push((*cid, vec![o.peer])),
+            }
+        }
+    }
+    counts.into_iter().max_by_key(|(_, peers)| peers.len())
+}
+
+#[cfg(test)]
+mod choose_tests {
+    use super::*;
+    use crate::ids::Seq;
+    use crate::op::raw_cid;
+    use crate::store::VersionVector;
+
+    fn vv(entries: &[(PeerId, u64)]) -> VersionVector {
+        VersionVector(entries.iter().map(|(o, s)| (*o, Seq(*s))).collect())
+    }
+
+    #[test]
+    fn replay_when_any_peer_still_has_the_ops_snapshot_otherwise() {
+        let (o, p, q) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let snap = raw_cid(b"snap");
+        let compacted =
+            Offer { peer: p, version_vector: vv(&[(o, 100)]), log_floors: vv(&[(o, 80)]), snapshots: vec![snap] };
+        let full =
+            Offer { peer: q, version_vector: vv(&[(o, 100)]), log_floors: VersionVector::default(), snapshots: vec![] };
+        assert_eq!(choose_snapshot(&vv(&[(o, 10)]), &[compacted.clone(), full]), None, "q can replay from 10");
+        assert_eq!(choose_snapshot(&vv(&[(o, 10)]), &[compacted.clone()]), Some((snap, vec![p])));
+        assert_eq!(choose_snapshot(&vv(&[(o, 85)]), &[compacted]), None, "above the floor: replay");
+    }
+}

@@ -19,6 +19,10 @@ use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+mod snapshot;
+
+pub use snapshot::SnapshotStatus;
+
 use super::applier::Inbound;
 use super::metrics::Metrics;
 use crate::ids::{Origin, Role, Seq, StateRoot};
@@ -27,7 +31,7 @@ use crate::net::{
     BehaviourEvent, Digest, GossipMessage, SyncRequest, SyncResponse,
 };
 use crate::op::Signer;
-use crate::store::{CommitEvent, Store, VersionVector};
+use crate::store::{CommitEvent, Store, VersionVector, WriteHandle};
 use crate::sync::{PeerView, Phase, Pull, Readiness, ReplayPlanner, Transition};
 
 /// Ops asked for in one pull at most.
@@ -53,6 +57,21 @@ pub(crate) enum Command {
         peer: PeerId,
         origin: Origin,
         result: Result<Seq, String>,
+    },
+    /// A snapshot chunk from `peer` was checked (and persisted when `ok`).
+    ChunkChecked {
+        peer: PeerId,
+        index: usize,
+        len: u64,
+        ok: bool,
+    },
+    /// The snapshot being pulled was installed, or failed to.
+    SnapshotInstalled {
+        result: Result<(), String>,
+    },
+    /// This node made a snapshot: announce it.
+    SnapshotCreated {
+        cid: cid::Cid,
     },
     /// A verified attestation: `peer` holds `vv` with `root`.
     PeerState {
@@ -90,6 +109,8 @@ pub struct NetStatus {
     pub pulls: BTreeMap<String, (String, u64)>,
     /// Per origin, how many ops the best peer has beyond this node.
     pub lag_ops: BTreeMap<String, u64>,
+    /// The snapshot being pulled, if any.
+    pub snapshot: Option<SnapshotStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -121,6 +142,8 @@ pub(crate) struct Timings {
     pub digest_max: Duration,
     pub join_grace: Duration,
     pub request_timeout: Duration,
+    /// Chunk requests in flight per source while pulling a snapshot.
+    pub chunks_per_source: usize,
 }
 
 /// Everything the event loop is wired to.
@@ -138,6 +161,7 @@ pub(crate) struct Parts {
     pub inbound: mpsc::Sender<Inbound>,
     pub metrics: Arc<Metrics>,
     pub phase: watch::Sender<Phase>,
+    pub writer: WriteHandle,
 }
 
 pub(crate) struct EventLoop {
@@ -156,6 +180,11 @@ pub(crate) struct EventLoop {
     readiness: Readiness,
     /// Publishes the phase to the node's handle (reads answer 503 while syncing).
     phase: watch::Sender<Phase>,
+    /// Installs pulled snapshots and merges repaired entries.
+    writer: WriteHandle,
+    /// The snapshot being pulled, when replay cannot catch up.
+    snapshot: Option<snapshot::ActivePull>,
+    snapshot_requests: snapshot::SnapshotRequests,
     peers: HashMap<PeerId, PeerInfo>,
     listen_addrs: Vec<Multiaddr>,
     pulls: HashMap<OutboundRequestId, (PeerId, Origin)>,
@@ -192,6 +221,9 @@ impl EventLoop {
             inbound: p.inbound,
             metrics: p.metrics,
             phase: p.phase,
+            writer: p.writer,
+            snapshot: None,
+            snapshot_requests: HashMap::new(),
             peers: HashMap::new(),
             listen_addrs: Vec::new(),
             pulls: HashMap::new(),
@@ -243,14 +275,10 @@ impl EventLoop {
 
     fn my_digest(&self) -> Digest {
         let (state_root, version_vector) = self.store.state_root();
-        Digest {
-            cluster: self.cluster.clone(),
-            role: self.role,
-            version_vector,
-            state_root,
-            log_floors: VersionVector::default(),
-            snapshots: Vec::new(),
-        }
+        let log_floors =
+            VersionVector(self.store.log_floors().unwrap_or_default().into_iter().filter(|(_, s)| s.0 > 0).collect());
+        let snapshots = self.store.latest_snapshot().ok().flatten().map(|s| s.cid).into_iter().collect();
+        Digest { cluster: self.cluster.clone(), role: self.role, version_vector, state_root, log_floors, snapshots }
     }
 
     /// Publishes this node's freshly committed ops on the cluster topic.
@@ -313,6 +341,8 @@ impl EventLoop {
             (self.digest_every * 2).min(self.timings.digest_max)
         };
         self.plan_pulls();
+        self.maybe_start_snapshot();
+        self.drive_snapshot();
         self.check_ready();
     }
 
@@ -371,6 +401,9 @@ impl EventLoop {
                 }
                 self.plan_pulls();
             }
+            Command::ChunkChecked { peer, index, len, ok } => self.on_chunk_checked(peer, index, len, ok),
+            Command::SnapshotInstalled { result } => self.on_snapshot_installed(result),
+            Command::SnapshotCreated { cid } => self.provide_snapshot(&cid),
             Command::PeerState { peer, vv, root } => {
                 self.readiness.on_peer_state(peer, vv, root);
                 self.check_ready();
@@ -397,7 +430,15 @@ impl EventLoop {
             .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
             .filter_map(|(id, p)| {
                 let d = p.digest.as_ref()?;
-                Some(PeerView { peer: *id, role: d.role, version_vector: d.version_vector.clone(), rtt: p.rtt })
+                // Only what the peer can replay: origins compacted past our position need a snapshot.
+                let servable = d
+                    .version_vector
+                    .0
+                    .iter()
+                    .filter(|(o, _)| d.log_floors.get(o) <= have.get(o))
+                    .map(|(o, s)| (*o, *s))
+                    .collect();
+                Some(PeerView { peer: *id, role: d.role, version_vector: VersionVector(servable), rtt: p.rtt })
             })
             .collect();
         for Pull { peer, origin, after } in self.planner.plan(&have, &views, now) {
@@ -445,6 +486,7 @@ impl EventLoop {
             peers,
             pulls,
             lag_ops: lag,
+            snapshot: self.snapshot_status(),
         }
     }
 
@@ -474,6 +516,9 @@ impl EventLoop {
                 if num_established == 0 {
                     tracing::info!(peer = %peer_id, "disconnected");
                     self.readiness.on_peer_gone(&peer_id);
+                    if let Some(pull) = self.snapshot.as_mut().and_then(|a| a.pull.as_mut()) {
+                        pull.remove_source(&peer_id);
+                    }
                 }
             }
             SwarmEvent::OutgoingConnectionError { peer_id, error, .. } => {
@@ -509,9 +554,13 @@ impl EventLoop {
                 }
             }
             BehaviourEvent::Kad(kad::Event::OutboundQueryProgressed {
-                result: QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { providers, .. })),
+                result: QueryResult::GetProviders(Ok(GetProvidersOk::FoundProviders { key, providers })),
                 ..
             }) => {
+                if key != cluster_provider_key(&self.cluster) {
+                    self.on_snapshot_providers(&key, providers);
+                    return;
+                }
                 let me = *self.swarm.local_peer_id();
                 for peer in providers {
                     if peer != me && !self.is_connected(&peer) {
@@ -556,6 +605,9 @@ impl EventLoop {
                 tracing::debug!(%peer, %error, "request failed");
                 if let Some((peer, _)) = self.pulls.remove(&request_id) {
                     self.planner.failed(&peer, Instant::now());
+                }
+                if let Some(request) = self.snapshot_requests.remove(&request_id) {
+                    self.on_snapshot_request_failed(request);
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
@@ -634,16 +686,28 @@ impl EventLoop {
                     let _ = commands.send(Command::PullDone { peer, origin, result }).await;
                 });
             }
-            SyncResponse::Manifest(_)
-            | SyncResponse::Chunk(_)
-            | SyncResponse::Buckets(_)
-            | SyncResponse::Entries(_) => {
+            SyncResponse::Manifest(bytes) => {
+                if let Some(snapshot::SnapshotRequest::Manifest { .. }) = self.snapshot_requests.remove(&request_id) {
+                    self.on_manifest(peer, bytes);
+                }
+            }
+            SyncResponse::Chunk(bytes) => {
+                if let Some(snapshot::SnapshotRequest::Chunk { peer, index, cid }) =
+                    self.snapshot_requests.remove(&request_id)
+                {
+                    self.on_chunk(peer, index, cid, bytes);
+                }
+            }
+            SyncResponse::Buckets(_) | SyncResponse::Entries(_) => {
                 tracing::debug!(%peer, "unexpected response kind");
             }
             SyncResponse::Error { code, message } => {
                 tracing::warn!(%peer, %code, %message, "peer refused a request");
                 if let Some((peer, _)) = self.pulls.remove(&request_id) {
                     self.planner.failed(&peer, Instant::now());
+                }
+                if let Some(request) = self.snapshot_requests.remove(&request_id) {
+                    self.on_snapshot_request_failed(request);
                 }
             }
         }
@@ -661,29 +725,58 @@ impl EventLoop {
     }
 }
 
+/// Buckets asked for in one `GetEntries` at most.
+const MAX_REPAIR_BUCKETS: usize = 256;
+
+fn not_found(message: String) -> SyncResponse {
+    SyncResponse::Error { code: "not_found".into(), message }
+}
+
 /// Answers a repair request from the store (runs on a blocking thread).
 fn serve(store: &Store, request: SyncRequest) -> SyncResponse {
     let storage = |e: crate::store::StoreError| SyncResponse::Error { code: "storage".into(), message: e.to_string() };
     match request {
         SyncRequest::GetOps { origin, after, max_ops, max_bytes } => {
-            match store.read_batches(
-                &origin,
-                after,
-                max_ops.min(PULL_MAX_OPS) as usize,
-                max_bytes.min(PULL_MAX_BYTES) as usize,
-            ) {
-                Ok(batches) => SyncResponse::Ops(batches),
+            let (max_ops, max_bytes) = (max_ops.min(PULL_MAX_OPS) as usize, max_bytes.min(PULL_MAX_BYTES) as usize);
+            match store.read_log(&origin, after, max_ops, max_bytes) {
+                Ok(read) if read.below_floor => SyncResponse::Error {
+                    code: "compacted".into(),
+                    message: format!("ops of {origin} up to {} were compacted here; use a snapshot", read.floor),
+                },
+                Ok(read) => SyncResponse::Ops(read.batches),
                 Err(e) => storage(e),
             }
         }
         SyncRequest::Digest(_) => {
             SyncResponse::Error { code: "internal".into(), message: "digests are not read from the store".into() }
         }
-        SyncRequest::GetManifest { .. }
-        | SyncRequest::GetChunk { .. }
-        | SyncRequest::GetBuckets
-        | SyncRequest::GetEntries { .. } => {
-            SyncResponse::Error { code: "unsupported".into(), message: "not served by this node yet".into() }
+        SyncRequest::GetManifest { cid } => match store.snapshot_manifest(&cid) {
+            Ok(Some(m)) => SyncResponse::Manifest(m.encode()),
+            Ok(None) => not_found(format!("no snapshot {cid} here")),
+            Err(e) => storage(e),
+        },
+        SyncRequest::GetChunk { cid } => match store.snapshot_chunk(&cid) {
+            Ok(Some(bytes)) => SyncResponse::Chunk(bytes),
+            Ok(None) => not_found(format!("no chunk {cid} here")),
+            Err(e) => storage(e),
+        },
+        SyncRequest::GetBuckets => SyncResponse::Buckets(store.bucket_hashes().concat()),
+        SyncRequest::GetEntries { buckets } => {
+            if buckets.len() > MAX_REPAIR_BUCKETS {
+                return SyncResponse::Error {
+                    code: "too_many_buckets".into(),
+                    message: format!("ask for at most {MAX_REPAIR_BUCKETS} buckets at a time"),
+                };
+            }
+            match store.entries_in_buckets(&buckets) {
+                Ok(entries) => SyncResponse::Entries(
+                    entries
+                        .iter()
+                        .map(|e| serde_bytes::ByteBuf::from(postcard::to_stdvec(e).expect("entries encode")))
+                        .collect(),
+                ),
+                Err(e) => storage(e),
+            }
         }
     }
 }

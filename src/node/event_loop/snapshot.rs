@@ -1,0 +1,271 @@
+//! The event loop's side of snapshot transfer: deciding to pull one, fetching its manifest and
+//! chunks from several sources, and installing it. The decisions come from `sync::choose_snapshot`
+//! and `sync::SnapshotPull`; this file only carries them out. Chunk verification and persistence run
+//! on blocking threads and report back as commands.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+use cid::Cid;
+use libp2p::kad::RecordKey;
+use libp2p::request_response::OutboundRequestId;
+use libp2p::PeerId;
+use serde::Serialize;
+
+use super::{Command, EventLoop};
+use crate::net::SyncRequest;
+use crate::snapshot::{verify_chunk_cid, SignedManifest};
+use crate::sync::{choose_snapshot, Offer, SnapshotPull};
+
+/// A snapshot being pulled.
+pub(super) struct ActivePull {
+    pub cid: Cid,
+    /// Peers offering it; the manifest is asked of them in turn.
+    pub offered_by: Vec<PeerId>,
+    pub manifest: Option<SignedManifest>,
+    pub pull: Option<SnapshotPull>,
+    pub installing: bool,
+    pub started: Instant,
+}
+
+/// What a snapshot request was for.
+pub(super) enum SnapshotRequest {
+    Manifest { peer: PeerId },
+    Chunk { peer: PeerId, index: usize, cid: Cid },
+}
+
+/// Snapshot progress for status.
+#[derive(Debug, Clone, Serialize)]
+pub struct SnapshotStatus {
+    pub cid: String,
+    pub chunks_total: usize,
+    pub chunks_have: usize,
+    pub bytes_total: u64,
+    pub bytes_have: u64,
+    pub sources: usize,
+    /// Chunk bytes received, including any that failed verification.
+    pub bytes_fetched: u64,
+}
+
+pub(super) fn snapshot_key(cid: &Cid) -> RecordKey {
+    RecordKey::new(&cid.to_bytes())
+}
+
+impl EventLoop {
+    /// Starts a snapshot pull when replay cannot bring this node up to date.
+    pub(super) fn maybe_start_snapshot(&mut self) {
+        if self.snapshot.is_some() {
+            return;
+        }
+        let offers: Vec<Offer> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
+            .filter_map(|(id, p)| {
+                let d = p.digest.as_ref()?;
+                Some(Offer {
+                    peer: *id,
+                    version_vector: d.version_vector.clone(),
+                    log_floors: d.log_floors.clone(),
+                    snapshots: d.snapshots.clone(),
+                })
+            })
+            .collect();
+        let have = self.store.version_vector();
+        let Some((cid, offered_by)) = choose_snapshot(&have, &offers) else { return };
+        tracing::info!(%cid, sources = offered_by.len(), "ops needed are below every source's log floor; pulling a snapshot");
+        self.snapshot = Some(ActivePull {
+            cid,
+            offered_by,
+            manifest: None,
+            pull: None,
+            installing: false,
+            started: Instant::now(),
+        });
+        self.swarm.behaviour_mut().kad.get_providers(snapshot_key(&cid));
+        self.request_manifest();
+    }
+
+    fn request_manifest(&mut self) {
+        let Some(active) = &mut self.snapshot else { return };
+        let Some(peer) = active.offered_by.first().copied() else {
+            tracing::warn!(cid = %active.cid, "no source left for the snapshot's manifest; will decide again");
+            self.snapshot = None;
+            return;
+        };
+        let cid = active.cid;
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::GetManifest { cid });
+        self.snapshot_requests.insert(id, SnapshotRequest::Manifest { peer });
+    }
+
+    pub(super) fn on_manifest(&mut self, peer: PeerId, bytes: Vec<u8>) {
+        let Some(active) = &mut self.snapshot else { return };
+        let checked = SignedManifest::decode(&bytes).map_err(|e| e.to_string()).and_then(|signed| {
+            let manifest = signed.verify().map_err(|e| e.to_string())?;
+            if signed.cid() != active.cid {
+                return Err(format!("manifest hashes to {}, not the CID asked for", signed.cid()));
+            }
+            if manifest.cluster != self.cluster {
+                return Err(format!("manifest is for cluster {:?}", manifest.cluster));
+            }
+            Ok((signed, manifest))
+        });
+        match checked {
+            Ok((signed, manifest)) => {
+                let store = self.store.clone();
+                let chunks = manifest.chunks.iter().map(|c| (c.cid, c.size)).collect();
+                let mut pull = SnapshotPull::new(
+                    chunks,
+                    |cid| store.has_chunk(cid).unwrap_or(false),
+                    self.timings.chunks_per_source,
+                    self.timings.request_timeout,
+                );
+                for p in &active.offered_by {
+                    pull.add_source(*p, self.peers.get(p).and_then(|i| i.rtt));
+                }
+                let progress = pull.progress(Instant::now());
+                tracing::info!(cid = %active.cid, chunks = progress.chunks_total, have = progress.chunks_have,
+                    bytes = progress.bytes_total, "snapshot manifest verified");
+                active.manifest = Some(signed);
+                active.pull = Some(pull);
+                self.drive_snapshot();
+            }
+            Err(reason) => {
+                tracing::warn!(%peer, %reason, "rejected a snapshot manifest");
+                self.metrics.chunks_rejected.inc();
+                active.offered_by.retain(|p| *p != peer);
+                self.request_manifest();
+            }
+        }
+    }
+
+    /// Sends the chunk requests the pull asks for, and installs once every chunk is held.
+    pub(super) fn drive_snapshot(&mut self) {
+        let Some(active) = &mut self.snapshot else { return };
+        let Some(pull) = &mut active.pull else { return };
+        if pull.is_complete() {
+            if !active.installing {
+                active.installing = true;
+                let signed = active.manifest.clone().expect("a pull has its manifest");
+                let writer = self.writer.clone();
+                let commands = self.commands_tx.clone();
+                tokio::spawn(async move {
+                    let result = writer.install_snapshot(signed).await.map(|_| ()).map_err(|e| e.to_string());
+                    let _ = commands.send(Command::SnapshotInstalled { result }).await;
+                });
+            }
+            return;
+        }
+        for req in pull.next_requests(Instant::now()) {
+            let id = self.swarm.behaviour_mut().sync.send_request(&req.peer, SyncRequest::GetChunk { cid: req.cid });
+            self.snapshot_requests
+                .insert(id, SnapshotRequest::Chunk { peer: req.peer, index: req.index, cid: req.cid });
+        }
+    }
+
+    pub(super) fn on_chunk(&mut self, peer: PeerId, index: usize, cid: Cid, bytes: Vec<u8>) {
+        self.metrics.count_in("snapshot", bytes.len());
+        let store = self.store.clone();
+        let commands = self.commands_tx.clone();
+        tokio::spawn(async move {
+            let len = bytes.len() as u64;
+            let ok = tokio::task::spawn_blocking(move || {
+                verify_chunk_cid(&cid, &bytes).is_ok() && store.put_chunk(&cid, &bytes).unwrap_or(false)
+            })
+            .await
+            .unwrap_or(false);
+            let _ = commands.send(Command::ChunkChecked { peer, index, len, ok }).await;
+        });
+    }
+
+    pub(super) fn on_chunk_checked(&mut self, peer: PeerId, index: usize, len: u64, ok: bool) {
+        let Some(pull) = self.snapshot.as_mut().and_then(|a| a.pull.as_mut()) else { return };
+        if ok {
+            pull.on_chunk(&peer, index, len);
+        } else {
+            tracing::warn!(%peer, index, "a source served a corrupt snapshot chunk; dropping it for a while");
+            self.metrics.chunks_rejected.inc();
+            pull.on_corrupt(&peer, index, len, Instant::now());
+        }
+        self.drive_snapshot();
+    }
+
+    pub(super) fn on_snapshot_request_failed(&mut self, request: SnapshotRequest) {
+        match request {
+            SnapshotRequest::Manifest { peer } => {
+                if let Some(active) = &mut self.snapshot {
+                    active.offered_by.retain(|p| *p != peer);
+                }
+                self.request_manifest();
+            }
+            SnapshotRequest::Chunk { peer, index, .. } => {
+                if let Some(pull) = self.snapshot.as_mut().and_then(|a| a.pull.as_mut()) {
+                    pull.on_failure(&peer, index, Instant::now());
+                }
+                self.drive_snapshot();
+            }
+        }
+    }
+
+    pub(super) fn on_snapshot_installed(&mut self, result: Result<(), String>) {
+        let Some(active) = self.snapshot.take() else { return };
+        match result {
+            Ok(()) => {
+                let fetched = active.pull.as_ref().map(|p| p.progress(Instant::now()).bytes_fetched).unwrap_or(0);
+                tracing::info!(cid = %active.cid, fetched_bytes = fetched, secs = active.started.elapsed().as_secs_f64(),
+                    "snapshot installed; replaying from its version vector");
+                self.metrics.snapshots_installed.inc();
+                self.provide_snapshot(&active.cid);
+                self.plan_pulls();
+            }
+            Err(reason) => {
+                tracing::warn!(cid = %active.cid, %reason, "installing the snapshot failed; will decide again")
+            }
+        }
+    }
+
+    /// Announces in Kademlia that this node serves the snapshot.
+    pub(super) fn provide_snapshot(&mut self, cid: &Cid) {
+        if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(snapshot_key(cid)) {
+            tracing::debug!(%cid, error = %e, "could not announce the snapshot");
+        }
+    }
+
+    /// A Kademlia lookup found providers of the snapshot being pulled.
+    pub(super) fn on_snapshot_providers(&mut self, key: &RecordKey, providers: impl IntoIterator<Item = PeerId>) {
+        let me = *self.swarm.local_peer_id();
+        let Some(active) = &mut self.snapshot else { return };
+        if snapshot_key(&active.cid) != *key {
+            return;
+        }
+        for peer in providers.into_iter().filter(|p| *p != me) {
+            if !active.offered_by.contains(&peer) {
+                active.offered_by.push(peer);
+            }
+            let rtt = self.peers.get(&peer).and_then(|i| i.rtt);
+            if let Some(pull) = &mut active.pull {
+                pull.add_source(peer, rtt);
+            }
+            if !self.peers.get(&peer).is_some_and(|p| p.connections > 0) {
+                let _ = self.swarm.dial(peer);
+            }
+        }
+    }
+
+    pub(super) fn snapshot_status(&self) -> Option<SnapshotStatus> {
+        let active = self.snapshot.as_ref()?;
+        let p = active.pull.as_ref().map(|p| p.progress(Instant::now())).unwrap_or_default();
+        Some(SnapshotStatus {
+            cid: active.cid.to_string(),
+            chunks_total: p.chunks_total,
+            chunks_have: p.chunks_have,
+            bytes_total: p.bytes_total,
+            bytes_have: p.bytes_have,
+            sources: p.sources,
+            bytes_fetched: p.bytes_fetched,
+        })
+    }
+}
+
+/// Snapshot requests in flight, by request id.
+pub(super) type SnapshotRequests = HashMap<OutboundRequestId, SnapshotRequest>;
