@@ -174,3 +174,39 @@ async fn a_new_replica_syncs_from_a_replica_when_the_primary_is_gone() {
     r2.shutdown().await;
     r1.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nodes_at_the_same_vector_with_different_roots_repair_by_buckets() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, Role::Primary, &[], |_| {}).await;
+    let ah = a.handle();
+    fill(&ah, "k", 300, 20).await;
+    let b = start(&db, Role::Replica, &[&ah], |_| {}).await;
+    let bh = b.handle();
+    converged(&[&ah, &bh]).await;
+    bh.wait_active(DEADLINE).await.unwrap();
+
+    // Corrupt B's state behind the log's back: an entry no op ever wrote.
+    let ghost = peersync::crdt::RegisterValue {
+        hlc: peersync::crdt::Hlc::new(1, 0),
+        origin: ah.peer_id(),
+        value: Some(b"ghost".to_vec()),
+    };
+    let entry = peersync::snapshot::StateEntry {
+        kind: peersync::snapshot::Kind::Register,
+        collection: "data".into(),
+        key: b"ghost".to_vec(),
+        value: postcard::to_stdvec(&ghost).unwrap(),
+    };
+    assert_eq!(bh.merge_entries(vec![entry]).await.unwrap(), 1);
+    assert_eq!(ah.store().version_vector(), bh.store().version_vector());
+    assert_ne!(ah.store().state_root(), bh.store().state_root(), "same vector, different root");
+
+    // Digests reveal it; the nodes compare buckets and exchange only the differing entries.
+    converged(&[&ah, &bh]).await;
+    assert_eq!(ah.get("data", b"ghost").await.unwrap().as_deref(), Some(&b"ghost"[..]));
+    let divergences = metric(&ah, "peersync_divergences_total") + metric(&bh, "peersync_divergences_total");
+    assert!(divergences >= 1, "the divergence was counted");
+    b.shutdown().await;
+    a.shutdown().await;
+}

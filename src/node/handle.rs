@@ -360,6 +360,13 @@ impl NodeHandle {
             .collect())
     }
 
+    /// Merges state entries into this node's state with the CRDT joins, without creating ops. This
+    /// is what divergence repair does with a peer's entries; it is exposed for repair tools and
+    /// tests. Entries that lose their merge change nothing.
+    pub async fn merge_entries(&self, entries: Vec<crate::snapshot::StateEntry>) -> Result<u64, NodeError> {
+        Ok(self.inner.writer.merge_entries(entries).await?.changed as u64)
+    }
+
     /// The network's view: listen addresses, peers, pulls in flight.
     pub async fn net_status(&self) -> Result<NetStatus, NodeError> {
         let (reply, rx) = oneshot::channel();

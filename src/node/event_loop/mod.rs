@@ -19,6 +19,7 @@ use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
+mod repair;
 mod snapshot;
 
 pub use snapshot::SnapshotStatus;
@@ -73,6 +74,8 @@ pub(crate) enum Command {
     SnapshotCreated {
         cid: cid::Cid,
     },
+    /// Entries from a divergence repair were merged.
+    RepairDone,
     /// A verified attestation: `peer` holds `vv` with `root`.
     PeerState {
         peer: PeerId,
@@ -185,6 +188,9 @@ pub(crate) struct EventLoop {
     /// The snapshot being pulled, when replay cannot catch up.
     snapshot: Option<snapshot::ActivePull>,
     snapshot_requests: snapshot::SnapshotRequests,
+    /// The divergence repair under way: with whom, since when.
+    repair: Option<(PeerId, Instant)>,
+    repair_requests: HashMap<OutboundRequestId, repair::RepairRequest>,
     peers: HashMap<PeerId, PeerInfo>,
     listen_addrs: Vec<Multiaddr>,
     pulls: HashMap<OutboundRequestId, (PeerId, Origin)>,
@@ -224,6 +230,8 @@ impl EventLoop {
             writer: p.writer,
             snapshot: None,
             snapshot_requests: HashMap::new(),
+            repair: None,
+            repair_requests: HashMap::new(),
             peers: HashMap::new(),
             listen_addrs: Vec::new(),
             pulls: HashMap::new(),
@@ -357,10 +365,7 @@ impl EventLoop {
                 let data = encode_gossip(&GossipMessage::Attestation(attestation));
                 let _ = self.swarm.behaviour_mut().gossipsub.publish(cluster_topic(&self.cluster), data);
             }
-            Transition::Divergence { peer } => {
-                tracing::warn!(%peer, %root, "same version vector as a peer but another state root: diverged");
-                self.metrics.divergences.inc();
-            }
+            Transition::Divergence { peer } => self.start_repair(peer),
         }
         self.phase.send_if_modified(|p| {
             let changed = *p != self.readiness.phase();
@@ -404,6 +409,12 @@ impl EventLoop {
             Command::ChunkChecked { peer, index, len, ok } => self.on_chunk_checked(peer, index, len, ok),
             Command::SnapshotInstalled { result } => self.on_snapshot_installed(result),
             Command::SnapshotCreated { cid } => self.provide_snapshot(&cid),
+            Command::RepairDone => {
+                if self.repair_requests.is_empty() {
+                    self.repair = None;
+                }
+                self.check_ready();
+            }
             Command::PeerState { peer, vv, root } => {
                 self.readiness.on_peer_state(peer, vv, root);
                 self.check_ready();
@@ -609,6 +620,9 @@ impl EventLoop {
                 if let Some(request) = self.snapshot_requests.remove(&request_id) {
                     self.on_snapshot_request_failed(request);
                 }
+                if self.repair_requests.remove(&request_id).is_some() {
+                    self.repair = None;
+                }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "answering a request failed");
@@ -698,8 +712,15 @@ impl EventLoop {
                     self.on_chunk(peer, index, cid, bytes);
                 }
             }
-            SyncResponse::Buckets(_) | SyncResponse::Entries(_) => {
-                tracing::debug!(%peer, "unexpected response kind");
+            SyncResponse::Buckets(bytes) => {
+                if self.repair_requests.remove(&request_id).is_some() {
+                    self.on_buckets(peer, bytes);
+                }
+            }
+            SyncResponse::Entries(entries) => {
+                if self.repair_requests.remove(&request_id).is_some() {
+                    self.on_entries(peer, entries);
+                }
             }
             SyncResponse::Error { code, message } => {
                 tracing::warn!(%peer, %code, %message, "peer refused a request");
@@ -708,6 +729,9 @@ impl EventLoop {
                 }
                 if let Some(request) = self.snapshot_requests.remove(&request_id) {
                     self.on_snapshot_request_failed(request);
+                }
+                if self.repair_requests.remove(&request_id).is_some() {
+                    self.repair = None;
                 }
             }
         }
