@@ -29,14 +29,12 @@ pub struct WriteReceipt {
     pub token: String,
 }
 
-impl From<&AppliedOp> for WriteReceipt {
-    fn from(a: &AppliedOp) -> Self {
-        WriteReceipt {
-            origin: a.token.origin.to_string(),
-            seq: a.token.seq.0,
-            cid: a.cid.to_string(),
-            token: a.token.to_string(),
-        }
+impl WriteReceipt {
+    /// `origin` is this node's peer id as text, computed once: formatting a peer id costs about
+    /// as much as the rest of the receipt.
+    fn new(origin: &str, a: &AppliedOp) -> Self {
+        let token = format!("{origin}:{}", a.token.seq);
+        WriteReceipt { origin: origin.to_owned(), seq: a.token.seq.0, cid: a.cid.to_string(), token }
     }
 }
 
@@ -97,6 +95,8 @@ pub struct Status {
 
 pub(crate) struct Inner {
     pub peer_id: Origin,
+    /// `peer_id` as text, for receipts.
+    pub origin: String,
     pub config: NodeConfig,
     pub store: Store,
     pub writer: WriteHandle,
@@ -173,7 +173,7 @@ impl NodeHandle {
             .map(|(key, value)| LocalIntent::Put { register: register.to_owned(), key, value })
             .collect();
         let applied = self.write(intents).await?;
-        Ok(WriteReceipt::from(applied.last().expect("one op per entry")))
+        Ok(WriteReceipt::new(&self.inner.origin, applied.last().expect("one op per entry")))
     }
 
     /// Deletes `key` (writes a tombstone).
@@ -182,7 +182,7 @@ impl NodeHandle {
         validate::name("register", register)?;
         validate::key(&key, self.inner.config.limits.max_key_bytes)?;
         let applied = self.write(vec![LocalIntent::Delete { register: register.to_owned(), key }]).await?;
-        Ok(WriteReceipt::from(&applied[0]))
+        Ok(WriteReceipt::new(&self.inner.origin, &applied[0]))
     }
 
     /// The value of `key`, `None` when absent or deleted.
@@ -223,7 +223,7 @@ impl NodeHandle {
             Effect::Counter { value } => value,
             ref other => unreachable!("a counter op had effect {other:?}"),
         };
-        Ok((value, WriteReceipt::from(&applied[0])))
+        Ok((value, WriteReceipt::new(&self.inner.origin, &applied[0])))
     }
 
     pub async fn counter_get(&self, counter: &str, key: &[u8]) -> Result<i64, NodeError> {
@@ -252,7 +252,7 @@ impl NodeHandle {
             LeaseRequest::Release { holder } => validate::holder(holder)?,
         }
         let applied = self.write(vec![LocalIntent::Lease { lease: lease.to_owned(), key, request }]).await?;
-        let write = WriteReceipt::from(&applied[0]);
+        let write = WriteReceipt::new(&self.inner.origin, &applied[0]);
         match &applied[0].effect {
             Effect::Lease { state, .. } => Ok(LeaseInfo {
                 holder: state.holder.clone(),

@@ -126,7 +126,19 @@ impl Node {
         ];
 
         tracing::info!(%peer_id, role = %config.net.role, cluster = %config.net.cluster, data_dir = %config.data_dir.display(), "node started");
-        let inner = handle::Inner { peer_id, config, store, writer, events, metrics, net: net_tx, view, phase, signer };
+        let inner = handle::Inner {
+            peer_id,
+            origin: peer_id.to_string(),
+            config,
+            store,
+            writer,
+            events,
+            metrics,
+            net: net_tx,
+            view,
+            phase,
+            signer,
+        };
         let handle = NodeHandle { inner: Arc::new(inner) };
         let mut tasks = tasks;
         tasks.push(tokio::spawn(snapshot_maintenance(handle.clone())));
@@ -144,8 +156,10 @@ impl Node {
         self.handle.inner.writer.stop().await;
         let join = self.writer_thread;
         let _ = tokio::task::spawn_blocking(move || join.join()).await;
+        // Awaiting the aborted tasks makes sure their store handles are dropped before returning.
         for t in self.tasks {
             t.abort();
+            let _ = t.await;
         }
         tracing::info!(peer_id = %self.handle.inner.peer_id, "node stopped");
     }

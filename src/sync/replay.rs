@@ -85,18 +85,29 @@ impl ReplayPlanner {
             .collect()
     }
 
-    /// A pull was answered (with ops or empty): the origin may be planned again.
-    pub fn answered(&mut self, origin: &Origin) {
-        self.in_flight.remove(origin);
+    /// `peer` answered the pull of `origin` (with ops or empty): the origin may be planned again.
+    /// An answer to a pull given up on earlier changes nothing.
+    pub fn answered(&mut self, peer: &PeerId, origin: &Origin) {
+        if self.in_flight.get(origin).is_some_and(|f| f.peer == *peer) {
+            self.in_flight.remove(origin);
+        }
     }
 
-    /// A pull failed (timeout, disconnect, bad data): plan it again elsewhere and skip the peer for
-    /// a while, doubling the pause with each failure in a row.
-    pub fn failed(&mut self, peer: &PeerId, now: Instant) {
-        self.in_flight.retain(|_, f| f.peer != *peer);
+    /// The pull of `origin` from `peer` failed (timeout, disconnect, bad data): plan it again
+    /// elsewhere and skip the peer for a while, doubling the pause with each failure in a row.
+    /// Other pulls outstanding at the peer stay as they are until answered or timed out.
+    pub fn failed(&mut self, peer: &PeerId, origin: &Origin, now: Instant) {
+        if self.in_flight.get(origin).is_some_and(|f| f.peer == *peer) {
+            self.in_flight.remove(origin);
+        }
         let strikes = self.backoff.get(peer).map_or(0, |(_, n)| *n) + 1;
         let pause = Duration::from_millis(200).saturating_mul(1 << strikes.min(8));
         self.backoff.insert(*peer, (now + pause, strikes));
+    }
+
+    /// Whether `peer` failed recently and is being skipped.
+    pub fn is_backing_off(&self, peer: &PeerId, now: Instant) -> bool {
+        self.backoff.get(peer).is_some_and(|(until, _)| *until > now)
     }
 
     /// Whether a pull of `origin` is in flight, and from which cursor.
@@ -129,7 +140,7 @@ mod tests {
         assert!(pulls.contains(&Pull { peer: near.peer, origin: a, after: Seq(3) }), "{pulls:?}");
         assert!(pulls.contains(&Pull { peer: far.peer, origin: b, after: Seq(0) }), "{pulls:?}");
         assert!(planner.plan(&vv(&[(a, 3)]), &[far.clone(), near.clone()], now).is_empty(), "one pull per origin");
-        planner.answered(&a);
+        planner.answered(&near.peer, &a);
         let again = planner.plan(&vv(&[(a, 8)]), &[far.clone(), near], now);
         assert_eq!(again, vec![Pull { peer: far.peer, origin: a, after: Seq(8) }], "resume from the cursor");
     }
@@ -143,7 +154,7 @@ mod tests {
         let now = Instant::now();
         let first = planner.plan(&VersionVector::default(), &[primary.clone(), replica.clone()], now);
         assert_eq!(first[0].peer, replica.peer);
-        planner.failed(&replica.peer, now);
+        planner.failed(&replica.peer, &a, now);
         let second = planner.plan(&VersionVector::default(), &[primary.clone(), replica.clone()], now);
         assert_eq!(second[0].peer, primary.peer, "the failed source is skipped while it backs off");
         // A request that is never answered times out and is planned again.

@@ -17,16 +17,25 @@ use libp2p::PeerId;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     Missing,
-    InFlight { peer: PeerId, since: Instant },
+    /// Asked of this source; the request itself is tracked in the source's `in_flight`.
+    Assigned(PeerId),
     Have,
 }
 
 #[derive(Debug, Clone)]
 struct Source {
     rtt: Option<Duration>,
-    in_flight: usize,
+    /// Requests outstanding at this source: chunk index -> when it was sent. An answer removes its
+    /// entry; a failure abandons them all (late answers then change nothing here).
+    in_flight: HashMap<usize, Instant>,
     strikes: u32,
     paused_until: Option<Instant>,
+}
+
+impl Source {
+    fn usable(&self, now: Instant) -> bool {
+        self.paused_until.is_none_or(|t| t <= now)
+    }
 }
 
 /// A chunk request to send.
@@ -71,24 +80,28 @@ impl SnapshotPull {
 
     /// A peer that holds the snapshot (found through Kademlia or a digest).
     pub fn add_source(&mut self, peer: PeerId, rtt: Option<Duration>) {
-        let s = self.sources.entry(peer).or_insert(Source { rtt, in_flight: 0, strikes: 0, paused_until: None });
+        let s = self.sources.entry(peer).or_insert(Source {
+            rtt,
+            in_flight: HashMap::new(),
+            strikes: 0,
+            paused_until: None,
+        });
         if rtt.is_some() {
             s.rtt = rtt;
         }
     }
 
-    /// A source went away: its chunks in flight are asked elsewhere.
+    /// A source went away: its chunks are asked elsewhere.
     pub fn remove_source(&mut self, peer: &PeerId) {
         self.sources.remove(peer);
-        self.release(|p| p == *peer);
+        self.unassign(peer);
     }
 
-    fn release(&mut self, mut which: impl FnMut(PeerId) -> bool) {
+    /// Chunks assigned to `peer` and not yet held go back to missing.
+    fn unassign(&mut self, peer: &PeerId) {
         for (_, _, slot) in &mut self.chunks {
-            if let Slot::InFlight { peer, .. } = *slot {
-                if which(peer) {
-                    *slot = Slot::Missing;
-                }
+            if *slot == Slot::Assigned(*peer) {
+                *slot = Slot::Missing;
             }
         }
     }
@@ -96,55 +109,62 @@ impl SnapshotPull {
     /// The requests to send now: missing chunks in order, to the nearest usable sources first.
     pub fn next_requests(&mut self, now: Instant) -> Vec<ChunkRequest> {
         // Requests that took too long count against their source, and their chunks go elsewhere.
-        let late: Vec<(usize, PeerId)> = self
-            .chunks
+        let late: Vec<(PeerId, usize)> = self
+            .sources
             .iter()
-            .enumerate()
-            .filter_map(|(i, (_, _, s))| match s {
-                Slot::InFlight { peer, since } if now.duration_since(*since) >= self.timeout => Some((i, *peer)),
-                _ => None,
-            })
+            .flat_map(|(p, s)| s.in_flight.iter().map(move |(i, since)| (*p, *i, *since)))
+            .filter(|(_, _, since)| now.duration_since(*since) >= self.timeout)
+            .map(|(p, i, _)| (p, i))
             .collect();
-        for (i, peer) in late {
-            self.fail(&peer, i, now);
+        for (peer, index) in late {
+            self.fail(&peer, index, now);
+        }
+        for s in self.sources.values_mut() {
+            if s.paused_until.is_some_and(|t| t <= now) {
+                s.paused_until = None;
+            }
         }
         let mut order: Vec<(PeerId, Duration)> = self
             .sources
             .iter()
-            .filter(|(_, s)| s.paused_until.is_none_or(|t| t <= now))
+            .filter(|(_, s)| s.usable(now))
             .map(|(p, s)| (*p, s.rtt.unwrap_or(Duration::from_secs(3600))))
             .collect();
         order.sort_by_key(|(p, rtt)| (*rtt, *p));
+        let mut missing = self.chunks.iter().enumerate().filter(|(_, c)| c.2 == Slot::Missing).map(|(i, _)| i);
         let mut out = Vec::new();
-        let mut missing = self
-            .chunks
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| c.2 == Slot::Missing)
-            .map(|(i, _)| i)
-            .collect::<Vec<_>>()
-            .into_iter();
         'sources: for (peer, _) in order {
             let source = self.sources.get_mut(&peer).expect("listed above");
-            while source.in_flight < self.per_source {
+            while source.in_flight.len() < self.per_source {
                 let Some(index) = missing.next() else { break 'sources };
-                source.in_flight += 1;
-                self.chunks[index].2 = Slot::InFlight { peer, since: now };
+                source.in_flight.insert(index, now);
                 out.push(ChunkRequest { peer, index, cid: self.chunks[index].0 });
             }
+        }
+        for r in &out {
+            self.chunks[r.index].2 = Slot::Assigned(r.peer);
         }
         out
     }
 
-    /// `peer` answered chunk `index` with `len` bytes that verified and were persisted. Late or
-    /// unexpected answers are counted but change nothing.
+    /// `peer` answered chunk `index` with `len` bytes that verified and were persisted. A late
+    /// answer (its request was abandoned) still delivers a good chunk, but frees no request slot.
     pub fn on_chunk(&mut self, peer: &PeerId, index: usize, len: u64) {
         self.bytes_fetched += len;
         if let Some(source) = self.sources.get_mut(peer) {
-            source.in_flight = source.in_flight.saturating_sub(1);
-            source.strikes = 0;
+            if source.in_flight.remove(&index).is_some() {
+                source.strikes = 0;
+            }
         }
         if let Some(c) = self.chunks.get_mut(index) {
+            // Held now: a request for it still out at another source is no longer needed.
+            if let Slot::Assigned(other) = c.2 {
+                if other != *peer {
+                    if let Some(s) = self.sources.get_mut(&other) {
+                        s.in_flight.remove(&index);
+                    }
+                }
+            }
             c.2 = Slot::Have;
         }
     }
@@ -160,42 +180,28 @@ impl SnapshotPull {
         self.fail(peer, index, now);
     }
 
-    fn fail(&mut self, peer: &PeerId, index: usize, now: Instant) {
-        if let Some(c) = self.chunks.get_mut(index) {
-            if matches!(c.2, Slot::InFlight { peer: p, .. } if p == *peer) {
-                c.2 = Slot::Missing;
-            }
-        }
+    /// A failing source is paused (doubling with each strike in a row); everything it was asked
+    /// goes elsewhere, and its outstanding requests are abandoned.
+    fn fail(&mut self, peer: &PeerId, _index: usize, now: Instant) {
         if let Some(source) = self.sources.get_mut(peer) {
-            source.in_flight = source.in_flight.saturating_sub(1);
+            source.in_flight.clear();
             source.strikes += 1;
             let pause = Duration::from_millis(250).saturating_mul(1 << source.strikes.min(10));
             source.paused_until = Some(now + pause);
         }
-        // Everything else in flight from a failing source is moved too.
-        let p = *peer;
-        self.release(|q| q == p);
-        if let Some(source) = self.sources.get_mut(peer) {
-            source.in_flight = 0;
-        }
+        self.unassign(peer);
     }
 
     pub fn is_complete(&self) -> bool {
         self.chunks.iter().all(|c| c.2 == Slot::Have)
     }
 
-    /// When the next request could be sent if nothing else happens (a paused source resumes or an
-    /// in-flight request times out); `None` when nothing is waiting.
-    pub fn next_wakeup(&self) -> Option<Instant> {
+    /// When something will change if nothing else happens (a paused source resumes or an
+    /// outstanding request times out), if that is after `now`; `None` when nothing is waiting.
+    pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
         let resumes = self.sources.values().filter_map(|s| s.paused_until);
-        let timeouts = self.chunks.iter().filter_map(|c| {
-            if let Slot::InFlight { since, .. } = c.2 {
-                Some(since + self.timeout)
-            } else {
-                None
-            }
-        });
-        resumes.chain(timeouts).min()
+        let timeouts = self.sources.values().flat_map(|s| s.in_flight.values().map(|since| *since + self.timeout));
+        resumes.chain(timeouts).filter(|t| *t > now).min()
     }
 
     pub fn progress(&self, now: Instant) -> PullProgress {
@@ -205,7 +211,7 @@ impl SnapshotPull {
             chunks_have: have.clone().count(),
             bytes_total: self.chunks.iter().map(|c| c.1).sum(),
             bytes_have: have.map(|c| c.1).sum(),
-            sources: self.sources.values().filter(|s| s.paused_until.is_none_or(|t| t <= now)).count(),
+            sources: self.sources.values().filter(|s| s.usable(now)).count(),
             bytes_fetched: self.bytes_fetched,
         }
     }
@@ -275,7 +281,7 @@ mod tests {
         let now = Instant::now();
         assert_eq!(pull.next_requests(now).iter().map(|r| r.index).collect::<Vec<_>>(), vec![3, 4]);
         assert_eq!(pull.progress(now).chunks_have, 3);
-        assert_eq!(pull.next_wakeup(), Some(now + Duration::from_secs(2)));
+        assert_eq!(pull.next_wakeup(now), Some(now + Duration::from_secs(2)));
         let b = PeerId::random();
         pull.add_source(b, None);
         let later = now + Duration::from_secs(3);
@@ -344,7 +350,7 @@ mod choose_tests {
         let full =
             Offer { peer: q, version_vector: vv(&[(o, 100)]), log_floors: VersionVector::default(), snapshots: vec![] };
         assert_eq!(choose_snapshot(&vv(&[(o, 10)]), &[compacted.clone(), full]), None, "q can replay from 10");
-        assert_eq!(choose_snapshot(&vv(&[(o, 10)]), &[compacted.clone()]), Some((snap, vec![p])));
+        assert_eq!(choose_snapshot(&vv(&[(o, 10)]), std::slice::from_ref(&compacted)), Some((snap, vec![p])));
         assert_eq!(choose_snapshot(&vv(&[(o, 85)]), &[compacted]), None, "above the floor: replay");
     }
 }

@@ -397,11 +397,11 @@ impl EventLoop {
                     Ok(seq) => {
                         let reached = self.pulled.entry(origin).or_insert((seq, Instant::now()));
                         *reached = (reached.0.max(seq), Instant::now());
-                        self.planner.answered(&origin);
+                        self.planner.answered(&peer, &origin);
                     }
                     Err(reason) => {
                         tracing::warn!(%peer, %origin, %reason, "pull failed; trying another source");
-                        self.planner.failed(&peer, Instant::now());
+                        self.planner.failed(&peer, &origin, Instant::now());
                     }
                 }
                 self.plan_pulls();
@@ -614,8 +614,8 @@ impl EventLoop {
             },
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "request failed");
-                if let Some((peer, _)) = self.pulls.remove(&request_id) {
-                    self.planner.failed(&peer, Instant::now());
+                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
+                    self.planner.failed(&peer, &origin, Instant::now());
                 }
                 if let Some(request) = self.snapshot_requests.remove(&request_id) {
                     self.on_snapshot_request_failed(request);
@@ -686,7 +686,7 @@ impl EventLoop {
                     if let Some(p) = self.peers.get_mut(&peer) {
                         p.digest = None;
                     }
-                    self.planner.answered(&origin);
+                    self.planner.answered(&peer, &origin);
                     return;
                 }
                 let (done, result) = oneshot::channel();
@@ -724,8 +724,8 @@ impl EventLoop {
             }
             SyncResponse::Error { code, message } => {
                 tracing::warn!(%peer, %code, %message, "peer refused a request");
-                if let Some((peer, _)) = self.pulls.remove(&request_id) {
-                    self.planner.failed(&peer, Instant::now());
+                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
+                    self.planner.failed(&peer, &origin, Instant::now());
                 }
                 if let Some(request) = self.snapshot_requests.remove(&request_id) {
                     self.on_snapshot_request_failed(request);

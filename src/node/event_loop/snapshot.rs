@@ -57,16 +57,21 @@ impl EventLoop {
         if self.snapshot.is_some() {
             return;
         }
+        let now = Instant::now();
         let offers: Vec<Offer> = self
             .peers
             .iter()
             .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
             .filter_map(|(id, p)| {
                 let d = p.digest.as_ref()?;
+                // A peer whose replay just failed (it may be lying) does not count as able to
+                // replay, or it could keep this node from ever taking the snapshot path.
+                let log_floors =
+                    if self.planner.is_backing_off(id, now) { d.version_vector.clone() } else { d.log_floors.clone() };
                 Some(Offer {
                     peer: *id,
                     version_vector: d.version_vector.clone(),
-                    log_floors: d.log_floors.clone(),
+                    log_floors,
                     snapshots: d.snapshots.clone(),
                 })
             })
@@ -246,7 +251,7 @@ impl EventLoop {
             if let Some(pull) = &mut active.pull {
                 pull.add_source(peer, rtt);
             }
-            if !self.peers.get(&peer).is_some_and(|p| p.connections > 0) {
+            if self.peers.get(&peer).is_none_or(|p| p.connections == 0) {
                 let _ = self.swarm.dial(peer);
             }
         }
