@@ -133,6 +133,27 @@ struct NodeArgs {
     /// How often to look for peers and exchange digests, in ms.
     #[arg(long, default_value_t = 30_000, hide = true)]
     discovery_interval_ms: u64,
+    /// Shortest and longest period between digest exchanges, in ms.
+    #[arg(long, default_value_t = 250, hide = true)]
+    digest_min_ms: u64,
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    digest_max_ms: u64,
+    /// How often to consider a periodic snapshot, in ms, and how many new ops make one.
+    #[arg(long, default_value_t = 60_000, hide = true)]
+    snapshot_interval_ms: u64,
+    #[arg(long, default_value_t = 100_000, hide = true)]
+    snapshot_min_ops: u64,
+    /// Raw bytes per snapshot chunk.
+    #[arg(long, default_value_t = 4 << 20, hide = true)]
+    snapshot_chunk_bytes: u64,
+    /// Chunk requests in flight per source while pulling a snapshot.
+    #[arg(long, default_value_t = 4, hide = true)]
+    snapshot_chunks_per_source: usize,
+    /// Op log kept beyond the latest snapshot, in ops and bytes.
+    #[arg(long, default_value_t = 1_000_000, hide = true)]
+    log_retention_ops: u64,
+    #[arg(long, default_value_t = 256 << 20, hide = true)]
+    log_retention_bytes: u64,
 }
 
 fn main() -> ExitCode {
@@ -228,6 +249,14 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.net.role = args.role;
     config.net.gossip_heartbeat = Duration::from_millis(args.gossip_heartbeat_ms);
     config.discovery_interval = Duration::from_millis(args.discovery_interval_ms);
+    config.digest_interval_min = Duration::from_millis(args.digest_min_ms);
+    config.digest_interval_max = Duration::from_millis(args.digest_max_ms);
+    config.snapshot_interval = Duration::from_millis(args.snapshot_interval_ms);
+    config.snapshot_min_ops = args.snapshot_min_ops;
+    config.snapshot_chunk_bytes = args.snapshot_chunk_bytes;
+    config.snapshot_chunks_per_source = args.snapshot_chunks_per_source;
+    config.log_retention_ops = args.log_retention_ops;
+    config.log_retention_bytes = args.log_retention_bytes;
     config.limits.max_value_bytes = args.max_value_bytes;
     config.limits.max_body_bytes = args.max_body_bytes;
     config.validate()?;

@@ -316,6 +316,9 @@ impl EventLoop {
                 if kad.start_providing(cluster_provider_key(&self.cluster)).is_ok() {
                     self.provided = true;
                 }
+                if let Ok(Some(latest)) = self.store.latest_snapshot() {
+                    let _ = kad.start_providing(snapshot::snapshot_key(&latest.cid));
+                }
             }
             kad.get_providers(cluster_provider_key(&self.cluster));
         }
