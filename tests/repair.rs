@@ -210,3 +210,156 @@ async fn nodes_at_the_same_vector_with_different_roots_repair_by_buckets() {
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// A peer that looks like a replica of the cluster holding everything A holds, but forges the ops
+/// it replays and corrupts the chunks it serves.
+struct Liar {
+    addr: Multiaddr,
+    forged_ops_served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    corrupt_chunks_served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn liar(honest: NodeHandle) -> Liar {
+    use futures::StreamExt;
+    use libp2p::request_response::{Event, Message};
+    use libp2p::swarm::SwarmEvent;
+    use peersync::net::{BehaviourEvent, Digest, SyncRequest, SyncResponse};
+    use std::sync::atomic::Ordering;
+
+    let keypair = libp2p::identity::Keypair::generate_ed25519();
+    let peer = keypair.public().to_peer_id();
+    let config = peersync::net::NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        mdns: false,
+        role: Role::Replica,
+        gossip_heartbeat: Duration::from_millis(100),
+        ..Default::default()
+    };
+    let mut swarm = peersync::net::build_swarm(keypair, &config).unwrap();
+    peersync::net::start(&mut swarm, &config).unwrap();
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            break format!("{address}/p2p/{peer}").parse().unwrap();
+        }
+    };
+    let forged = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let corrupt = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let (forged_c, corrupt_c) = (forged.clone(), corrupt.clone());
+    let task = tokio::spawn(async move {
+        loop {
+            let event = swarm.select_next_some().await;
+            let SwarmEvent::Behaviour(BehaviourEvent::Sync(Event::Message {
+                message: Message::Request { request, channel, .. },
+                ..
+            })) = event
+            else {
+                if let SwarmEvent::Behaviour(BehaviourEvent::Identify(libp2p::identify::Event::Received {
+                    peer_id,
+                    info,
+                    ..
+                })) = event
+                {
+                    peersync::net::on_identify(&mut swarm, &peer_id, &info);
+                }
+                continue;
+            };
+            let store = honest.store();
+            let response = match request {
+                SyncRequest::Digest(_) => {
+                    let (state_root, version_vector) = store.state_root();
+                    let snapshots = store.latest_snapshot().unwrap().map(|s| s.cid).into_iter().collect();
+                    // Claims the whole log (no floors), so it is asked to replay.
+                    SyncResponse::Digest(Digest {
+                        cluster: "default".into(),
+                        role: Role::Replica,
+                        version_vector,
+                        state_root,
+                        log_floors: Default::default(),
+                        snapshots,
+                    })
+                }
+                SyncRequest::GetOps { origin, after, max_ops, .. } => {
+                    let read = store.read_log(&origin, after, max_ops as usize, 1 << 20).unwrap();
+                    let mut batches = read.batches;
+                    if batches.is_empty() {
+                        // Below the honest floor: invent a batch that claims to continue the log.
+                        let real = store.read_batches(&origin, store.log_floor(&origin).unwrap(), 1, 1 << 20).unwrap();
+                        batches = real
+                            .into_iter()
+                            .map(|mut b| {
+                                b.after = after;
+                                b
+                            })
+                            .collect();
+                    }
+                    for b in &mut batches {
+                        let last = b.ops[0].len() - 1;
+                        b.ops[0][last] ^= 0xff;
+                    }
+                    forged_c.fetch_add(1, Ordering::SeqCst);
+                    SyncResponse::Ops(batches)
+                }
+                SyncRequest::GetManifest { cid } => {
+                    SyncResponse::Manifest(store.snapshot_manifest(&cid).unwrap().unwrap().encode())
+                }
+                SyncRequest::GetChunk { cid } => {
+                    let mut bytes = store.snapshot_chunk(&cid).unwrap().unwrap();
+                    bytes[0] ^= 0xff;
+                    corrupt_c.fetch_add(1, Ordering::SeqCst);
+                    SyncResponse::Chunk(bytes)
+                }
+                _ => SyncResponse::Error { code: "no".into(), message: "no".into() },
+            };
+            let _ = swarm.behaviour_mut().sync.send_response(channel, response);
+        }
+    });
+    Liar { addr, forged_ops_served: forged, corrupt_chunks_served: corrupt, task }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lying_peer_is_rejected_and_honest_sources_are_used() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, Role::Primary, &[], |c| {
+        c.log_retention_ops = 20;
+        c.log_retention_bytes = 1;
+        c.snapshot_chunk_bytes = 4096;
+    })
+    .await;
+    let ah = a.handle();
+    fill(&ah, "old", 400, 200).await;
+    ah.create_snapshot().await.unwrap();
+    fill(&ah, "new", 50, 200).await;
+
+    let liar = liar(ah.clone()).await;
+    let a_addr = dial_addr(&ah).await;
+    let mut config = NodeConfig::local(db.path());
+    config.net.role = Role::Replica;
+    config.net.bootstrap = vec![liar.addr.clone(), a_addr];
+    let b = Node::start(config).await.unwrap();
+    let bh = b.handle();
+    converged(&[&ah, &bh]).await;
+    bh.wait_active(DEADLINE).await.unwrap();
+
+    use std::sync::atomic::Ordering;
+    let (forged, corrupt) =
+        (liar.forged_ops_served.load(Ordering::SeqCst), liar.corrupt_chunks_served.load(Ordering::SeqCst));
+    assert!(forged + corrupt > 0, "the liar was asked for something");
+    // Every forged replay and every corrupt chunk that reached B was rejected (answers to requests
+    // B had already given up on may not have arrived before the liar stopped).
+    let (replay_rejected, chunks_rejected) =
+        (metric(&bh, "peersync_replay_rejected_total"), metric(&bh, "peersync_chunks_rejected_total"));
+    assert!(replay_rejected <= forged as u64 && chunks_rejected <= corrupt as u64);
+    assert!(
+        replay_rejected + chunks_rejected >= 1,
+        "the lies were caught: {replay_rejected} replays, {chunks_rejected} chunks"
+    );
+    // And nothing corrupt was applied: B holds exactly A's state, with a sound log.
+    assert_eq!(bh.store().state_root(), ah.store().state_root());
+    let report = bh.store().check_log().unwrap();
+    assert!(report.problems.is_empty(), "{:?}", report.problems);
+    println!("liar served {forged} forged replays and {corrupt} corrupt chunks; all rejected");
+    liar.task.abort();
+    b.shutdown().await;
+    a.shutdown().await;
+}

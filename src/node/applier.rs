@@ -200,9 +200,16 @@ impl Applier {
         self.offer(batch).await
     }
 
-    /// Where `origin`'s log stands once the queued batches commit.
+    /// Where `origin`'s log stands once the queued batches commit. The store may have moved past
+    /// the cached cursor without this pipeline (a snapshot install), so the cursor is never behind
+    /// what is committed.
     fn cursor(&mut self, origin: &Origin) -> OriginProgress {
-        *self.cursors.entry(*origin).or_insert_with(|| self.store.progress(origin))
+        let committed = self.store.progress(origin);
+        let cursor = self.cursors.entry(*origin).or_insert(committed);
+        if committed.seq > cursor.seq {
+            *cursor = committed;
+        }
+        *cursor
     }
 
     /// Verifies a batch and queues it to the writer, or buffers it behind a gap.

@@ -184,12 +184,14 @@ impl EventLoop {
     }
 
     pub(super) fn on_chunk_checked(&mut self, peer: PeerId, index: usize, len: u64, ok: bool) {
+        if !ok {
+            tracing::warn!(%peer, index, "a source served a corrupt snapshot chunk; dropping it for a while");
+            self.metrics.chunks_rejected.inc();
+        }
         let Some(pull) = self.snapshot.as_mut().and_then(|a| a.pull.as_mut()) else { return };
         if ok {
             pull.on_chunk(&peer, index, len);
         } else {
-            tracing::warn!(%peer, index, "a source served a corrupt snapshot chunk; dropping it for a while");
-            self.metrics.chunks_rejected.inc();
             pull.on_corrupt(&peer, index, len, Instant::now());
         }
         self.drive_snapshot();
