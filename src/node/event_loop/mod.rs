@@ -387,9 +387,13 @@ impl EventLoop {
                 );
             }
             Command::Respond { channel, response } => {
-                if let SyncResponse::Ops(batches) = &response {
-                    let bytes: usize = batches.iter().flat_map(|b| b.ops.iter()).map(|o| o.len()).sum();
-                    self.metrics.count_out("replay", bytes);
+                match &response {
+                    SyncResponse::Ops(batches) => {
+                        let bytes: usize = batches.iter().flat_map(|b| b.ops.iter()).map(|o| o.len()).sum();
+                        self.metrics.count_out("replay", bytes);
+                    }
+                    SyncResponse::Chunk(bytes) => self.metrics.count_out("snapshot", bytes.len()),
+                    _ => {}
                 }
                 if self.swarm.behaviour_mut().sync.send_response(channel, response).is_err() {
                     tracing::debug!("a peer went away before its answer was ready");
