@@ -1,3 +1,42 @@
+//! peersync: a peer-to-peer sync node. Each node keeps registers (last-writer-wins), counters
+//! (PN-counters) and leases (holder, fencing token, expiry) in redb, gossips its writes to the
+//! other nodes of its cluster, and repairs whatever gossip missed by pulling op ranges or a
+//! CID-addressed snapshot from the nearest peer that has them.
+//!
+//! # Layout
+//!
+//! Dependencies point down; nothing points up.
+//!
+//! | module | what it is | must never depend on |
+//! |---|---|---|
+//! | `bin/peersync` | flag parsing, logging, calls into [`node`] and [`api`] | — |
+//! | [`api`] | HTTP API (axum) and the CLI's HTTP client, over [`node::NodeHandle`] | store or network internals |
+//! | [`node`] | [`node::Node`] / [`node::NodeHandle`]; the event loop that owns the libp2p `Swarm`; the apply pipeline | — (the only place the layers meet) |
+//! | [`net`] | libp2p behaviours (Kademlia, mDNS, gossipsub, request-response, identify, ping), wire formats and codecs | the store, the sync logic, the node |
+//! | [`sync`] | I/O-free decisions: gap buffering, replay planning, snapshot choice and chunk pulls, when a node is active | I/O of any kind, the clock |
+//! | [`snapshot`] | snapshot manifests and chunks: format, signing, verification | the network, the node |
+//! | [`store`] | redb tables, the group-committing writer, op log, state, version vector, state root | the network, the sync logic, the node |
+//! | [`op`] | ops, their canonical encoding and CIDs, per-origin hash chains and signed heads | the store, the network |
+//! | [`crdt`] | register, counter and lease values and their merges; the hybrid logical clock | everything else |
+//! | [`ids`] | typed ids shared by all layers: origins, seqs, tokens, roles, state roots | everything else |
+//!
+//! # Data flow
+//!
+//! ```text
+//! local write:  HTTP/library -> NodeHandle -> store writer (one redb txn: op log + state + version
+//!               vector; group commit) -> commit event -> event loop -> gossipsub (signed batches)
+//! remote write: gossipsub -> event loop -> applier (decode, check role and cluster, verify hash chain
+//!               and signature, report verdict) -> store writer, in order per origin; a batch past a
+//!               gap waits in the bounded gap buffer
+//! repair:       digests {version vector, state root, log floors, snapshots} on connect and
+//!               periodically -> replay planner -> GetOps pulls (cursor = next seq) -> applier;
+//!               ops below every peer's log floor -> snapshot: manifest + chunks by CID from several
+//!               peers -> verified, persisted -> installed in one transaction -> replay resumes;
+//!               same vector, other root -> bucket comparison -> entries of differing buckets merged
+//! readiness:    syncing until caught up with what peers advertised at join and a peer vouches for
+//!               the same (vector, root); then active, announced with a signed attestation
+//! ```
+
 pub mod api;
 pub mod crdt;
 pub mod ids;

@@ -8,8 +8,8 @@
 //! CID of its canonical bytes; the creator signs those bytes (domain-separated) with its identity key.
 //!
 //! # Layout
-//! - [`manifest`]: `Manifest`, `SignedManifest`, signing and verification.
-//! - [`chunk`]: `StateEntry`, building chunks, and decoding them with every check a chunk needs.
+//! - `manifest`: `Manifest`, `SignedManifest`, signing and verification.
+//! - `chunk`: `StateEntry`, building chunks, and decoding them with every check a chunk needs.
 //!
 //! Must never depend on: the store's tables or writer (it borrows only the plain `VersionVector`
 //! type), the network, the sync logic or the node.

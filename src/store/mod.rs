@@ -2,7 +2,7 @@
 //! in one redb database.
 //!
 //! Reads go straight to redb (readers never block the writer). All writes go through one writer thread
-//! ([`writer`]) that group-commits: it takes every request queued while the previous commit was being
+//! (`writer`) that group-commits: it takes every request queued while the previous commit was being
 //! made, applies them in one transaction (log + state + version vector together) and answers each
 //! request only after the commit is durable.
 //!
