@@ -4,8 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::eventually;
-use libp2p::Multiaddr;
+use common::{dial_addr, eventually};
 use peersync::crdt::LeaseRequest;
 use peersync::node::{Node, NodeConfig, NodeEvent, NodeHandle, Role};
 
@@ -26,16 +25,6 @@ impl Cluster {
             n.shutdown().await;
         }
     }
-}
-
-/// The address other nodes can dial to reach `node`.
-async fn dial_addr(node: &NodeHandle) -> Multiaddr {
-    let listen = eventually("a listen address", DEADLINE, || async {
-        let s = node.net_status().await.map_err(|e| e.to_string())?;
-        s.listen_addrs.first().cloned().ok_or_else(|| "none yet".to_string())
-    })
-    .await;
-    format!("{listen}/p2p/{}", node.peer_id()).parse().unwrap()
 }
 
 /// Starts nodes with the given roles, each bootstrapped to the one before it (a chain).

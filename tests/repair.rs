@@ -5,20 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::eventually;
-use libp2p::Multiaddr;
+use common::{dial_addr, eventually};
 use peersync::node::{Node, NodeConfig, NodeHandle, Role};
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-async fn dial_addr(node: &NodeHandle) -> Multiaddr {
-    let listen = eventually("a listen address", DEADLINE, || async {
-        let s = node.net_status().await.map_err(|e| e.to_string())?;
-        s.listen_addrs.first().cloned().ok_or_else(|| "none yet".to_string())
-    })
-    .await;
-    format!("{listen}/p2p/{}", node.peer_id()).parse().unwrap()
-}
 
 async fn start(
     dir: &tempfile::TempDir,
@@ -132,7 +122,13 @@ async fn a_snapshot_pull_survives_the_death_of_one_source_without_refetching() {
     let progress = eventually("the pull to be under way from two sources", DEADLINE, || async {
         let s = r2h.net_status().await.map_err(|e| e.to_string())?;
         match s.snapshot {
-            Some(p) if p.sources >= 2 && p.chunks_have >= 20 && p.chunks_have < p.chunks_total / 2 => Ok(p),
+            Some(s)
+                if s.progress.sources >= 2
+                    && s.progress.chunks_have >= 20
+                    && s.progress.chunks_have < s.progress.chunks_total / 2 =>
+            {
+                Ok(s)
+            }
             other => Err(format!("{other:?}")),
         }
     })
@@ -214,7 +210,7 @@ async fn nodes_at_the_same_vector_with_different_roots_repair_by_buckets() {
 /// A peer that looks like a replica of the cluster holding everything A holds, but forges the ops
 /// it replays and corrupts the chunks it serves.
 struct Liar {
-    addr: Multiaddr,
+    addr: libp2p::Multiaddr,
     forged_ops_served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     corrupt_chunks_served: std::sync::Arc<std::sync::atomic::AtomicUsize>,
     task: tokio::task::JoinHandle<()>,

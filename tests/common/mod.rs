@@ -44,6 +44,16 @@ where
 
 pub mod process;
 
+/// The address other nodes can dial to reach `node` (its first listen address plus `/p2p/`).
+pub async fn dial_addr(node: &peersync::node::NodeHandle) -> libp2p::Multiaddr {
+    let listen = eventually("a listen address", Duration::from_secs(30), || async {
+        let s = node.net_status().await.map_err(|e| e.to_string())?;
+        s.listen_addrs.first().cloned().ok_or_else(|| "none yet".to_string())
+    })
+    .await;
+    format!("{listen}/p2p/{}", node.peer_id()).parse().unwrap()
+}
+
 /// Blocking variant of [`eventually`] for tests without a runtime.
 pub fn wait_sync(what: &str, deadline: Duration, mut check: impl FnMut() -> Result<(), String>) {
     let start = std::time::Instant::now();

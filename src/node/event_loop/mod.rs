@@ -621,20 +621,25 @@ impl EventLoop {
             },
             request_response::Event::OutboundFailure { peer, request_id, error, .. } => {
                 tracing::debug!(%peer, %error, "request failed");
-                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
-                    self.planner.failed(&peer, &origin, Instant::now());
-                }
-                if let Some(request) = self.snapshot_requests.remove(&request_id) {
-                    self.on_snapshot_request_failed(request);
-                }
-                if self.repair_requests.remove(&request_id).is_some() {
-                    self.repair = None;
-                }
+                self.request_failed(request_id);
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
                 tracing::debug!(%peer, %error, "answering a request failed");
             }
             request_response::Event::ResponseSent { .. } => {}
+        }
+    }
+
+    /// A request of ours failed or was refused: whatever waited on it moves on.
+    fn request_failed(&mut self, request_id: OutboundRequestId) {
+        if let Some((peer, origin)) = self.pulls.remove(&request_id) {
+            self.planner.failed(&peer, &origin, Instant::now());
+        }
+        if let Some(request) = self.snapshot_requests.remove(&request_id) {
+            self.on_snapshot_request_failed(request);
+        }
+        if self.repair_requests.remove(&request_id).is_some() {
+            self.repair = None;
         }
     }
 
@@ -731,15 +736,7 @@ impl EventLoop {
             }
             SyncResponse::Error { code, message } => {
                 tracing::warn!(%peer, %code, %message, "peer refused a request");
-                if let Some((peer, origin)) = self.pulls.remove(&request_id) {
-                    self.planner.failed(&peer, &origin, Instant::now());
-                }
-                if let Some(request) = self.snapshot_requests.remove(&request_id) {
-                    self.on_snapshot_request_failed(request);
-                }
-                if self.repair_requests.remove(&request_id).is_some() {
-                    self.repair = None;
-                }
+                self.request_failed(request_id);
             }
         }
     }

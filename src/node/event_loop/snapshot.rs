@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::{Command, EventLoop};
 use crate::net::SyncRequest;
 use crate::snapshot::{verify_chunk_cid, SignedManifest};
-use crate::sync::{choose_snapshot, Offer, SnapshotPull};
+use crate::sync::{choose_snapshot, Offer, PullProgress, SnapshotPull};
 
 /// A snapshot being pulled.
 pub(super) struct ActivePull {
@@ -34,17 +34,12 @@ pub(super) enum SnapshotRequest {
     Chunk { peer: PeerId, index: usize, cid: Cid },
 }
 
-/// Snapshot progress for status.
+/// Snapshot progress for status: the snapshot's CID and how far its pull has come.
 #[derive(Debug, Clone, Serialize)]
 pub struct SnapshotStatus {
     pub cid: String,
-    pub chunks_total: usize,
-    pub chunks_have: usize,
-    pub bytes_total: u64,
-    pub bytes_have: u64,
-    pub sources: usize,
-    /// Chunk bytes received, including any that failed verification.
-    pub bytes_fetched: u64,
+    #[serde(flatten)]
+    pub progress: PullProgress,
 }
 
 pub(super) fn snapshot_key(cid: &Cid) -> RecordKey {
@@ -261,16 +256,8 @@ impl EventLoop {
 
     pub(super) fn snapshot_status(&self) -> Option<SnapshotStatus> {
         let active = self.snapshot.as_ref()?;
-        let p = active.pull.as_ref().map(|p| p.progress(Instant::now())).unwrap_or_default();
-        Some(SnapshotStatus {
-            cid: active.cid.to_string(),
-            chunks_total: p.chunks_total,
-            chunks_have: p.chunks_have,
-            bytes_total: p.bytes_total,
-            bytes_have: p.bytes_have,
-            sources: p.sources,
-            bytes_fetched: p.bytes_fetched,
-        })
+        let progress = active.pull.as_ref().map(|p| p.progress(Instant::now())).unwrap_or_default();
+        Some(SnapshotStatus { cid: active.cid.to_string(), progress })
     }
 }
 
