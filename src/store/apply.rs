@@ -111,19 +111,21 @@ impl<'t> Tables<'t> {
         key: &[u8],
         new: RegisterValue,
     ) -> Result<Effect, StoreError> {
-        let old = self.registers.get((register, key))?.map(|g| g.value().to_vec());
+        // Insert first and look at what it replaced: one B-tree walk for the usual case (a new key
+        // or a newer write); a write that loses puts the winner back.
+        let bytes = encode(&new);
+        let old = self.registers.insert((register, key), bytes.as_slice())?.map(|g| g.value().to_vec());
         let mut replaced_other_origin = false;
-        if let Some(bytes) = &old {
-            let current: RegisterValue = decode(bytes, "register")?;
+        if let Some(old_bytes) = &old {
+            let current: RegisterValue = decode(old_bytes, "register")?;
             if !new.wins_over(&current) {
+                self.registers.insert((register, key), old_bytes.as_slice())?;
                 return Ok(Effect::Register { won: false, replaced_other_origin: false });
             }
             replaced_other_origin = current.origin != new.origin;
         }
         let id = identity_hash(EntryKind::Register, register, key);
-        let bytes = encode(&new);
         self.replace(buckets, &id, old.as_deref(), &bytes);
-        self.registers.insert((register, key), bytes.as_slice())?;
         Ok(Effect::Register { won: true, replaced_other_origin })
     }
 
