@@ -149,6 +149,9 @@ struct NodeArgs {
     /// Chunk requests in flight per source while pulling a snapshot.
     #[arg(long, default_value_t = 4, hide = true)]
     snapshot_chunks_per_source: usize,
+    /// Bound of the database page cache, in bytes.
+    #[arg(long, default_value_t = 256 << 20, hide = true)]
+    cache_bytes: usize,
     /// Op log kept beyond the latest snapshot, in ops and bytes.
     #[arg(long, default_value_t = 1_000_000, hide = true)]
     log_retention_ops: u64,
@@ -256,6 +259,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.snapshot_chunk_bytes = args.snapshot_chunk_bytes;
     config.snapshot_chunks_per_source = args.snapshot_chunks_per_source;
     config.log_retention_ops = args.log_retention_ops;
+    config.cache_bytes = args.cache_bytes;
     config.log_retention_bytes = args.log_retention_bytes;
     config.limits.max_value_bytes = args.max_value_bytes;
     config.limits.max_body_bytes = args.max_body_bytes;

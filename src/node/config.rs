@@ -76,6 +76,8 @@ pub struct NodeConfig {
     /// Defaults 1 000 000 ops and 256 MiB.
     pub log_retention_ops: u64,
     pub log_retention_bytes: u64,
+    /// Bound of the database page cache in bytes. Default 256 MiB.
+    pub cache_bytes: usize,
     pub limits: Limits,
     pub writer: WriterConfig,
     /// Bounds of the buffer of ops that arrived ahead of a gap.
@@ -101,6 +103,7 @@ impl Default for NodeConfig {
             snapshot_chunks_per_source: 4,
             log_retention_ops: 1_000_000,
             log_retention_bytes: 256 << 20,
+            cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
             limits: Limits::default(),
             writer: WriterConfig::default(),
             gap: GapLimits::default(),

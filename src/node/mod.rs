@@ -61,7 +61,10 @@ impl Node {
         config.validate()?;
         let keypair = identity::load_or_create(&config.data_dir)?;
         let path = config.data_dir.join(DATABASE_FILE);
-        let store = tokio::task::spawn_blocking(move || Store::open(&path)).await.expect("store open task")?;
+        let cache = config.cache_bytes;
+        let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&path, cache))
+            .await
+            .expect("store open task")?;
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
         let writer_signer = signer.clone();

@@ -40,6 +40,9 @@ pub use writer::{
     WriteHandle, WriterConfig, WriterError,
 };
 
+/// Default bound of redb's page cache (redb's own default is 1 GiB).
+pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
 /// Where each origin's log stands: highest contiguous seq and the chain hash there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct OriginProgress {
@@ -81,7 +84,15 @@ impl std::fmt::Debug for Store {
 impl Store {
     /// Opens (or creates) the database at `path` and loads the in-memory mirror.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        let db = Database::create(path).map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
+        Self::open_with_cache(path, DEFAULT_CACHE_BYTES)
+    }
+
+    /// Like [`Store::open`], with redb's page cache bounded to `cache_bytes`.
+    pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
+        let db = redb::Builder::new()
+            .set_cache_size(cache_bytes)
+            .create(path)
+            .map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
