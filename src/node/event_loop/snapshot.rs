@@ -14,7 +14,7 @@ use serde::Serialize;
 
 use super::{Command, EventLoop};
 use crate::net::SyncRequest;
-use crate::snapshot::{verify_chunk_cid, SignedManifest};
+use crate::snapshot::SignedManifest;
 use crate::sync::{choose_snapshot, Offer, PullProgress, SnapshotPull};
 
 /// A snapshot being pulled.
@@ -169,8 +169,13 @@ impl EventLoop {
         let commands = self.commands_tx.clone();
         tokio::spawn(async move {
             let len = bytes.len() as u64;
-            let ok = tokio::task::spawn_blocking(move || {
-                verify_chunk_cid(&cid, &bytes).is_ok() && store.put_chunk(&cid, &bytes).unwrap_or(false)
+            // `put_chunk` checks the bytes against the CID before it stores them.
+            let ok = tokio::task::spawn_blocking(move || match store.put_chunk(&cid, &bytes) {
+                Ok(_) => true,
+                Err(e) => {
+                    tracing::debug!(%cid, error = %e, "chunk refused");
+                    false
+                }
             })
             .await
             .unwrap_or(false);
