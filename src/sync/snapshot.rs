@@ -175,6 +175,19 @@ impl SnapshotPull {
         self.fail(peer, index, now);
     }
 
+    /// Chunk `index` from `peer` could not be kept for a local reason (a full disk, say): not the
+    /// source's fault, so it is not paused; the chunk is asked again later.
+    pub fn on_local_failure(&mut self, peer: &PeerId, index: usize) {
+        if let Some(source) = self.sources.get_mut(peer) {
+            source.in_flight.remove(&index);
+        }
+        if let Some(c) = self.chunks.get_mut(index) {
+            if c.2 == Slot::Assigned(*peer) {
+                c.2 = Slot::Missing;
+            }
+        }
+    }
+
     /// The request for chunk `index` to `peer` failed (timeout, refused, connection lost).
     pub fn on_failure(&mut self, peer: &PeerId, index: usize, now: Instant) {
         self.fail(peer, index, now);
@@ -269,6 +282,17 @@ mod tests {
         let later = now + Duration::from_secs(1);
         assert_eq!(pull.next_requests(later).len(), 2, "a is tried again after its pause");
         assert_eq!(pull.progress(later).bytes_fetched, 300);
+    }
+
+    #[test]
+    fn a_local_failure_does_not_pause_the_source() {
+        let a = PeerId::random();
+        let mut pull = SnapshotPull::new(chunks(2), |_| false, 1, Duration::from_secs(10));
+        pull.add_source(a, None);
+        let now = Instant::now();
+        let first = pull.next_requests(now);
+        pull.on_local_failure(&a, first[0].index);
+        assert_eq!(pull.next_requests(now), first, "asked again at once, of the same source");
     }
 
     #[test]

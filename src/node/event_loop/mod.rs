@@ -59,12 +59,12 @@ pub(crate) enum Command {
         origin: Origin,
         result: Result<Seq, String>,
     },
-    /// A snapshot chunk from `peer` was checked (and persisted when `ok`).
+    /// A snapshot chunk from `peer` was checked, and persisted when it was good.
     ChunkChecked {
         peer: PeerId,
         index: usize,
         len: u64,
-        ok: bool,
+        verdict: snapshot::ChunkVerdict,
     },
     /// The snapshot being pulled was installed, or failed to.
     SnapshotInstalled {
@@ -413,7 +413,7 @@ impl EventLoop {
                 }
                 self.plan_pulls();
             }
-            Command::ChunkChecked { peer, index, len, ok } => self.on_chunk_checked(peer, index, len, ok),
+            Command::ChunkChecked { peer, index, len, verdict } => self.on_chunk_checked(peer, index, len, verdict),
             Command::SnapshotInstalled { result } => self.on_snapshot_installed(result),
             Command::SnapshotCreated { cid } => self.provide_snapshot(&cid),
             Command::RepairDone => {

@@ -15,6 +15,7 @@ use serde::Serialize;
 use super::{Command, EventLoop};
 use crate::net::SyncRequest;
 use crate::snapshot::SignedManifest;
+use crate::store::StoreError;
 use crate::sync::{choose_snapshot, Offer, PullProgress, SnapshotPull};
 
 /// A snapshot being pulled.
@@ -32,6 +33,17 @@ pub(super) struct ActivePull {
 pub(super) enum SnapshotRequest {
     Manifest { peer: PeerId },
     Chunk { peer: PeerId, index: usize, cid: Cid },
+}
+
+/// What became of a received chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ChunkVerdict {
+    /// It matched its CID and is persisted.
+    Stored,
+    /// It did not match its CID: the source lied or is broken.
+    Corrupt,
+    /// It could not be persisted here (storage error): not the source's fault.
+    LocalError,
 }
 
 /// Snapshot progress for status: the snapshot's CID and how far its pull has come.
@@ -170,29 +182,33 @@ impl EventLoop {
         tokio::spawn(async move {
             let len = bytes.len() as u64;
             // `put_chunk` checks the bytes against the CID before it stores them.
-            let ok = tokio::task::spawn_blocking(move || match store.put_chunk(&cid, &bytes) {
-                Ok(_) => true,
-                Err(e) => {
+            let verdict = tokio::task::spawn_blocking(move || match store.put_chunk(&cid, &bytes) {
+                Ok(_) => ChunkVerdict::Stored,
+                Err(StoreError::Snapshot(e)) => {
                     tracing::debug!(%cid, error = %e, "chunk refused");
-                    false
+                    ChunkVerdict::Corrupt
+                }
+                Err(e) => {
+                    tracing::error!(%cid, error = %e, "cannot store a snapshot chunk; will ask for it again");
+                    ChunkVerdict::LocalError
                 }
             })
             .await
-            .unwrap_or(false);
-            let _ = commands.send(Command::ChunkChecked { peer, index, len, ok }).await;
+            .unwrap_or(ChunkVerdict::LocalError);
+            let _ = commands.send(Command::ChunkChecked { peer, index, len, verdict }).await;
         });
     }
 
-    pub(super) fn on_chunk_checked(&mut self, peer: PeerId, index: usize, len: u64, ok: bool) {
-        if !ok {
+    pub(super) fn on_chunk_checked(&mut self, peer: PeerId, index: usize, len: u64, verdict: ChunkVerdict) {
+        if verdict == ChunkVerdict::Corrupt {
             tracing::warn!(%peer, index, "a source served a corrupt snapshot chunk; dropping it for a while");
             self.metrics.chunks_rejected.inc();
         }
         let Some(pull) = self.snapshot.as_mut().and_then(|a| a.pull.as_mut()) else { return };
-        if ok {
-            pull.on_chunk(&peer, index, len);
-        } else {
-            pull.on_corrupt(&peer, index, len, Instant::now());
+        match verdict {
+            ChunkVerdict::Stored => pull.on_chunk(&peer, index, len),
+            ChunkVerdict::Corrupt => pull.on_corrupt(&peer, index, len, Instant::now()),
+            ChunkVerdict::LocalError => pull.on_local_failure(&peer, index),
         }
         self.drive_snapshot();
     }
