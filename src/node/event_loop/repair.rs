@@ -6,7 +6,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 
-use super::{Command, EventLoop, MAX_REPAIR_BUCKETS};
+use super::requests::MAX_REPAIR_BUCKETS;
+use super::{Command, EventLoop};
 use crate::net::SyncRequest;
 use crate::snapshot::StateEntry;
 
