@@ -63,3 +63,61 @@ async fn batches_read_from_a_log_verify_and_replay_elsewhere() {
     assert_eq!(c_writer.remote(v).await.unwrap(), RemoteOutcome::Gap { have: Seq(0), batch_after: Seq(8) });
     assert_eq!(c.version_vector().total(), 0);
 }
+
+/// Peers' ops are committed without fsync (visible at once) and made durable by `flush` or a clean
+/// close; local writes are durable before they are acknowledged; the log always matches the version
+/// vector. (A SIGKILL of a replica before a flush is exercised by the stale-rejoin process test: the
+/// restarted node pulls whatever it lost.)
+#[tokio::test]
+async fn peers_ops_are_visible_at_once_and_durable_after_flush_or_clean_close() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_writer, a_signer) = open(&dir, "a.redb", WriterConfig::default());
+    let origin = a_signer.origin();
+    for i in 0..3u8 {
+        a_writer.local(vec![LocalIntent::Put { register: "r".into(), key: vec![i], value: vec![i] }]).await.unwrap();
+    }
+    let batches = a.read_batches(&origin, Seq(0), 100, usize::MAX).unwrap();
+
+    let apply_all = |writer: peersync::store::WriteHandle, store: Store, batches: Vec<peersync::op::OpBatch>| async move {
+        for b in batches {
+            let prev = store.chain_at(&origin, b.after).unwrap().unwrap();
+            writer.remote(b.verify(prev, 100).unwrap()).await.unwrap();
+        }
+    };
+    // No flush: the writer's channel closes without a stop, then the database closes cleanly.
+    {
+        let b = Store::open(&dir.path().join("b.redb")).unwrap();
+        let (events, _) = tokio::sync::broadcast::channel(16);
+        let (b_writer, join) =
+            b.spawn_writer(Signer::new(libp2p::identity::Keypair::generate_ed25519()), WriterConfig::default(), events);
+        apply_all(b_writer.clone(), b.clone(), batches.clone()).await;
+        assert_eq!(b.version_vector().get(&origin), Seq(3), "visible at once");
+        drop(b_writer);
+        join.join().unwrap();
+    }
+    let b = Store::open(&dir.path().join("b.redb")).unwrap();
+    assert_eq!(b.version_vector().get(&origin), Seq(3), "a clean close persists them");
+    assert!(b.check_log().unwrap().problems.is_empty());
+    drop(b);
+
+    // Applying them again is a no-op; a flush and a local write after it are durable.
+    {
+        let b = Store::open(&dir.path().join("b.redb")).unwrap();
+        let (events, _) = tokio::sync::broadcast::channel(16);
+        let (b_writer, join) =
+            b.spawn_writer(Signer::new(libp2p::identity::Keypair::generate_ed25519()), WriterConfig::default(), events);
+        apply_all(b_writer.clone(), b.clone(), batches).await;
+        b_writer.flush().await;
+        // A local write after the flush is durable on its own.
+        b_writer
+            .local(vec![LocalIntent::Put { register: "r".into(), key: b"mine".to_vec(), value: vec![9] }])
+            .await
+            .unwrap();
+        drop(b_writer);
+        join.join().unwrap();
+    }
+    let b = Store::open(&dir.path().join("b.redb")).unwrap();
+    assert_eq!(b.version_vector().get(&origin), Seq(3));
+    assert_eq!(b.register("r", b"mine").unwrap().and_then(|v| v.value), Some(vec![9]));
+    assert!(b.check_log().unwrap().problems.is_empty());
+}

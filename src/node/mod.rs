@@ -123,6 +123,7 @@ impl Node {
             writer: writer.clone(),
         });
         let tasks = vec![
+            tokio::spawn(flush_peers_ops(writer.clone())),
             tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone())),
             tokio::spawn(applier.run(inbound_rx)),
             tokio::spawn(event_loop.run()),
@@ -187,5 +188,14 @@ async fn snapshot_maintenance(handle: NodeHandle) {
             Err(NodeError::ShuttingDown) => return,
             Err(e) => tracing::warn!(error = %e, "periodic snapshot failed; will try again"),
         }
+    }
+}
+
+/// Makes the writer's non-durable commits of peers' ops durable every `REMOTE_FLUSH_INTERVAL`.
+async fn flush_peers_ops(writer: crate::store::WriteHandle) {
+    let mut tick = tokio::time::interval(crate::store::REMOTE_FLUSH_INTERVAL);
+    loop {
+        tick.tick().await;
+        writer.flush().await;
     }
 }

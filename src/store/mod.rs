@@ -37,7 +37,7 @@ pub use snapshots::{PruneOutcome, SnapshotInfo, StoredSnapshot};
 pub use vv::VersionVector;
 pub use writer::{
     AppliedOp, CommitEvent, CompactOutcome, InstallOutcome, LeaseLoss, LocalIntent, MergeOutcome, RemoteOutcome,
-    WriteHandle, WriterConfig, WriterError,
+    WriteHandle, WriterConfig, WriterError, REMOTE_FLUSH_INTERVAL,
 };
 
 /// Default bound of redb's page cache (redb's own default is 1 GiB).

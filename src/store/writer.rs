@@ -130,6 +130,8 @@ enum Request {
     },
     /// Commit what came before, then stop: later writes fail with `Closed`.
     Stop,
+    /// Make every commit so far durable (see `Writer::unflushed`).
+    Flush,
     /// Snapshot install, entry merge or compaction: runs alone in its own transaction (see
     /// `maintenance`).
     Maintenance(maintenance::Task),
@@ -140,7 +142,7 @@ impl Request {
         match self {
             Request::Local { intents, .. } => intents.len(),
             Request::Remote { batch, .. } => batch.ops.len(),
-            Request::Stop | Request::Maintenance(_) => 0,
+            Request::Stop | Request::Flush | Request::Maintenance(_) => 0,
         }
     }
 }
@@ -176,6 +178,12 @@ impl WriteHandle {
         Ok(rx)
     }
 
+    /// Makes the commits of peers' ops so far durable. The node calls this every
+    /// [`REMOTE_FLUSH_INTERVAL`]; local writes are durable before they are acknowledged anyway.
+    pub async fn flush(&self) {
+        let _ = self.tx.send(Request::Flush).await;
+    }
+
     /// Asks the writer to stop after committing every write queued before this call.
     pub async fn stop(&self) {
         let _ = self.tx.send(Request::Stop).await;
@@ -192,8 +200,15 @@ impl Store {
     ) -> (WriteHandle, std::thread::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(config.queue.max(1));
         let mirror = self.mirror();
-        let writer =
-            Writer { store: self.clone(), clock: HlcClock::resume(mirror.hlc), mirror, signer, config, events };
+        let writer = Writer {
+            store: self.clone(),
+            clock: HlcClock::resume(mirror.hlc),
+            mirror,
+            signer,
+            config,
+            events,
+            unflushed: false,
+        };
         let join = std::thread::Builder::new()
             .name("peersync-writer".into())
             .spawn(move || writer.run(rx))
@@ -204,13 +219,21 @@ impl Store {
 
 struct Writer {
     store: Store,
+    /// Whether commits were made without fsync since the last durable one. Groups holding only
+    /// peers' ops commit that way: they are visible at once, the next durable commit persists them,
+    /// and a crash in between only loses ops that their origins hold durably and peers re-serve.
     /// Working copy of the mirror; published to readers after each commit.
     mirror: Mirror,
     clock: HlcClock,
     signer: Signer,
     config: WriterConfig,
     events: broadcast::Sender<Arc<CommitEvent>>,
+    unflushed: bool,
 }
+
+/// How often the commits of peers' ops are made durable (at most this much of them can be lost in
+/// a crash, to be pulled again).
+pub const REMOTE_FLUSH_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// An answer held back until the commit is durable.
 enum Pending {
@@ -252,8 +275,13 @@ impl Writer {
                 stopping = true;
                 group.drain(i..).for_each(abandon);
             }
+            let flush = stopping || group.iter().any(|r| matches!(r, Request::Flush));
+            group.retain(|r| !matches!(r, Request::Flush));
             if !group.is_empty() {
                 self.commit_segments(group);
+            }
+            if flush && self.unflushed {
+                self.flush();
             }
         }
         rx.close();
@@ -262,6 +290,15 @@ impl Writer {
             abandon(late);
         }
         tracing::debug!("writer stopped");
+    }
+
+    /// An empty durable commit, which persists every non-durable commit before it.
+    fn flush(&mut self) {
+        let result = self.store.db().begin_write().map_err(StoreError::from).and_then(|txn| Ok(txn.commit()?));
+        match result {
+            Ok(()) => self.unflushed = false,
+            Err(e) => tracing::error!(error = %e, "could not make peers' ops durable; will try again"),
+        }
     }
 
     fn commit_group(&mut self, group: Vec<Request>) {
@@ -311,15 +348,22 @@ impl Writer {
         pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
     ) -> Result<(), StoreError> {
-        let txn = match self.store.db().begin_write() {
+        let mut txn = match self.store.db().begin_write() {
             Ok(t) => t,
             Err(e) => {
                 group.into_iter().for_each(abandon);
                 return Err(e.into());
             }
         };
+        // Local writes are acknowledged, so their group is fsynced; a group of peers' ops is not.
+        let durable = group.iter().any(|r| matches!(r, Request::Local { .. }));
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
         self.apply_group(&txn, group, pending, event)?;
-        Ok(txn.commit()?)
+        txn.commit()?;
+        self.unflushed = !durable;
+        Ok(())
     }
 
     fn apply_group(
@@ -367,7 +411,7 @@ impl Writer {
                         }
                     }
                 }
-                Request::Stop => None,
+                Request::Stop | Request::Flush => None,
                 // `commit_segments` never puts one in a group; refuse rather than run it half-way.
                 Request::Maintenance(task) => {
                     task.abandon();
@@ -564,7 +608,7 @@ fn abandon(r: Request) {
     match r {
         Request::Local { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
         Request::Remote { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
-        Request::Stop => {}
+        Request::Stop | Request::Flush => {}
         Request::Maintenance(task) => task.abandon(),
     }
 }
