@@ -23,6 +23,9 @@ use crate::op::{ChainHash, OpBatch};
 use crate::store::{OriginProgress, RemoteOutcome, Store, WriteHandle, WriterError};
 use crate::sync::{Admit, Gap, GapBuffer, GapLimits};
 
+/// Role and cluster of each peer identify told the event loop about.
+pub(crate) type Identified = Arc<std::sync::RwLock<HashMap<PeerId, (Role, String)>>>;
+
 /// Ops in one received batch at most.
 pub const MAX_BATCH_OPS: usize = 4096;
 
@@ -32,10 +35,6 @@ pub(crate) enum Inbound {
     Gossip {
         propagation_source: PeerId,
         message_id: MessageId,
-        /// The authenticated publisher.
-        source: Option<PeerId>,
-        /// What identify told us about the publisher (role, cluster), when connected to it.
-        source_meta: Option<(Role, String)>,
         data: Vec<u8>,
     },
     /// Batches a peer served in answer to a pull.
@@ -63,6 +62,8 @@ pub(crate) struct Applier {
     pub commands: mpsc::Sender<Command>,
     pub view: Arc<Mutex<ApplierView>>,
     pub metrics: Arc<Metrics>,
+    /// Role and cluster of the peers identify told us about, kept by the event loop.
+    identified: Identified,
     gaps: GapBuffer,
     /// Per origin, where the log stands once every batch queued to the writer is committed.
     cursors: HashMap<Origin, OriginProgress>,
@@ -84,6 +85,7 @@ impl Applier {
         commands: mpsc::Sender<Command>,
         view: Arc<Mutex<ApplierView>>,
         metrics: Arc<Metrics>,
+        identified: Identified,
     ) -> Self {
         Applier {
             store,
@@ -94,6 +96,7 @@ impl Applier {
             commands,
             view,
             metrics,
+            identified,
             gaps: GapBuffer::new(gap),
             cursors: HashMap::new(),
             in_flight: FuturesUnordered::new(),
@@ -119,11 +122,11 @@ impl Applier {
 
     async fn on_inbound(&mut self, msg: Inbound) {
         match msg {
-            Inbound::Gossip { propagation_source, message_id, source, source_meta, data } => {
-                let acceptance = match self.admit_gossip(source, source_meta, &data).await {
+            Inbound::Gossip { propagation_source, message_id, data } => {
+                let acceptance = match self.admit_gossip(&data).await {
                     Ok(()) => MessageAcceptance::Accept,
                     Err(reason) => {
-                        tracing::warn!(peer = %propagation_source, ?source, %reason, "rejected a gossip message");
+                        tracing::warn!(peer = %propagation_source, %reason, "rejected a gossip message");
                         self.metrics.gossip_rejected.inc();
                         self.view.lock().expect("view lock").rejected += 1;
                         MessageAcceptance::Reject
@@ -156,18 +159,13 @@ impl Applier {
         self.publish_view();
     }
 
-    async fn admit_gossip(
-        &mut self,
-        source: Option<PeerId>,
-        source_meta: Option<(Role, String)>,
-        data: &[u8],
-    ) -> Result<(), Refusal> {
+    /// Checks a gossip message. Envelopes are anonymous: what counts is the payload's own signature
+    /// (an origin's signed chain head, an attestation's signature) and what identify told us about
+    /// the origin.
+    async fn admit_gossip(&mut self, data: &[u8]) -> Result<(), Refusal> {
         let (role, batch) = match decode_gossip(data, self.max_gossip_bytes).map_err(|e| e.to_string())? {
             GossipMessage::Ops { role, batch } => (role, batch),
             GossipMessage::Attestation(a) => {
-                if source != Some(a.peer) {
-                    return Err(format!("attestation of {} published by {source:?}", a.peer));
-                }
                 if a.cluster != self.cluster {
                     return Err(format!("attestation for cluster {:?}, not {:?}", a.cluster, self.cluster));
                 }
@@ -180,22 +178,21 @@ impl Applier {
             }
         };
         let origin = batch.head.origin;
-        if source != Some(origin) {
-            return Err(format!("ops of {origin} published by {source:?}: only an origin publishes its ops"));
-        }
         if origin == self.me {
-            return Err("ops claiming to be this node's own".into());
+            // Our own ops relayed back: nothing to apply, nothing wrong.
+            return batch.head.verify().map_err(|e| e.to_string());
         }
-        if let Some((known_role, cluster)) = &source_meta {
-            if *cluster != self.cluster {
-                return Err(format!("publisher belongs to cluster {cluster:?}, not {:?}", self.cluster));
+        let known = self.identified.read().expect("identified lock").get(&origin).cloned();
+        if let Some((known_role, cluster)) = known {
+            if cluster != self.cluster {
+                return Err(format!("origin {origin} belongs to cluster {cluster:?}, not {:?}", self.cluster));
             }
-            if *known_role != Role::Primary {
-                return Err(format!("publisher is a {known_role}; only primaries originate ops"));
+            if known_role != Role::Primary {
+                return Err(format!("origin {origin} is a {known_role}; only primaries originate ops"));
             }
         }
         if role != Role::Primary {
-            return Err(format!("publisher says it is a {role}; only primaries originate ops"));
+            return Err(format!("the message says its origin is a {role}; only primaries originate ops"));
         }
         self.offer(batch).await
     }

@@ -82,6 +82,7 @@ impl Node {
         let (net_tx, net_rx) = mpsc::channel(1024);
         let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue);
         let view = Arc::new(Mutex::new(ApplierView::default()));
+        let identified: applier::Identified = Arc::default();
         let applier = applier::Applier::new(
             store.clone(),
             writer.clone(),
@@ -92,6 +93,7 @@ impl Node {
             net_tx.clone(),
             view.clone(),
             metrics.clone(),
+            identified.clone(),
         );
         let discoverable = !config.net.bootstrap.is_empty() || config.net.mdns;
         // A node with no way to find peers is active from the start (see `sync::Readiness`).
@@ -121,6 +123,7 @@ impl Node {
             metrics: metrics.clone(),
             phase: phase_tx,
             writer: writer.clone(),
+            identified,
         });
         let tasks = vec![
             tokio::spawn(flush_peers_ops(writer.clone())),

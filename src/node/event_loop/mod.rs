@@ -166,6 +166,7 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
     pub phase: watch::Sender<Phase>,
     pub writer: WriteHandle,
+    pub identified: super::applier::Identified,
 }
 
 pub(crate) struct EventLoop {
@@ -186,6 +187,8 @@ pub(crate) struct EventLoop {
     phase: watch::Sender<Phase>,
     /// Installs pulled snapshots and merges repaired entries.
     writer: WriteHandle,
+    /// Role and cluster of identified peers, shared with the applier for its role checks.
+    identified: super::applier::Identified,
     /// The snapshot being pulled, when replay cannot catch up.
     snapshot: Option<snapshot::ActivePull>,
     snapshot_requests: snapshot::SnapshotRequests,
@@ -229,6 +232,7 @@ impl EventLoop {
             metrics: p.metrics,
             phase: p.phase,
             writer: p.writer,
+            identified: p.identified,
             snapshot: None,
             snapshot_requests: HashMap::new(),
             repair: None,
@@ -556,6 +560,10 @@ impl EventLoop {
                     tracing::info!(peer = %peer_id, agent = %info.agent_version, "peer belongs to another cluster; not syncing with it");
                 }
                 on_identify(&mut self.swarm, &peer_id, &info);
+                match &meta {
+                    Some(m) => self.identified.write().expect("identified lock").insert(peer_id, m.clone()),
+                    None => self.identified.write().expect("identified lock").remove(&peer_id),
+                };
                 let entry = self.peers.entry(peer_id).or_default();
                 entry.meta = meta;
                 entry.addrs.extend(info.listen_addrs.iter().map(without_p2p));
@@ -590,14 +598,7 @@ impl EventLoop {
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
                 self.metrics.count_in("gossip", message.data.len());
-                let source_meta = message.source.and_then(|s| self.peers.get(&s)).and_then(|p| p.meta.clone());
-                let inbound = Inbound::Gossip {
-                    propagation_source,
-                    message_id: message_id.clone(),
-                    source: message.source,
-                    source_meta,
-                    data: message.data,
-                };
+                let inbound = Inbound::Gossip { propagation_source, message_id: message_id.clone(), data: message.data };
                 if self.inbound.try_send(inbound).is_err() {
                     // Overloaded: neither accept nor punish; the ops come back through replay.
                     self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
