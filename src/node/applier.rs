@@ -32,11 +32,7 @@ pub const MAX_BATCH_OPS: usize = 4096;
 /// Something for the applier to process.
 pub(crate) enum Inbound {
     /// A gossip message, to validate and report on.
-    Gossip {
-        propagation_source: PeerId,
-        message_id: MessageId,
-        data: Vec<u8>,
-    },
+    Gossip { propagation_source: PeerId, message_id: MessageId, data: Vec<u8> },
     /// Batches a peer served in answer to a pull.
     Replayed { peer: PeerId, origin: Origin, batches: Vec<OpBatch>, done: oneshot::Sender<Result<Seq, String>> },
 }

@@ -598,7 +598,8 @@ impl EventLoop {
             }
             BehaviourEvent::Gossipsub(gossipsub::Event::Message { propagation_source, message_id, message }) => {
                 self.metrics.count_in("gossip", message.data.len());
-                let inbound = Inbound::Gossip { propagation_source, message_id: message_id.clone(), data: message.data };
+                let inbound =
+                    Inbound::Gossip { propagation_source, message_id: message_id.clone(), data: message.data };
                 if self.inbound.try_send(inbound).is_err() {
                     // Overloaded: neither accept nor punish; the ops come back through replay.
                     self.swarm.behaviour_mut().gossipsub.report_message_validation_result(
