@@ -529,40 +529,10 @@ async fn http_single(args: &Args, bin: &Path) -> Result<Row> {
             anyhow::Ok(lat)
         }));
     }
-    let mut lat = Vec::with_capacity(n as usize);
-    for t in tasks {
-        lat.extend(t.await??);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let node_cpu_s = cpu_delta(node_cpu0, cpu_of(&node.pid()));
-    let client_cpu_s = cpu_delta(client_cpu0, cpu_of("self"));
-    let rss = rss_of(&node.pid());
-    let log_ops = log_ops_of(&client, &node.api).await?;
-    let commits = commits_of(&client, &node.api).await;
-    node.stop();
-    let db_bytes = db_size(&node._dir.path().join("data"));
-    if log_ops != n {
-        bail!("http-single: expected {n} ops in the node's log, found {log_ops}");
-    }
-    let (p50, p99) = percentiles(lat);
-    Ok(Row {
-        workload: "http-single".into(),
-        ops: n,
-        calls: n,
-        seconds: secs,
-        ops_per_sec: n as f64 / secs,
-        p50_ms: p50,
-        p99_ms: p99,
-        rss_kib: rss.map(|r| r.0),
-        hwm_kib: rss.map(|r| r.1),
-        goal: format!(">= {}k ops/s", GOAL_HTTP_SINGLE / 1000.0),
-        goal_met: Some(n as f64 / secs >= GOAL_HTTP_SINGLE),
-        commits,
-        db_bytes,
-        node_cpu_s,
-        client_cpu_s,
-        note: format!("{} keep-alive clients, latency per request", args.http_concurrency),
-    })
+    let run =
+        HttpRun { workload: "http-single", ops: n, calls: n, goal: GOAL_HTTP_SINGLE, start, node_cpu0, client_cpu0 };
+    let note = format!("{} keep-alive clients, latency per request", args.http_concurrency);
+    finish_http(run, &mut node, &client, tasks, note).await
 }
 
 fn batch_body(first: u64, last: u64) -> Vec<u8> {
@@ -619,39 +589,72 @@ async fn http_batch(args: &Args, bin: &Path) -> Result<Row> {
             anyhow::Ok(lat)
         }));
     }
-    let mut lat = Vec::new();
+    let run = HttpRun {
+        workload: "http-batch",
+        ops: n,
+        calls: batches,
+        goal: GOAL_HTTP_BATCH,
+        start,
+        node_cpu0,
+        client_cpu0,
+    };
+    let note = format!("{} clients x {b}/request, latency per request", args.batch_concurrency);
+    finish_http(run, &mut node, &client, tasks, note).await
+}
+
+/// What an HTTP workload measured before its clients finished.
+struct HttpRun {
+    workload: &'static str,
+    ops: u64,
+    calls: u64,
+    goal: f64,
+    start: Instant,
+    node_cpu0: Option<f64>,
+    client_cpu0: Option<f64>,
+}
+
+/// Waits for the clients, stops the node, checks the node logged every op, and builds the row.
+async fn finish_http(
+    run: HttpRun,
+    node: &mut NodeProcess,
+    client: &reqwest::Client,
+    tasks: Vec<tokio::task::JoinHandle<Result<Vec<u32>>>>,
+    note: String,
+) -> Result<Row> {
+    let mut lat = Vec::with_capacity(run.calls as usize);
     for t in tasks {
         lat.extend(t.await??);
     }
-    let secs = start.elapsed().as_secs_f64();
-    let node_cpu_s = cpu_delta(node_cpu0, cpu_of(&node.pid()));
-    let client_cpu_s = cpu_delta(client_cpu0, cpu_of("self"));
+    let secs = run.start.elapsed().as_secs_f64();
+    let node_cpu_s = cpu_delta(run.node_cpu0, cpu_of(&node.pid()));
+    let client_cpu_s = cpu_delta(run.client_cpu0, cpu_of("self"));
     let rss = rss_of(&node.pid());
-    let log_ops = log_ops_of(&client, &node.api).await?;
-    let commits = commits_of(&client, &node.api).await;
+    let log_ops = log_ops_of(client, &node.api).await?;
+    let commits = commits_of(client, &node.api).await;
     node.stop();
     let db_bytes = db_size(&node._dir.path().join("data"));
+    let n = run.ops;
     if log_ops != n {
-        bail!("http-batch: expected {n} ops in the node's log, found {log_ops}");
+        bail!("{}: expected {n} ops in the node's log, found {log_ops}", run.workload);
     }
     let (p50, p99) = percentiles(lat);
     Ok(Row {
-        workload: "http-batch".into(),
+        workload: run.workload.into(),
         ops: n,
-        calls: batches,
+        calls: run.calls,
         seconds: secs,
         ops_per_sec: n as f64 / secs,
         p50_ms: p50,
         p99_ms: p99,
         rss_kib: rss.map(|r| r.0),
         hwm_kib: rss.map(|r| r.1),
-        goal: format!(">= {}k ops/s", GOAL_HTTP_BATCH / 1000.0),
-        goal_met: Some(n as f64 / secs >= GOAL_HTTP_BATCH),
+        goal: format!(">= {}k ops/s", run.goal / 1000.0),
+        goal_met: Some(n as f64 / secs >= run.goal),
         commits,
         db_bytes,
         node_cpu_s,
         client_cpu_s,
-        note: format!("{} clients x {b}/request, latency per request", args.batch_concurrency),
+        note,
     })
 }
 
