@@ -160,6 +160,36 @@ struct Row {
     note: String,
 }
 
+impl Row {
+    /// The fields every throughput workload fills the same way; the caller adds what it measured
+    /// besides (commits, database size, CPU, RSS).
+    fn measured(
+        workload: &str,
+        ops: u64,
+        calls: u64,
+        seconds: f64,
+        latencies_us: Vec<u32>,
+        goal: f64,
+        note: String,
+    ) -> Row {
+        let (p50, p99) = percentiles(latencies_us);
+        let ops_per_sec = ops as f64 / seconds;
+        Row {
+            workload: workload.into(),
+            ops,
+            calls,
+            seconds,
+            ops_per_sec,
+            p50_ms: p50,
+            p99_ms: p99,
+            goal: format!(">= {}k ops/s", goal / 1000.0),
+            goal_met: Some(ops_per_sec >= goal),
+            note,
+            ..Default::default()
+        }
+    }
+}
+
 /// Latencies in microseconds, one per call.
 fn percentiles(mut lat: Vec<u32>) -> (Option<f64>, Option<f64>) {
     if lat.is_empty() {
@@ -271,23 +301,9 @@ async fn library_single(args: &Args) -> Result<Row> {
     if max_seq != n || log_ops != n {
         bail!("library-single: expected {n} ops, last seq {max_seq}, log holds {log_ops}");
     }
-    let (p50, p99) = percentiles(lat);
-    Ok(Row {
-        workload: "library-single".into(),
-        ops: n,
-        calls: n,
-        seconds: secs,
-        ops_per_sec: n as f64 / secs,
-        p50_ms: p50,
-        p99_ms: p99,
-        goal: format!(">= {}k ops/s", GOAL_LIBRARY / 1000.0),
-        goal_met: Some(n as f64 / secs >= GOAL_LIBRARY),
-        commits: Some(commits),
-        db_bytes,
-        node_cpu_s,
-        note: format!("{} tasks, latency per put", args.concurrency),
-        ..Default::default()
-    })
+    let note = format!("{} tasks, latency per put", args.concurrency);
+    let row = Row::measured("library-single", n, n, secs, lat, GOAL_LIBRARY, note);
+    Ok(Row { commits: Some(commits), db_bytes, node_cpu_s, ..row })
 }
 
 async fn library_batch(args: &Args) -> Result<Row> {
@@ -337,23 +353,9 @@ async fn library_batch(args: &Args) -> Result<Row> {
     if log_ops != n {
         bail!("library-batch: expected {n} ops in the log, found {log_ops}");
     }
-    let (p50, p99) = percentiles(lat);
-    Ok(Row {
-        workload: "library-batch".into(),
-        ops: n,
-        calls: batches,
-        seconds: secs,
-        ops_per_sec: n as f64 / secs,
-        p50_ms: p50,
-        p99_ms: p99,
-        goal: format!(">= {}k ops/s", GOAL_LIBRARY / 1000.0),
-        goal_met: Some(n as f64 / secs >= GOAL_LIBRARY),
-        commits: Some(commits),
-        db_bytes,
-        node_cpu_s,
-        note: format!("{} tasks x {b}/batch, latency per batch", args.batch_concurrency),
-        ..Default::default()
-    })
+    let note = format!("{} tasks x {b}/batch, latency per batch", args.batch_concurrency);
+    let row = Row::measured("library-batch", n, batches, secs, lat, GOAL_LIBRARY, note);
+    Ok(Row { commits: Some(commits), db_bytes, node_cpu_s, ..row })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -637,25 +639,8 @@ async fn finish_http(
     if log_ops != n {
         bail!("{}: expected {n} ops in the node's log, found {log_ops}", run.workload);
     }
-    let (p50, p99) = percentiles(lat);
-    Ok(Row {
-        workload: run.workload.into(),
-        ops: n,
-        calls: run.calls,
-        seconds: secs,
-        ops_per_sec: n as f64 / secs,
-        p50_ms: p50,
-        p99_ms: p99,
-        rss_kib: rss.map(|r| r.0),
-        hwm_kib: rss.map(|r| r.1),
-        goal: format!(">= {}k ops/s", run.goal / 1000.0),
-        goal_met: Some(n as f64 / secs >= run.goal),
-        commits,
-        db_bytes,
-        node_cpu_s,
-        client_cpu_s,
-        note,
-    })
+    let row = Row::measured(run.workload, n, run.calls, secs, lat, run.goal, note);
+    Ok(Row { rss_kib: rss.map(|r| r.0), hwm_kib: rss.map(|r| r.1), commits, db_bytes, node_cpu_s, client_cpu_s, ..row })
 }
 
 // ---------------------------------------------------------------------------------------------
