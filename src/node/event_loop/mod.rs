@@ -210,12 +210,16 @@ pub(crate) struct EventLoop {
     /// Whether the provider record was published since the first connection (a record announced
     /// with no peer is only stored locally).
     provided: bool,
+    /// Per origin, the highest seq compacted out of the log (see `refresh_holdings`).
+    log_floors: VersionVector,
+    /// The snapshot this node serves, newest first (see `refresh_holdings`).
+    snapshots: Vec<cid::Cid>,
 }
 
 impl EventLoop {
     pub fn new(p: Parts) -> Self {
         let now = Instant::now();
-        EventLoop {
+        let mut event_loop = EventLoop {
             readiness: Readiness::new(p.discoverable, p.timings.join_grace, now),
             planner: ReplayPlanner::new(p.role, p.timings.request_timeout),
             digest_every: p.timings.digest_min,
@@ -243,7 +247,11 @@ impl EventLoop {
             pulled: HashMap::new(),
             applied_at_last_digest: 0,
             provided: false,
-        }
+            log_floors: VersionVector::default(),
+            snapshots: Vec::new(),
+        };
+        event_loop.refresh_holdings();
+        event_loop
     }
 
     pub async fn run(mut self) {
@@ -288,10 +296,17 @@ impl EventLoop {
 
     fn my_digest(&self) -> Digest {
         let (state_root, version_vector) = self.store.state_root();
-        let log_floors =
-            VersionVector(self.store.log_floors().unwrap_or_default().into_iter().filter(|(_, s)| s.0 > 0).collect());
-        let snapshots = self.store.latest_snapshot().ok().flatten().map(|s| s.cid).into_iter().collect();
+        let (log_floors, snapshots) = (self.log_floors.clone(), self.snapshots.clone());
         Digest { cluster: self.cluster.clone(), role: self.role, version_vector, state_root, log_floors, snapshots }
+    }
+
+    /// Re-reads the log floors and the latest snapshot. They change only when this node makes a
+    /// snapshot (which also compacts) or installs one, so they are cached rather than read from the
+    /// store for every digest on this task.
+    pub(super) fn refresh_holdings(&mut self) {
+        let floors = self.store.log_floors().unwrap_or_default();
+        self.log_floors = VersionVector(floors.into_iter().filter(|(_, s)| s.0 > 0).collect());
+        self.snapshots = self.store.latest_snapshot().ok().flatten().map(|s| s.cid).into_iter().collect();
     }
 
     /// Publishes this node's freshly committed ops on the cluster topic.
@@ -321,8 +336,8 @@ impl EventLoop {
                 if kad.start_providing(cluster_provider_key(&self.cluster)).is_ok() {
                     self.provided = true;
                 }
-                if let Ok(Some(latest)) = self.store.latest_snapshot() {
-                    let _ = kad.start_providing(snapshot::snapshot_key(&latest.cid));
+                if let Some(latest) = self.snapshots.first() {
+                    let _ = kad.start_providing(snapshot::snapshot_key(latest));
                 }
             }
             kad.get_providers(cluster_provider_key(&self.cluster));
@@ -420,7 +435,10 @@ impl EventLoop {
             }
             Command::ChunkChecked { peer, index, len, verdict } => self.on_chunk_checked(peer, index, len, verdict),
             Command::SnapshotInstalled { result } => self.on_snapshot_installed(result),
-            Command::SnapshotCreated { cid } => self.provide_snapshot(&cid),
+            Command::SnapshotCreated { cid } => {
+                self.refresh_holdings();
+                self.provide_snapshot(&cid);
+            }
             Command::RepairDone => {
                 if self.repair_requests.is_empty() {
                     self.repair = None;

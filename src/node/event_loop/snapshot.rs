@@ -238,6 +238,7 @@ impl EventLoop {
                 tracing::info!(cid = %active.cid, fetched_bytes = fetched, secs = active.started.elapsed().as_secs_f64(),
                     "snapshot installed; replaying from its version vector");
                 self.metrics.snapshots_installed.inc();
+                self.refresh_holdings();
                 self.provide_snapshot(&active.cid);
                 self.plan_pulls();
             }
