@@ -450,6 +450,20 @@ READ_WINDOW = 16      # long-polls in flight per node (seqs pre-issued ahead of 
 WRITE_CONNS = 16
 
 
+async def paced(count, rate, put):
+    """Starts put(0..count) at `rate` per second on a fixed schedule (no drift), waits for all of
+    them, and returns how long sending took. Both sides of W3 use it, so they are paced alike."""
+    t0 = now()
+    puts = []
+    for k in range(count):
+        delay = t0 + k / rate - now()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        puts.append(asyncio.create_task(put(k)))
+    await asyncio.gather(*puts)
+    return now() - t0
+
+
 async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict:
     origin = nodes[0].peer_id
     first = nodes[0].http.json("PUT", "/v1/registers/w3/probe", b"p")
@@ -504,15 +518,7 @@ async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict
 
     readers = [asyncio.create_task(reader(i, nd)) for i, nd in enumerate(nodes) for _ in range(READ_WINDOW)]
     await asyncio.sleep(0.2)
-    t0 = now()
-    puts = []
-    for k in range(count):
-        delay = t0 + k / rate - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        puts.append(asyncio.create_task(put(k)))
-    await asyncio.gather(*puts)
-    send_span = now() - t0
+    send_span = await paced(count, rate, put)
     await asyncio.wait_for(asyncio.gather(*readers), 120)
     while not free.empty():
         await (free.get_nowait()).close()
@@ -572,15 +578,7 @@ async def redis_latency(ctx: Ctx, servers: list[Redis], count: int, rate: int) -
 
     readers = [asyncio.create_task(reader(i, c)) for i, c in enumerate(subs)]
     await asyncio.sleep(0.2)
-    t0 = now()
-    puts = []
-    for k in range(count):
-        delay = t0 + k / rate - now()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        puts.append(asyncio.create_task(put(k)))
-    await asyncio.gather(*puts)
-    send_span = now() - t0
+    send_span = await paced(count, rate, put)
     await asyncio.wait_for(asyncio.gather(*readers), 120)
     while not free.empty():
         await (free.get_nowait()).close()
