@@ -8,7 +8,9 @@ use std::thread::JoinHandle;
 use peersync::crdt::LeaseRequest;
 use peersync::ids::{Origin, Seq};
 use peersync::op::{raw_cid, Signer};
-use peersync::snapshot::{ChunkError, ChunkRef, Manifest, ManifestError, SignedManifest, StateEntry};
+use peersync::snapshot::{
+    ChunkBuilder, ChunkError, ChunkRef, Kind, Manifest, ManifestError, SignedManifest, StateEntry,
+};
 use peersync::store::{
     InstallOutcome, LocalIntent, RemoteOutcome, SnapshotError, Store, StoreError, WriteHandle, WriterConfig,
     WriterError,
@@ -435,4 +437,86 @@ async fn create_and_install_survive_a_reopen_whole() {
     write(&a, 1, 3).await;
     replay(&a.store, &b, &a.origin(), usize::MAX).await;
     assert_eq!(b.store.state_root(), a.store.state_root());
+}
+
+/// A chunk of the given entries, as a creator would make it.
+fn chunk_of(entries: &[StateEntry]) -> (ChunkRef, Vec<u8>) {
+    let mut builder = ChunkBuilder::new(1 << 20);
+    for e in entries {
+        assert!(builder.push(e).unwrap().is_none());
+    }
+    let chunk = builder.finish().unwrap().unwrap();
+    (chunk.chunk_ref(), chunk.bytes)
+}
+
+#[tokio::test]
+async fn chunks_are_staged_as_they_arrive_and_install_by_rename_or_by_merge() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 20).await;
+    let s1 = a.store.create_snapshot(&a.signer, "test", 400).unwrap();
+    write(&a, 1, 10).await;
+    let s2 = a.store.create_snapshot(&a.signer, "test", 400).unwrap();
+    let manifest = |cid| a.store.snapshot_manifest(cid).unwrap().unwrap();
+    let (m1, m2) = (manifest(&s1.cid).verify().unwrap(), manifest(&s2.cid).verify().unwrap());
+    let bytes = |c: &ChunkRef| a.store.snapshot_chunk(&c.cid).unwrap().unwrap();
+    assert!(m1.chunks.len() > 3, "{s1:?}");
+
+    // All of S1's chunks but the last are staged (and held); staging one again is a no-op.
+    let b = open(&dir, "b.redb");
+    let (last, rest) = m1.chunks.split_last().unwrap();
+    for c in rest {
+        assert!(b.store.stage_chunk(&s1.cid, c, &bytes(c), true).unwrap());
+    }
+    assert!(!b.store.stage_chunk(&s1.cid, &rest[0], &bytes(&rest[0]), false).unwrap());
+    assert!(b.store.missing_chunks(&m1).unwrap() == vec![last.cid]);
+
+    // Chunks whose bytes match their CID but whose entries are bad are refused before anything is
+    // written: a value that is not in canonical encoding, and a key S1's staged chunks already hold.
+    let value = peersync::crdt::RegisterValue { hlc: Default::default(), origin: a.origin(), value: Some(vec![1]) };
+    let mut padded = postcard::to_stdvec(&value).unwrap();
+    padded.push(0);
+    let entry = |key: &[u8], value: Vec<u8>| StateEntry {
+        kind: Kind::Register,
+        collection: "reg".into(),
+        key: key.to_vec(),
+        value,
+    };
+    let (r, b1) = chunk_of(&[entry(b"new", padded)]);
+    let err = b.store.stage_chunk(&s1.cid, &r, &b1, true).unwrap_err();
+    assert!(matches!(err, StoreError::Snapshot(ref e) if matches!(**e, SnapshotError::Entry { .. })), "{err}");
+    let staged = peersync::snapshot::decode_chunk(&rest[0], &bytes(&rest[0])).unwrap();
+    let (r, b2) = chunk_of(&staged[..1]);
+    let err = b.store.stage_chunk(&s1.cid, &r, &b2, true).unwrap_err();
+    assert!(err.to_string().contains("staged twice"), "{err}");
+    assert!(!b.store.has_chunk(&r.cid).unwrap());
+
+    // The staging survives a restart; a chunk of another snapshot starts its staging over.
+    let b_signer = b.close().await;
+    let b = open_with(&dir.path().join("b.redb"), b_signer);
+    assert!(b.store.stage_chunk(&s2.cid, &m2.chunks[0], &bytes(&m2.chunks[0]), true).unwrap());
+    let e = refusal(b.writer.install_snapshot(manifest(&s1.cid)).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::MissingChunks { missing: 1, .. }), "{e}");
+
+    // Once the last chunk is there, the install stages what is held but not staged for S1, and
+    // the empty state becomes S1's.
+    assert!(b.store.stage_chunk(&s1.cid, last, &bytes(last), false).unwrap());
+    let outcome = b.writer.install_snapshot(manifest(&s1.cid)).await.unwrap();
+    let InstallOutcome::Installed { entries, changed, .. } = outcome else { panic!("{outcome:?}") };
+    assert_eq!((entries, changed), (s1.entries, s1.entries));
+    assert_eq!(b.store.state_root(), (s1.state_root, s1.version_vector.clone()));
+    assert_eq!(b.store.lease("lk", b"shared").unwrap().map(|l| l.holder), Some(Some("h1".into())));
+    assert_sound(&b.store);
+
+    // S2 onto S1's state: staged, then merged into the non-empty state.
+    for c in &m2.chunks {
+        b.store.stage_chunk(&s2.cid, c, &bytes(c), false).unwrap();
+    }
+    let outcome = b.writer.install_snapshot(manifest(&s2.cid)).await.unwrap();
+    assert!(matches!(outcome, InstallOutcome::Installed { .. }), "{outcome:?}");
+    assert_eq!(b.store.state_root(), (s2.state_root, s2.version_vector.clone()));
+    assert_eq!(b.store.register("reg", &[0]).unwrap(), a.store.register("reg", &[0]).unwrap());
+    assert_sound(&b.store);
+    write(&b, 3, 2).await;
+    assert_sound(&b.store);
 }

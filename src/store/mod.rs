@@ -13,6 +13,7 @@ mod error;
 mod read;
 pub mod root;
 mod snapshots;
+mod staging;
 mod tables;
 mod vv;
 mod writer;
@@ -198,7 +199,7 @@ pub(crate) fn encode_hlc(h: Hlc) -> [u8; 12] {
     out
 }
 
-fn decode_hlc(bytes: &[u8]) -> Result<Hlc, StoreError> {
+pub(crate) fn decode_hlc(bytes: &[u8]) -> Result<Hlc, StoreError> {
     if bytes.len() != 12 {
         return Err(StoreError::Corrupt("stored hlc is not 12 bytes".into()));
     }

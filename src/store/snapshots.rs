@@ -13,12 +13,13 @@ use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransact
 
 use super::apply::entry_kind;
 use super::root::{entry_hash, identity_hash, Buckets};
+use super::staging;
 use super::tables::*;
 use super::{decode_progress, origin_from_bytes, SnapshotError, Store, StoreError, VersionVector};
 use crate::ids::StateRoot;
 use crate::op::Signer;
 use crate::snapshot::{
-    verify_chunk_cid, ChunkBuilder, CollectionInfo, Kind, Manifest, SignedManifest, StateEntry, FORMAT,
+    verify_chunk_cid, ChunkBuilder, ChunkRef, CollectionInfo, Kind, Manifest, SignedManifest, StateEntry, FORMAT,
     MAX_CHUNK_RAW_BYTES,
 };
 
@@ -242,6 +243,33 @@ impl Store {
         }
         txn.commit()?;
         Ok(true)
+    }
+
+    /// Keeps a chunk of the snapshot named `manifest`, fetched from a peer, and stages its entries for
+    /// the install (see `staging.rs`): checks the bytes against `chunk` (CID, sizes) and every entry
+    /// before anything is written. Returns false when the chunk was staged already. Only `durable`
+    /// commits are fsynced; the others become durable with the next one (the caller spaces them so
+    /// a crash costs a restarted pull a bounded refetch). Blocking; the decoding and hashing run
+    /// before the write transaction, so several chunks can be staged from parallel threads.
+    pub fn stage_chunk(
+        &self,
+        manifest: &Cid,
+        chunk: &ChunkRef,
+        bytes: &[u8],
+        durable: bool,
+    ) -> Result<bool, StoreError> {
+        let horizon = super::writer::now_ms().saturating_add(super::writer::MAX_CLOCK_AHEAD_MS);
+        let prepared = staging::prepare_chunk(chunk, bytes, horizon)?;
+        let mut txn = self.db().begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        }
+        let fresh = staging::stage(&txn, manifest, &prepared)?;
+        if fresh {
+            txn.open_table(SNAPSHOT_CHUNKS)?.insert(chunk.cid.to_bytes().as_slice(), bytes)?;
+        }
+        txn.commit()?;
+        Ok(fresh)
     }
 
     /// Deletes all but the latest `keep` snapshots (at least one is always kept, since compaction

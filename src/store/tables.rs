@@ -55,3 +55,25 @@ pub(crate) const META_HLC: &str = "hlc";
 
 /// Format version written by this build; a database with another version is refused.
 pub(crate) const FORMAT_VERSION: u64 = 1;
+
+/// Staging of the snapshot being pulled (see `staging.rs`): its entries, written as each verified
+/// chunk arrives, in tables shaped like the state tables, so an install into an empty state renames
+/// them. Same keys and values as `REGISTERS`, `COUNTERS` and `LEASES`.
+pub(crate) const STAGE_REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("stage_registers_v1");
+pub(crate) const STAGE_COUNTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("stage_counters_v1");
+pub(crate) const STAGE_LEASES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("stage_leases_v1");
+
+/// Chunks whose entries are staged. Key: chunk CID bytes. Every one is also in `SNAPSHOT_CHUNKS`.
+pub(crate) const STAGE_CHUNKS: TableDefinition<&[u8], ()> = TableDefinition::new("stage_chunks_v1");
+
+/// What the staged entries add up to. Key: one of the `STAGE_*` names below.
+pub(crate) const STAGE_META: TableDefinition<&str, &[u8]> = TableDefinition::new("stage_meta_v1");
+
+/// Manifest CID bytes of the snapshot staged.
+pub(crate) const STAGE_MANIFEST: &str = "manifest";
+/// The staged entries' bucket hashes: 4096 x 32 bytes, bucket 0 first.
+pub(crate) const STAGE_BUCKETS: &str = "buckets";
+/// Postcard map of (kind, collection name) to entries staged.
+pub(crate) const STAGE_COUNTS: &str = "counts";
+/// The greatest HLC of a staged register or lease (not ahead of the wall clock), 12 bytes as `META_HLC`.
+pub(crate) const STAGE_HLC: &str = "hlc";

@@ -249,7 +249,7 @@ struct OpenBatch {
     bytes: usize,
 }
 
-fn now_ms() -> u64 {
+pub(in crate::store) fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
 
@@ -559,7 +559,7 @@ impl Writer {
 }
 
 /// How far ahead of the local wall clock a remote timestamp may pull the local HLC.
-const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+pub(in crate::store) const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
 
 enum LocalFailure {
     Refused(LeaseError),

@@ -14,10 +14,10 @@ use tokio::sync::oneshot;
 use super::{now_ms, CommitEvent, Request, WriteHandle, Writer, WriterError, MAX_CLOCK_AHEAD_MS};
 use crate::crdt::HlcClock;
 use crate::ids::{Origin, Seq};
-use crate::snapshot::{decode_chunk, Kind, Manifest, SignedManifest, StateEntry};
-use crate::store::apply::{entry_kind, Tables};
-use crate::store::root::{entry_hash, identity_hash, Buckets};
+use crate::snapshot::{Kind, Manifest, SignedManifest, StateEntry};
+use crate::store::apply::Tables;
 use crate::store::snapshots::{keep_manifest, latest_in};
+use crate::store::staging::{self, Staged};
 use crate::store::tables::*;
 use crate::store::{encode_hlc, encode_progress, Mirror, OriginProgress, SnapshotError, StoreError};
 
@@ -162,12 +162,17 @@ impl Writer {
 
     fn install(&mut self, signed: &SignedManifest) -> Result<InstallOutcome, WriterError> {
         let manifest = signed.verify().map_err(refused)?;
+        let cid = signed.cid();
         if self.mirror.version_vector().dominates(&manifest.version_vector) {
+            // What was staged for it is of no use any more.
+            self.transact(|txn, _| match Staged::load(txn)?.manifest == Some(cid) {
+                true => staging::clear(txn),
+                false => Ok(()),
+            })?;
             return Ok(InstallOutcome::AlreadyCovered);
         }
-        let cid = signed.cid();
         self.transact(|txn, work| {
-            let (entries, changed) = merge_snapshot(txn, work, &cid, &manifest)?;
+            let (entries, changed) = install_staged(txn, work, &cid, &manifest)?;
             let advanced = advance_logs(txn, &mut work.mirror, &manifest)?;
             keep_manifest(txn, &cid, &signed.encode())?;
             work.event.snapshot_installed = Some(cid);
@@ -231,55 +236,86 @@ fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror)
     Ok(())
 }
 
-/// Verifies every chunk of the snapshot and merges its entries; checks that the entries hash to the
-/// manifest's state root and match its collection counts. Returns (entries, changed).
-fn merge_snapshot(
+/// Brings the snapshot's entries into the local state: stages the chunks held but not staged yet
+/// (put with `Store::put_chunk`, or staged before a restart under another manifest), checks that the
+/// staged entries hash to the manifest's state root and match its collection counts, then renames
+/// the staging tables into place when the local state is empty, or merges them into it. Returns
+/// (entries, changed).
+fn install_staged(
     txn: &WriteTransaction,
     work: &mut Work,
     cid: &Cid,
     manifest: &Manifest,
 ) -> Result<(u64, u64), StoreError> {
-    let chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
-    let mut missing = Vec::new();
-    for c in &manifest.chunks {
-        if chunks.get(c.cid.to_bytes().as_slice())?.is_none() {
-            missing.push(c.cid);
+    staging::begin(txn, cid)?;
+    let (mut missing, mut unstaged) = (Vec::new(), Vec::new());
+    {
+        let chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
+        for c in &manifest.chunks {
+            if staging::is_staged(txn, &c.cid)? {
+                continue;
+            }
+            match chunks.get(c.cid.to_bytes().as_slice())? {
+                Some(bytes) => unstaged.push((c, bytes.value().to_vec())),
+                None => missing.push(c.cid),
+            }
         }
     }
     if let Some(first) = missing.first() {
         return Err(SnapshotError::MissingChunks { manifest: *cid, missing: missing.len(), first: *first }.into());
     }
-    let mut tables = Tables::open(txn)?;
-    let mut theirs = Buckets::default();
-    let mut counts: BTreeMap<(Kind, String), u64> = BTreeMap::new();
-    let (mut index, mut changed) = (0u64, 0u64);
-    for c in &manifest.chunks {
-        let bytes = chunks.get(c.cid.to_bytes().as_slice())?.expect("checked present in this transaction");
-        let entries = decode_chunk(c, bytes.value()).map_err(|source| SnapshotError::Chunk { cid: c.cid, source })?;
-        for entry in &entries {
-            let id = identity_hash(entry_kind(entry.kind), &entry.collection, &entry.key);
-            theirs.toggle(&id, &entry_hash(&id, &entry.value));
-            *counts.entry((entry.kind, entry.collection.clone())).or_default() += 1;
-            changed += merge_one(&mut tables, work, index, entry)? as u64;
-            index += 1;
-        }
+    let horizon = now_ms().saturating_add(MAX_CLOCK_AHEAD_MS);
+    for (c, bytes) in unstaged {
+        staging::stage(txn, cid, &staging::prepare_chunk(c, &bytes, horizon)?)?;
     }
-    if theirs.root() != manifest.state_root {
-        return Err(SnapshotError::RootMismatch { claimed: manifest.state_root, found: theirs.root() }.into());
+
+    let staged = Staged::load(txn)?;
+    if staged.buckets.root() != manifest.state_root {
+        return Err(SnapshotError::RootMismatch { claimed: manifest.state_root, found: staged.buckets.root() }.into());
     }
     let mut claimed: BTreeMap<(Kind, String), u64> =
         manifest.collections.iter().map(|c| ((c.kind, c.name.clone()), c.entries)).collect();
-    for ((kind, name), found) in counts {
-        let claimed = claimed.remove(&(kind, name.clone())).unwrap_or(0);
-        if claimed != found {
-            return Err(SnapshotError::CountMismatch { kind, name, claimed, found }.into());
+    for ((kind, name), found) in &staged.counts {
+        let claimed = claimed.remove(&(*kind, name.clone())).unwrap_or(0);
+        if claimed != *found {
+            return Err(SnapshotError::CountMismatch { kind: *kind, name: name.clone(), claimed, found: *found }.into());
         }
     }
     if let Some(((kind, name), claimed)) = claimed.into_iter().find(|(_, n)| *n > 0) {
         return Err(SnapshotError::CountMismatch { kind, name, claimed, found: 0 }.into());
     }
-    persist_buckets(txn, &mut tables, &work.mirror)?;
-    Ok((index, changed))
+
+    let entries = manifest.entries();
+    let changed = if staging::state_is_empty(txn)? {
+        staging::adopt(txn)?;
+        work.mirror.buckets = staged.buckets;
+        let mut buckets = txn.open_table(BUCKETS)?;
+        for (b, hash) in work.mirror.buckets.0.iter().enumerate() {
+            buckets.insert(b as u32, hash.as_slice())?;
+        }
+        if let Some(hlc) = staged.hlc {
+            work.clock.observe(hlc);
+        }
+        for row in txn.open_table(LEASES)?.iter()? {
+            let (k, v) = row?;
+            let (lease, key) = k.value();
+            let state = crate::store::apply::decode(v.value(), "lease")?;
+            work.event.leases.push((lease.to_owned(), key.to_vec(), state));
+        }
+        entries
+    } else {
+        let mut tables = Tables::open(txn)?;
+        let (mut index, mut changed) = (0u64, 0u64);
+        staging::for_each_staged(txn, |entry| {
+            changed += merge_one(&mut tables, work, index, &entry)? as u64;
+            index += 1;
+            Ok(())
+        })?;
+        persist_buckets(txn, &mut tables, &work.mirror)?;
+        changed
+    };
+    staging::clear(txn)?;
+    Ok((entries, changed))
 }
 
 /// For every origin the snapshot is ahead for: its progress becomes the snapshot's (seq, head), its

@@ -1,0 +1,233 @@
+//! Staging the snapshot being pulled: every chunk, once verified, is decoded, checked and written
+//! into staging tables of its own as it arrives, so the work of an install is spread over the
+//! transfer instead of following it.
+//!
+//! The staging tables hold the snapshot's state alone, never mixed with the local state, so a
+//! snapshot refused at install (its entries do not hash to its root) leaves the state untouched.
+//! Installing into an empty state renames the staging tables into place; otherwise their entries
+//! are merged with the CRDT merges. Staging commits are not all durable: after a crash the staging
+//! tables and `SNAPSHOT_CHUNKS` roll back together to the last durable commit, so what a restarted
+//! pull finds held is exactly what is staged.
+
+use std::collections::BTreeMap;
+
+use cid::Cid;
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+
+use super::apply::{encode, entry_kind};
+use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
+use super::tables::*;
+use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
+use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
+use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
+
+type StateDef = TableDefinition<'static, (&'static str, &'static [u8]), &'static [u8]>;
+
+/// Each kind's staging table and the state table it becomes.
+pub(crate) const KINDS: [(Kind, StateDef, StateDef); 3] = [
+    (Kind::Register, STAGE_REGISTERS, REGISTERS),
+    (Kind::Counter, STAGE_COUNTERS, COUNTERS),
+    (Kind::Lease, STAGE_LEASES, LEASES),
+];
+
+/// A verified, decoded chunk with each entry's identity and entry hash, ready to stage. Made
+/// outside any transaction (it is the CPU-heavy part), so chunks are prepared in parallel.
+pub(crate) struct PreparedChunk {
+    pub cid: Cid,
+    entries: Vec<(StateEntry, [u8; 32], [u8; 32])>,
+    /// Greatest HLC among the registers and leases not ahead of `horizon_ms`.
+    hlc: Option<Hlc>,
+}
+
+/// Checks `bytes` against `r` (CID, sizes), decodes its entries and checks that every value is a
+/// canonical encoding of its kind. A refusal names the chunk.
+pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Result<PreparedChunk, SnapshotError> {
+    let decoded = decode_chunk(r, bytes).map_err(|source| SnapshotError::Chunk { cid: r.cid, source })?;
+    let mut entries = Vec::with_capacity(decoded.len());
+    let mut hlc: Option<Hlc> = None;
+    for (index, entry) in decoded.into_iter().enumerate() {
+        let stamp = check_value(entry.kind, &entry.value).map_err(|reason| SnapshotError::Entry {
+            index: index as u64,
+            reason: format!("in chunk {}: {reason}", r.cid),
+        })?;
+        if let Some(h) = stamp.filter(|h| h.wall_ms <= horizon_ms) {
+            hlc = Some(hlc.map_or(h, |m| m.max(h)));
+        }
+        let id = identity_hash(entry_kind(entry.kind), &entry.collection, &entry.key);
+        let hash = entry_hash(&id, &entry.value);
+        entries.push((entry, id, hash));
+    }
+    Ok(PreparedChunk { cid: r.cid, entries, hlc })
+}
+
+/// The value must decode as its kind and encode back to the same bytes (one value, one entry
+/// hash). Returns its HLC (registers and leases).
+///
+/// Comparing lengths is enough: postcard's encoding of a value is its shortest (minimal varints,
+/// one byte per tag), so any other bytes that decode to it are longer or carry trailing bytes.
+fn check_value(kind: Kind, value: &[u8]) -> Result<Option<Hlc>, String> {
+    fn canonical<T: serde::Serialize + serde::de::DeserializeOwned>(value: &[u8], what: &str) -> Result<T, String> {
+        let decoded: T =
+            postcard::from_bytes(value).map_err(|e| format!("value is not a valid {what} encoding: {e}"))?;
+        if postcard::experimental::serialized_size(&decoded).ok() != Some(value.len()) {
+            return Err(format!("{what} value is not in canonical encoding"));
+        }
+        Ok(decoded)
+    }
+    Ok(match kind {
+        Kind::Register => Some(canonical::<RegisterValue>(value, "register")?.hlc),
+        Kind::Counter => canonical::<PnCounter>(value, "counter").map(|_| None)?,
+        Kind::Lease => Some(canonical::<LeaseState>(value, "lease")?.hlc),
+    })
+}
+
+/// What the staged entries add up to.
+#[derive(Debug, Default)]
+pub(crate) struct Staged {
+    pub manifest: Option<Cid>,
+    pub buckets: Buckets,
+    pub counts: BTreeMap<(Kind, String), u64>,
+    pub hlc: Option<Hlc>,
+}
+
+impl Staged {
+    pub fn load(txn: &WriteTransaction) -> Result<Staged, StoreError> {
+        let corrupt = |what: &str, e: &dyn std::fmt::Display| StoreError::Corrupt(format!("staged {what}: {e}"));
+        let meta = txn.open_table(STAGE_META)?;
+        let mut staged = Staged::default();
+        if let Some(v) = meta.get(STAGE_MANIFEST)? {
+            staged.manifest = Some(Cid::try_from(v.value()).map_err(|e| corrupt("manifest CID", &e))?);
+        }
+        if let Some(v) = meta.get(STAGE_BUCKETS)? {
+            let bytes = v.value();
+            if bytes.len() != BUCKET_COUNT * 32 {
+                return Err(corrupt("buckets", &format!("{} bytes", bytes.len())));
+            }
+            for (bucket, hash) in staged.buckets.0.iter_mut().zip(bytes.chunks_exact(32)) {
+                bucket.copy_from_slice(hash);
+            }
+        }
+        if let Some(v) = meta.get(STAGE_COUNTS)? {
+            staged.counts = postcard::from_bytes(v.value()).map_err(|e| corrupt("counts", &e))?;
+        }
+        if let Some(v) = meta.get(STAGE_HLC)? {
+            staged.hlc = Some(decode_hlc(v.value())?);
+        }
+        Ok(staged)
+    }
+
+    fn save(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        let mut meta = txn.open_table(STAGE_META)?;
+        if let Some(cid) = &self.manifest {
+            meta.insert(STAGE_MANIFEST, cid.to_bytes().as_slice())?;
+        }
+        meta.insert(STAGE_BUCKETS, self.buckets.0.concat().as_slice())?;
+        meta.insert(STAGE_COUNTS, encode(&self.counts).as_slice())?;
+        if let Some(hlc) = self.hlc {
+            meta.insert(STAGE_HLC, encode_hlc(hlc).as_slice())?;
+        }
+        Ok(())
+    }
+}
+
+/// Drops everything staged.
+pub(crate) fn clear(txn: &WriteTransaction) -> Result<(), StoreError> {
+    for (_, stage, _) in KINDS {
+        txn.delete_table(stage)?;
+    }
+    txn.delete_table(STAGE_CHUNKS)?;
+    txn.delete_table(STAGE_META)?;
+    Ok(())
+}
+
+/// Makes the staging tables belong to `manifest`: what was staged for another snapshot goes.
+/// Returns what is staged for it so far.
+pub(crate) fn begin(txn: &WriteTransaction, manifest: &Cid) -> Result<Staged, StoreError> {
+    let staged = Staged::load(txn)?;
+    if staged.manifest.as_ref() == Some(manifest) {
+        return Ok(staged);
+    }
+    if staged.manifest.is_some() {
+        tracing::info!(old = ?staged.manifest, new = %manifest, "dropping the entries staged for another snapshot");
+    }
+    clear(txn)?;
+    let fresh = Staged { manifest: Some(*manifest), ..Staged::default() };
+    fresh.save(txn)?;
+    Ok(fresh)
+}
+
+/// Whether the chunk's entries are staged for the snapshot staged now.
+pub(crate) fn is_staged(txn: &WriteTransaction, chunk: &Cid) -> Result<bool, StoreError> {
+    Ok(txn.open_table(STAGE_CHUNKS)?.get(chunk.to_bytes().as_slice())?.is_some())
+}
+
+/// Writes a prepared chunk's entries into the staging tables of `manifest`. Returns false when the
+/// chunk was staged already. A key staged twice means the snapshot is malformed: refused.
+pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChunk) -> Result<bool, StoreError> {
+    let mut staged = begin(txn, manifest)?;
+    if is_staged(txn, &chunk.cid)? {
+        return Ok(false);
+    }
+    // In the order of `Kind`'s variants, so a kind indexes its table.
+    let mut tables = [txn.open_table(STAGE_REGISTERS)?, txn.open_table(STAGE_COUNTERS)?, txn.open_table(STAGE_LEASES)?];
+    for (index, (entry, id, hash)) in chunk.entries.iter().enumerate() {
+        let table = &mut tables[entry.kind as usize];
+        if table.insert((entry.collection.as_str(), entry.key.as_slice()), entry.value.as_slice())?.is_some() {
+            return Err(SnapshotError::Entry {
+                index: index as u64,
+                reason: format!("in chunk {}: key staged twice in {:?} {:?}", chunk.cid, entry.kind, entry.collection),
+            }
+            .into());
+        }
+        staged.buckets.toggle(id, hash);
+        match staged.counts.get_mut(&(entry.kind, entry.collection.clone())) {
+            Some(n) => *n += 1,
+            None => drop(staged.counts.insert((entry.kind, entry.collection.clone()), 1)),
+        }
+    }
+    if let Some(h) = chunk.hlc {
+        staged.hlc = Some(staged.hlc.map_or(h, |m| m.max(h)));
+    }
+    drop(tables);
+    staged.save(txn)?;
+    txn.open_table(STAGE_CHUNKS)?.insert(chunk.cid.to_bytes().as_slice(), ())?;
+    Ok(true)
+}
+
+/// Whether the local state holds no entry at all.
+pub(crate) fn state_is_empty(txn: &WriteTransaction) -> Result<bool, StoreError> {
+    for (_, _, live) in KINDS {
+        if !txn.open_table(live)?.is_empty()? {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Makes the staged entries the state, replacing the (empty) state tables; the caller sets the
+/// buckets.
+pub(crate) fn adopt(txn: &WriteTransaction) -> Result<(), StoreError> {
+    for (_, stage, live) in KINDS {
+        // Renaming needs the staging table to exist, even if the snapshot has no entry of its kind.
+        drop(txn.open_table(stage)?);
+        txn.delete_table(live)?;
+        txn.rename_table(stage, live)?;
+    }
+    Ok(())
+}
+
+/// Calls `f` with every staged entry, kind by kind.
+pub(crate) fn for_each_staged(
+    txn: &WriteTransaction,
+    mut f: impl FnMut(StateEntry) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    for (kind, stage, _) in KINDS {
+        let table = txn.open_table(stage)?;
+        for row in table.iter()? {
+            let (k, v) = row?;
+            let (collection, key) = k.value();
+            f(StateEntry { kind, collection: collection.to_owned(), key: key.to_vec(), value: v.value().to_vec() })?;
+        }
+    }
+    Ok(())
+}
