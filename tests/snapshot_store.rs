@@ -520,3 +520,24 @@ async fn chunks_are_staged_as_they_arrive_and_install_by_rename_or_by_merge() {
     write(&b, 3, 2).await;
     assert_sound(&b.store);
 }
+
+#[test]
+fn chunks_kept_in_the_state_database_by_an_older_build_move_to_the_chunk_database() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("state.redb");
+    drop(Store::open(&path).unwrap());
+    let (r, bytes) =
+        chunk_of(&[StateEntry { kind: Kind::Counter, collection: "c".into(), key: vec![1], value: vec![0, 0] }]);
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        let old: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("snapshot_chunks_v1");
+        txn.open_table(old).unwrap().insert(r.cid.to_bytes().as_slice(), bytes.as_slice()).unwrap();
+        txn.commit().unwrap();
+    }
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.snapshot_chunk(&r.cid).unwrap(), Some(bytes));
+    assert!(peersync::store::chunks_path(&path).ends_with("state-chunks.redb"));
+    drop(store);
+    assert_eq!(Store::open(&path).unwrap().chunk_count().unwrap(), 1);
+}

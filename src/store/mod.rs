@@ -22,7 +22,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable};
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
 use tokio::sync::watch;
 
 use crate::crdt::Hlc;
@@ -43,6 +43,39 @@ pub use writer::{
 
 /// Default bound of redb's page cache (redb's own default is 1 GiB).
 pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
+
+/// Page cache of the chunk database: chunks are large and read once per request.
+const CHUNKS_CACHE_BYTES: usize = 16 << 20;
+
+/// Chunks used to live in the state database: moves any found there into the chunk database.
+fn move_chunks_out(db: &Database, chunks: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    let old = txn.open_table(SNAPSHOT_CHUNKS)?;
+    if !old.is_empty()? {
+        let to = chunks.begin_write()?;
+        {
+            let mut table = to.open_table(SNAPSHOT_CHUNKS)?;
+            for row in old.iter()? {
+                let (k, v) = row?;
+                table.insert(k.value(), v.value())?;
+            }
+        }
+        to.commit()?;
+        tracing::info!("moved snapshot chunks into the chunk database");
+    }
+    txn.delete_table(old)?;
+    txn.commit()?;
+    let txn = chunks.begin_write()?;
+    txn.open_table(SNAPSHOT_CHUNKS)?;
+    txn.commit()?;
+    Ok(())
+}
+
+/// Where the chunk database of the state database at `path` lives: `state.redb` -> `state-chunks.redb`.
+pub fn chunks_path(path: &Path) -> std::path::PathBuf {
+    let stem = path.file_stem().map_or_else(|| "state".into(), |s| s.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-chunks.redb"))
+}
 
 /// Where each origin's log stands: highest contiguous seq and the chain hash there.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -70,6 +103,12 @@ impl Mirror {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
+    /// Snapshot chunks, in a database of their own (`<name>-chunks.redb` beside the state): storing
+    /// a fetched chunk never waits for the state's write lock, and the state's commits never carry
+    /// chunk bytes.
+    chunks: Arc<Database>,
+    /// Serializes making and pruning snapshots, which write both databases.
+    snapshot_lock: Arc<std::sync::Mutex<()>>,
     /// The state as of the last commit; written only by the writer thread.
     mirror: Arc<RwLock<Mirror>>,
     /// The version vector as of the last commit, for callers waiting until a write is applied.
@@ -90,10 +129,13 @@ impl Store {
 
     /// Like [`Store::open`], with redb's page cache bounded to `cache_bytes`.
     pub fn open_with_cache(path: &Path, cache_bytes: usize) -> Result<Store, StoreError> {
-        let db = redb::Builder::new()
-            .set_cache_size(cache_bytes)
-            .create(path)
-            .map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })?;
+        let open = |path: &Path, cache: usize| {
+            redb::Builder::new()
+                .set_cache_size(cache)
+                .create(path)
+                .map_err(|e| StoreError::Open { path: path.to_owned(), source: e.into() })
+        };
+        let db = open(path, cache_bytes)?;
         let txn = db.begin_write()?;
         {
             let mut meta = txn.open_table(META)?;
@@ -113,15 +155,22 @@ impl Store {
             txn.open_table(VERSION_VECTOR)?;
             txn.open_table(LOG_FLOORS)?;
             txn.open_table(BUCKETS)?;
-            txn.open_table(SNAPSHOT_CHUNKS)?;
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(SNAPSHOT_ORDER)?;
         }
         txn.commit()?;
+        let chunks = open(&chunks_path(path), CHUNKS_CACHE_BYTES)?;
+        move_chunks_out(&db, &chunks)?;
         let db = Arc::new(db);
         let mirror = load_mirror(&db)?;
         let vv_watch = Arc::new(watch::Sender::new(mirror.version_vector()));
-        Ok(Store { db, mirror: Arc::new(RwLock::new(mirror)), vv_watch })
+        Ok(Store {
+            db,
+            chunks: Arc::new(chunks),
+            snapshot_lock: Arc::default(),
+            mirror: Arc::new(RwLock::new(mirror)),
+            vv_watch,
+        })
     }
 
     /// A copy of the in-memory view of the last commit.
@@ -151,6 +200,10 @@ impl Store {
 
     pub(crate) fn db(&self) -> &Database {
         &self.db
+    }
+
+    pub(crate) fn chunks_db(&self) -> &Database {
+        &self.chunks
     }
 }
 

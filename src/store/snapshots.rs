@@ -19,8 +19,8 @@ use super::{decode_progress, origin_from_bytes, SnapshotError, Store, StoreError
 use crate::ids::StateRoot;
 use crate::op::Signer;
 use crate::snapshot::{
-    verify_chunk_cid, ChunkBuilder, ChunkRef, CollectionInfo, Kind, Manifest, SignedManifest, StateEntry, FORMAT,
-    MAX_CHUNK_RAW_BYTES,
+    verify_chunk_cid, Chunk, ChunkBuilder, ChunkRef, CollectionInfo, Kind, Manifest, SignedManifest, StateEntry,
+    FORMAT, MAX_CHUNK_RAW_BYTES,
 };
 
 /// What [`Store::create_snapshot`] made.
@@ -72,6 +72,7 @@ impl Store {
         if chunk_raw_bytes == 0 || chunk_raw_bytes > MAX_CHUNK_RAW_BYTES {
             return Err(SnapshotError::ChunkSize(chunk_raw_bytes).into());
         }
+        let _serial = self.snapshot_lock.lock().expect("snapshot lock");
         let txn = self.db().begin_read()?;
         let mut version_vector = VersionVector::default();
         let mut heads = BTreeMap::new();
@@ -91,7 +92,7 @@ impl Store {
         let mut recomputed = Buckets::default();
         let mut counts: BTreeMap<(Kind, String), u64> = BTreeMap::new();
         let mut builder = ChunkBuilder::new(chunk_raw_bytes);
-        let mut chunks = Vec::new();
+        let mut chunks = ChunkWriter::new(self.chunks_db());
         let mut index = 0u64;
         for (kind, def) in [(Kind::Register, REGISTERS), (Kind::Counter, COUNTERS), (Kind::Lease, LEASES)] {
             let table = txn.open_table(def)?;
@@ -111,15 +112,18 @@ impl Store {
                     None => drop(counts.insert((kind, entry.collection.clone()), 1)),
                 }
                 let sealed = builder.push(&entry).map_err(|e| SnapshotError::Entry { index, reason: e.to_string() })?;
-                chunks.extend(sealed);
+                chunks.add(sealed)?;
                 index += 1;
             }
         }
-        chunks.extend(builder.finish().map_err(|e| SnapshotError::Entry { index, reason: e.to_string() })?);
+        chunks.add(builder.finish().map_err(|e| SnapshotError::Entry { index, reason: e.to_string() })?)?;
         drop(txn);
         if recomputed != stored {
+            chunks.abandon()?;
             return Err(StoreError::Corrupt("the state entries do not hash to the stored state-root buckets".into()));
         }
+        // Every chunk is durable before the manifest that names them is.
+        let chunks = chunks.finish()?;
 
         let manifest = Manifest {
             format: FORMAT,
@@ -133,22 +137,13 @@ impl Store {
                 .into_iter()
                 .map(|((kind, name), entries)| CollectionInfo { kind, name, entries })
                 .collect(),
-            chunks: chunks.iter().map(|c| c.chunk_ref()).collect(),
+            chunks,
         };
         let signed = manifest.sign(signer).map_err(SnapshotError::from)?;
         let cid = signed.cid();
         let encoded = signed.encode();
 
         let wtxn = self.db().begin_write()?;
-        {
-            let mut table = wtxn.open_table(SNAPSHOT_CHUNKS)?;
-            for c in &chunks {
-                let key = c.cid.to_bytes();
-                if table.get(key.as_slice())?.is_none() {
-                    table.insert(key.as_slice(), c.bytes.as_slice())?;
-                }
-            }
-        }
         keep_manifest(&wtxn, &cid, &encoded)?;
         wtxn.commit()?;
         Ok(SnapshotInfo {
@@ -156,7 +151,7 @@ impl Store {
             version_vector,
             state_root: manifest.state_root,
             entries: index,
-            chunks: chunks.len(),
+            chunks: manifest.chunks.len(),
             raw_bytes: manifest.raw_bytes(),
             compressed_bytes: manifest.compressed_bytes(),
             manifest_bytes: encoded.len() as u64,
@@ -198,19 +193,19 @@ impl Store {
 
     /// The compressed bytes of a held chunk.
     pub fn snapshot_chunk(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.chunks_db().begin_read()?;
         let value = txn.open_table(SNAPSHOT_CHUNKS)?.get(cid.to_bytes().as_slice())?;
         Ok(value.map(|v| v.value().to_vec()))
     }
 
     pub fn has_chunk(&self, cid: &Cid) -> Result<bool, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.chunks_db().begin_read()?;
         Ok(txn.open_table(SNAPSHOT_CHUNKS)?.get(cid.to_bytes().as_slice())?.is_some())
     }
 
     /// The chunks of `manifest` not held yet: what a resumed pull still has to fetch.
     pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<Cid>, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.chunks_db().begin_read()?;
         let table = txn.open_table(SNAPSHOT_CHUNKS)?;
         let mut missing = Vec::new();
         for c in &manifest.chunks {
@@ -223,7 +218,7 @@ impl Store {
 
     /// Number of chunks held (of all snapshots, and of pulls not installed yet).
     pub fn chunk_count(&self) -> Result<u64, StoreError> {
-        let txn = self.db().begin_read()?;
+        let txn = self.chunks_db().begin_read()?;
         Ok(txn.open_table(SNAPSHOT_CHUNKS)?.len()?)
     }
 
@@ -236,21 +231,19 @@ impl Store {
         if self.has_chunk(cid)? {
             return Ok(false);
         }
-        let txn = self.db().begin_write()?;
-        {
-            let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
-            table.insert(key.as_slice(), bytes)?;
-        }
+        let txn = self.chunks_db().begin_write()?;
+        txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
         txn.commit()?;
         Ok(true)
     }
 
     /// Keeps a chunk of the snapshot named `manifest`, fetched from a peer, and stages its entries for
     /// the install (see `staging.rs`): checks the bytes against `chunk` (CID, sizes) and every entry
-    /// before anything is written. Returns false when the chunk was staged already. Only `durable`
-    /// commits are fsynced; the others become durable with the next one (the caller spaces them so
-    /// a crash costs a restarted pull a bounded refetch). Blocking; the decoding and hashing run
-    /// before the write transaction, so several chunks can be staged from parallel threads.
+    /// before anything is written. Returns false when the chunk was staged already. The chunk is
+    /// fsynced only when `durable` (else it becomes durable with the next fsync: the caller spaces
+    /// them so a crash costs a restarted pull a bounded refetch). Blocking; the decoding and
+    /// hashing run before any write transaction, so several chunks can be staged from parallel
+    /// threads.
     pub fn stage_chunk(
         &self,
         manifest: &Cid,
@@ -260,16 +253,35 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let horizon = super::writer::now_ms().saturating_add(super::writer::MAX_CLOCK_AHEAD_MS);
         let prepared = staging::prepare_chunk(chunk, bytes, horizon)?;
-        let mut txn = self.db().begin_write()?;
-        if !durable {
+        let durability = |txn: &mut redb::WriteTransaction| match durable {
+            true => Ok(()),
+            false => txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string())),
+        };
+        // The chunk first: staged entries whose chunk a crash lost are fetched again (and staged
+        // as no-ops); a chunk held but not staged is staged at install.
+        let key = chunk.cid.to_bytes();
+        let added = !self.has_chunk(&chunk.cid)?;
+        if added {
+            let mut txn = self.chunks_db().begin_write()?;
+            durability(&mut txn)?;
+            txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
+            txn.commit()?;
+        }
+        // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
+        // redone at install from the held chunks, with nothing fetched again.
+        let staged = self.db().begin_write().map_err(StoreError::from).and_then(|mut txn| {
             txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let fresh = staging::stage(&txn, manifest, &prepared)?;
+            txn.commit()?;
+            Ok(fresh)
+        });
+        if staged.is_err() && added {
+            // Refused (a key staged twice) or not written: the chunk is not kept either.
+            let txn = self.chunks_db().begin_write()?;
+            txn.open_table(SNAPSHOT_CHUNKS)?.remove(key.as_slice())?;
+            txn.commit()?;
         }
-        let fresh = staging::stage(&txn, manifest, &prepared)?;
-        if fresh {
-            txn.open_table(SNAPSHOT_CHUNKS)?.insert(chunk.cid.to_bytes().as_slice(), bytes)?;
-        }
-        txn.commit()?;
-        Ok(fresh)
+        staged
     }
 
     /// Deletes all but the latest `keep` snapshots (at least one is always kept, since compaction
@@ -277,12 +289,13 @@ impl Store {
     /// manifest lists (a pull in progress) are left alone. Blocking.
     pub fn prune_snapshots(&self, keep: usize) -> Result<PruneOutcome, StoreError> {
         let keep = keep.max(1);
+        let _serial = self.snapshot_lock.lock().expect("snapshot lock");
         let txn = self.db().begin_write()?;
         let mut outcome = PruneOutcome::default();
+        let mut doomed = BTreeSet::new();
         {
             let mut order = txn.open_table(SNAPSHOT_ORDER)?;
             let mut manifests = txn.open_table(SNAPSHOTS)?;
-            let mut chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
             let mut all = Vec::new();
             for row in order.iter()? {
                 let (k, v) = row?;
@@ -297,14 +310,8 @@ impl Store {
             for (_, cid) in &all[cut..] {
                 kept.extend(chunk_set(cid)?);
             }
-            let mut doomed = BTreeSet::new();
             for (_, cid) in &all[..cut] {
                 doomed.extend(chunk_set(cid)?.into_iter().filter(|c| !kept.contains(c)));
-            }
-            for c in &doomed {
-                if chunks.remove(c.as_slice())?.is_some() {
-                    outcome.chunks += 1;
-                }
             }
             for (n, cid) in &all[..cut] {
                 order.remove(*n)?;
@@ -313,7 +320,84 @@ impl Store {
             }
         }
         txn.commit()?;
+        // The manifests are gone first: a crash in between leaves unlisted chunks, never a listed
+        // chunk missing.
+        let txn = self.chunks_db().begin_write()?;
+        {
+            let mut chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
+            for c in &doomed {
+                outcome.chunks += chunks.remove(c.as_slice())?.is_some() as usize;
+            }
+        }
+        txn.commit()?;
         Ok(outcome)
+    }
+}
+
+/// Writes the chunks of a snapshot being made, as they are sealed, in transactions of about
+/// [`ChunkWriter::BATCH_BYTES`]: the snapshot is never held in memory whole.
+struct ChunkWriter<'a> {
+    db: &'a redb::Database,
+    refs: Vec<ChunkRef>,
+    pending: Vec<Chunk>,
+    pending_bytes: usize,
+    /// Chunks this snapshot added (not held before), to take back if it is abandoned.
+    added: Vec<Cid>,
+}
+
+impl<'a> ChunkWriter<'a> {
+    const BATCH_BYTES: usize = 64 << 20;
+
+    fn new(db: &'a redb::Database) -> Self {
+        ChunkWriter { db, refs: Vec::new(), pending: Vec::new(), pending_bytes: 0, added: Vec::new() }
+    }
+
+    fn add(&mut self, chunk: Option<Chunk>) -> Result<(), StoreError> {
+        let Some(chunk) = chunk else { return Ok(()) };
+        self.refs.push(chunk.chunk_ref());
+        self.pending_bytes += chunk.bytes.len();
+        self.pending.push(chunk);
+        if self.pending_bytes >= Self::BATCH_BYTES {
+            self.flush(redb::Durability::None)?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self, durability: redb::Durability) -> Result<(), StoreError> {
+        let mut txn = self.db.begin_write()?;
+        txn.set_durability(durability).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        {
+            let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
+            for c in self.pending.drain(..) {
+                let key = c.cid.to_bytes();
+                if table.get(key.as_slice())?.is_none() {
+                    table.insert(key.as_slice(), c.bytes.as_slice())?;
+                    self.added.push(c.cid);
+                }
+            }
+        }
+        txn.commit()?;
+        self.pending_bytes = 0;
+        Ok(())
+    }
+
+    /// Makes every chunk durable; returns the chunk list for the manifest.
+    fn finish(mut self) -> Result<Vec<ChunkRef>, StoreError> {
+        self.flush(redb::Durability::Immediate)?;
+        Ok(self.refs)
+    }
+
+    /// Deletes the chunks this snapshot added.
+    fn abandon(self) -> Result<(), StoreError> {
+        let txn = self.db.begin_write()?;
+        {
+            let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
+            for cid in &self.added {
+                table.remove(cid.to_bytes().as_slice())?;
+            }
+        }
+        txn.commit()?;
+        Ok(())
     }
 }
 

@@ -31,9 +31,9 @@ pub(crate) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new(
 /// State-root buckets. Key: bucket index. Value: 32-byte XOR of the entry hashes in the bucket.
 pub(crate) const BUCKETS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
 
-/// Snapshot chunks. Key: chunk CID bytes. Value: the compressed chunk, which hashes to that CID
-/// (checked before every insert). Chunks of several snapshots are shared; a puller's chunks wait here
-/// before their manifest is installed.
+/// Snapshot chunks, in the chunk database (see `Store`). Key: chunk CID bytes. Value: the compressed
+/// chunk, which hashes to that CID (checked before every insert). Chunks of several snapshots are
+/// shared; a puller's chunks wait here before their manifest is installed.
 pub(crate) const SNAPSHOT_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshot_chunks_v1");
 
 /// Snapshots held. Key: manifest CID bytes. Value: postcard `snapshot::SignedManifest`, verified before

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use cid::Cid;
-use redb::{ReadableTable, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{now_ms, CommitEvent, Request, WriteHandle, Writer, WriterError, MAX_CLOCK_AHEAD_MS};
@@ -171,8 +171,12 @@ impl Writer {
             })?;
             return Ok(InstallOutcome::AlreadyCovered);
         }
+        // Staged chunks may have been stored without fsync: they are durable before the manifest
+        // that lists them is kept.
+        let store = self.store.clone();
+        store.chunks_db().begin_write().map_err(store_err)?.commit().map_err(store_err)?;
         self.transact(|txn, work| {
-            let (entries, changed) = install_staged(txn, work, &cid, &manifest)?;
+            let (entries, changed) = install_staged(txn, store.chunks_db(), work, &cid, &manifest)?;
             let advanced = advance_logs(txn, &mut work.mirror, &manifest)?;
             keep_manifest(txn, &cid, &signed.encode())?;
             work.event.snapshot_installed = Some(cid);
@@ -243,6 +247,7 @@ fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror)
 /// (entries, changed).
 fn install_staged(
     txn: &WriteTransaction,
+    chunks_db: &redb::Database,
     work: &mut Work,
     cid: &Cid,
     manifest: &Manifest,
@@ -250,7 +255,8 @@ fn install_staged(
     staging::begin(txn, cid)?;
     let (mut missing, mut unstaged) = (Vec::new(), Vec::new());
     {
-        let chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
+        let read = chunks_db.begin_read()?;
+        let chunks = read.open_table(SNAPSHOT_CHUNKS)?;
         for c in &manifest.chunks {
             if staging::is_staged(txn, &c.cid)? {
                 continue;
