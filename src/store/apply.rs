@@ -56,16 +56,17 @@ impl<'t> Tables<'t> {
         self.leases.get((lease, key))?.map(|g| decode(g.value(), "lease")).transpose()
     }
 
-    /// Applies the state change of `op` (not its log entry) and updates `buckets`.
-    pub fn apply(&mut self, buckets: &mut Buckets, op: &Op) -> Result<Effect, StoreError> {
+    /// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes`
+    /// are the bytes of `op.origin`.
+    pub fn apply(&mut self, buckets: &mut Buckets, op: &Op, origin_bytes: &[u8]) -> Result<Effect, StoreError> {
         match &op.body {
             OpBody::RegisterPut { register, key, value } => {
                 let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: Some(value.clone()) };
-                self.apply_register(buckets, register, key, new)
+                self.apply_register(buckets, register, key, new, origin_bytes)
             }
             OpBody::RegisterDelete { register, key } => {
                 let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: None };
-                self.apply_register(buckets, register, key, new)
+                self.apply_register(buckets, register, key, new, origin_bytes)
             }
             OpBody::CounterAdd { counter, key, delta } => {
                 let id = identity_hash(EntryKind::Counter, counter, key);
@@ -110,10 +111,11 @@ impl<'t> Tables<'t> {
         register: &str,
         key: &[u8],
         new: RegisterValue,
+        origin_bytes: &[u8],
     ) -> Result<Effect, StoreError> {
         // Insert first and look at what it replaced: one B-tree walk for the usual case (a new key
         // or a newer write); a write that loses puts the winner back.
-        let bytes = encode(&new);
+        let bytes = encode_register(&new, origin_bytes);
         let old = self.registers.insert((register, key), bytes.as_slice())?.map(|g| g.value().to_vec());
         let mut replaced_other_origin = false;
         if let Some(old_bytes) = &old {
@@ -233,10 +235,62 @@ fn decode_pair<T: serde::Serialize + serde::de::DeserializeOwned>(
     Ok((value, current))
 }
 
+/// postcard's encoding of a register value (as `encode` makes it), written straight into a buffer
+/// of the right size: the serde path copies the origin into a fresh allocation and grows its buffer
+/// several times, once per op on the writer thread. `origin_bytes` are the bytes of `value.origin`.
+pub(crate) fn encode_register(value: &RegisterValue, origin_bytes: &[u8]) -> Vec<u8> {
+    fn varint(out: &mut Vec<u8>, mut n: u64) {
+        while n >= 0x80 {
+            out.push(n as u8 | 0x80);
+            n >>= 7;
+        }
+        out.push(n as u8);
+    }
+    let len = value.value.as_ref().map_or(0, Vec::len);
+    let mut out = Vec::with_capacity(10 + 5 + 10 + origin_bytes.len() + 1 + 10 + len);
+    varint(&mut out, value.hlc.wall_ms);
+    varint(&mut out, value.hlc.logical.into());
+    varint(&mut out, origin_bytes.len() as u64);
+    out.extend_from_slice(origin_bytes);
+    match &value.value {
+        None => out.push(0),
+        Some(v) => {
+            out.push(1);
+            varint(&mut out, v.len() as u64);
+            out.extend_from_slice(v);
+        }
+    }
+    out
+}
+
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
     postcard::to_stdvec(value).expect("state values always encode")
 }
 
 pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, StoreError> {
     postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("stored {what} does not decode: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crdt::Hlc;
+
+    #[test]
+    fn register_encoding_is_postcards() {
+        let origin = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
+        let bytes = origin.to_bytes();
+        let walls = [0, 1, 127, 128, 16_383, 16_384, 1_763_000_000_000, u64::MAX];
+        let logicals = [0, 1, 127, 128, 70_000, u32::MAX];
+        let values =
+            [None, Some(vec![]), Some(vec![7; 1]), Some(vec![8; 127]), Some(vec![9; 128]), Some(vec![1; 20_000])];
+        for wall_ms in walls {
+            for logical in logicals {
+                for value in &values {
+                    let v = RegisterValue { hlc: Hlc::new(wall_ms, logical), origin, value: value.clone() };
+                    assert_eq!(encode_register(&v, &bytes), encode(&v), "{v:?}");
+                }
+            }
+        }
+    }
 }

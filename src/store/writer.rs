@@ -480,7 +480,7 @@ impl Writer {
             let bytes = op.encode();
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
-            let effect = tables.apply(&mut self.mirror.buckets, &op)?;
+            let effect = tables.apply(&mut self.mirror.buckets, &op, &me_bytes)?;
             tables
                 .oplog
                 .insert((me_bytes.as_slice(), op.seq.0), log_value(&chain, &bytes).as_slice())
@@ -547,7 +547,7 @@ impl Writer {
             if v.op.hlc.wall_ms <= horizon {
                 self.clock.observe(v.op.hlc);
             }
-            let effect = tables.apply(&mut self.mirror.buckets, &v.op)?;
+            let effect = tables.apply(&mut self.mirror.buckets, &v.op, &origin_bytes)?;
             tables.oplog.insert((origin_bytes.as_slice(), v.op.seq.0), log_value(&v.chain, &v.bytes).as_slice())?;
             note_effect(event, &v.op, &effect, self.signer.origin());
         }
