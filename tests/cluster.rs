@@ -383,3 +383,41 @@ async fn ops_from_a_non_primary_origin_are_rejected() {
     assert_eq!(a.status().await.unwrap().sync["rejected_messages"], 2);
     cluster.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joining_under_sustained_writes_becomes_active() {
+    let cluster = chain(&[Role::Primary], |_| {}).await;
+    let a = cluster.nodes[0].handle();
+    for i in 0..2_000 {
+        a.put("before", format!("k{i}"), vec![1; 64]).await.unwrap();
+    }
+    // Writes keep landing on the primary from 8 writers until the newcomer is active.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let writers: Vec<_> = (0..8u64)
+        .map(|w| {
+            let (a, stop) = (a.clone(), stop.clone());
+            tokio::spawn(async move {
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    a.put("during", format!("k{w}-{}", i % 1_000), i.to_be_bytes().to_vec()).await.unwrap();
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = NodeConfig::local(dir.path());
+    config.net.bootstrap = vec![dial_addr(&a).await];
+    config.net.role = Role::Replica;
+    let late = Node::start(config).await.unwrap();
+    let h = late.handle();
+    h.wait_active(DEADLINE).await.unwrap();
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for w in writers {
+        assert!(w.await.unwrap() > 0);
+    }
+    converged(&[a, h]).await;
+    late.shutdown().await;
+    cluster.shutdown().await;
+}
