@@ -12,6 +12,7 @@ use super::config::{NodeConfig, Role};
 use super::event_loop::{Command, NetStatus, PeerStatus};
 use super::events::NodeEvent;
 use super::metrics::Metrics;
+use super::vv_json;
 use super::{validate, NodeError};
 use crate::crdt::LeaseRequest;
 use crate::ids::{Origin, Token};
@@ -52,10 +53,6 @@ pub struct SnapshotSummary {
     pub bytes: u64,
     /// Log entries compacted after making it (0 in listings).
     pub ops_compacted: u64,
-}
-
-fn vv_json(vv: &crate::store::VersionVector) -> BTreeMap<String, u64> {
-    vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect()
 }
 
 /// A granted lease request.

@@ -202,3 +202,8 @@ async fn flush_peers_ops(writer: crate::store::WriteHandle) {
         writer.flush().await;
     }
 }
+
+/// A version vector as JSON shows it: origin peer id -> seq.
+pub(crate) fn vv_json(vv: &crate::store::VersionVector) -> std::collections::BTreeMap<String, u64> {
+    vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect()
+}

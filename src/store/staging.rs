@@ -41,7 +41,7 @@ pub(crate) struct PreparedChunk {
 
 /// Checks `bytes` against `r` (CID, sizes), decodes its entries and checks that every value is a
 /// canonical encoding of its kind. A refusal names the chunk.
-pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Result<PreparedChunk, SnapshotError> {
+pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Result<PreparedChunk, StoreError> {
     let decoded = decode_chunk(r, bytes).map_err(|source| SnapshotError::Chunk { cid: r.cid, source })?;
     let mut entries = Vec::with_capacity(decoded.len());
     let mut hlc: Option<Hlc> = None;

@@ -6,7 +6,7 @@
 //! else reaches it through [`Command`]s on a bounded channel, each with a oneshot reply where one is
 //! needed. No disk I/O happens on this task: store reads are handed to blocking tasks.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -16,12 +16,14 @@ use libp2p::kad::{self, GetProvidersOk, QueryResult};
 use libp2p::request_response::{OutboundRequestId, ResponseChannel};
 use libp2p::swarm::SwarmEvent;
 use libp2p::{identify, mdns, ping, Multiaddr, PeerId, Swarm};
-use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 mod repair;
 mod requests;
 mod snapshot;
+mod status;
+
+pub use status::{NetStatus, PeerStatus};
 
 pub use snapshot::SnapshotStatus;
 
@@ -87,34 +89,6 @@ pub(crate) enum Command {
         reply: oneshot::Sender<NetStatus>,
     },
     Stop,
-}
-
-/// One known peer, as shown in status.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    pub peer_id: String,
-    pub addrs: Vec<String>,
-    pub connected: bool,
-    /// From the peer's identify agent version, once identified.
-    pub role: Option<Role>,
-    pub cluster: Option<String>,
-    /// Round-trip time measured by ping.
-    pub rtt_ms: Option<f64>,
-    /// The version vector of the peer's last digest.
-    pub version_vector: Option<BTreeMap<String, u64>>,
-}
-
-/// The network part of the node's status.
-#[derive(Debug, Clone, Default, Serialize)]
-pub struct NetStatus {
-    pub listen_addrs: Vec<String>,
-    pub peers: Vec<PeerStatus>,
-    /// Pulls in flight: origin -> (peer, cursor).
-    pub pulls: BTreeMap<String, (String, u64)>,
-    /// Per origin, how many ops the best peer has beyond this node.
-    pub lag_ops: BTreeMap<String, u64>,
-    /// The snapshot being pulled, if any.
-    pub snapshot: Option<SnapshotStatus>,
 }
 
 #[derive(Debug, Default)]
@@ -490,47 +464,6 @@ impl EventLoop {
         }
     }
 
-    fn status(&self) -> NetStatus {
-        let have = self.store.version_vector();
-        let mut lag: BTreeMap<String, u64> = BTreeMap::new();
-        let peers = self
-            .peers
-            .iter()
-            .map(|(id, p)| {
-                if let Some(d) = &p.digest {
-                    for (origin, seq) in &d.version_vector.0 {
-                        let behind = seq.0.saturating_sub(have.get(origin).0);
-                        let e = lag.entry(origin.to_string()).or_default();
-                        *e = (*e).max(behind);
-                    }
-                }
-                PeerStatus {
-                    peer_id: id.to_string(),
-                    addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                    connected: p.connections > 0,
-                    role: p.role(),
-                    cluster: p.meta.as_ref().map(|(_, c)| c.clone()).or(p.digest.as_ref().map(|d| d.cluster.clone())),
-                    rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
-                    version_vector: p.digest.as_ref().map(|d| vv_json(&d.version_vector)),
-                }
-            })
-            .collect();
-        let pulls = self
-            .pulls
-            .values()
-            .filter_map(|(_, origin)| {
-                self.planner.in_flight(origin).map(|(peer, after)| (origin.to_string(), (peer.to_string(), after.0)))
-            })
-            .collect();
-        NetStatus {
-            listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
-            peers,
-            pulls,
-            lag_ops: lag,
-            snapshot: self.snapshot_status(),
-        }
-    }
-
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
@@ -636,8 +569,4 @@ impl EventLoop {
 /// An address without its trailing `/p2p/<peer>` part, so each peer lists each address once.
 fn without_p2p(addr: &Multiaddr) -> Multiaddr {
     addr.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect()
-}
-
-fn vv_json(vv: &VersionVector) -> BTreeMap<String, u64> {
-    vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect()
 }

@@ -1,0 +1,180 @@
+//! The writer's op work inside a group's transaction: numbering, stamping and chaining local ops
+//! (signing the chain head every batch), and applying verified batches of peers' ops in order.
+
+use std::sync::Arc;
+
+use serde_bytes::ByteBuf;
+
+use super::{now_ms, AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, Writer, MAX_CLOCK_AHEAD_MS};
+use crate::crdt::{decide_lease, LeaseError};
+use crate::ids::{Origin, Seq};
+use crate::op::{cid_from_digest, ChainHash, Op, OpBatch, OpBody, VerifiedBatch};
+use crate::store::apply::{Effect, Tables};
+use crate::store::{OriginProgress, StoreError};
+
+/// The local ops of the group not yet under a signed head.
+#[derive(Default)]
+pub(super) struct OpenBatch {
+    after: Seq,
+    ops: Vec<ByteBuf>,
+    bytes: usize,
+}
+
+impl Writer {
+    /// Turns intents into ops of this node and applies them. Lease requests are decided first, so a
+    /// refused request writes nothing.
+    pub(super) fn apply_local(
+        &mut self,
+        tables: &mut Tables,
+        intents: Vec<LocalIntent>,
+        open: &mut OpenBatch,
+        event: &mut CommitEvent,
+    ) -> Result<Vec<AppliedOp>, LocalFailure> {
+        let now = now_ms();
+        let mut bodies = Vec::with_capacity(intents.len());
+        for intent in intents {
+            bodies.push(match intent {
+                LocalIntent::Put { register, key, value } => OpBody::RegisterPut { register, key, value },
+                LocalIntent::Delete { register, key } => OpBody::RegisterDelete { register, key },
+                LocalIntent::CounterAdd { counter, key, delta } => OpBody::CounterAdd { counter, key, delta },
+                LocalIntent::Lease { lease, key, request } => {
+                    let current = tables.lease(&lease, &key)?;
+                    let grant = decide_lease(current.as_ref(), &request, now).map_err(LocalFailure::Refused)?;
+                    OpBody::LeaseSet {
+                        lease,
+                        key,
+                        holder: grant.holder,
+                        token: grant.token,
+                        expires_at_ms: grant.expires_at_ms,
+                    }
+                }
+            });
+        }
+        let me = self.signer.origin();
+        let me_bytes = me.to_bytes();
+        let mut applied = Vec::with_capacity(bodies.len());
+        for body in bodies {
+            let prev = self.mirror.progress.get(&me).copied().unwrap_or_default();
+            let op = Op { origin: me, seq: prev.seq.next(), hlc: self.clock.now(now), body };
+            let bytes = op.encode();
+            let digest = *blake3::hash(&bytes).as_bytes();
+            let chain = prev.chain.extend(&digest);
+            let effect = tables.apply(&mut self.mirror.buckets, &op, &me_bytes)?;
+            tables
+                .oplog
+                .insert((me_bytes.as_slice(), op.seq.0), log_value(&chain, &bytes).as_slice())
+                .map_err(StoreError::from)?;
+            self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
+            note_effect(event, &op, &effect, me);
+            if open.ops.is_empty() {
+                open.after = prev.seq;
+            }
+            open.bytes += bytes.len();
+            open.ops.push(ByteBuf::from(bytes));
+            if open.ops.len() >= self.config.batch_max_ops || open.bytes >= self.config.batch_max_bytes {
+                self.seal_batch(tables, open, event)?;
+            }
+            applied.push(AppliedOp { token: op.token(), cid: cid_from_digest(&digest), effect });
+        }
+        Ok(applied)
+    }
+
+    /// Signs the chain head after the open local ops and turns them into a publishable batch.
+    pub(super) fn seal_batch(
+        &mut self,
+        tables: &mut Tables,
+        open: &mut OpenBatch,
+        event: &mut CommitEvent,
+    ) -> Result<(), StoreError> {
+        if open.ops.is_empty() {
+            return Ok(());
+        }
+        let me = self.signer.origin();
+        let p = self.mirror.progress[&me];
+        let head = self.signer.sign_head(p.seq, p.chain);
+        tables.heads.insert((me.to_bytes().as_slice(), p.seq.0), head.signature.as_slice())?;
+        let ops = std::mem::take(&mut open.ops);
+        open.bytes = 0;
+        event.local_batches.push(Arc::new(OpBatch { after: open.after, ops, head }));
+        Ok(())
+    }
+
+    /// Applies the part of a verified batch this node does not have yet.
+    pub(super) fn apply_remote(
+        &mut self,
+        tables: &mut Tables,
+        batch: VerifiedBatch,
+        event: &mut CommitEvent,
+    ) -> Result<RemoteOutcome, StoreError> {
+        let origin = batch.origin;
+        let have = self.mirror.progress.get(&origin).copied().unwrap_or_default();
+        let after = Seq(batch.ops[0].op.seq.0 - 1);
+        if batch.head.seq <= have.seq {
+            return Ok(RemoteOutcome::Duplicate);
+        }
+        if after > have.seq {
+            return Ok(RemoteOutcome::Gap { have: have.seq, batch_after: after });
+        }
+        let new = &batch.ops[(have.seq.0 - after.0) as usize..];
+        if have.chain.extend(&new[0].digest) != new[0].chain {
+            return Ok(RemoteOutcome::Fork { at: new[0].op.seq });
+        }
+        let origin_bytes = origin.to_bytes();
+        let horizon = now_ms().saturating_add(MAX_CLOCK_AHEAD_MS);
+        for v in new {
+            // A remote clock far ahead would drag this node's clock with it; apply, but don't follow.
+            if v.op.hlc.wall_ms <= horizon {
+                self.clock.observe(v.op.hlc);
+            }
+            let effect = tables.apply(&mut self.mirror.buckets, &v.op, &origin_bytes)?;
+            tables.oplog.insert((origin_bytes.as_slice(), v.op.seq.0), log_value(&v.chain, &v.bytes).as_slice())?;
+            note_effect(event, &v.op, &effect, self.signer.origin());
+        }
+        tables.heads.insert((origin_bytes.as_slice(), batch.head.seq.0), batch.head.signature.as_slice())?;
+        self.mirror.progress.insert(origin, OriginProgress { seq: batch.head.seq, chain: batch.head.head });
+        event.remote.push((origin, new[0].op.seq, batch.head.seq));
+        Ok(RemoteOutcome::Applied { ops: new.len() })
+    }
+}
+
+pub(super) enum LocalFailure {
+    Refused(LeaseError),
+    Store(StoreError),
+}
+
+impl From<StoreError> for LocalFailure {
+    fn from(e: StoreError) -> Self {
+        LocalFailure::Store(e)
+    }
+}
+
+/// The op log value: chain hash after the op, then the op bytes.
+pub(crate) fn log_value(chain: &ChainHash, bytes: &[u8]) -> Vec<u8> {
+    let mut v = Vec::with_capacity(32 + bytes.len());
+    v.extend_from_slice(&chain.0);
+    v.extend_from_slice(bytes);
+    v
+}
+
+fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect, me: Origin) {
+    match (effect, &op.body) {
+        (Effect::Register { won: false, .. }, _) | (Effect::Register { replaced_other_origin: true, .. }, _) => {
+            event.conflicts += 1
+        }
+        (Effect::Lease { state, won: true, displaced }, OpBody::LeaseSet { lease, key, .. }) => {
+            event.leases.push((lease.clone(), key.clone(), state.clone()));
+            if let Some(lost) = displaced {
+                let overridden = lost.holder.is_some() && lost.token == state.token && lost.holder != state.holder;
+                if lost.origin == me && op.origin != me && overridden {
+                    event.leases_lost.push(LeaseLoss {
+                        lease: lease.clone(),
+                        key: key.clone(),
+                        lost: (**lost).clone(),
+                        winner: state.clone(),
+                    });
+                }
+            }
+        }
+        _ => {}
+    }
+}
