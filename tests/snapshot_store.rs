@@ -541,3 +541,32 @@ fn chunks_kept_in_the_state_database_by_an_older_build_move_to_the_chunk_databas
     drop(store);
     assert_eq!(Store::open(&path).unwrap().chunk_count().unwrap(), 1);
 }
+
+#[tokio::test]
+async fn chunks_no_held_snapshot_lists_are_collected_unless_kept() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 12).await;
+    let old = a.store.create_snapshot(&a.signer, "test", 300).unwrap();
+    write(&a, 1, 12).await;
+    let new = a.store.create_snapshot(&a.signer, "test", 300).unwrap();
+    let manifest = |cid| a.store.snapshot_manifest(cid).unwrap().unwrap().verify().unwrap();
+    let (m_old, m_new) = (manifest(&old.cid), manifest(&new.cid));
+
+    // B pulled part of the old snapshot, gave up, and now pulls the new one.
+    let b = open(&dir, "b.redb");
+    for c in &m_old.chunks[..3] {
+        b.store.put_chunk(&c.cid, &a.store.snapshot_chunk(&c.cid).unwrap().unwrap()).unwrap();
+    }
+    let new_cids: Vec<_> = m_new.chunks.iter().map(|c| c.cid).collect();
+    b.store.put_chunk(&new_cids[0], &a.store.snapshot_chunk(&new_cids[0]).unwrap().unwrap()).unwrap();
+    let shared = m_old.chunks[..3].iter().filter(|c| new_cids.contains(&c.cid)).count() as u64;
+    assert_eq!(b.store.collect_chunks(&new_cids).unwrap(), 3 - shared);
+    assert_eq!(b.store.chunk_count().unwrap(), 1 + shared);
+    assert!(b.store.has_chunk(&new_cids[0]).unwrap());
+
+    // On A, every chunk belongs to a held snapshot: nothing goes.
+    let held = a.store.chunk_count().unwrap();
+    assert_eq!(a.store.collect_chunks(&[]).unwrap(), 0);
+    assert_eq!(a.store.chunk_count().unwrap(), held);
+}

@@ -284,6 +284,29 @@ impl Store {
         staged
     }
 
+    /// Deletes every chunk that no held snapshot lists and `keep` does not name: the chunks of pulls
+    /// that were abandoned (for a newer snapshot, or because their sources went away) and of
+    /// snapshots whose making was interrupted. Returns how many went. Blocking.
+    pub fn collect_chunks(&self, keep: &[Cid]) -> Result<u64, StoreError> {
+        let _serial = self.snapshot_lock.lock().expect("snapshot lock");
+        let mut listed: BTreeSet<Vec<u8>> = keep.iter().map(Cid::to_bytes).collect();
+        for snapshot in self.list_snapshots()? {
+            listed.extend(snapshot.manifest.chunks.iter().map(|c| c.cid.to_bytes()));
+        }
+        let txn = self.chunks_db().begin_write()?;
+        let mut deleted = 0;
+        {
+            let mut chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
+            chunks.retain(|cid, _| {
+                let kept = listed.contains(cid);
+                deleted += u64::from(!kept);
+                kept
+            })?;
+        }
+        txn.commit()?;
+        Ok(deleted)
+    }
+
     /// Deletes all but the latest `keep` snapshots (at least one is always kept, since compaction
     /// relies on the latest), with their chunks unless a kept snapshot lists them too. Chunks no
     /// manifest lists (a pull in progress) are left alone. Blocking.

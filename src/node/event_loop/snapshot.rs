@@ -145,6 +145,14 @@ impl EventLoop {
                 let progress = pull.progress(Instant::now());
                 tracing::info!(cid = %active.cid, chunks = progress.chunks_total, have = progress.chunks_have,
                     bytes = progress.bytes_total, "snapshot manifest verified");
+                // Chunks of an earlier pull that was given up are of no use now.
+                let keep: Vec<Cid> = manifest.chunks.iter().map(|c| c.cid).collect();
+                let store = self.store.clone();
+                tokio::task::spawn_blocking(move || match store.collect_chunks(&keep) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(chunks = n, "deleted the chunks of abandoned snapshot pulls"),
+                    Err(e) => tracing::warn!(error = %e, "could not delete unused snapshot chunks"),
+                });
                 active.manifest = Some(signed);
                 active.decoded = Some(Arc::new(manifest));
                 active.pull = Some(pull);
