@@ -24,7 +24,7 @@ use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
 type StateDef = TableDefinition<'static, (&'static str, &'static [u8]), &'static [u8]>;
 
 /// Each kind's staging table and the state table it becomes.
-pub(crate) const KINDS: [(Kind, StateDef, StateDef); 3] = [
+const KINDS: [(Kind, StateDef, StateDef); 3] = [
     (Kind::Register, STAGE_REGISTERS, REGISTERS),
     (Kind::Counter, STAGE_COUNTERS, COUNTERS),
     (Kind::Lease, STAGE_LEASES, LEASES),
