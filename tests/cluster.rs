@@ -200,8 +200,15 @@ async fn a_node_that_joins_late_catches_up_by_replay() {
     let late = Node::start(config).await.unwrap();
     converged(&[a.clone(), late.handle()]).await;
     assert_eq!(late.handle().get("early", b"k499").await.unwrap(), Some(vec![243u8; 100]));
-    let metrics = late.handle().metrics().render();
-    assert!(metrics.contains("peersync_ops_replayed_total 500"), "the late node pulled the ops by replay:\n{metrics}");
+    // The counter moves just after the commit it counts.
+    eventually("the late node to count the ops it pulled by replay", DEADLINE, || async {
+        let metrics = late.handle().metrics().render();
+        match metrics.contains("peersync_ops_replayed_total 500\n") {
+            true => Ok(()),
+            false => Err(metrics),
+        }
+    })
+    .await;
     late.shutdown().await;
     cluster.shutdown().await;
 }

@@ -34,6 +34,20 @@ fn metric(node: &NodeHandle, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Waits until a counter reaches `at_least` and returns it: counters move just after the commit
+/// they count, so a test that saw the state change may read them a moment early.
+async fn counted(node: &NodeHandle, name: &str, at_least: u64) -> u64 {
+    eventually(name, DEADLINE, || async {
+        let n = metric(node, name);
+        if n >= at_least {
+            Ok(n)
+        } else {
+            Err(format!("{n}"))
+        }
+    })
+    .await
+}
+
 async fn converged(nodes: &[&NodeHandle]) {
     eventually("nodes to converge", DEADLINE, || async {
         let seen: Vec<_> = nodes.iter().map(|n| n.store().state_root()).collect();
@@ -85,8 +99,8 @@ async fn a_node_beyond_log_retention_catches_up_by_snapshot_then_replay() {
     let bh = b.handle();
     converged(&[&ah, &bh]).await;
     bh.wait_active(DEADLINE).await.unwrap();
-    assert_eq!(metric(&bh, "peersync_snapshots_installed_total"), 1, "the snapshot path ran");
-    let replayed = metric(&bh, "peersync_ops_replayed_total");
+    assert_eq!(counted(&bh, "peersync_snapshots_installed_total", 1).await, 1, "the snapshot path ran");
+    let replayed = counted(&bh, "peersync_ops_replayed_total", 120).await;
     assert!((120..1000).contains(&replayed), "then only the ops after the snapshot were replayed: {replayed}");
     assert!(
         bh.get("data", b"old000999").await.unwrap().is_some() && bh.get("data", b"new000119").await.unwrap().is_some()
@@ -137,7 +151,7 @@ async fn a_snapshot_pull_survives_the_death_of_one_source_without_refetching() {
     drop(ah);
     converged(&[&r1h, &r2h]).await;
     r2h.wait_active(DEADLINE).await.unwrap();
-    assert_eq!(metric(&r2h, "peersync_snapshots_installed_total"), 1);
+    assert_eq!(counted(&r2h, "peersync_snapshots_installed_total", 1).await, 1);
     let received = r2h.metrics().render();
     let bytes: u64 = received
         .lines()
