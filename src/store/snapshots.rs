@@ -253,18 +253,19 @@ impl Store {
     ) -> Result<bool, StoreError> {
         let horizon = super::writer::now_ms().saturating_add(super::writer::MAX_CLOCK_AHEAD_MS);
         let prepared = staging::prepare_chunk(chunk, bytes, horizon)?;
-        let durability = |txn: &mut redb::WriteTransaction| match durable {
-            true => Ok(()),
-            false => txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string())),
-        };
         // The chunk first: staged entries whose chunk a crash lost are fetched again (and staged
-        // as no-ops); a chunk held but not staged is staged at install.
+        // as no-ops); a chunk held but not staged is staged at install. A `durable` call fsyncs
+        // even when the chunk was held already, so the earlier chunks it covers are durable too.
         let key = chunk.cid.to_bytes();
         let added = !self.has_chunk(&chunk.cid)?;
-        if added {
+        if added || durable {
             let mut txn = self.chunks_db().begin_write()?;
-            durability(&mut txn)?;
-            txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
+            if !durable {
+                txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            }
+            if added {
+                txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
+            }
             txn.commit()?;
         }
         // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
