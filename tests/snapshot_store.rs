@@ -377,18 +377,39 @@ async fn compaction_keeps_newest_ops_and_never_passes_the_latest_snapshot() {
     assert_eq!(b.store.state_root(), a.store.state_root());
 
     // With a newer snapshot, the quotas decide: the newest 10 ops stay, or enough of them for the
-    // byte quota, whichever keeps more.
+    // byte quota, whichever keeps more; the log goes in whole signed batches, so the floor is the
+    // end of a batch, and one batch more would have broken a quota.
     let second = a.store.create_snapshot(&a.signer, "test", 4096).unwrap();
     assert_eq!(second.version_vector.get(&me), total);
-    let op_bytes: Vec<u64> = (total.0 - 30..=total.0)
-        .map(|s| a.store.read_batches(&me, Seq(s - 1), 1, 1).unwrap()[0].ops[0].len() as u64)
-        .collect();
-    let bytes_of_newest_20: u64 = op_bytes[op_bytes.len() - 20..].iter().sum();
+    let batches = a.store.read_log(&me, at_snapshot, usize::MAX, usize::MAX).unwrap().batches;
+    let ends: Vec<u64> = batches.iter().map(|b| b.head.seq.0).collect();
+    let mut op_bytes = BTreeMap::new();
+    for b in &batches {
+        for (i, op) in b.ops.iter().enumerate() {
+            op_bytes.insert(b.after.0 + 1 + i as u64, op.len() as u64);
+        }
+    }
+    let kept = |floor: u64| (total.0 - floor, op_bytes.range(floor + 1..).map(|(_, n)| n).sum::<u64>());
+    let bytes_of_newest_20 = kept(total.0 - 20).1;
+    let check = |floor: u64, keep_ops: u64, keep_bytes: u64| {
+        assert!(ends.contains(&floor), "floor {floor} is the end of a batch: {ends:?}");
+        let (ops, bytes) = kept(floor);
+        assert!(ops >= keep_ops && bytes >= keep_bytes, "quotas kept: {ops} ops, {bytes} bytes");
+        let next = ends.iter().find(|e| **e > floor).copied().unwrap_or(total.0);
+        let (ops, bytes) = kept(next);
+        assert!(ops < keep_ops || bytes < keep_bytes, "one batch more would have been dropped");
+    };
     let out = a.writer.compact(10, bytes_of_newest_20).await.unwrap();
-    assert_eq!(out.floors, vec![(me, at_snapshot, Seq(total.0 - 20))]);
-    assert_eq!(a.store.log_len().unwrap(), 20);
+    let [(origin, from, first_floor)] = out.floors[..] else { panic!("{out:?}") };
+    assert_eq!((origin, from), (me, at_snapshot));
+    check(first_floor.0, 10, bytes_of_newest_20);
+    assert_eq!(a.store.log_len().unwrap(), total.0 - first_floor.0);
     let out = a.writer.compact(10, 0).await.unwrap();
-    assert_eq!((out.floors, out.ops_deleted), (vec![(me, Seq(total.0 - 20), Seq(total.0 - 10))], 10));
+    let [(_, from, second_floor)] = out.floors[..] else { panic!("{out:?}") };
+    assert_eq!(from, first_floor);
+    check(second_floor.0, 10, 0);
+    assert_eq!(out.ops_deleted, second_floor.0 - first_floor.0);
+    assert_eq!(a.store.log_len().unwrap(), total.0 - second_floor.0);
     assert_eq!(a.writer.compact(10, 0).await.unwrap().ops_deleted, 0);
     assert_sound(&a.store);
     // Writes go on after compaction, and the log stays sound.
@@ -569,4 +590,54 @@ async fn chunks_no_held_snapshot_lists_are_collected_unless_kept() {
     let held = a.store.chunk_count().unwrap();
     assert_eq!(a.store.collect_chunks(&[]).unwrap(), 0);
     assert_eq!(a.store.chunk_count().unwrap(), held);
+}
+
+#[tokio::test]
+async fn a_log_kept_one_op_per_row_by_an_older_build_is_moved_to_one_row_per_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 10).await;
+    let (root, ops) = (a.store.state_root(), a.store.log_len().unwrap());
+    let signer = a.close().await;
+
+    // Rewrite the log as the older build kept it: (origin, seq) -> chain hash after the op, op bytes.
+    let path = dir.path().join("a.redb");
+    {
+        type Log = redb::TableDefinition<'static, (&'static [u8], u64), &'static [u8]>;
+        let (v1, v2): (Log, Log) = (redb::TableDefinition::new("oplog_v1"), redb::TableDefinition::new("oplog_v2"));
+        let counts: redb::TableDefinition<&[u8], u64> = redb::TableDefinition::new("log_counts_v1");
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        {
+            let rows = txn.open_table(v2).unwrap();
+            let mut old = txn.open_table(v1).unwrap();
+            for row in redb::ReadableTable::iter(&rows).unwrap() {
+                let (k, v) = row.unwrap();
+                let ((origin, last), mut rest) = (k.value(), v.value());
+                let mut ops = Vec::new();
+                while !rest.is_empty() {
+                    let len = u32::from_be_bytes(rest[32..36].try_into().unwrap()) as usize;
+                    ops.push([&rest[..32], &rest[36..36 + len]].concat());
+                    rest = &rest[36 + len..];
+                }
+                let first = last + 1 - ops.len() as u64;
+                for (i, op) in ops.iter().enumerate() {
+                    old.insert((origin, first + i as u64), op.as_slice()).unwrap();
+                }
+            }
+        }
+        txn.delete_table(v2).unwrap();
+        txn.delete_table(counts).unwrap();
+        txn.commit().unwrap();
+    }
+
+    let a = open_with(&path, signer);
+    assert_eq!(a.store.state_root(), root);
+    assert_eq!(a.store.log_len().unwrap(), ops);
+    assert_sound(&a.store);
+    let b = open(&dir, "b.redb");
+    replay(&a.store, &b, &a.origin(), usize::MAX).await;
+    assert_eq!(b.store.state_root(), root);
+    write(&a, 1, 2).await;
+    assert_sound(&a.store);
 }

@@ -8,7 +8,8 @@ use super::root::{entry_hash, identity_hash, Buckets, EntryKind};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
-use crate::op::{Op, OpBody};
+use crate::ids::Seq;
+use crate::op::{ChainHash, Op, OpBody};
 use crate::snapshot::{Kind, StateEntry};
 
 type StateTable<'t> = Table<'t, (&'static str, &'static [u8]), &'static [u8]>;
@@ -33,6 +34,7 @@ pub enum Effect {
 pub(crate) struct Tables<'t> {
     pub oplog: LogTable<'t>,
     pub heads: LogTable<'t>,
+    pub log_counts: Table<'t, &'static [u8], u64>,
     registers: StateTable<'t>,
     counters: StateTable<'t>,
     leases: StateTable<'t>,
@@ -45,6 +47,7 @@ impl<'t> Tables<'t> {
         Ok(Tables {
             oplog: txn.open_table(OPLOG)?,
             heads: txn.open_table(HEADS)?,
+            log_counts: txn.open_table(LOG_COUNTS)?,
             registers: txn.open_table(REGISTERS)?,
             counters: txn.open_table(COUNTERS)?,
             leases: txn.open_table(LEASES)?,
@@ -54,6 +57,21 @@ impl<'t> Tables<'t> {
 
     pub fn lease(&self, lease: &str, key: &[u8]) -> Result<Option<LeaseState>, StoreError> {
         self.leases.get((lease, key))?.map(|g| decode(g.value(), "lease")).transpose()
+    }
+
+    /// Writes one signed batch's ops of `origin` (the chain hash after each, and its bytes) as one
+    /// log row, and its head's signature.
+    pub fn log_batch<'a>(
+        &mut self,
+        origin: &[u8],
+        ops: impl ExactSizeIterator<Item = (&'a ChainHash, &'a [u8])>,
+        last: Seq,
+        signature: &[u8],
+    ) -> Result<(), StoreError> {
+        let n = ops.len() as i64;
+        self.oplog.insert((origin, last.0), super::log::encode_row(ops).as_slice())?;
+        self.heads.insert((origin, last.0), signature)?;
+        super::log::count_ops(&mut self.log_counts, origin, n)
     }
 
     /// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes`

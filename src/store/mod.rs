@@ -10,6 +10,7 @@
 
 mod apply;
 mod error;
+mod log;
 mod read;
 pub mod root;
 mod snapshots;
@@ -149,6 +150,7 @@ impl Store {
             }
             txn.open_table(OPLOG)?;
             txn.open_table(HEADS)?;
+            txn.open_table(LOG_COUNTS)?;
             txn.open_table(REGISTERS)?;
             txn.open_table(COUNTERS)?;
             txn.open_table(LEASES)?;
@@ -158,6 +160,7 @@ impl Store {
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(SNAPSHOT_ORDER)?;
         }
+        log::migrate_v1(&txn)?;
         txn.commit()?;
         let chunks = open(&chunks_path(path), CHUNKS_CACHE_BYTES)?;
         move_chunks_out(&db, &chunks)?;

@@ -1,11 +1,12 @@
 //! Reads of the state and the op log. Each read is one redb read transaction: a consistent view
 //! that never blocks the writer.
 
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{ReadableDatabase, ReadableTable};
 
 use std::collections::{BTreeMap, BTreeSet};
 
 use super::apply::{decode, entry_kind};
+use super::log::decode_row;
 use super::root::{bucket_of, identity_hash};
 use super::tables::*;
 use super::{decode_progress, origin_from_bytes, Store, StoreError};
@@ -96,7 +97,11 @@ impl Store {
     /// Number of ops held in the log, over all origins.
     pub fn log_len(&self) -> Result<u64, StoreError> {
         let txn = self.db().begin_read()?;
-        Ok(txn.open_table(OPLOG)?.len()?)
+        let mut held = 0;
+        for row in txn.open_table(LOG_COUNTS)?.iter()? {
+            held += row?.1.value();
+        }
+        Ok(held)
     }
 
     /// Checks that, for every origin, the log holds exactly seqs `floor+1 ..= vv[origin]`, that each
@@ -105,6 +110,8 @@ impl Store {
     pub fn check_log(&self) -> Result<LogReport, StoreError> {
         let txn = self.db().begin_read()?;
         let oplog = txn.open_table(OPLOG)?;
+        let heads = txn.open_table(HEADS)?;
+        let counts = txn.open_table(LOG_COUNTS)?;
         let floors = txn.open_table(LOG_FLOORS)?;
         let mut report = LogReport::default();
         let mut vv_origins = Vec::new();
@@ -117,33 +124,44 @@ impl Store {
             let floor = floors.get(origin_bytes.as_slice())?.map_or(0, |f| f.value());
             let mut expected = Seq(floor + 1);
             let mut chain: Option<ChainHash> = (floor == 0).then_some(ChainHash::GENESIS);
+            let mut held = 0u64;
             for row in oplog.range((origin_bytes.as_slice(), 0u64)..=(origin_bytes.as_slice(), u64::MAX))? {
                 let (k, v) = row?;
-                let seq = Seq(k.value().1);
-                let value = v.value();
-                report.ops += 1;
-                if seq != expected {
-                    report.problems.push(format!("{origin}: log holds seq {seq} where {expected} was expected"));
-                    expected = seq;
-                }
-                if value.len() < 32 {
-                    report.problems.push(format!("{origin}: log entry {seq} is truncated"));
-                    break;
-                }
-                let stored = ChainHash(value[..32].try_into().expect("32 bytes"));
-                let bytes = &value[32..];
-                match crate::op::Op::decode(bytes) {
-                    Ok(op) if op.origin == origin && op.seq == seq => {}
-                    Ok(_) => report.problems.push(format!("{origin}: log entry {seq} holds another op")),
-                    Err(e) => report.problems.push(format!("{origin}: log entry {seq}: {e}")),
-                }
-                if let Some(prev) = chain {
-                    if prev.extend(blake3::hash(bytes).as_bytes()) != stored {
-                        report.problems.push(format!("{origin}: chain broken at seq {seq}"));
+                let last = k.value().1;
+                let ops = match decode_row(last, v.value()) {
+                    Ok(ops) => ops,
+                    Err(e) => {
+                        report.problems.push(format!("{origin}: {e}"));
+                        break;
                     }
+                };
+                if heads.get((origin_bytes.as_slice(), last))?.is_none() {
+                    report.problems.push(format!("{origin}: log row ending at seq {last} has no signed head"));
                 }
-                chain = Some(stored);
-                expected = expected.next();
+                for logged in ops {
+                    let seq = logged.seq;
+                    report.ops += 1;
+                    held += 1;
+                    if seq != expected {
+                        report.problems.push(format!("{origin}: log holds seq {seq} where {expected} was expected"));
+                        expected = seq;
+                    }
+                    match crate::op::Op::decode(logged.bytes) {
+                        Ok(op) if op.origin == origin && op.seq == seq => {}
+                        Ok(_) => report.problems.push(format!("{origin}: log entry {seq} holds another op")),
+                        Err(e) => report.problems.push(format!("{origin}: log entry {seq}: {e}")),
+                    }
+                    if let Some(prev) = chain {
+                        if prev.extend(blake3::hash(logged.bytes).as_bytes()) != logged.chain {
+                            report.problems.push(format!("{origin}: chain broken at seq {seq}"));
+                        }
+                    }
+                    chain = Some(logged.chain);
+                    expected = expected.next();
+                }
+            }
+            if counts.get(origin_bytes.as_slice())?.map_or(0, |c| c.value()) != held {
+                report.problems.push(format!("{origin}: the log's op count is not the {held} ops it holds"));
             }
             let last = Seq(expected.0 - 1);
             if last != progress.seq {
@@ -180,10 +198,16 @@ impl Store {
                 return Ok(Some(p.chain));
             }
         }
+        let ob = origin.to_bytes();
         let txn = self.db().begin_read()?;
         let oplog = txn.open_table(OPLOG)?;
-        let value = oplog.get((origin.to_bytes().as_slice(), seq.0))?;
-        Ok(value.and_then(|v| v.value().get(..32).map(|c| ChainHash(c.try_into().expect("32 bytes")))))
+        // The row holding `seq` is the first that ends at or after it.
+        let Some(row) = oplog.range((ob.as_slice(), seq.0)..=(ob.as_slice(), u64::MAX))?.next() else {
+            return Ok(None);
+        };
+        let (k, v) = row?;
+        let ops = decode_row(k.value().1, v.value())?;
+        Ok(ops.iter().find(|o| o.seq == seq).map(|o| o.chain))
     }
 
     /// Signed batches of `origin`'s ops after `after`, in order, each ending at a signed head, until
@@ -220,32 +244,27 @@ impl Store {
         let (mut ops_total, mut bytes_total) = (0usize, 0usize);
         let mut batches = Vec::new();
         let mut start = after;
-        let range = (origin_bytes.as_slice(), after.0 + 1)..=(origin_bytes.as_slice(), u64::MAX);
-        for head in heads.range(range)? {
-            let (k, sig) = head?;
+        // Rows end at signed heads; the first may begin before `after` (served from partway in).
+        for row in oplog.range((origin_bytes.as_slice(), after.0 + 1)..=(origin_bytes.as_slice(), u64::MAX))? {
+            let (k, v) = row?;
             let end = Seq(k.value().1);
-            let mut ops = Vec::new();
-            let mut chain = None;
-            for row in oplog.range((origin_bytes.as_slice(), start.0 + 1)..=(origin_bytes.as_slice(), end.0))? {
-                let (_, v) = row?;
-                let v = v.value();
-                if v.len() < 32 {
-                    return Err(StoreError::Corrupt(format!("log entry of {origin} is truncated")));
-                }
-                chain = Some(ChainHash(v[..32].try_into().expect("32 bytes")));
-                bytes_total += v.len() - 32;
-                ops.push(ByteBuf::from(v[32..].to_vec()));
-            }
-            if ops.len() as u64 != end.0 - start.0 {
+            let logged = decode_row(end.0, v.value())?;
+            if logged[0].seq > start.next() {
                 // Part of the range was compacted away: the caller must use a snapshot.
                 break;
             }
+            let Some(signature) = heads.get((origin_bytes.as_slice(), end.0))? else {
+                return Err(StoreError::Corrupt(format!("log row of {origin} ending at {end} has no signed head")));
+            };
+            let ops: Vec<ByteBuf> =
+                logged.iter().filter(|o| o.seq > start).map(|o| ByteBuf::from(o.bytes.to_vec())).collect();
+            bytes_total += ops.iter().map(|o| o.len()).sum::<usize>();
             ops_total += ops.len();
             let head = SignedHead {
                 origin: *origin,
                 seq: end,
-                head: chain.expect("at least one op"),
-                signature: sig.value().to_vec(),
+                head: logged.last().expect("rows are never empty").chain,
+                signature: signature.value().to_vec(),
             };
             batches.push(OpBatch { after: start, ops, head });
             start = end;

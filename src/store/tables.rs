@@ -4,9 +4,18 @@
 
 use redb::TableDefinition;
 
-/// Op log. Key: (origin peer id bytes, seq). Value: 32-byte chain hash after the op, then the op's
-/// canonical bytes. Holds seqs `floor+1 ..= vv[origin]` of every origin, contiguous.
-pub(crate) const OPLOG: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("oplog_v1");
+/// Op log, one row per signed batch (see `log.rs`). Key: (origin peer id bytes, seq of the batch's
+/// last op, which has a signed head in `HEADS`). Value: the batch's ops in order, each as the 32-byte
+/// chain hash after it, a 4-byte length and its canonical bytes. The rows of an origin hold seqs
+/// `floor+1 ..= vv[origin]`, contiguous.
+pub(crate) const OPLOG: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("oplog_v2");
+
+/// The op log of format v1: one row per op. Key: (origin peer id bytes, seq). Value: 32-byte chain
+/// hash after the op, then the op's bytes. Moved into `OPLOG` at open.
+pub(crate) const OPLOG_V1: TableDefinition<(&[u8], u64), &[u8]> = TableDefinition::new("oplog_v1");
+
+/// Ops held in `OPLOG` per origin. Key: origin peer id bytes. Value: count.
+pub(crate) const LOG_COUNTS: TableDefinition<&[u8], u64> = TableDefinition::new("log_counts_v1");
 
 /// Signed heads. Key: (origin peer id bytes, seq). Value: the origin's 64-byte ed25519 signature over
 /// its chain hash at that seq (the chain hash itself is in `OPLOG`). One per batch the origin signed.

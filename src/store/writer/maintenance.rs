@@ -16,6 +16,7 @@ use crate::crdt::HlcClock;
 use crate::ids::{Origin, Seq};
 use crate::snapshot::{Kind, Manifest, SignedManifest, StateEntry};
 use crate::store::apply::Tables;
+use crate::store::log;
 use crate::store::snapshots::{keep_manifest, latest_in};
 use crate::store::staging::{self, Staged};
 use crate::store::tables::*;
@@ -334,6 +335,7 @@ fn advance_logs(
 ) -> Result<Vec<(Origin, Seq, Seq)>, StoreError> {
     let mut oplog = txn.open_table(OPLOG)?;
     let mut heads = txn.open_table(HEADS)?;
+    let mut counts = txn.open_table(LOG_COUNTS)?;
     let mut floors = txn.open_table(LOG_FLOORS)?;
     let mut vv = txn.open_table(VERSION_VECTOR)?;
     let mut advanced = Vec::new();
@@ -343,9 +345,8 @@ fn advance_logs(
             continue;
         }
         let ob = origin.to_bytes();
-        let range = (ob.as_slice(), 0u64)..=(ob.as_slice(), seq.0);
-        oplog.retain_in(range.clone(), |_, _| false)?;
-        heads.retain_in(range, |_, _| false)?;
+        // The local log of this origin ends at `have`, before the snapshot's seq: all of it goes.
+        log::delete_upto(&mut oplog, &mut heads, &mut counts, &ob, seq.0)?;
         floors.insert(ob.as_slice(), seq.0)?;
         let progress = OriginProgress { seq: *seq, chain: manifest.heads[origin] };
         vv.insert(ob.as_slice(), encode_progress(&progress).as_slice())?;
@@ -367,6 +368,7 @@ fn compact(
     };
     let mut oplog = txn.open_table(OPLOG)?;
     let mut heads = txn.open_table(HEADS)?;
+    let mut counts = txn.open_table(LOG_COUNTS)?;
     let mut floors = txn.open_table(LOG_FLOORS)?;
     for (origin, progress) in &mirror.progress {
         let ob = origin.to_bytes();
@@ -375,27 +377,24 @@ fn compact(
         if cap <= floor {
             continue;
         }
-        // Walk back from the newest op until both quotas are met; everything older may go.
-        let (mut kept_ops, mut kept_bytes, mut oldest_dropped) = (0u64, 0u64, floor);
+        // Walk back from the newest row until both quotas are met; the rows before may go, as far
+        // as the snapshot covers them. Whole rows only: a row is a signed batch.
+        let (mut kept_ops, mut kept_bytes, mut new_floor) = (0u64, 0u64, floor);
         for row in oplog.range((ob.as_slice(), floor + 1)..=(ob.as_slice(), progress.seq.0))?.rev() {
             let (k, v) = row?;
-            if kept_ops >= keep_ops && kept_bytes >= keep_bytes {
-                oldest_dropped = k.value().1;
+            let last = k.value().1;
+            if kept_ops >= keep_ops && kept_bytes >= keep_bytes && last <= cap {
+                new_floor = last;
                 break;
             }
-            kept_ops += 1;
-            kept_bytes += v.value().len().saturating_sub(32) as u64;
+            let ops = log::decode_row(last, v.value())?;
+            kept_ops += ops.len() as u64;
+            kept_bytes += ops.iter().map(|o| o.bytes.len() as u64).sum::<u64>();
         }
-        let new_floor = oldest_dropped.min(cap);
         if new_floor <= floor {
             continue;
         }
-        let mut deleted = 0u64;
-        oplog.retain_in((ob.as_slice(), floor + 1)..=(ob.as_slice(), new_floor), |_, _| {
-            deleted += 1;
-            false
-        })?;
-        heads.retain_in((ob.as_slice(), 0u64)..=(ob.as_slice(), new_floor), |_, _| false)?;
+        let deleted = log::delete_upto(&mut oplog, &mut heads, &mut counts, &ob, new_floor)?;
         floors.insert(ob.as_slice(), new_floor)?;
         outcome.ops_deleted += deleted;
         outcome.floors.push((*origin, Seq(floor), Seq(new_floor)));

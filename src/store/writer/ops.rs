@@ -17,6 +17,8 @@ use crate::store::{OriginProgress, StoreError};
 pub(super) struct OpenBatch {
     after: Seq,
     ops: Vec<ByteBuf>,
+    /// The chain hash after each op in `ops`.
+    chains: Vec<ChainHash>,
     bytes: usize,
 }
 
@@ -60,10 +62,6 @@ impl Writer {
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
             let effect = tables.apply(&mut self.mirror.buckets, &op, &me_bytes)?;
-            tables
-                .oplog
-                .insert((me_bytes.as_slice(), op.seq.0), log_value(&chain, &bytes).as_slice())
-                .map_err(StoreError::from)?;
             self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
             note_effect(event, &op, &effect, me);
             if open.ops.is_empty() {
@@ -71,6 +69,7 @@ impl Writer {
             }
             open.bytes += bytes.len();
             open.ops.push(ByteBuf::from(bytes));
+            open.chains.push(chain);
             if open.ops.len() >= self.config.batch_max_ops || open.bytes >= self.config.batch_max_bytes {
                 self.seal_batch(tables, open, event)?;
             }
@@ -92,8 +91,10 @@ impl Writer {
         let me = self.signer.origin();
         let p = self.mirror.progress[&me];
         let head = self.signer.sign_head(p.seq, p.chain);
-        tables.heads.insert((me.to_bytes().as_slice(), p.seq.0), head.signature.as_slice())?;
+        let logged = open.chains.iter().zip(open.ops.iter().map(|b| b.as_slice()));
+        tables.log_batch(&me.to_bytes(), logged, p.seq, &head.signature)?;
         let ops = std::mem::take(&mut open.ops);
+        open.chains.clear();
         open.bytes = 0;
         event.local_batches.push(Arc::new(OpBatch { after: open.after, ops, head }));
         Ok(())
@@ -127,10 +128,10 @@ impl Writer {
                 self.clock.observe(v.op.hlc);
             }
             let effect = tables.apply(&mut self.mirror.buckets, &v.op, &origin_bytes)?;
-            tables.oplog.insert((origin_bytes.as_slice(), v.op.seq.0), log_value(&v.chain, &v.bytes).as_slice())?;
             note_effect(event, &v.op, &effect, self.signer.origin());
         }
-        tables.heads.insert((origin_bytes.as_slice(), batch.head.seq.0), batch.head.signature.as_slice())?;
+        let logged = new.iter().map(|v| (&v.chain, v.bytes.as_slice()));
+        tables.log_batch(&origin_bytes, logged, batch.head.seq, &batch.head.signature)?;
         self.mirror.progress.insert(origin, OriginProgress { seq: batch.head.seq, chain: batch.head.head });
         event.remote.push((origin, new[0].op.seq, batch.head.seq));
         Ok(RemoteOutcome::Applied { ops: new.len() })
@@ -146,14 +147,6 @@ impl From<StoreError> for LocalFailure {
     fn from(e: StoreError) -> Self {
         LocalFailure::Store(e)
     }
-}
-
-/// The op log value: chain hash after the op, then the op bytes.
-pub(crate) fn log_value(chain: &ChainHash, bytes: &[u8]) -> Vec<u8> {
-    let mut v = Vec::with_capacity(32 + bytes.len());
-    v.extend_from_slice(&chain.0);
-    v.extend_from_slice(bytes);
-    v
 }
 
 fn note_effect(event: &mut CommitEvent, op: &Op, effect: &Effect, me: Origin) {
