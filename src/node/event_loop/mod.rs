@@ -324,12 +324,7 @@ impl EventLoop {
     fn digest_round(&mut self) {
         let digest = self.my_digest();
         let applied = digest.version_vector.total();
-        let targets: Vec<PeerId> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
-            .map(|(id, _)| *id)
-            .collect();
+        let targets = self.cluster_peers();
         for peer in &targets {
             self.swarm.behaviour_mut().sync.send_request(peer, SyncRequest::Digest(digest.clone()));
         }
@@ -351,10 +346,25 @@ impl EventLoop {
         self.check_ready();
     }
 
+    /// The connected peers of this node's cluster.
+    fn cluster_peers(&self) -> Vec<PeerId> {
+        self.peers.iter().filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster)).map(|(id, _)| *id).collect()
+    }
+
     /// Re-evaluates the phase; announces an attestation on becoming active.
     fn check_ready(&mut self) {
         let (root, vv) = self.store.state_root();
-        match self.readiness.check(&vv, root, Instant::now()) {
+        let before = self.readiness.phase();
+        let transition = self.readiness.check(&vv, root, Instant::now());
+        if before != Phase::Verifying && self.readiness.phase() == Phase::Verifying {
+            // Just caught up: ask the peers for their state now rather than at the next digest
+            // round, so the proof of the root comes one round trip later.
+            let digest = self.my_digest();
+            for peer in self.cluster_peers() {
+                self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Digest(digest.clone()));
+            }
+        }
+        match transition {
             Transition::None => {}
             Transition::BecameActive { proven_by } => {
                 tracing::info!(?proven_by, ops = vv.total(), %root, "caught up and verified; node is active");
