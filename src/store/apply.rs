@@ -1,10 +1,8 @@
 //! Applying one op to the state tables inside a write transaction, keeping the bucket hashes in step.
 
-use std::collections::BTreeSet;
-
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::root::{entry_hash, identity_hash, Buckets, EntryKind};
+use super::root::{entry_hash, identity_hash, Buckets, EntryKind, BUCKETS};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -30,6 +28,29 @@ pub enum Effect {
     Lease { state: LeaseState, won: bool, displaced: Option<Box<LeaseState>> },
 }
 
+/// A set of bucket indexes, one bit each (a write marks one per op).
+pub(crate) struct DirtyBuckets([u64; BUCKETS / 64]);
+
+impl Default for DirtyBuckets {
+    fn default() -> Self {
+        DirtyBuckets([0; BUCKETS / 64])
+    }
+}
+
+impl DirtyBuckets {
+    pub fn insert(&mut self, bucket: usize) {
+        self.0[bucket / 64] |= 1 << (bucket % 64);
+    }
+
+    /// The marked buckets in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(w, bits)| (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w * 64 + b))
+    }
+}
+
 /// The tables one group commit writes, opened once per transaction.
 pub(crate) struct Tables<'t> {
     pub oplog: LogTable<'t>,
@@ -39,7 +60,7 @@ pub(crate) struct Tables<'t> {
     counters: StateTable<'t>,
     leases: StateTable<'t>,
     /// Buckets touched in this transaction, to persist at commit.
-    pub dirty: BTreeSet<usize>,
+    pub dirty: DirtyBuckets,
 }
 
 impl<'t> Tables<'t> {
@@ -51,7 +72,7 @@ impl<'t> Tables<'t> {
             registers: txn.open_table(REGISTERS)?,
             counters: txn.open_table(COUNTERS)?,
             leases: txn.open_table(LEASES)?,
-            dirty: BTreeSet::new(),
+            dirty: DirtyBuckets::default(),
         })
     }
 
@@ -293,6 +314,16 @@ pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8], what: &str)
 mod tests {
     use super::*;
     use crate::crdt::Hlc;
+
+    #[test]
+    fn dirty_buckets_list_each_marked_bucket_once_in_order() {
+        let mut d = DirtyBuckets::default();
+        for b in [4095, 0, 63, 64, 0, 1000, 63] {
+            d.insert(b);
+        }
+        assert_eq!(d.iter().collect::<Vec<_>>(), vec![0, 63, 64, 1000, 4095]);
+        assert_eq!(DirtyBuckets::default().iter().count(), 0);
+    }
 
     #[test]
     fn register_encoding_is_postcards() {

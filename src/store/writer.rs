@@ -428,7 +428,7 @@ impl Writer {
             }
         }
         let mut buckets = txn.open_table(BUCKETS)?;
-        for b in dirty {
+        for b in dirty.iter() {
             buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
         }
         self.mirror.hlc = self.clock.last();

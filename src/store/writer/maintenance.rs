@@ -235,7 +235,7 @@ fn merge_one(tables: &mut Tables, work: &mut Work, index: u64, entry: &StateEntr
 /// Writes the buckets the transaction touched.
 fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror) -> Result<(), StoreError> {
     let mut buckets = txn.open_table(BUCKETS)?;
-    for b in std::mem::take(&mut tables.dirty) {
+    for b in std::mem::take(&mut tables.dirty).iter() {
         buckets.insert(b as u32, mirror.buckets.0[b].as_slice())?;
     }
     Ok(())
