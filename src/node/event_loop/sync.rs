@@ -1,0 +1,106 @@
+//! The event loop's side of staying in sync: digest rounds, pulls of missing ops, and deciding when
+//! the node is active. The decisions come from `sync::ReplayPlanner` and `sync::Readiness`.
+
+use std::time::Instant;
+
+use libp2p::PeerId;
+
+use super::{EventLoop, PULL_MAX_BYTES, PULL_MAX_OPS};
+use crate::net::{cluster_topic, encode_gossip, Attestation, GossipMessage, SyncRequest};
+use crate::store::VersionVector;
+use crate::sync::{PeerView, Phase, Pull, Transition};
+
+impl EventLoop {
+    /// Sends this node's digest to every peer of the cluster, then picks the next period: short
+    /// while syncing, behind, or after changes; doubling towards the maximum while idle.
+    pub(super) fn digest_round(&mut self) {
+        let digest = self.my_digest();
+        let applied = digest.version_vector.total();
+        let targets = self.cluster_peers();
+        for peer in &targets {
+            self.swarm.behaviour_mut().sync.send_request(peer, SyncRequest::Digest(digest.clone()));
+        }
+        let behind = self
+            .peers
+            .values()
+            .filter_map(|p| p.digest.as_ref())
+            .any(|d| !digest.version_vector.dominates(&d.version_vector));
+        let changed = applied != self.applied_at_last_digest;
+        self.applied_at_last_digest = applied;
+        self.digest_every = if behind || changed || !self.readiness.is_active() || targets.is_empty() {
+            self.timings.digest_min
+        } else {
+            (self.digest_every * 2).min(self.timings.digest_max)
+        };
+        self.plan_pulls();
+        self.maybe_start_snapshot();
+        self.drive_snapshot();
+        self.check_ready();
+    }
+    /// The connected peers of this node's cluster.
+    pub(super) fn cluster_peers(&self) -> Vec<PeerId> {
+        self.peers.iter().filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster)).map(|(id, _)| *id).collect()
+    }
+    /// Re-evaluates the phase; announces an attestation on becoming active.
+    pub(super) fn check_ready(&mut self) {
+        let (root, vv) = self.store.state_root();
+        let before = self.readiness.phase();
+        let transition = self.readiness.check(&vv, root, Instant::now());
+        if before != Phase::Verifying && self.readiness.phase() == Phase::Verifying {
+            // Just caught up: ask the peers for their state now rather than at the next digest
+            // round, so the proof of the root comes one round trip later.
+            let digest = self.my_digest();
+            for peer in self.cluster_peers() {
+                self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Digest(digest.clone()));
+            }
+        }
+        match transition {
+            Transition::None => {}
+            Transition::BecameActive { proven_by } => {
+                tracing::info!(?proven_by, ops = vv.total(), %root, "caught up and verified; node is active");
+                let attestation = Attestation::sign(&self.signer, &self.cluster, vv, root);
+                let data = encode_gossip(&GossipMessage::Attestation(attestation));
+                let _ = self.swarm.behaviour_mut().gossipsub.publish(cluster_topic(&self.cluster), data);
+            }
+            Transition::Divergence { peer } => self.start_repair(peer),
+        }
+        self.phase.send_if_modified(|p| {
+            let changed = *p != self.readiness.phase();
+            *p = self.readiness.phase();
+            changed
+        });
+    }
+    /// Starts the pulls the planner asks for.
+    pub(super) fn plan_pulls(&mut self) {
+        let mut have = self.store.version_vector();
+        let now = Instant::now();
+        let timeout = self.timings.request_timeout;
+        self.pulled.retain(|origin, (seq, at)| *seq > have.get(origin) && now.duration_since(*at) < timeout);
+        for (origin, (seq, _)) in &self.pulled {
+            have.0.insert(*origin, *seq);
+        }
+        let views: Vec<PeerView> = self
+            .peers
+            .iter()
+            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
+            .filter_map(|(id, p)| {
+                let d = p.digest.as_ref()?;
+                // Only what the peer can replay: origins compacted past our position need a snapshot.
+                let servable = d
+                    .version_vector
+                    .0
+                    .iter()
+                    .filter(|(o, _)| d.log_floors.get(o) <= have.get(o))
+                    .map(|(o, s)| (*o, *s))
+                    .collect();
+                Some(PeerView { peer: *id, role: d.role, version_vector: VersionVector(servable), rtt: p.rtt })
+            })
+            .collect();
+        for Pull { peer, origin, after } in self.planner.plan(&have, &views, now) {
+            let request = SyncRequest::GetOps { origin, after, max_ops: PULL_MAX_OPS, max_bytes: PULL_MAX_BYTES };
+            let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+            tracing::debug!(%peer, %origin, %after, "pulling ops");
+            self.pulls.insert(id, (peer, origin));
+        }
+    }
+}
