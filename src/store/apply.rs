@@ -265,11 +265,7 @@ fn decode_pair<T: serde::Serialize + serde::de::DeserializeOwned>(
     stored: Option<&[u8]>,
     what: &str,
 ) -> Result<(T, Option<T>), PairError> {
-    let value: T = postcard::from_bytes(incoming)
-        .map_err(|e| PairError::Refused(format!("value is not a valid {what} encoding: {e}")))?;
-    if encode(&value) != incoming {
-        return Err(PairError::Refused(format!("{what} value is not in canonical encoding")));
-    }
+    let value: T = decode_canonical(incoming, what).map_err(PairError::Refused)?;
     let current = stored.map(|b| decode::<T>(b, what)).transpose().map_err(PairError::Store)?;
     Ok((value, current))
 }
@@ -300,6 +296,19 @@ pub(crate) fn encode_register(value: &RegisterValue, origin_bytes: &[u8]) -> Vec
         }
     }
     out
+}
+
+/// Decodes a value that came from elsewhere (a peer's snapshot or repair), which must be in
+/// canonical encoding: one value, one entry hash. The refusal says why.
+pub(crate) fn decode_canonical<T: serde::Serialize + serde::de::DeserializeOwned>(
+    bytes: &[u8],
+    what: &str,
+) -> Result<T, String> {
+    let value: T = postcard::from_bytes(bytes).map_err(|e| format!("value is not a valid {what} encoding: {e}"))?;
+    if encode(&value) != bytes {
+        return Err(format!("{what} value is not in canonical encoding"));
+    }
+    Ok(value)
 }
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {

@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use cid::Cid;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
-use super::apply::{encode, entry_kind};
+use super::apply::{decode_canonical, encode, entry_kind};
 use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
 use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
@@ -60,24 +60,12 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
     Ok(PreparedChunk { cid: r.cid, entries, hlc })
 }
 
-/// The value must decode as its kind and encode back to the same bytes (one value, one entry
-/// hash). Returns its HLC (registers and leases).
-///
-/// Comparing lengths is enough: postcard's encoding of a value is its shortest (minimal varints,
-/// one byte per tag), so any other bytes that decode to it are longer or carry trailing bytes.
+/// The value must be a canonical encoding of its kind. Returns its HLC (registers and leases).
 fn check_value(kind: Kind, value: &[u8]) -> Result<Option<Hlc>, String> {
-    fn canonical<T: serde::Serialize + serde::de::DeserializeOwned>(value: &[u8], what: &str) -> Result<T, String> {
-        let decoded: T =
-            postcard::from_bytes(value).map_err(|e| format!("value is not a valid {what} encoding: {e}"))?;
-        if postcard::experimental::serialized_size(&decoded).ok() != Some(value.len()) {
-            return Err(format!("{what} value is not in canonical encoding"));
-        }
-        Ok(decoded)
-    }
     Ok(match kind {
-        Kind::Register => Some(canonical::<RegisterValue>(value, "register")?.hlc),
-        Kind::Counter => canonical::<PnCounter>(value, "counter").map(|_| None)?,
-        Kind::Lease => Some(canonical::<LeaseState>(value, "lease")?.hlc),
+        Kind::Register => Some(decode_canonical::<RegisterValue>(value, "register")?.hlc),
+        Kind::Counter => decode_canonical::<PnCounter>(value, "counter").map(|_| None)?,
+        Kind::Lease => Some(decode_canonical::<LeaseState>(value, "lease")?.hlc),
     })
 }
 
