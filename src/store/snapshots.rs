@@ -261,7 +261,7 @@ impl Store {
         if added || durable {
             let mut txn = self.chunks_db().begin_write()?;
             if !durable {
-                txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+                txn.set_durability(redb::Durability::None)?;
             }
             if added {
                 txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
@@ -271,7 +271,7 @@ impl Store {
         // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
         // redone at install from the held chunks, with nothing fetched again.
         let staged = self.db().begin_write().map_err(StoreError::from).and_then(|mut txn| {
-            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            txn.set_durability(redb::Durability::None)?;
             let fresh = staging::stage(&txn, manifest, &prepared)?;
             txn.commit()?;
             Ok(fresh)
@@ -389,7 +389,7 @@ impl<'a> ChunkWriter<'a> {
 
     fn flush(&mut self, durability: redb::Durability) -> Result<(), StoreError> {
         let mut txn = self.db.begin_write()?;
-        txn.set_durability(durability).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        txn.set_durability(durability)?;
         {
             let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
             for c in self.pending.drain(..) {

@@ -352,7 +352,7 @@ impl Writer {
         // Local writes are acknowledged, so their group is fsynced; a group of peers' ops is not.
         let durable = group.iter().any(|r| matches!(r, Request::Local { .. }));
         if !durable {
-            txn.set_durability(redb::Durability::None).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            txn.set_durability(redb::Durability::None)?;
         }
         self.apply_group(&txn, group, pending, event)?;
         txn.commit()?;
