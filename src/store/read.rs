@@ -15,7 +15,7 @@ use serde_bytes::ByteBuf;
 
 use crate::ids::{Origin, Seq};
 use crate::op::{ChainHash, OpBatch, SignedHead};
-use crate::snapshot::{Kind, StateEntry};
+use crate::snapshot::StateEntry;
 
 /// One page of a register listing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -306,7 +306,7 @@ impl Store {
         let wanted: BTreeSet<usize> = buckets.iter().map(|b| *b as usize).collect();
         let txn = self.db().begin_read()?;
         let mut out = Vec::new();
-        for (kind, def) in [(Kind::Register, REGISTERS), (Kind::Counter, COUNTERS), (Kind::Lease, LEASES)] {
+        for (kind, def, _) in STATE_TABLES {
             for row in txn.open_table(def)?.iter()? {
                 let (k, v) = row?;
                 let (collection, key) = k.value();

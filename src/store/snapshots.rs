@@ -94,7 +94,7 @@ impl Store {
         let mut builder = ChunkBuilder::new(chunk_raw_bytes);
         let mut chunks = ChunkWriter::new(self.chunks_db());
         let mut index = 0u64;
-        for (kind, def) in [(Kind::Register, REGISTERS), (Kind::Counter, COUNTERS), (Kind::Lease, LEASES)] {
+        for (kind, def, _) in STATE_TABLES {
             let table = txn.open_table(def)?;
             for row in table.iter()? {
                 let (k, v) = row?;

@@ -12,7 +12,7 @@
 use std::collections::BTreeMap;
 
 use cid::Cid;
-use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::apply::{decode_canonical, encode, entry_kind};
 use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
@@ -20,15 +20,6 @@ use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
 use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
-
-type StateDef = TableDefinition<'static, (&'static str, &'static [u8]), &'static [u8]>;
-
-/// Each kind's staging table and the state table it becomes.
-const KINDS: [(Kind, StateDef, StateDef); 3] = [
-    (Kind::Register, STAGE_REGISTERS, REGISTERS),
-    (Kind::Counter, STAGE_COUNTERS, COUNTERS),
-    (Kind::Lease, STAGE_LEASES, LEASES),
-];
 
 /// A verified, decoded chunk with each entry's identity and entry hash, ready to stage. Made
 /// outside any transaction (it is the CPU-heavy part), so chunks are prepared in parallel.
@@ -120,7 +111,7 @@ impl Staged {
 
 /// Drops everything staged.
 pub(crate) fn clear(txn: &WriteTransaction) -> Result<(), StoreError> {
-    for (_, stage, _) in KINDS {
+    for (_, _, stage) in STATE_TABLES {
         txn.delete_table(stage)?;
     }
     txn.delete_table(STAGE_CHUNKS)?;
@@ -156,10 +147,12 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
     if is_staged(txn, &chunk.cid)? {
         return Ok(false);
     }
-    // In the order of `Kind`'s variants, so a kind indexes its table.
-    let mut tables = [txn.open_table(STAGE_REGISTERS)?, txn.open_table(STAGE_COUNTERS)?, txn.open_table(STAGE_LEASES)?];
+    let mut tables = Vec::with_capacity(STATE_TABLES.len());
+    for (_, _, stage) in STATE_TABLES {
+        tables.push(txn.open_table(stage)?);
+    }
     for (index, (entry, id, hash)) in chunk.entries.iter().enumerate() {
-        let table = &mut tables[entry.kind as usize];
+        let table = &mut tables[entry.kind as usize]; // STATE_TABLES is in the order of the kinds
         if table.insert((entry.collection.as_str(), entry.key.as_slice()), entry.value.as_slice())?.is_some() {
             return Err(SnapshotError::Entry {
                 index: index as u64,
@@ -184,7 +177,7 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
 
 /// Whether the local state holds no entry at all.
 pub(crate) fn state_is_empty(txn: &WriteTransaction) -> Result<bool, StoreError> {
-    for (_, _, live) in KINDS {
+    for (_, live, _) in STATE_TABLES {
         if !txn.open_table(live)?.is_empty()? {
             return Ok(false);
         }
@@ -195,7 +188,7 @@ pub(crate) fn state_is_empty(txn: &WriteTransaction) -> Result<bool, StoreError>
 /// Makes the staged entries the state, replacing the (empty) state tables; the caller sets the
 /// buckets.
 pub(crate) fn adopt(txn: &WriteTransaction) -> Result<(), StoreError> {
-    for (_, stage, live) in KINDS {
+    for (_, live, stage) in STATE_TABLES {
         // Renaming needs the staging table to exist, even if the snapshot has no entry of its kind.
         drop(txn.open_table(stage)?);
         txn.delete_table(live)?;
@@ -209,7 +202,7 @@ pub(crate) fn for_each_staged(
     txn: &WriteTransaction,
     mut f: impl FnMut(StateEntry) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
-    for (kind, stage, _) in KINDS {
+    for (kind, _, stage) in STATE_TABLES {
         let table = txn.open_table(stage)?;
         for row in table.iter()? {
             let (k, v) = row?;

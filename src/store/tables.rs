@@ -4,6 +4,8 @@
 
 use redb::TableDefinition;
 
+use crate::snapshot::Kind;
+
 /// Op log, one row per signed batch (see `log.rs`). Key: (origin peer id bytes, seq of the batch's
 /// last op, which has a signed head in `HEADS`). Value: the batch's ops in order, each as the 32-byte
 /// chain hash after it, a 4-byte length and its canonical bytes. The rows of an origin hold seqs
@@ -64,6 +66,19 @@ pub(crate) const META_HLC: &str = "hlc";
 
 /// Format version written by this build; a database with another version is refused.
 pub(crate) const FORMAT_VERSION: u64 = 1;
+
+/// A state table's definition: (collection name, key bytes) -> postcard value.
+pub(crate) type StateTableDef = TableDefinition<'static, (&'static str, &'static [u8]), &'static [u8]>;
+
+/// Each kind's state table and the staging table that becomes it at install, in the order of
+/// `Kind`'s variants (so a kind, as an index, picks its row).
+pub(crate) const STATE_TABLES: [(Kind, StateTableDef, StateTableDef); 3] = [
+    (Kind::Register, REGISTERS, STAGE_REGISTERS),
+    (Kind::Counter, COUNTERS, STAGE_COUNTERS),
+    (Kind::Lease, LEASES, STAGE_LEASES),
+];
+const _: () =
+    assert!(STATE_TABLES[0].0 as usize == 0 && STATE_TABLES[1].0 as usize == 1 && STATE_TABLES[2].0 as usize == 2);
 
 /// Staging of the snapshot being pulled (see `staging.rs`): its entries, written as each verified
 /// chunk arrives, in tables shaped like the state tables, so an install into an empty state renames
