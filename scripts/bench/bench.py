@@ -464,6 +464,21 @@ async def paced(count, rate, put):
     return now() - t0
 
 
+def latency_summary(sent: dict, acked: dict, done: list[dict], rtts: list[float], achieved_rate: float) -> dict:
+    """Propagation figures of one W3 run, in ms. `sent`/`acked`: write id -> when its PUT/SET was sent
+    and answered; `done`: per node, write id -> when that node showed it; `rtts`: the readers' own
+    round trips (their overhead)."""
+    lat = [max(d[w] for d in done) - sent[w] for w in sent]
+    put_lat = [acked[w] - sent[w] for w in sent]
+    per_node = [[d[w] - sent[w] for w in sent] for d in done]
+    return dict(p50=percentile(lat, 50) * 1e3, p99=percentile(lat, 99) * 1e3, max=max(lat) * 1e3,
+                achieved_rate=achieved_rate, put_ack_p50_ms=percentile(put_lat, 50) * 1e3,
+                put_ack_p99_ms=percentile(put_lat, 99) * 1e3,
+                per_node_p50_ms=[round(percentile(n, 50) * 1e3, 3) for n in per_node],
+                per_node_p99_ms=[round(percentile(n, 99) * 1e3, 3) for n in per_node],
+                reader_overhead_p50_ms=percentile(rtts, 50) * 1e3, reader_overhead_p99_ms=percentile(rtts, 99) * 1e3)
+
+
 async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict:
     origin = nodes[0].peer_id
     first = nodes[0].http.json("PUT", "/v1/registers/w3/probe", b"p")
@@ -524,14 +539,7 @@ async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict
         await (free.get_nowait()).close()
     if sorted(sent) != list(range(base + 1, last + 1)):
         raise RuntimeError("another writer interleaved with the latency writes")
-    lat = [max(d[s] for d in done) - sent[s] for s in sent]
-    put_lat = [acked[s] - sent[s] for s in sent]
-    return dict(p50=percentile(lat, 50) * 1e3, p99=percentile(lat, 99) * 1e3, max=max(lat) * 1e3,
-                achieved_rate=count / send_span, put_ack_p50_ms=percentile(put_lat, 50) * 1e3,
-                put_ack_p99_ms=percentile(put_lat, 99) * 1e3,
-                per_node_p50_ms=[round(percentile([d[s] - sent[s] for s in sent], 50) * 1e3, 3) for d in done],
-                per_node_p99_ms=[round(percentile([d[s] - sent[s] for s in sent], 99) * 1e3, 3) for d in done],
-                reader_overhead_p50_ms=percentile(rtts, 50) * 1e3, reader_overhead_p99_ms=percentile(rtts, 99) * 1e3)
+    return latency_summary(sent, acked, done, rtts, count / send_span)
 
 
 async def redis_latency(ctx: Ctx, servers: list[Redis], count: int, rate: int) -> dict:
@@ -583,14 +591,7 @@ async def redis_latency(ctx: Ctx, servers: list[Redis], count: int, rate: int) -
     while not free.empty():
         await (free.get_nowait()).close()
     await probe.close()
-    lat = [max(d[k] for d in done) - sent[k] for k in sent]
-    put_lat = [acked[k] - sent[k] for k in sent]
-    return dict(p50=percentile(lat, 50) * 1e3, p99=percentile(lat, 99) * 1e3, max=max(lat) * 1e3,
-                achieved_rate=count / send_span, put_ack_p50_ms=percentile(put_lat, 50) * 1e3,
-                put_ack_p99_ms=percentile(put_lat, 99) * 1e3,
-                per_node_p50_ms=[round(percentile([d[k] - sent[k] for k in sent], 50) * 1e3, 3) for d in done],
-                per_node_p99_ms=[round(percentile([d[k] - sent[k] for k in sent], 99) * 1e3, 3) for d in done],
-                reader_overhead_p50_ms=percentile(rtts, 50) * 1e3, reader_overhead_p99_ms=percentile(rtts, 99) * 1e3)
+    return latency_summary(sent, acked, done, rtts, count / send_span)
 
 
 def w3(ctx: Ctx) -> None:

@@ -182,6 +182,37 @@ def metric(h: Http, name: str) -> float | None:
     return None
 
 
+# ---------------------------------------------------------------- RESP (Redis)
+
+
+def resp_command(args) -> bytes:
+    """A command as a RESP array of bulk strings."""
+    parts = [f"*{len(args)}\r\n".encode()]
+    for a in args:
+        b = a if isinstance(a, bytes) else str(a).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
+    return b"".join(parts)
+
+
+def resp_head(line: bytes):
+    """Parses a reply's first line: ("value", v) for a complete reply, or ("bulk", n) / ("array", n)
+    when n bytes or n replies follow (n < 0: a null reply)."""
+    if not line:
+        raise ConnectionError("redis closed the connection")
+    t, rest = line[:1], line[1:-2]
+    if t == b"+":
+        return "value", rest.decode()
+    if t == b"-":
+        raise RedisError(rest.decode())
+    if t == b":":
+        return "value", int(rest)
+    if t == b"$":
+        return "bulk", int(rest)
+    if t == b"*":
+        return "array", int(rest)
+    raise RuntimeError(f"bad RESP line {line!r}")
+
+
 # ---------------------------------------------------------------- RESP (Redis), synchronous
 
 
@@ -191,34 +222,16 @@ class Resp:
         self.f = self.sock.makefile("rb")
 
     def cmd(self, *args):
-        parts = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        self.sock.sendall(b"".join(parts))
+        self.sock.sendall(resp_command(args))
         return self.read()
 
     def read(self):
-        line = self.f.readline()
-        if not line:
-            raise ConnectionError("redis closed the connection")
-        t, rest = line[:1], line[1:-2]
-        if t == b"+":
-            return rest.decode()
-        if t == b"-":
-            raise RedisError(rest.decode())
-        if t == b":":
-            return int(rest)
-        if t == b"$":
-            n = int(rest)
-            if n < 0:
-                return None
-            data = self.f.read(n + 2)[:-2]
-            return data
-        if t == b"*":
-            n = int(rest)
-            return None if n < 0 else [self.read() for _ in range(n)]
-        raise RuntimeError(f"bad RESP line {line!r}")
+        kind, value = resp_head(self.f.readline())
+        if kind == "bulk":
+            return None if value < 0 else self.f.read(value + 2)[:-2]
+        if kind == "array":
+            return None if value < 0 else [self.read() for _ in range(value)]
+        return value
 
     def info(self, section: str = "replication") -> dict[str, str]:
         text = self.cmd("INFO", section).decode()
@@ -300,30 +313,15 @@ class AResp:
         return self
 
     def send(self, *args) -> None:
-        parts = [f"*{len(args)}\r\n".encode()]
-        for a in args:
-            b = a if isinstance(a, bytes) else str(a).encode()
-            parts.append(b"$%d\r\n%s\r\n" % (len(b), b))
-        self.w.write(b"".join(parts))
+        self.w.write(resp_command(args))
 
     async def read(self):
-        line = await self.r.readline()
-        if not line:
-            raise ConnectionError("redis closed the connection")
-        t, rest = line[:1], line[1:-2]
-        if t == b"+":
-            return rest.decode()
-        if t == b"-":
-            raise RedisError(rest.decode())
-        if t == b":":
-            return int(rest)
-        if t == b"$":
-            n = int(rest)
-            return None if n < 0 else (await self.r.readexactly(n + 2))[:-2]
-        if t == b"*":
-            n = int(rest)
-            return None if n < 0 else [await self.read() for _ in range(n)]
-        raise RuntimeError(f"bad RESP line {line!r}")
+        kind, value = resp_head(await self.r.readline())
+        if kind == "bulk":
+            return None if value < 0 else (await self.r.readexactly(value + 2))[:-2]
+        if kind == "array":
+            return None if value < 0 else [await self.read() for _ in range(value)]
+        return value
 
     async def close(self) -> None:
         self.w.close()
