@@ -254,56 +254,69 @@ async fn start_node(dir: &Path) -> Result<Node> {
     Node::start(config).await.context("starting the node")
 }
 
+/// Starts `workers` tasks that take the indexes `0..count` from a shared counter and time `call(i)`
+/// for each; every task returns its latencies in microseconds.
+fn timed_workers<F, Fut>(workers: usize, count: u64, call: F) -> Vec<tokio::task::JoinHandle<Result<Vec<u32>>>>
+where
+    F: Fn(u64) -> Fut + Clone + Send + 'static,
+    Fut: std::future::Future<Output = Result<()>> + Send,
+{
+    let next = Arc::new(AtomicU64::new(0));
+    (0..workers)
+        .map(|_| {
+            let (next, call) = (next.clone(), call.clone());
+            tokio::spawn(async move {
+                let mut lat = Vec::with_capacity((count as usize / workers.max(1)).max(16));
+                loop {
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    if i >= count {
+                        break;
+                    }
+                    let t = Instant::now();
+                    call(i).await?;
+                    lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                }
+                anyhow::Ok(lat)
+            })
+        })
+        .collect()
+}
+
+/// Waits for the workers of a workload.
+async fn latencies(tasks: Vec<tokio::task::JoinHandle<Result<Vec<u32>>>>, calls: u64) -> Result<Vec<u32>> {
+    let mut lat = Vec::with_capacity(calls as usize);
+    for t in tasks {
+        lat.extend(t.await??);
+    }
+    Ok(lat)
+}
+
 async fn library_single(args: &Args) -> Result<Row> {
     let dir = tempfile::tempdir()?;
     let node = start_node(dir.path()).await?;
     let handle = node.handle();
-    let next = Arc::new(AtomicU64::new(0));
     let n = args.ops;
+    let max_seq = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu_of("self");
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.concurrency {
-        let handle = handle.clone();
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity((n as usize / 256).max(16));
-            let mut max_seq = 0;
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                let t = Instant::now();
+    let tasks = timed_workers(args.concurrency, n, {
+        let (handle, max_seq) = (handle.clone(), max_seq.clone());
+        move |i| {
+            let (handle, max_seq) = (handle.clone(), max_seq.clone());
+            async move {
                 let r = handle.put(REGISTER, key("k", i), value_100b(i)).await?;
-                lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-                max_seq = max_seq.max(r.seq);
+                max_seq.fetch_max(r.seq, Ordering::Relaxed);
+                Ok(())
             }
-            anyhow::Ok((lat, max_seq))
-        }));
-    }
-    let mut lat = Vec::with_capacity(n as usize);
-    let mut max_seq = 0;
-    for t in tasks {
-        let (l, s) = t.await??;
-        lat.extend(l);
-        max_seq = max_seq.max(s);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let node_cpu_s = cpu_delta(cpu0, cpu_of("self"));
-    let log_ops = handle.store().log_len()?;
-    // Commit events reach the metrics through a task: let the last ones land.
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    let commits = handle.metrics().commits.get();
-    drop(handle);
-    node.shutdown().await;
-    let db_bytes = db_size(dir.path());
-    if max_seq != n || log_ops != n {
-        bail!("library-single: expected {n} ops, last seq {max_seq}, log holds {log_ops}");
+        }
+    });
+    let lat = latencies(tasks, n).await?;
+    let max_seq = max_seq.load(Ordering::Relaxed);
+    if max_seq != n {
+        bail!("library-single: expected {n} ops, last seq {max_seq}");
     }
     let note = format!("{} tasks, latency per put", args.concurrency);
-    let row = Row::measured("library-single", n, n, secs, lat, GOAL_LIBRARY, note);
-    Ok(Row { commits: Some(commits), db_bytes, node_cpu_s, ..row })
+    finish_library(LibraryRun { workload: "library-single", ops: n, calls: n, start, cpu0, lat, note }, node, dir).await
 }
 
 async fn library_batch(args: &Args) -> Result<Row> {
@@ -313,36 +326,40 @@ async fn library_batch(args: &Args) -> Result<Row> {
     let n = args.ops;
     let b = args.batch as u64;
     let batches = n.div_ceil(b);
-    let next = Arc::new(AtomicU64::new(0));
     let cpu0 = cpu_of("self");
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.batch_concurrency {
+    let tasks = timed_workers(args.batch_concurrency, batches, move |bi| {
         let handle = handle.clone();
-        let next = next.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let bi = next.fetch_add(1, Ordering::Relaxed);
-                if bi >= batches {
-                    break;
-                }
-                let first = bi * b;
-                let entries: Vec<(Vec<u8>, Vec<u8>)> =
-                    (first..(first + b).min(n)).map(|i| (key("b", i).into_bytes(), value_100b(i))).collect();
-                let t = Instant::now();
-                handle.put_batch(REGISTER, entries).await?;
-                lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
-            }
-            anyhow::Ok(lat)
-        }));
-    }
-    let mut lat = Vec::new();
-    for t in tasks {
-        lat.extend(t.await??);
-    }
-    let secs = start.elapsed().as_secs_f64();
-    let node_cpu_s = cpu_delta(cpu0, cpu_of("self"));
+        async move {
+            let first = bi * b;
+            let entries: Vec<(Vec<u8>, Vec<u8>)> =
+                (first..(first + b).min(n)).map(|i| (key("b", i).into_bytes(), value_100b(i))).collect();
+            handle.put_batch(REGISTER, entries).await?;
+            Ok(())
+        }
+    });
+    let lat = latencies(tasks, batches).await?;
+    let note = format!("{} tasks x {b}/batch, latency per batch", args.batch_concurrency);
+    finish_library(LibraryRun { workload: "library-batch", ops: n, calls: batches, start, cpu0, lat, note }, node, dir)
+        .await
+}
+
+/// What a library workload measured.
+struct LibraryRun {
+    workload: &'static str,
+    ops: u64,
+    calls: u64,
+    start: Instant,
+    cpu0: Option<f64>,
+    lat: Vec<u32>,
+    note: String,
+}
+
+/// Stops the in-process node, checks it logged every op, and builds the row.
+async fn finish_library(run: LibraryRun, node: Node, dir: tempfile::TempDir) -> Result<Row> {
+    let secs = run.start.elapsed().as_secs_f64();
+    let node_cpu_s = cpu_delta(run.cpu0, cpu_of("self"));
+    let handle = node.handle();
     let log_ops = handle.store().log_len()?;
     // Commit events reach the metrics through a task: let the last ones land.
     tokio::time::sleep(Duration::from_millis(100)).await;
@@ -350,11 +367,11 @@ async fn library_batch(args: &Args) -> Result<Row> {
     drop(handle);
     node.shutdown().await;
     let db_bytes = db_size(dir.path());
+    let n = run.ops;
     if log_ops != n {
-        bail!("library-batch: expected {n} ops in the log, found {log_ops}");
+        bail!("{}: expected {n} ops in the log, found {log_ops}", run.workload);
     }
-    let note = format!("{} tasks x {b}/batch, latency per batch", args.batch_concurrency);
-    let row = Row::measured("library-batch", n, batches, secs, lat, GOAL_LIBRARY, note);
+    let row = Row::measured(run.workload, n, run.calls, secs, run.lat, GOAL_LIBRARY, run.note);
     Ok(Row { commits: Some(commits), db_bytes, node_cpu_s, ..row })
 }
 
@@ -499,38 +516,24 @@ async fn http_single(args: &Args, bin: &Path) -> Result<Row> {
     let mut node = NodeProcess::spawn(bin)?;
     let client = http_client(args.http_concurrency)?;
     let n = args.ops;
-    let next = Arc::new(AtomicU64::new(0));
     let base = format!("{}/v1/registers/{REGISTER}/", node.api);
     let (node_cpu0, client_cpu0) = (cpu_of(&node.pid()), cpu_of("self"));
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.http_concurrency {
+    let tasks = timed_workers(args.http_concurrency, n, {
         let client = client.clone();
-        let next = next.clone();
-        let base = base.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::with_capacity((n as usize / 64).max(16));
-            let mut url = String::with_capacity(base.len() + 16);
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    break;
-                }
-                url.clear();
-                url.push_str(&base);
-                url.push_str(&key("h", i));
-                let t = Instant::now();
+        move |i| {
+            let (client, url) = (client.clone(), format!("{base}{}", key("h", i)));
+            async move {
                 let resp = client.put(url.as_str()).body(value_100b(i)).send().await?;
                 let status = resp.status();
                 let body = resp.bytes().await?;
                 if !status.is_success() {
                     bail!("PUT {url}: {status}: {}", String::from_utf8_lossy(&body));
                 }
-                lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                Ok(())
             }
-            anyhow::Ok(lat)
-        }));
-    }
+        }
+    });
     let run =
         HttpRun { workload: "http-single", ops: n, calls: n, goal: GOAL_HTTP_SINGLE, start, node_cpu0, client_cpu0 };
     let note = format!("{} keep-alive clients, latency per request", args.http_concurrency);
@@ -560,25 +563,16 @@ async fn http_batch(args: &Args, bin: &Path) -> Result<Row> {
     let n = args.ops;
     let b = args.batch as u64;
     let batches = n.div_ceil(b);
-    let next = Arc::new(AtomicU64::new(0));
     let url = format!("{}/v1/registers/{REGISTER}", node.api);
     let (node_cpu0, client_cpu0) = (cpu_of(&node.pid()), cpu_of("self"));
     let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..args.batch_concurrency {
+    let tasks = timed_workers(args.batch_concurrency, batches, {
         let client = client.clone();
-        let next = next.clone();
-        let url = url.clone();
-        tasks.push(tokio::spawn(async move {
-            let mut lat = Vec::new();
-            loop {
-                let bi = next.fetch_add(1, Ordering::Relaxed);
-                if bi >= batches {
-                    break;
-                }
+        move |bi| {
+            let (client, url) = (client.clone(), url.clone());
+            async move {
                 let first = bi * b;
                 let body = batch_body(first, (first + b).min(n));
-                let t = Instant::now();
                 let resp =
                     client.post(url.as_str()).header("content-type", "application/json").body(body).send().await?;
                 let status = resp.status();
@@ -586,11 +580,10 @@ async fn http_batch(args: &Args, bin: &Path) -> Result<Row> {
                 if !status.is_success() {
                     bail!("POST {url}: {status}: {}", String::from_utf8_lossy(&text));
                 }
-                lat.push(t.elapsed().as_micros().min(u32::MAX as u128) as u32);
+                Ok(())
             }
-            anyhow::Ok(lat)
-        }));
-    }
+        }
+    });
     let run = HttpRun {
         workload: "http-batch",
         ops: n,
@@ -623,10 +616,7 @@ async fn finish_http(
     tasks: Vec<tokio::task::JoinHandle<Result<Vec<u32>>>>,
     note: String,
 ) -> Result<Row> {
-    let mut lat = Vec::with_capacity(run.calls as usize);
-    for t in tasks {
-        lat.extend(t.await??);
-    }
+    let lat = latencies(tasks, run.calls).await?;
     let secs = run.start.elapsed().as_secs_f64();
     let node_cpu_s = cpu_delta(run.node_cpu0, cpu_of(&node.pid()));
     let client_cpu_s = cpu_delta(run.client_cpu0, cpu_of("self"));
