@@ -71,9 +71,7 @@ impl EventLoop {
         }
         let now = Instant::now();
         let offers: Vec<Offer> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
+            .cluster_peers()
             .filter_map(|(id, p)| {
                 let d = p.digest.as_ref()?;
                 // A peer whose replay just failed (it may be lying) does not count as able to

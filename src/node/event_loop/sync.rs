@@ -5,7 +5,7 @@ use std::time::Instant;
 
 use libp2p::PeerId;
 
-use super::{EventLoop, PULL_MAX_BYTES, PULL_MAX_OPS};
+use super::{EventLoop, PeerInfo, PULL_MAX_BYTES, PULL_MAX_OPS};
 use crate::net::{cluster_topic, encode_gossip, Attestation, GossipMessage, SyncRequest};
 use crate::store::VersionVector;
 use crate::sync::{PeerView, Phase, Pull, Transition};
@@ -16,7 +16,7 @@ impl EventLoop {
     pub(super) fn digest_round(&mut self) {
         let digest = self.my_digest();
         let applied = digest.version_vector.total();
-        let targets = self.cluster_peers();
+        let targets: Vec<PeerId> = self.cluster_peers().map(|(id, _)| *id).collect();
         for peer in &targets {
             self.swarm.behaviour_mut().sync.send_request(peer, SyncRequest::Digest(digest.clone()));
         }
@@ -37,10 +37,12 @@ impl EventLoop {
         self.drive_snapshot();
         self.check_ready();
     }
+
     /// The connected peers of this node's cluster.
-    pub(super) fn cluster_peers(&self) -> Vec<PeerId> {
-        self.peers.iter().filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster)).map(|(id, _)| *id).collect()
+    pub(super) fn cluster_peers(&self) -> impl Iterator<Item = (&PeerId, &PeerInfo)> {
+        self.peers.iter().filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
     }
+
     /// Re-evaluates the phase; announces an attestation on becoming active.
     pub(super) fn check_ready(&mut self) {
         let (root, vv) = self.store.state_root();
@@ -50,7 +52,8 @@ impl EventLoop {
             // Just caught up: ask the peers for their state now rather than at the next digest
             // round, so the proof of the root comes one round trip later.
             let digest = self.my_digest();
-            for peer in self.cluster_peers() {
+            let peers: Vec<PeerId> = self.cluster_peers().map(|(id, _)| *id).collect();
+            for peer in peers {
                 self.swarm.behaviour_mut().sync.send_request(&peer, SyncRequest::Digest(digest.clone()));
             }
         }
@@ -70,6 +73,7 @@ impl EventLoop {
             changed
         });
     }
+
     /// Starts the pulls the planner asks for.
     pub(super) fn plan_pulls(&mut self) {
         let mut have = self.store.version_vector();
@@ -80,9 +84,7 @@ impl EventLoop {
             have.0.insert(*origin, *seq);
         }
         let views: Vec<PeerView> = self
-            .peers
-            .iter()
-            .filter(|(_, p)| p.connections > 0 && p.in_cluster(&self.cluster))
+            .cluster_peers()
             .filter_map(|(id, p)| {
                 let d = p.digest.as_ref()?;
                 // Only what the peer can replay: origins compacted past our position need a snapshot.
