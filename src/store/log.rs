@@ -113,8 +113,8 @@ pub(crate) fn migrate_v1(txn: &redb::WriteTransaction) -> Result<(), StoreError>
             return Err(StoreError::Corrupt(format!("v1 log entry at seq {seq} is truncated")));
         }
         if current.as_deref() != Some(origin) {
-            // A v1 log always ends each origin at a signed head; anything left over is dropped by
-            // the check below, never silently merged into another origin's row.
+            // A v1 log always ends each origin at a signed head; ops left over would be refused
+            // here, never merged into another origin's row.
             if !batch.is_empty() {
                 return Err(StoreError::Corrupt("v1 log: ops after the last signed head".into()));
             }

@@ -48,11 +48,18 @@ pub const DEFAULT_CACHE_BYTES: usize = 256 << 20;
 /// Page cache of the chunk database: chunks are large and read once per request.
 const CHUNKS_CACHE_BYTES: usize = 16 << 20;
 
-/// Chunks used to live in the state database: moves any found there into the chunk database.
-fn move_chunks_out(db: &Database, chunks: &Database) -> Result<(), StoreError> {
-    let txn = db.begin_write()?;
+/// Readies the chunk database inside the state database's opening transaction: chunks used to live
+/// in the state database, so any found there move over (committed to the chunk database before
+/// the opening transaction deletes them). Writes to the chunk database only when there is
+/// something to do.
+fn move_chunks_out(txn: &redb::WriteTransaction, chunks: &Database) -> Result<(), StoreError> {
     let old = txn.open_table(SNAPSHOT_CHUNKS)?;
-    if !old.is_empty()? {
+    let exists = match chunks.begin_read()?.open_table(SNAPSHOT_CHUNKS) {
+        Ok(_) => true,
+        Err(redb::TableError::TableDoesNotExist(_)) => false,
+        Err(e) => return Err(e.into()),
+    };
+    if !exists || !old.is_empty()? {
         let to = chunks.begin_write()?;
         {
             let mut table = to.open_table(SNAPSHOT_CHUNKS)?;
@@ -62,13 +69,11 @@ fn move_chunks_out(db: &Database, chunks: &Database) -> Result<(), StoreError> {
             }
         }
         to.commit()?;
-        tracing::info!("moved snapshot chunks into the chunk database");
+        if !old.is_empty()? {
+            tracing::info!("moved snapshot chunks into the chunk database");
+        }
     }
     txn.delete_table(old)?;
-    txn.commit()?;
-    let txn = chunks.begin_write()?;
-    txn.open_table(SNAPSHOT_CHUNKS)?;
-    txn.commit()?;
     Ok(())
 }
 
@@ -161,9 +166,9 @@ impl Store {
             txn.open_table(SNAPSHOT_ORDER)?;
         }
         log::migrate_v1(&txn)?;
-        txn.commit()?;
         let chunks = open(&chunks_path(path), CHUNKS_CACHE_BYTES)?;
-        move_chunks_out(&db, &chunks)?;
+        move_chunks_out(&txn, &chunks)?;
+        txn.commit()?;
         let db = Arc::new(db);
         let mirror = load_mirror(&db)?;
         let vv_watch = Arc::new(watch::Sender::new(mirror.version_vector()));
