@@ -359,3 +359,87 @@ fn a_snapshot_pull_resumes_after_sigkill_without_refetching() {
         assert!(node.terminate().success());
     }
 }
+
+/// A tmpfs mounted for one test, unmounted when dropped. Mounting needs root: `None` otherwise.
+struct Tmpfs(tempfile::TempDir);
+
+impl Tmpfs {
+    fn mount(size_mib: u64) -> Option<Tmpfs> {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size_mib}m"), "tmpfs"])
+            .arg(dir.path())
+            .status();
+        status.is_ok_and(|s| s.success()).then_some(Tmpfs(dir))
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg("-l").arg(self.0.path()).status();
+    }
+}
+
+#[test]
+fn a_full_disk_answers_507_loses_no_acknowledged_write_and_writes_resume_once_space_is_freed() {
+    let Some(fs) = Tmpfs::mount(48) else {
+        eprintln!("skipped: mounting a small tmpfs needs root");
+        return;
+    };
+    let filler = fs.0.path().join("filler");
+    std::fs::write(&filler, vec![0u8; 16 << 20]).unwrap();
+    let data = fs.0.path().join("n");
+    let node = NodeProc::start(&data, &["--disk-reserve-mb", "4"]);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    let value = |i: usize| vec![i as u8; 200_000];
+    let put = |i: usize| {
+        let req = http.put(format!("{}/v1/registers/big/k{i}", node.api)).body(value(i));
+        rt.block_on(async { req.send().await.unwrap() })
+    };
+    let mut acked = Vec::new();
+    let refusal = loop {
+        assert!(acked.len() < 400, "48 MiB cannot hold {} values of 200 kB", acked.len());
+        let resp = put(acked.len());
+        if resp.status() != 200 {
+            break (resp.status(), rt.block_on(resp.json::<Value>()).unwrap());
+        }
+        acked.push(acked.len());
+    };
+    assert_eq!(refusal.0, 507, "{refusal:?}");
+    assert_eq!(refusal.1["error"], "disk_full", "{refusal:?}");
+    assert!(refusal.1["message"].as_str().unwrap().contains("free space"), "{refusal:?}");
+    assert!(acked.len() >= 20, "only {} writes fit before the reserve", acked.len());
+    let get = |api: &str, i: usize| {
+        let req = http.get(format!("{api}/v1/registers/big/k{i}"));
+        rt.block_on(async {
+            let resp = req.send().await.unwrap();
+            (resp.status().as_u16(), resp.bytes().await.unwrap())
+        })
+    };
+    for &i in &acked {
+        let (code, body) = get(&node.api, i);
+        assert_eq!((code, body.len()), (200, 200_000), "acknowledged write k{i} unreadable on a full disk");
+    }
+    assert_eq!(get(&node.api, acked.len()).0, 404, "the refused write was not applied");
+    assert_eq!(status(&node.api)["state"], "active");
+
+    // Space freed: writes go through again, with no restart.
+    std::fs::remove_file(&filler).unwrap();
+    let resp = put(acked.len());
+    assert_eq!(resp.status(), 200, "{:?}", rt.block_on(resp.text()));
+    acked.push(acked.len());
+    assert!(!node.log().contains("Previous I/O error"), "redb hit the full disk:\n{}", node.log());
+
+    assert!(node.terminate().success());
+    let node = NodeProc::start(&data, &["--disk-reserve-mb", "4"]);
+    for &i in &acked {
+        let (code, body) = get(&node.api, i);
+        assert_eq!((code, body.to_vec()), (200, value(i)), "acknowledged write k{i} lost across the restart");
+    }
+    drop(node);
+}

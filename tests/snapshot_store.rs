@@ -641,3 +641,67 @@ async fn a_log_kept_one_op_per_row_by_an_older_build_is_moved_to_one_row_per_bat
     write(&a, 1, 2).await;
     assert_sound(&a.store);
 }
+
+fn disk_full(e: &StoreError) -> bool {
+    matches!(e, StoreError::DiskFull { available, needed, .. } if available < needed)
+}
+
+#[tokio::test]
+async fn short_of_free_space_every_write_is_refused_and_nothing_is_lost_until_space_returns() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a");
+    let b = open(&dir, "b");
+    write(&a, 1, 12).await;
+    let kept = a.store.state_root();
+    let snap = a.store.create_snapshot(&a.signer, "test", 512).unwrap();
+
+    // A reserve larger than the filesystem's free space: as if the disk were full.
+    let free = peersync::store::available_bytes(dir.path()).unwrap();
+    for node in [&a, &b] {
+        node.store.set_disk_reserve(free.saturating_mul(4).max(1 << 50));
+    }
+    let put = LocalIntent::Put { register: "reg".into(), key: b"late".to_vec(), value: b"v".to_vec() };
+    match a.writer.local(vec![put.clone()]).await {
+        Err(WriterError::Store(e)) => assert!(disk_full(&e), "{e}"),
+        other => panic!("a write on a full disk must be refused, got {other:?}"),
+    }
+    let e = a.store.create_snapshot(&a.signer, "test", 512).unwrap_err();
+    assert!(disk_full(&e), "{e}");
+    let manifest = a.store.snapshot_manifest(&snap.cid).unwrap().unwrap().verify().unwrap();
+    let chunk = manifest.chunks[0].clone();
+    let bytes = a.store.snapshot_chunk(&chunk.cid).unwrap().unwrap();
+    let e = b.store.put_chunk(&chunk.cid, &bytes).unwrap_err();
+    assert!(disk_full(&e), "{e}");
+    let e = b.store.stage_chunk(&snap.cid, &chunk, &bytes, true).unwrap_err();
+    assert!(disk_full(&e), "{e}");
+    assert!(!b.store.has_chunk(&chunk.cid).unwrap(), "a refused chunk is not kept");
+    match replay_err(&a.store, &b, &a.origin()).await {
+        WriterError::Store(e) => assert!(disk_full(&e), "{e}"),
+        other => panic!("peers' ops on a full disk must be refused, got {other:?}"),
+    }
+    // Nothing changed, and reads still answer.
+    assert_eq!(a.store.state_root(), kept);
+    assert_eq!(b.store.version_vector(), Default::default());
+    assert!(a.store.register("reg", &[0]).unwrap().is_some());
+    assert_eq!(a.store.register("reg", b"late").unwrap(), None);
+
+    // Space is back: the same writes go through, without reopening anything.
+    for node in [&a, &b] {
+        node.store.set_disk_reserve(peersync::store::DEFAULT_DISK_RESERVE.min(free / 2));
+    }
+    a.writer.local(vec![put]).await.unwrap();
+    assert!(a.store.register("reg", b"late").unwrap().is_some());
+    replay(&a.store, &b, &a.origin(), usize::MAX).await;
+    assert_eq!(b.store.state_root(), a.store.state_root());
+    assert!(b.store.put_chunk(&chunk.cid, &bytes).unwrap());
+    a.close().await;
+    b.close().await;
+}
+
+/// Offers `to` the first batch of `origin`'s log held by `from` and returns the writer's error.
+async fn replay_err(from: &Store, to: &Node, origin: &Origin) -> WriterError {
+    let read = from.read_log(origin, Seq(0), 5, usize::MAX).unwrap();
+    let batch = read.batches.into_iter().next().expect("a batch to offer");
+    let verified = batch.verify(to.store.progress(origin).chain, 4096).unwrap();
+    to.writer.remote(verified).await.unwrap_err()
+}

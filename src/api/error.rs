@@ -6,6 +6,7 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 
 use crate::node::NodeError;
+use crate::store::StoreError;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -64,6 +65,9 @@ impl From<NodeError> for ApiError {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).with("missing", missing)
             }
             NodeError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+            NodeError::Store(e) if matches!(*e, StoreError::DiskFull { .. }) => {
+                ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
+            }
             NodeError::Store(_) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "storage", message),
         }
     }

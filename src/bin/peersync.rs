@@ -132,6 +132,10 @@ struct NodeArgs {
     /// Largest HTTP request body in bytes.
     #[arg(long, default_value_t = 16 << 20)]
     max_body_bytes: usize,
+    /// Free space to keep on the data dir's filesystem, in MiB: writes that would leave less are
+    /// refused (HTTP 507) until space is freed. 0 turns the check off.
+    #[arg(long, default_value_t = 64)]
+    disk_reserve_mb: u64,
     /// Gossipsub heartbeat in ms (lower in tests and local clusters for faster mesh forming).
     #[arg(long, default_value_t = 1000, hide = true)]
     gossip_heartbeat_ms: u64,
@@ -268,6 +272,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.log_retention_bytes = args.log_retention_bytes;
     config.limits.max_value_bytes = args.max_value_bytes;
     config.limits.max_body_bytes = args.max_body_bytes;
+    config.disk_reserve_bytes = args.disk_reserve_mb.saturating_mul(1 << 20);
     config.validate()?;
     let listener = tokio::net::TcpListener::bind(config.api_addr)
         .await

@@ -20,7 +20,7 @@ use super::metrics::Metrics;
 use crate::ids::{Origin, Role, Seq};
 use crate::net::{decode_gossip, GossipMessage};
 use crate::op::{ChainHash, OpBatch};
-use crate::store::{OriginProgress, RemoteOutcome, Store, WriteHandle, WriterError};
+use crate::store::{OriginProgress, RemoteOutcome, Store, StoreError, WriteHandle, WriterError};
 use crate::sync::{Admit, Gap, GapBuffer, GapLimits};
 
 /// Role and cluster of each peer identify told the event loop about.
@@ -275,6 +275,10 @@ impl Applier {
         match outcome {
             Ok(Ok(RemoteOutcome::Applied { .. } | RemoteOutcome::Duplicate)) => return,
             Ok(Ok(other)) => tracing::warn!(%origin, ?other, "a queued batch did not apply; resyncing its origin"),
+            // The writer says so once; replay brings the batch back when there is space again.
+            Ok(Err(WriterError::Store(e))) if matches!(*e, StoreError::DiskFull { .. }) => {
+                tracing::debug!(%origin, error = %e, "a queued batch was refused: disk full")
+            }
             Ok(Err(e)) => tracing::warn!(%origin, error = %e, "a queued batch failed to commit; resyncing its origin"),
             Err(_) => tracing::warn!(%origin, "the writer dropped a queued batch"),
         }

@@ -78,6 +78,10 @@ pub struct NodeConfig {
     pub log_retention_bytes: u64,
     /// Bound of the database page cache in bytes. Default 256 MiB.
     pub cache_bytes: usize,
+    /// Free bytes kept on the data dir's filesystem: writes that would leave less are refused
+    /// (HTTP 507 `disk_full`) and go through again once space is freed. 0 turns the check off.
+    /// Default 64 MiB.
+    pub disk_reserve_bytes: u64,
     pub limits: Limits,
     pub writer: WriterConfig,
     /// Bounds of the buffer of ops that arrived ahead of a gap.
@@ -104,6 +108,7 @@ impl Default for NodeConfig {
             log_retention_ops: 1_000_000,
             log_retention_bytes: 256 << 20,
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,
+            disk_reserve_bytes: crate::store::DEFAULT_DISK_RESERVE,
             limits: Limits::default(),
             writer: WriterConfig::default(),
             gap: GapLimits::default(),

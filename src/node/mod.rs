@@ -65,6 +65,7 @@ impl Node {
         let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&path, cache))
             .await
             .expect("store open task")?;
+        store.set_disk_reserve(config.disk_reserve_bytes);
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
         let writer_signer = signer.clone();

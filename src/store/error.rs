@@ -16,6 +16,12 @@ pub enum StoreError {
     Format { path: PathBuf, found: Option<u64> },
     #[error("storage error: {0}")]
     Storage(#[from] redb::Error),
+    /// Refused before writing: the data dir's filesystem is short of free space (see `disk.rs`).
+    #[error(
+        "disk full: {available} bytes free on the filesystem of {dir}, a write needs {needed} (the reserve kept \
+         free, --disk-reserve-mb, plus the write); nothing was written: free space and retry"
+    )]
+    DiskFull { dir: PathBuf, available: u64, needed: u64 },
     #[error("corrupt store: {0}")]
     Corrupt(String),
     /// A snapshot, chunk or list of entries was refused; nothing of it was written. Expected when a

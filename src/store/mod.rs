@@ -9,6 +9,7 @@
 //! Must never depend on: the network, the sync logic or the node.
 
 mod apply;
+mod disk;
 mod error;
 mod log;
 mod read;
@@ -32,6 +33,7 @@ use crate::op::ChainHash;
 use tables::*;
 
 pub use apply::Effect;
+pub use disk::{available_bytes, DEFAULT_DISK_RESERVE};
 pub use error::{SnapshotError, StoreError};
 pub use read::{ListPage, LogRead, LogReport};
 pub use root::Buckets;
@@ -119,6 +121,8 @@ pub struct Store {
     mirror: Arc<RwLock<Mirror>>,
     /// The version vector as of the last commit, for callers waiting until a write is applied.
     vv_watch: Arc<watch::Sender<VersionVector>>,
+    /// Refuses writes while the data dir's filesystem is short of free space.
+    disk: Arc<disk::DiskGuard>,
 }
 
 impl std::fmt::Debug for Store {
@@ -178,7 +182,23 @@ impl Store {
             snapshot_lock: Arc::default(),
             mirror: Arc::new(RwLock::new(mirror)),
             vv_watch,
+            disk: Arc::new(disk::DiskGuard::new(match path.parent() {
+                Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
+                _ => ".".into(),
+            })),
         })
+    }
+
+    /// Free bytes to keep on the data dir's filesystem: writes that would leave less are refused
+    /// with [`StoreError::DiskFull`] (see `disk.rs`). 0 turns the check off. Default
+    /// [`DEFAULT_DISK_RESERVE`].
+    pub fn set_disk_reserve(&self, bytes: u64) {
+        self.disk.set_reserve(bytes);
+    }
+
+    /// Refuses a write of about `bytes` while the data dir is short of free space.
+    pub(crate) fn check_disk(&self, bytes: u64) -> Result<(), StoreError> {
+        self.disk.check(bytes)
     }
 
     /// A copy of the in-memory view of the last commit.

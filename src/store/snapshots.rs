@@ -92,7 +92,7 @@ impl Store {
         let mut recomputed = Buckets::default();
         let mut counts: BTreeMap<(Kind, String), u64> = BTreeMap::new();
         let mut builder = ChunkBuilder::new(chunk_raw_bytes);
-        let mut chunks = ChunkWriter::new(self.chunks_db());
+        let mut chunks = ChunkWriter::new(self);
         let mut index = 0u64;
         for (kind, def, _) in STATE_TABLES {
             let table = txn.open_table(def)?;
@@ -231,6 +231,7 @@ impl Store {
         if self.has_chunk(cid)? {
             return Ok(false);
         }
+        self.check_disk(bytes.len() as u64 * 2)?;
         let txn = self.chunks_db().begin_write()?;
         txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
         txn.commit()?;
@@ -258,6 +259,8 @@ impl Store {
         // even when the chunk was held already, so the earlier chunks it covers are durable too.
         let key = chunk.cid.to_bytes();
         let added = !self.has_chunk(&chunk.cid)?;
+        // The chunk, then its entries in the staging tables.
+        self.check_disk(bytes.len() as u64 + chunk.raw_size * 2)?;
         if added || durable {
             let mut txn = self.chunks_db().begin_write()?;
             if !durable {
@@ -361,7 +364,7 @@ impl Store {
 /// Writes the chunks of a snapshot being made, as they are sealed, in transactions of about
 /// [`ChunkWriter::BATCH_BYTES`]: the snapshot is never held in memory whole.
 struct ChunkWriter<'a> {
-    db: &'a redb::Database,
+    store: &'a Store,
     refs: Vec<ChunkRef>,
     pending: Vec<Chunk>,
     pending_bytes: usize,
@@ -372,8 +375,8 @@ struct ChunkWriter<'a> {
 impl<'a> ChunkWriter<'a> {
     const BATCH_BYTES: usize = 64 << 20;
 
-    fn new(db: &'a redb::Database) -> Self {
-        ChunkWriter { db, refs: Vec::new(), pending: Vec::new(), pending_bytes: 0, added: Vec::new() }
+    fn new(store: &'a Store) -> Self {
+        ChunkWriter { store, refs: Vec::new(), pending: Vec::new(), pending_bytes: 0, added: Vec::new() }
     }
 
     fn add(&mut self, chunk: Option<Chunk>) -> Result<(), StoreError> {
@@ -388,7 +391,8 @@ impl<'a> ChunkWriter<'a> {
     }
 
     fn flush(&mut self, durability: redb::Durability) -> Result<(), StoreError> {
-        let mut txn = self.db.begin_write()?;
+        self.store.check_disk(self.pending_bytes as u64 * 2)?;
+        let mut txn = self.store.chunks_db().begin_write()?;
         txn.set_durability(durability)?;
         {
             let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
@@ -413,7 +417,7 @@ impl<'a> ChunkWriter<'a> {
 
     /// Deletes the chunks this snapshot added.
     fn abandon(self) -> Result<(), StoreError> {
-        let txn = self.db.begin_write()?;
+        let txn = self.store.chunks_db().begin_write()?;
         {
             let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
             for cid in &self.added {

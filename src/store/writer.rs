@@ -147,6 +147,25 @@ impl Request {
             Request::Stop | Request::Flush | Request::Maintenance(_) => 0,
         }
     }
+
+    /// Roughly what the request adds to the files: each op is written to the log and the state,
+    /// and a commit rewrites the pages it touches.
+    fn disk_bytes(&self) -> u64 {
+        let ops: usize = match self {
+            Request::Local { intents, .. } => intents
+                .iter()
+                .map(|i| match i {
+                    LocalIntent::Put { register, key, value } => register.len() + key.len() + value.len(),
+                    LocalIntent::Delete { register: name, key }
+                    | LocalIntent::CounterAdd { counter: name, key, .. }
+                    | LocalIntent::Lease { lease: name, key, .. } => name.len() + key.len() + 64,
+                })
+                .sum(),
+            Request::Remote { batch, .. } => batch.ops.iter().map(|o| o.bytes.len()).sum(),
+            Request::Stop | Request::Flush | Request::Maintenance(_) => 0,
+        };
+        ops as u64 * 3
+    }
 }
 
 /// Sends writes to the writer thread. Cloneable.
@@ -210,6 +229,7 @@ impl Store {
             config,
             events,
             unflushed: false,
+            disk_full: false,
         };
         let join = std::thread::Builder::new()
             .name("peersync-writer".into())
@@ -231,6 +251,8 @@ struct Writer {
     config: WriterConfig,
     events: broadcast::Sender<Arc<CommitEvent>>,
     unflushed: bool,
+    /// Whether the last group was refused for want of free space (logged once, not per group).
+    disk_full: bool,
 }
 
 /// How often the commits of peers' ops are made durable (at most this much of them can be lost in
@@ -300,6 +322,9 @@ impl Writer {
         let mut pending = Vec::with_capacity(group.len());
         match self.try_commit(group, &mut pending, &mut event) {
             Ok(()) => {
+                if std::mem::take(&mut self.disk_full) {
+                    tracing::info!("the data dir has free space again; writes are accepted");
+                }
                 *self.store.mirror.write().expect("mirror lock") = self.mirror.clone();
                 let vv = self.mirror.version_vector();
                 self.store.vv_watch.send_replace(vv);
@@ -315,13 +340,23 @@ impl Writer {
                 }
             }
             Err(e) => {
-                tracing::error!(error = %e, "group commit failed; its writes were not acknowledged");
+                let disk_full = matches!(e, StoreError::DiskFull { .. });
+                if !disk_full {
+                    tracing::error!(error = %e, "group commit failed; its writes were not acknowledged");
+                } else if !self.disk_full {
+                    tracing::warn!(error = %e, "refusing writes until the data dir has free space again");
+                }
+                self.disk_full = disk_full;
                 let e = Arc::new(e);
                 for p in pending {
                     match p {
                         Pending::Local(tx, _) => drop(tx.send(Err(WriterError::Store(e.clone())))),
                         Pending::Remote(tx, _) => drop(tx.send(Err(WriterError::Store(e.clone())))),
                     }
+                }
+                if disk_full {
+                    // Refused before anything was applied: the working copy is unchanged.
+                    return;
                 }
                 // The working copy may hold changes of the rolled-back transaction: reload it.
                 match load_mirror(self.store.db()) {
@@ -342,18 +377,30 @@ impl Writer {
         pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
     ) -> Result<(), StoreError> {
-        let mut txn = match self.store.db().begin_write() {
-            Ok(t) => t,
-            Err(e) => {
-                group.into_iter().for_each(abandon);
-                return Err(e.into());
-            }
-        };
         // Local writes are acknowledged, so their group is fsynced; a group of peers' ops is not.
         let durable = group.iter().any(|r| matches!(r, Request::Local { .. }));
-        if !durable {
-            txn.set_durability(redb::Durability::None)?;
-        }
+        let bytes = group.iter().map(Request::disk_bytes).sum();
+        let begun = self.store.check_disk(bytes).and_then(|()| {
+            let mut txn = self.store.db().begin_write()?;
+            if !durable {
+                txn.set_durability(redb::Durability::None)?;
+            }
+            Ok(txn)
+        });
+        let txn = match begun {
+            Ok(t) => t,
+            Err(e) => {
+                // Nothing was applied; the caller answers every request with the error.
+                for r in group {
+                    match r {
+                        Request::Local { reply, .. } => pending.push(Pending::Local(reply, Err(WriterError::Closed))),
+                        Request::Remote { reply, .. } => pending.push(Pending::Remote(reply, Err(WriterError::Closed))),
+                        other => abandon(other),
+                    }
+                }
+                return Err(e);
+            }
+        };
         self.apply_group(&txn, group, pending, event)?;
         txn.commit()?;
         self.unflushed = !durable;

@@ -293,6 +293,10 @@ impl EventLoop {
             match self.swarm.behaviour_mut().gossipsub.publish(topic.clone(), data) {
                 Ok(_) => self.metrics.count_out("gossip", len),
                 Err(gossipsub::PublishError::NoPeersSubscribedToTopic | gossipsub::PublishError::Duplicate) => {}
+                // A value larger than a gossip message may be: expected, not a fault.
+                Err(gossipsub::PublishError::MessageTooLarge) => {
+                    tracing::debug!(bytes = len, seq = %batch.head.seq, "ops too large to gossip; peers will pull them")
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, seq = %batch.head.seq, "could not publish ops; peers will pull them")
                 }

@@ -32,10 +32,14 @@ pub(in crate::store) enum Task {
 impl Task {
     /// Answers a task that will not run with `Closed`.
     pub(super) fn abandon(self) {
+        self.refuse(WriterError::Closed)
+    }
+
+    fn refuse(self, e: WriterError) {
         match self {
-            Task::Install { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
-            Task::Merge { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
-            Task::Compact { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
+            Task::Install { reply, .. } => drop(reply.send(Err(e))),
+            Task::Merge { reply, .. } => drop(reply.send(Err(e))),
+            Task::Compact { reply, .. } => drop(reply.send(Err(e))),
         }
     }
 }
@@ -141,6 +145,12 @@ impl Writer {
     }
 
     fn run_task(&mut self, task: Task) {
+        // Installs and merges write the state; compaction only frees space, so it always runs.
+        if !matches!(task, Task::Compact { .. }) {
+            if let Err(e) = self.store.check_disk(0) {
+                return task.refuse(store_err(e));
+            }
+        }
         match task {
             Task::Install { manifest, reply } => drop(reply.send(self.install(&manifest))),
             Task::Merge { entries, reply } => {
