@@ -38,6 +38,9 @@ impl Source {
     }
 }
 
+/// Longest wait of a pull after chunks could not be kept locally.
+pub const MAX_LOCAL_PAUSE: Duration = Duration::from_secs(30);
+
 /// A chunk request to send.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkRequest {
@@ -66,6 +69,10 @@ pub struct SnapshotPull {
     per_source: usize,
     timeout: Duration,
     bytes_fetched: u64,
+    /// Local failures to keep a chunk in a row (a full disk, say), and until when the whole pull
+    /// waits because of them: asking again at once would fetch the same bytes only to drop them.
+    local_strikes: u32,
+    local_paused_until: Option<Instant>,
 }
 
 impl SnapshotPull {
@@ -75,7 +82,15 @@ impl SnapshotPull {
             .into_iter()
             .map(|(cid, size)| (cid, size, if have(&cid) { Slot::Have } else { Slot::Missing }))
             .collect();
-        SnapshotPull { chunks, sources: HashMap::new(), per_source: per_source.max(1), timeout, bytes_fetched: 0 }
+        SnapshotPull {
+            chunks,
+            sources: HashMap::new(),
+            per_source: per_source.max(1),
+            timeout,
+            bytes_fetched: 0,
+            local_strikes: 0,
+            local_paused_until: None,
+        }
     }
 
     /// A peer that holds the snapshot (found through Kademlia or a digest).
@@ -124,6 +139,9 @@ impl SnapshotPull {
                 s.paused_until = None;
             }
         }
+        if self.local_paused_until.is_some_and(|t| t > now) {
+            return Vec::new();
+        }
         let mut order: Vec<(PeerId, Duration)> = self
             .sources
             .iter()
@@ -151,6 +169,7 @@ impl SnapshotPull {
     /// answer (its request was abandoned) still delivers a good chunk, but frees no request slot.
     pub fn on_chunk(&mut self, peer: &PeerId, index: usize, len: u64) {
         self.bytes_fetched += len;
+        self.local_strikes = 0;
         if let Some(source) = self.sources.get_mut(peer) {
             if source.in_flight.remove(&index).is_some() {
                 source.strikes = 0;
@@ -176,8 +195,12 @@ impl SnapshotPull {
     }
 
     /// Chunk `index` from `peer` could not be kept for a local reason (a full disk, say): not the
-    /// source's fault, so it is not paused; the chunk is asked again later.
-    pub fn on_local_failure(&mut self, peer: &PeerId, index: usize) {
+    /// source's fault, so the source is not paused; the whole pull is, doubling with each such
+    /// failure in a row (up to [`MAX_LOCAL_PAUSE`]), and the chunk is asked again after it.
+    pub fn on_local_failure(&mut self, peer: &PeerId, index: usize, now: Instant) {
+        self.local_strikes += 1;
+        let pause = Duration::from_millis(100).saturating_mul(1 << self.local_strikes.min(10)).min(MAX_LOCAL_PAUSE);
+        self.local_paused_until = Some(now + pause);
         if let Some(source) = self.sources.get_mut(peer) {
             source.in_flight.remove(&index);
         }
@@ -212,7 +235,7 @@ impl SnapshotPull {
     /// When something will change if nothing else happens (a paused source resumes or an
     /// outstanding request times out), if that is after `now`; `None` when nothing is waiting.
     pub fn next_wakeup(&self, now: Instant) -> Option<Instant> {
-        let resumes = self.sources.values().filter_map(|s| s.paused_until);
+        let resumes = self.sources.values().filter_map(|s| s.paused_until).chain(self.local_paused_until);
         let timeouts = self.sources.values().flat_map(|s| s.in_flight.values().map(|since| *since + self.timeout));
         resumes.chain(timeouts).filter(|t| *t > now).min()
     }
@@ -285,14 +308,35 @@ mod tests {
     }
 
     #[test]
-    fn a_local_failure_does_not_pause_the_source() {
+    fn a_local_failure_pauses_the_pull_not_the_source() {
         let a = PeerId::random();
         let mut pull = SnapshotPull::new(chunks(2), |_| false, 1, Duration::from_secs(10));
         pull.add_source(a, None);
         let now = Instant::now();
         let first = pull.next_requests(now);
-        pull.on_local_failure(&a, first[0].index);
-        assert_eq!(pull.next_requests(now), first, "asked again at once, of the same source");
+        pull.on_local_failure(&a, first[0].index, now);
+        assert!(pull.next_requests(now).is_empty(), "nothing is fetched again at once only to be dropped");
+        let resume = pull.next_wakeup(now).expect("a wake-up when the pause ends");
+        assert_eq!(pull.next_requests(resume), first, "asked again after the pause, of the same source");
+        assert_eq!(pull.progress(resume).sources, 1, "the source was not paused");
+        // Failing again doubles the pause, up to its bound; a kept chunk ends the streak.
+        pull.on_local_failure(&a, first[0].index, resume);
+        let second = pull.next_wakeup(resume).unwrap() - resume;
+        assert_eq!(second, (resume - now) * 2);
+        let mut t = resume;
+        for _ in 0..20 {
+            pull.on_local_failure(&a, first[0].index, t);
+            t = pull.next_wakeup(t).unwrap();
+            assert!(pull.next_requests(t).len() == 1);
+        }
+        assert_eq!(pull.next_wakeup(t).map(|w| w - t), Some(Duration::from_secs(10)), "only the request timeout");
+        pull.on_local_failure(&a, first[0].index, t);
+        assert_eq!(pull.next_wakeup(t).unwrap() - t, MAX_LOCAL_PAUSE);
+        t += MAX_LOCAL_PAUSE;
+        let again = pull.next_requests(t);
+        pull.on_chunk(&a, again[0].index, 100);
+        pull.on_local_failure(&a, 1, t);
+        assert_eq!(pull.next_wakeup(t).unwrap() - t, Duration::from_millis(200), "the streak starts over");
     }
 
     #[test]

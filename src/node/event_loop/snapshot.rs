@@ -216,7 +216,7 @@ impl EventLoop {
                         ChunkVerdict::Corrupt
                     }
                     Err(e) => {
-                        tracing::error!(%cid, error = %e, "cannot store a snapshot chunk; will ask for it again");
+                        tracing::warn!(%cid, error = %e, "cannot keep a snapshot chunk; the pull waits, then asks for it again");
                         ChunkVerdict::LocalError
                     }
                 })
@@ -235,7 +235,7 @@ impl EventLoop {
         match verdict {
             ChunkVerdict::Stored => pull.on_chunk(&peer, index, len),
             ChunkVerdict::Corrupt => pull.on_corrupt(&peer, index, len, Instant::now()),
-            ChunkVerdict::LocalError => pull.on_local_failure(&peer, index),
+            ChunkVerdict::LocalError => pull.on_local_failure(&peer, index, Instant::now()),
         }
         self.drive_snapshot();
     }
