@@ -347,6 +347,7 @@ async fn digest_exchange_over_quic() {
     let digest = |role, origin, seq, root| net::Digest {
         log_floors: Default::default(),
         snapshots: vec![],
+        snapshot_brief: None,
         cluster: cluster.to_owned(),
         role,
         version_vector: VersionVector([(origin, Seq(seq))].into_iter().collect()),

@@ -288,6 +288,7 @@ async fn liar(honest: NodeHandle) -> Liar {
                         state_root,
                         log_floors: Default::default(),
                         snapshots,
+                        snapshot_brief: None,
                     })
                 }
                 SyncRequest::GetOps { origin, after, max_ops, .. } => {
@@ -373,4 +374,45 @@ async fn a_lying_peer_is_rejected_and_honest_sources_are_used() {
     liar.task.abort();
     b.shutdown().await;
     a.shutdown().await;
+}
+
+/// 3000 writes over 30 keys: a long log of overwrites whose state is small.
+async fn overwrite(node: &NodeHandle, rounds: usize) {
+    for round in 0..rounds {
+        let entries = (0..100).map(|i| (format!("hot{:02}", i % 30).into_bytes(), format!("{round}-{i}").into_bytes()));
+        node.put_batch("data", entries.collect()).await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_node_takes_a_snapshot_when_it_spares_more_replay_than_it_costs() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], Role::Primary, &[], |_| {}).await;
+    let ah = a.handle();
+    overwrite(&ah, 30).await;
+    let snap = ah.create_snapshot().await.unwrap();
+    assert_eq!((snap.entries, snap.ops_compacted), (30, 0), "a small state, and the whole log kept");
+    overwrite(&ah, 1).await;
+
+    // Replay is possible (nothing was compacted), but 30 entries spare 3000 ops of it.
+    let b = start(&dirs[1], Role::Replica, &[&ah], |c| c.snapshot_min_saving_ops = 1000).await;
+    let bh = b.handle();
+    converged(&[&ah, &bh]).await;
+    bh.wait_active(DEADLINE).await.unwrap();
+    assert_eq!(counted(&bh, "peersync_snapshots_installed_total", 1).await, 1, "the snapshot path ran");
+    let replayed = counted(&bh, "peersync_ops_replayed_total", 100).await;
+    assert!(replayed < 1000, "only the ops after the snapshot were replayed: {replayed}");
+    assert_eq!(bh.get("data", b"hot29").await.unwrap().as_deref(), Some(&b"0-89"[..]), "the last write wins");
+    assert!(bh.store().check_log().unwrap().problems.is_empty());
+
+    // Below the minimum saving, the same join replays the whole log.
+    let c = start(&dirs[2], Role::Replica, &[&ah], |c| c.snapshot_min_saving_ops = 10_000).await;
+    let ch = c.handle();
+    converged(&[&ah, &ch]).await;
+    ch.wait_active(DEADLINE).await.unwrap();
+    assert_eq!(counted(&ch, "peersync_ops_replayed_total", 3100).await, 3100, "replayed from the start");
+    assert_eq!(metric(&ch, "peersync_snapshots_installed_total"), 0);
+    for n in [c, b, a] {
+        n.shutdown().await;
+    }
 }

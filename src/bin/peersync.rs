@@ -158,6 +158,9 @@ struct NodeArgs {
     /// Chunk requests in flight per source while pulling a snapshot.
     #[arg(long, default_value_t = 4, hide = true)]
     snapshot_chunks_per_source: usize,
+    /// Ops of replay a snapshot must spare to be pulled when replay could do.
+    #[arg(long, default_value_t = 100_000, hide = true)]
+    snapshot_min_saving_ops: u64,
     /// Bound of the database page cache, in bytes.
     #[arg(long, default_value_t = 256 << 20, hide = true)]
     cache_bytes: usize,
@@ -267,6 +270,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.snapshot_min_ops = args.snapshot_min_ops;
     config.snapshot_chunk_bytes = args.snapshot_chunk_bytes;
     config.snapshot_chunks_per_source = args.snapshot_chunks_per_source;
+    config.snapshot_min_saving_ops = args.snapshot_min_saving_ops;
     config.log_retention_ops = args.log_retention_ops;
     config.cache_bytes = args.cache_bytes;
     config.log_retention_bytes = args.log_retention_bytes;

@@ -16,6 +16,7 @@ use crate::ids::{Origin, Seq, StateRoot};
 pub use crate::ids::{ParseRoleError, Role};
 use crate::op::{public_key_of, AuthError, OpBatch, Signer};
 use crate::store::VersionVector;
+use crate::sync::SnapshotBrief;
 
 /// Kademlia protocol of peersync: a DHT of our own, so nodes never join the public IPFS DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peersync/kad/1.0.0");
@@ -176,6 +177,10 @@ pub struct Digest {
     /// CIDs of the snapshots the sender holds and serves, newest first.
     #[serde(default)]
     pub snapshots: Vec<Cid>,
+    /// What the first of `snapshots` holds (entries, version vector), so a node far behind can
+    /// weigh pulling it against replaying. Absent in digests of older builds.
+    #[serde(default)]
+    pub snapshot_brief: Option<SnapshotBrief>,
 }
 
 /// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
@@ -270,6 +275,7 @@ mod tests {
         let digest = Digest {
             log_floors: VersionVector::default(),
             snapshots: vec![],
+            snapshot_brief: Some(SnapshotBrief { entries: 3, version_vector: VersionVector::default() }),
             cluster: "c".into(),
             role: Role::Replica,
             version_vector: VersionVector::default(),

@@ -71,6 +71,10 @@ pub struct NodeConfig {
     pub snapshot_chunk_bytes: u64,
     /// Chunk requests in flight per source while pulling a snapshot. Default 4.
     pub snapshot_chunks_per_source: usize,
+    /// A node that could catch up by replay still pulls a snapshot when that spares at least this
+    /// many ops of replay and installing its entries costs less than replaying them (a log of many
+    /// overwrites, a new node joining a long history). Default 100 000.
+    pub snapshot_min_saving_ops: u64,
     /// Op log kept per origin beyond the latest snapshot, in ops and in bytes (whichever keeps more).
     /// Older ops are compacted once a snapshot covers them; a peer that needs them takes a snapshot.
     /// Defaults 1 000 000 ops and 256 MiB.
@@ -105,6 +109,7 @@ impl Default for NodeConfig {
             snapshot_min_ops: 100_000,
             snapshot_chunk_bytes: 4 << 20,
             snapshot_chunks_per_source: 4,
+            snapshot_min_saving_ops: 100_000,
             log_retention_ops: 1_000_000,
             log_retention_bytes: 256 << 20,
             cache_bytes: crate::store::DEFAULT_CACHE_BYTES,

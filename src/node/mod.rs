@@ -116,6 +116,7 @@ impl Node {
                 join_grace: if config.net.bootstrap.is_empty() { config.join_grace } else { Duration::MAX },
                 request_timeout: config.net.request_timeout,
                 chunks_per_source: config.snapshot_chunks_per_source,
+                snapshot_min_saving: config.snapshot_min_saving_ops,
             },
             commands: net_rx,
             commands_tx: net_tx.clone(),

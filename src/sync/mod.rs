@@ -12,4 +12,6 @@ mod snapshot;
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
 pub use readiness::{Phase, Readiness, Transition};
 pub use replay::{PeerView, Pull, ReplayPlanner};
-pub use snapshot::{choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotPull};
+pub use snapshot::{
+    choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotBrief, SnapshotChoice, SnapshotPull, SnapshotReason,
+};

@@ -37,7 +37,7 @@ use crate::net::{
 };
 use crate::op::Signer;
 use crate::store::{CommitEvent, Store, VersionVector, WriteHandle};
-use crate::sync::{Phase, Readiness, ReplayPlanner};
+use crate::sync::{Phase, Readiness, ReplayPlanner, SnapshotBrief};
 
 /// Ops asked for in one pull at most.
 const PULL_MAX_OPS: u32 = 16_384;
@@ -123,6 +123,9 @@ pub(crate) struct Timings {
     pub request_timeout: Duration,
     /// Chunk requests in flight per source while pulling a snapshot.
     pub chunks_per_source: usize,
+    /// Ops of replay a snapshot must spare before it is pulled when replay could do (see
+    /// `sync::choose_snapshot`).
+    pub snapshot_min_saving: u64,
 }
 
 /// Everything the event loop is wired to.
@@ -189,6 +192,8 @@ pub(crate) struct EventLoop {
     log_floors: VersionVector,
     /// The snapshot this node serves, newest first (see `refresh_holdings`).
     snapshots: Vec<cid::Cid>,
+    /// What the first of `snapshots` holds.
+    snapshot_brief: Option<SnapshotBrief>,
 }
 
 impl EventLoop {
@@ -224,6 +229,7 @@ impl EventLoop {
             provided: false,
             log_floors: VersionVector::default(),
             snapshots: Vec::new(),
+            snapshot_brief: None,
         };
         event_loop.refresh_holdings();
         event_loop
@@ -271,8 +277,15 @@ impl EventLoop {
 
     fn my_digest(&self) -> Digest {
         let (state_root, version_vector) = self.store.state_root();
-        let (log_floors, snapshots) = (self.log_floors.clone(), self.snapshots.clone());
-        Digest { cluster: self.cluster.clone(), role: self.role, version_vector, state_root, log_floors, snapshots }
+        Digest {
+            cluster: self.cluster.clone(),
+            role: self.role,
+            version_vector,
+            state_root,
+            log_floors: self.log_floors.clone(),
+            snapshots: self.snapshots.clone(),
+            snapshot_brief: self.snapshot_brief.clone(),
+        }
     }
 
     /// Re-reads the log floors and the latest snapshot. They change only when this node makes a
@@ -281,7 +294,10 @@ impl EventLoop {
     pub(super) fn refresh_holdings(&mut self) {
         let floors = self.store.log_floors().unwrap_or_default();
         self.log_floors = VersionVector(floors.into_iter().filter(|(_, s)| s.0 > 0).collect());
-        self.snapshots = self.store.latest_snapshot().ok().flatten().map(|s| s.cid).into_iter().collect();
+        let latest = self.store.latest_snapshot().ok().flatten();
+        self.snapshots = latest.iter().map(|s| s.cid).collect();
+        self.snapshot_brief =
+            latest.map(|s| SnapshotBrief { entries: s.manifest.entries(), version_vector: s.manifest.version_vector });
     }
 
     /// Publishes this node's freshly committed ops on the cluster topic.

@@ -17,7 +17,8 @@ use super::{Command, EventLoop};
 use crate::net::SyncRequest;
 use crate::snapshot::{Manifest, SignedManifest};
 use crate::store::StoreError;
-use crate::sync::{choose_snapshot, Offer, PullProgress, SnapshotPull};
+use crate::store::VersionVector;
+use crate::sync::{choose_snapshot, Offer, PullProgress, SnapshotChoice, SnapshotPull, SnapshotReason};
 
 /// A snapshot being pulled.
 pub(super) struct ActivePull {
@@ -32,6 +33,9 @@ pub(super) struct ActivePull {
     pub undurable_bytes: u64,
     pub installing: bool,
     pub started: Instant,
+    /// The version vector the snapshot was made at, once known (from its sources' digests, then
+    /// from its verified manifest): replay meanwhile leaves these ops to it.
+    pub covers: Option<VersionVector>,
 }
 
 /// What a snapshot request was for.
@@ -83,15 +87,26 @@ impl EventLoop {
                     version_vector: d.version_vector.clone(),
                     log_floors,
                     snapshots: d.snapshots.clone(),
+                    latest: d.snapshot_brief.clone().filter(|_| !d.snapshots.is_empty()),
                 })
             })
             .collect();
         let have = self.store.version_vector();
-        let Some((cid, offered_by)) = choose_snapshot(&have, &offers) else { return };
-        tracing::info!(%cid, sources = offered_by.len(), "ops needed are below every source's log floor; pulling a snapshot");
+        let Some(SnapshotChoice { cid, peers: offered_by, reason, covers }) =
+            choose_snapshot(&have, &offers, self.timings.snapshot_min_saving)
+        else {
+            return;
+        };
+        match reason {
+            SnapshotReason::BelowFloors => tracing::info!(%cid, sources = offered_by.len(),
+                "ops needed are below every source's log floor; pulling a snapshot"),
+            SnapshotReason::Cheaper { saves_ops, entries } => tracing::info!(%cid, sources = offered_by.len(),
+                saves_ops, entries, "a snapshot spares more replay than installing it costs; pulling it"),
+        }
         self.snapshot = Some(ActivePull {
             cid,
             offered_by,
+            covers,
             manifest: None,
             decoded: None,
             pull: None,
@@ -151,6 +166,7 @@ impl EventLoop {
                     Ok(n) => tracing::info!(chunks = n, "deleted the chunks of abandoned snapshot pulls"),
                     Err(e) => tracing::warn!(error = %e, "could not delete unused snapshot chunks"),
                 });
+                active.covers = Some(manifest.version_vector.clone());
                 active.manifest = Some(signed);
                 active.decoded = Some(Arc::new(manifest));
                 active.pull = Some(pull);

@@ -33,7 +33,6 @@ impl EventLoop {
             (self.digest_every * 2).min(self.timings.digest_max)
         };
         self.plan_pulls();
-        self.maybe_start_snapshot();
         self.drive_snapshot();
         self.check_ready();
     }
@@ -74,8 +73,10 @@ impl EventLoop {
         });
     }
 
-    /// Starts the pulls the planner asks for.
+    /// Decides whether to pull a snapshot (before any replay, which it may spare), then starts the
+    /// pulls the planner asks for.
     pub(super) fn plan_pulls(&mut self) {
+        self.maybe_start_snapshot();
         let mut have = self.store.version_vector();
         let now = Instant::now();
         let timeout = self.timings.request_timeout;
@@ -83,6 +84,8 @@ impl EventLoop {
         for (origin, (seq, _)) in &self.pulled {
             have.0.insert(*origin, *seq);
         }
+        // Ops a snapshot being pulled will bring are not replayed meanwhile.
+        let snapshot_brings = self.snapshot.as_ref().and_then(|s| s.covers.as_ref());
         let views: Vec<PeerView> = self
             .cluster_peers()
             .filter_map(|(id, p)| {
@@ -93,6 +96,7 @@ impl EventLoop {
                     .0
                     .iter()
                     .filter(|(o, _)| d.log_floors.get(o) <= have.get(o))
+                    .filter(|(o, _)| snapshot_brings.is_none_or(|v| v.get(o) <= have.get(o)))
                     .map(|(o, s)| (*o, *s))
                     .collect();
                 Some(PeerView { peer: *id, role: d.role, version_vector: VersionVector(servable), rtt: p.rtt })
