@@ -443,3 +443,41 @@ fn a_full_disk_answers_507_loses_no_acknowledged_write_and_writes_resume_once_sp
     }
     drop(node);
 }
+
+#[test]
+fn compact_shrinks_the_files_of_a_stopped_node_and_refuses_a_running_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let retention = ["--log-retention-ops", "1", "--log-retention-bytes", "1"];
+    let node = NodeProc::start(&data, &retention);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    rt.block_on(async {
+        for i in 0..600u32 {
+            let url = format!("{}/v1/registers/big/k{i}", node.api);
+            let resp = http.put(url).body(vec![(i % 251) as u8; 8192]).send().await.unwrap();
+            assert_eq!(resp.status(), 200);
+        }
+    });
+    // The snapshot compacts the log down to the retention: its pages are free but the file keeps them.
+    let (ok, _, err) = cli(&["snapshot", "create", "--api", &node.api]);
+    assert!(ok, "{err}");
+    let (ok, _, err) = cli(&["compact", "--data-dir", data.to_str().unwrap()]);
+    assert!(!ok && err.contains("another peersync process"), "compact must refuse files in use: {err}");
+    let root = status(&node.api)["state_root"].clone();
+    assert!(node.terminate().success());
+
+    let file = data.join(peersync::node::DATABASE_FILE);
+    let before = std::fs::metadata(&file).unwrap().len();
+    let (ok, out, err) = cli(&["compact", "--data-dir", data.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let after = std::fs::metadata(&file).unwrap().len();
+    assert!(out.contains(&format!("{before} -> {after} bytes")), "{out}");
+    assert!(after < before * 3 / 4, "compaction gave back the log's pages: {before} -> {after} bytes");
+
+    let node = NodeProc::start(&data, &retention);
+    assert_eq!(status(&node.api)["state_root"], root, "the same state after compaction");
+    let (ok, out, _) = cli(&["get", "big", "k599", "--api", &node.api]);
+    assert!(ok && out.len() >= 8192, "{}", out.len());
+    assert!(node.terminate().success());
+}

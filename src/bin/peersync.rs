@@ -9,6 +9,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 use peersync::api::client::{segment, Client, ClientError};
 use peersync::node::{Node, NodeConfig, Role};
+use peersync::store::Store;
 use reqwest::Method;
 
 // redb allocates and frees a page buffer per page it touches; glibc's allocator returns that memory
@@ -29,6 +30,12 @@ enum Command {
     Node(NodeArgs),
     /// Print the node's PeerId, creating its identity if missing.
     Id {
+        #[arg(long, default_value = "./peersync-data")]
+        data_dir: PathBuf,
+    },
+    /// Shrink the database files of a stopped node to what they hold (space freed by log
+    /// compaction and pruned snapshots is otherwise kept for reuse, not given back).
+    Compact {
         #[arg(long, default_value = "./peersync-data")]
         data_dir: PathBuf,
     },
@@ -189,6 +196,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Id { data_dir } => {
             let key = peersync::node::identity::load_or_create(&data_dir)?;
             println!("{}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Compact { data_dir } => {
+            let path = data_dir.join(peersync::node::DATABASE_FILE);
+            if !path.exists() {
+                anyhow::bail!("no database at {}", path.display());
+            }
+            let report = tokio::task::spawn_blocking(move || Store::compact_files(&path)).await??;
+            for (file, before, after) in report {
+                println!("{}: {before} -> {after} bytes", file.display());
+            }
             Ok(())
         }
         Command::Put { register, key, value, api } => {
