@@ -231,11 +231,14 @@ struct Liar {
     task: tokio::task::JoinHandle<()>,
 }
 
-async fn liar(honest: NodeHandle) -> Liar {
+/// A peer that serves the honest node's data corrupted. With `fake_snapshot` it also advertises a
+/// snapshot of a single entry that it cannot serve.
+async fn liar(honest: NodeHandle, fake_snapshot: bool) -> Liar {
     use futures::StreamExt;
     use libp2p::request_response::{Event, Message};
     use libp2p::swarm::SwarmEvent;
     use peersync::net::{BehaviourEvent, Digest, SyncRequest, SyncResponse};
+    use peersync::sync::SnapshotBrief;
     use std::sync::atomic::Ordering;
 
     let keypair = libp2p::identity::Keypair::generate_ed25519();
@@ -279,7 +282,12 @@ async fn liar(honest: NodeHandle) -> Liar {
             let response = match request {
                 SyncRequest::Digest(_) => {
                     let (state_root, version_vector) = store.state_root();
-                    let snapshots = store.latest_snapshot().unwrap().map(|s| s.cid).into_iter().collect();
+                    let mut snapshots: Vec<_> = store.latest_snapshot().unwrap().map(|s| s.cid).into_iter().collect();
+                    let mut snapshot_brief = None;
+                    if fake_snapshot {
+                        snapshots = vec![peersync::op::raw_cid(b"a snapshot nobody has")];
+                        snapshot_brief = Some(SnapshotBrief { entries: 1, version_vector: version_vector.clone() });
+                    }
                     // Claims the whole log (no floors), so it is asked to replay.
                     SyncResponse::Digest(Digest {
                         cluster: "default".into(),
@@ -288,7 +296,7 @@ async fn liar(honest: NodeHandle) -> Liar {
                         state_root,
                         log_floors: Default::default(),
                         snapshots,
-                        snapshot_brief: None,
+                        snapshot_brief,
                     })
                 }
                 SyncRequest::GetOps { origin, after, max_ops, .. } => {
@@ -312,9 +320,10 @@ async fn liar(honest: NodeHandle) -> Liar {
                     forged_c.fetch_add(1, Ordering::SeqCst);
                     SyncResponse::Ops(batches)
                 }
-                SyncRequest::GetManifest { cid } => {
-                    SyncResponse::Manifest(store.snapshot_manifest(&cid).unwrap().unwrap().encode())
-                }
+                SyncRequest::GetManifest { cid } => match store.snapshot_manifest(&cid).unwrap() {
+                    Some(m) => SyncResponse::Manifest(m.encode()),
+                    None => SyncResponse::Error { code: "not_found".into(), message: "no such snapshot".into() },
+                },
                 SyncRequest::GetChunk { cid } => {
                     let mut bytes = store.snapshot_chunk(&cid).unwrap().unwrap();
                     bytes[0] ^= 0xff;
@@ -343,7 +352,7 @@ async fn a_lying_peer_is_rejected_and_honest_sources_are_used() {
     ah.create_snapshot().await.unwrap();
     fill(&ah, "new", 50, 200).await;
 
-    let liar = liar(ah.clone()).await;
+    let liar = liar(ah.clone(), false).await;
     let a_addr = dial_addr(&ah).await;
     let mut config = NodeConfig::local(db.path());
     config.net.role = Role::Replica;
@@ -376,7 +385,7 @@ async fn a_lying_peer_is_rejected_and_honest_sources_are_used() {
     a.shutdown().await;
 }
 
-/// 3000 writes over 30 keys: a long log of overwrites whose state is small.
+/// `rounds` x 100 writes over 30 keys: a long log of overwrites whose state is small.
 async fn overwrite(node: &NodeHandle, rounds: usize) {
     for round in 0..rounds {
         let entries = (0..100).map(|i| (format!("hot{:02}", i % 30).into_bytes(), format!("{round}-{i}").into_bytes()));
@@ -415,4 +424,31 @@ async fn a_new_node_takes_a_snapshot_when_it_spares_more_replay_than_it_costs() 
     for n in [c, b, a] {
         n.shutdown().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_advertising_a_cheap_snapshot_it_cannot_serve_does_not_hold_replay_back() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = start(&da, Role::Primary, &[], |_| {}).await;
+    let ah = a.handle();
+    // More ops than one pull brings, so the liar's digest is in before replay is done.
+    overwrite(&ah, 300).await;
+    let liar = liar(ah.clone(), true).await;
+    // B hears of a one-entry snapshot sparing every op, from a peer that cannot serve it (and
+    // forges the ops it replays); the primary has no snapshot at all.
+    let b = start(&db, Role::Replica, &[&ah], |c| {
+        c.snapshot_min_saving_ops = 1000;
+        c.net.bootstrap.insert(0, liar.addr.clone());
+    })
+    .await;
+    let bh = b.handle();
+    converged(&[&ah, &bh]).await;
+    bh.wait_active(DEADLINE).await.unwrap();
+    assert_eq!(metric(&bh, "peersync_snapshots_installed_total"), 0);
+    // Received through replay: the primary's 30 000, plus whatever the liar forged (refused).
+    counted(&bh, "peersync_ops_replayed_total", 30_000).await;
+    assert!(bh.store().check_log().unwrap().problems.is_empty());
+    liar.task.abort();
+    b.shutdown().await;
+    a.shutdown().await;
 }

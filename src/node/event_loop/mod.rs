@@ -194,6 +194,9 @@ pub(crate) struct EventLoop {
     snapshots: Vec<cid::Cid>,
     /// What the first of `snapshots` holds.
     snapshot_brief: Option<SnapshotBrief>,
+    /// Snapshots pulled because they were cheaper than replay, then given up (see
+    /// `ActivePull::optional`); bounded.
+    declined_snapshots: std::collections::HashSet<cid::Cid>,
 }
 
 impl EventLoop {
@@ -230,6 +233,7 @@ impl EventLoop {
             log_floors: VersionVector::default(),
             snapshots: Vec::new(),
             snapshot_brief: None,
+            declined_snapshots: Default::default(),
         };
         event_loop.refresh_holdings();
         event_loop

@@ -36,7 +36,16 @@ pub(super) struct ActivePull {
     /// The version vector the snapshot was made at, once known (from its sources' digests, then
     /// from its verified manifest): replay meanwhile leaves these ops to it.
     pub covers: Option<VersionVector>,
+    /// Chosen because it is cheaper than replay, which could do without it: given up (and not
+    /// chosen that way again) when it fails or stalls, so a peer advertising a snapshot it does not
+    /// serve cannot hold replay back.
+    pub optional: bool,
+    /// When the pull last moved (started, manifest verified, chunk stored).
+    pub progressed_at: Instant,
 }
+
+/// An optional pull that has not moved for this many request timeouts is given up for replay.
+const OPTIONAL_PULL_STALL: u32 = 3;
 
 /// What a snapshot request was for.
 pub(super) enum SnapshotRequest {
@@ -87,7 +96,11 @@ impl EventLoop {
                     version_vector: d.version_vector.clone(),
                     log_floors,
                     snapshots: d.snapshots.clone(),
-                    latest: d.snapshot_brief.clone().filter(|_| !d.snapshots.is_empty()),
+                    // A snapshot given up on is not weighed against replay again.
+                    latest: d
+                        .snapshot_brief
+                        .clone()
+                        .filter(|_| d.snapshots.first().is_some_and(|c| !self.declined_snapshots.contains(c))),
                 })
             })
             .collect();
@@ -107,6 +120,8 @@ impl EventLoop {
             cid,
             offered_by,
             covers,
+            optional: matches!(reason, SnapshotReason::Cheaper { .. }),
+            progressed_at: Instant::now(),
             manifest: None,
             decoded: None,
             pull: None,
@@ -122,7 +137,7 @@ impl EventLoop {
         let Some(active) = &mut self.snapshot else { return };
         let Some(peer) = active.offered_by.first().copied() else {
             tracing::warn!(cid = %active.cid, "no source left for the snapshot's manifest; will decide again");
-            self.snapshot = None;
+            self.give_up_snapshot();
             return;
         };
         let cid = active.cid;
@@ -167,6 +182,7 @@ impl EventLoop {
                     Err(e) => tracing::warn!(error = %e, "could not delete unused snapshot chunks"),
                 });
                 active.covers = Some(manifest.version_vector.clone());
+                active.progressed_at = Instant::now();
                 active.manifest = Some(signed);
                 active.decoded = Some(Arc::new(manifest));
                 active.pull = Some(pull);
@@ -184,6 +200,13 @@ impl EventLoop {
     /// Sends the chunk requests the pull asks for, and installs once every chunk is held.
     pub(super) fn drive_snapshot(&mut self) {
         let Some(active) = &mut self.snapshot else { return };
+        let stall = self.timings.request_timeout * OPTIONAL_PULL_STALL;
+        if active.optional && !active.installing && active.progressed_at.elapsed() >= stall {
+            tracing::warn!(cid = %active.cid, "the snapshot pull is not progressing; catching up by replay instead");
+            self.give_up_snapshot();
+            self.plan_pulls();
+            return;
+        }
         let Some(pull) = &mut active.pull else { return };
         if pull.is_complete() {
             if !active.installing {
@@ -247,7 +270,11 @@ impl EventLoop {
             tracing::warn!(%peer, index, "a source served a corrupt snapshot chunk; dropping it for a while");
             self.metrics.chunks_rejected.inc();
         }
-        let Some(pull) = self.snapshot.as_mut().and_then(|a| a.pull.as_mut()) else { return };
+        let Some(active) = self.snapshot.as_mut() else { return };
+        if verdict == ChunkVerdict::Stored {
+            active.progressed_at = Instant::now();
+        }
+        let Some(pull) = active.pull.as_mut() else { return };
         match verdict {
             ChunkVerdict::Stored => pull.on_chunk(&peer, index, len),
             ChunkVerdict::Corrupt => pull.on_corrupt(&peer, index, len, Instant::now()),
@@ -286,8 +313,22 @@ impl EventLoop {
                 self.plan_pulls();
             }
             Err(reason) => {
-                tracing::warn!(cid = %active.cid, %reason, "installing the snapshot failed; will decide again")
+                tracing::warn!(cid = %active.cid, %reason, "installing the snapshot failed; will decide again");
+                self.snapshot = Some(active);
+                self.give_up_snapshot();
             }
+        }
+    }
+
+    /// Drops the pull in progress. One that was only chosen as cheaper than replay is not chosen
+    /// that way again (a snapshot that is needed is still tried again).
+    fn give_up_snapshot(&mut self) {
+        let Some(active) = self.snapshot.take() else { return };
+        if active.optional {
+            if self.declined_snapshots.len() >= 64 {
+                self.declined_snapshots.clear();
+            }
+            self.declined_snapshots.insert(active.cid);
         }
     }
 
