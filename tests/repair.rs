@@ -452,3 +452,26 @@ async fn a_peer_advertising_a_cheap_snapshot_it_cannot_serve_does_not_hold_repla
     b.shutdown().await;
     a.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_made_by_a_replica_is_not_taken_when_replay_can_do() {
+    let dirs: Vec<_> = (0..3).map(|_| tempfile::tempdir().unwrap()).collect();
+    let a = start(&dirs[0], Role::Primary, &[], |_| {}).await;
+    let ah = a.handle();
+    overwrite(&ah, 30).await;
+    let r = start(&dirs[1], Role::Replica, &[&ah], |_| {}).await;
+    let rh = r.handle();
+    converged(&[&ah, &rh]).await;
+    // Only the replica holds a snapshot, made by itself: its entries are checked against nothing but
+    // the replica's own signature, so a node that can replay does.
+    rh.create_snapshot().await.unwrap();
+    let c = start(&dirs[2], Role::Replica, &[&rh], |c| c.snapshot_min_saving_ops = 1000).await;
+    let ch = c.handle();
+    converged(&[&ah, &ch]).await;
+    ch.wait_active(DEADLINE).await.unwrap();
+    assert_eq!(metric(&ch, "peersync_snapshots_installed_total"), 0, "the replica's snapshot was not installed");
+    counted(&ch, "peersync_ops_replayed_total", 3000).await;
+    for n in [c, r, a] {
+        n.shutdown().await;
+    }
+}

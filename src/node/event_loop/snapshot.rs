@@ -14,6 +14,7 @@ use libp2p::PeerId;
 use serde::Serialize;
 
 use super::{Command, EventLoop};
+use crate::ids::Role;
 use crate::net::SyncRequest;
 use crate::snapshot::{Manifest, SignedManifest};
 use crate::store::StoreError;
@@ -146,10 +147,10 @@ impl EventLoop {
     }
 
     pub(super) fn on_manifest(&mut self, peer: PeerId, bytes: Vec<u8>) {
-        let Some(active) = &mut self.snapshot else { return };
+        let Some((cid, optional)) = self.snapshot.as_ref().map(|a| (a.cid, a.optional)) else { return };
         let checked = SignedManifest::decode(&bytes).map_err(|e| e.to_string()).and_then(|signed| {
             let manifest = signed.verify().map_err(|e| e.to_string())?;
-            if signed.cid() != active.cid {
+            if signed.cid() != cid {
                 return Err(format!("manifest hashes to {}, not the CID asked for", signed.cid()));
             }
             if manifest.cluster != self.cluster {
@@ -157,7 +158,17 @@ impl EventLoop {
             }
             Ok((signed, manifest))
         });
+        let untrusted = matches!(&checked, Ok((_, m)) if optional && !self.is_primary_of_cluster(&m.creator));
+        let Some(active) = &mut self.snapshot else { return };
         match checked {
+            Ok((_, manifest)) if untrusted => {
+                // Replay can do without it, so a snapshot is only taken on the word of a primary (its
+                // entries are not checked against ops, only against its creator's signed root).
+                tracing::info!(cid = %active.cid, creator = %manifest.creator,
+                    "not taking a snapshot made by a peer not known as a primary; replaying instead");
+                self.give_up_snapshot();
+                self.plan_pulls();
+            }
             Ok((signed, manifest)) => {
                 let store = self.store.clone();
                 let chunks = manifest.chunks.iter().map(|c| (c.cid, c.size)).collect();
@@ -318,6 +329,11 @@ impl EventLoop {
                 self.give_up_snapshot();
             }
         }
+    }
+
+    /// Whether `peer` is known (by identify or its digest) as a primary of this node's cluster.
+    fn is_primary_of_cluster(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.in_cluster(&self.cluster) && p.role() == Some(Role::Primary))
     }
 
     /// Drops the pull in progress. One that was only chosen as cheaper than replay is not chosen
