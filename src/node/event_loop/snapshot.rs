@@ -78,7 +78,8 @@ pub(super) fn snapshot_key(cid: &Cid) -> RecordKey {
 }
 
 impl EventLoop {
-    /// Starts a snapshot pull when replay cannot bring this node up to date.
+    /// Starts a snapshot pull when replay cannot bring this node up to date, or costs more (see
+    /// `sync::choose_snapshot`).
     pub(super) fn maybe_start_snapshot(&mut self) {
         if self.snapshot.is_some() {
             return;
