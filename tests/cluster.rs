@@ -428,3 +428,39 @@ async fn a_node_joining_under_sustained_writes_becomes_active() {
     late.shutdown().await;
     cluster.shutdown().await;
 }
+
+/// Starts a primary on `dir`, listening on `listen` (port 0 picks one).
+async fn primary_at(dir: &std::path::Path, listen: libp2p::Multiaddr) -> Node {
+    let mut config = NodeConfig::local(dir);
+    config.net.listen = vec![listen];
+    Node::start(config).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bootstrap_peer_that_is_down_at_start_or_restarts_later_is_dialed_again() {
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let a = primary_at(da.path(), "/ip4/127.0.0.1/tcp/0".parse().unwrap()).await;
+    let addr = dial_addr(&a.handle()).await;
+    let listen: libp2p::Multiaddr = addr.iter().filter(|p| !matches!(p, libp2p::multiaddr::Protocol::P2p(_))).collect();
+    a.handle().put("r", "first", "1").await.unwrap();
+    a.shutdown().await;
+
+    // B starts while its only bootstrap peer is down; A comes back on the same address later.
+    let mut config = NodeConfig::local(db.path());
+    config.net.role = Role::Replica;
+    config.net.bootstrap = vec![addr];
+    let b = Node::start(config).await.unwrap();
+    let bh = b.handle();
+    let a = primary_at(da.path(), listen.clone()).await;
+    converged(&[a.handle(), bh.clone()]).await;
+    assert_eq!(bh.get("r", b"first").await.unwrap().as_deref(), Some(&b"1"[..]));
+
+    // A restarts while B runs: B finds it again and receives what was written since.
+    a.shutdown().await;
+    let a = primary_at(da.path(), listen).await;
+    a.handle().put("r", "second", "2").await.unwrap();
+    converged(&[a.handle(), bh.clone()]).await;
+    assert_eq!(bh.get("r", b"second").await.unwrap().as_deref(), Some(&b"2"[..]));
+    b.shutdown().await;
+    a.shutdown().await;
+}

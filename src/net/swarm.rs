@@ -58,6 +58,16 @@ pub fn start(swarm: &mut Swarm<Behaviour>, config: &NetConfig) -> Result<(), Net
     Ok(())
 }
 
+/// The bootstrap addresses `start` dials (this node's own skipped), each with the peer it names.
+pub fn bootstrap_targets(config: &NetConfig, local: &PeerId) -> Vec<(Multiaddr, Option<PeerId>)> {
+    config
+        .bootstrap
+        .iter()
+        .map(|addr| (addr.clone(), split_p2p(addr).1))
+        .filter(|(_, peer)| peer.as_ref() != Some(local))
+        .collect()
+}
+
 /// The addresses of an identified peer worth adding to Kademlia: none unless the peer speaks
 /// peersync's Kademlia protocol in server mode, else its listen addresses on transports this node
 /// can dial (TCP, QUIC v1), without any `/p2p/` suffix.

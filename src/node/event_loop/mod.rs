@@ -145,6 +145,8 @@ pub(crate) struct Parts {
     pub phase: watch::Sender<Phase>,
     pub writer: WriteHandle,
     pub identified: super::applier::Identified,
+    /// The bootstrap peers, dialed again while they are not connected.
+    pub redial: crate::net::Redial,
 }
 
 pub(crate) struct EventLoop {
@@ -197,6 +199,7 @@ pub(crate) struct EventLoop {
     /// Snapshots pulled because they were cheaper than replay, then given up (see
     /// `ActivePull::optional`); bounded.
     declined_snapshots: std::collections::HashSet<cid::Cid>,
+    redial: crate::net::Redial,
 }
 
 impl EventLoop {
@@ -234,6 +237,7 @@ impl EventLoop {
             snapshots: Vec::new(),
             snapshot_brief: None,
             declined_snapshots: Default::default(),
+            redial: p.redial,
         };
         event_loop.refresh_holdings();
         event_loop

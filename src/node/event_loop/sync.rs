@@ -14,6 +14,7 @@ impl EventLoop {
     /// Sends this node's digest to every peer of the cluster, then picks the next period: short
     /// while syncing, behind, or after changes; doubling towards the maximum while idle.
     pub(super) fn digest_round(&mut self) {
+        self.redial_bootstrap();
         let digest = self.my_digest();
         let applied = digest.version_vector.total();
         let targets: Vec<PeerId> = self.cluster_peers().map(|(id, _)| *id).collect();
@@ -35,6 +36,20 @@ impl EventLoop {
         self.plan_pulls();
         self.drive_snapshot();
         self.check_ready();
+    }
+
+    /// Dials again the bootstrap peers that are not connected (see `net::Redial`): one that was
+    /// down when this node started, or restarted since, is found again.
+    fn redial_bootstrap(&mut self) {
+        let peers = &self.peers;
+        let any = peers.values().any(|p| p.connections > 0);
+        let due = self.redial.due(Instant::now(), |p| peers.get(p).is_some_and(|i| i.connections > 0), any);
+        for addr in due {
+            tracing::debug!(%addr, "dialing a bootstrap peer again");
+            if let Err(e) = self.swarm.dial(addr.clone()) {
+                tracing::debug!(%addr, error = %e, "could not dial a bootstrap peer");
+            }
+        }
     }
 
     /// The connected peers of this node's cluster.
