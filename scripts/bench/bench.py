@@ -213,13 +213,6 @@ def wait_peers(nodes: list[Node]) -> None:
         log(f"warning: peers per node after 30 s: {[len(nd.status()['peers']) for nd in nodes]}")
 
 
-def count_in_log(path: Path, needle: str) -> int:
-    try:
-        return path.read_text(errors="replace").count(needle)
-    except FileNotFoundError:
-        return 0
-
-
 def vv_total(vv: dict) -> int:
     return sum(vv.values())
 
@@ -632,16 +625,16 @@ def w3(ctx: Ctx) -> None:
         time.sleep(2)  # let gossipsub form its mesh (a few 200 ms heartbeats)
         ps_settle(nodes)
         cpu0, t = [cpu_seconds(nd.proc.pid) for nd in nodes], now()
-        warn0 = [count_in_log(ctx.tmp / f"{nd.name}.log", "Send Queue full") for nd in nodes]
+        unsent0 = [metric(nd.http, "peersync_gossip_unsent_total") or 0 for nd in nodes]
         res = asyncio.run(ps_latency(ctx, nodes, count, rate))
-        res["gossip_send_queue_full_warnings"] = [count_in_log(ctx.tmp / f"{nd.name}.log", "Send Queue full") - w
-                                                  for nd, w in zip(nodes, warn0)]
+        res["gossip_unsent"] = [int((metric(nd.http, "peersync_gossip_unsent_total") or 0) - u)
+                                for nd, u in zip(nodes, unsent0)]
         res["node_cpu_util"] = [round((cpu_seconds(nd.proc.pid) - c) / (now() - t), 3) for nd, c in zip(nodes, cpu0)]
         res["peers_per_node"] = [len(nd.status()["peers"]) for nd in nodes]
         ps_res.append(res)
         log(f"W3 run {run + 1}: peersync p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms max {res['max']:.1f} ms "
             f"(rate {res['achieved_rate']:.0f}/s, PUT ack p50 {res['put_ack_p50_ms']:.2f} ms, "
-            f"gossip 'Send Queue full' warnings {res['gossip_send_queue_full_warnings']}, "
+            f"gossip messages unsent to slow peers {res['gossip_unsent']}, "
             f"reader overhead p50 {res['reader_overhead_p50_ms']:.3f} ms)")
         for nd in nodes:
             nd.stop()

@@ -17,6 +17,11 @@ use reqwest::Method;
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Log filter when `RUST_LOG` is unset. gossipsub warns once per message it could not queue for a
+/// slow peer (thousands a second under load); the node logs one line per slow peer and heartbeat
+/// instead and counts them in `peersync_gossip_unsent_total`.
+const DEFAULT_LOG: &str = "info,libp2p_gossipsub::behaviour=error";
+
 /// Opts this process out of transparent huge pages, as Redis does (`disable-thp yes`): with THP
 /// "always", each arena mimalloc touches is faulted in and zeroed 2 MiB at a time, which took an idle
 /// node from 22 to 36 MiB of RSS. Replay measured the same time without them (~3 % more cycles).
@@ -283,7 +288,7 @@ fn print_json(body: Vec<u8>) -> anyhow::Result<()> {
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
         .with_writer(std::io::stderr)
         .with_ansi(std::io::stderr().is_terminal())
         .init();

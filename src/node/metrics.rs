@@ -44,6 +44,8 @@ pub struct Metrics {
     pub replay_rejected: Counter,
     /// Batches dropped because the gap buffer was full (left to replay).
     pub gap_overflows: Counter,
+    /// Gossip messages not sent because a peer's send queue was full (the peer pulls their ops).
+    pub gossip_unsent: Counter,
     /// Ops received through replay pulls.
     pub ops_replayed: Counter,
     /// Discovery and digest rounds run by the event loop.
@@ -76,6 +78,7 @@ impl Default for Metrics {
             gossip_rejected: Counter::default(),
             replay_rejected: Counter::default(),
             gap_overflows: Counter::default(),
+            gossip_unsent: Counter::default(),
             ops_replayed: Counter::default(),
             sync_rounds: Counter::default(),
             divergences: Counter::default(),
@@ -95,6 +98,11 @@ impl Default for Metrics {
         registry.register("gossip_rejected", "Gossip messages rejected", m.gossip_rejected.clone());
         registry.register("replay_rejected", "Replayed batches rejected", m.replay_rejected.clone());
         registry.register("gap_overflows", "Batches dropped because the gap buffer was full", m.gap_overflows.clone());
+        registry.register(
+            "gossip_unsent",
+            "Gossip messages not sent because a peer's send queue was full",
+            m.gossip_unsent.clone(),
+        );
         registry.register("ops_replayed", "Ops received through replay pulls", m.ops_replayed.clone());
         registry.register(
             "divergences",

@@ -503,6 +503,13 @@ impl EventLoop {
                     );
                 }
             }
+            BehaviourEvent::Gossipsub(gossipsub::Event::SlowPeer { peer_id, failed_messages }) => {
+                // Reported once per heartbeat; gossipsub's own warning per dropped message is
+                // silenced by the binary's default log filter.
+                let unsent = (failed_messages.priority + failed_messages.non_priority) as u64;
+                self.metrics.gossip_unsent.inc_by(unsent);
+                tracing::warn!(peer = %peer_id, unsent, "gossip messages to a slow peer were not sent; it will pull their ops");
+            }
             BehaviourEvent::Sync(event) => self.on_sync_event(event),
             _ => {}
         }
