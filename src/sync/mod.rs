@@ -14,4 +14,5 @@ pub use readiness::{Phase, Readiness, Transition};
 pub use replay::{PeerView, Pull, ReplayPlanner};
 pub use snapshot::{
     choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotBrief, SnapshotChoice, SnapshotPull, SnapshotReason,
+    SnapshotRetry,
 };

@@ -38,6 +38,34 @@ impl Source {
     }
 }
 
+/// When a snapshot whose pull failed (no source served its manifest, or its install was refused) may
+/// be chosen again: 1 s after the first failure, doubling up to 60 s, so a node that needs a snapshot
+/// nobody serves correctly keeps trying without spinning. Bounded to 64 snapshots.
+#[derive(Debug, Default)]
+pub struct SnapshotRetry {
+    failures: HashMap<Cid, (u32, Instant)>,
+}
+
+impl SnapshotRetry {
+    pub fn failed(&mut self, cid: Cid, now: Instant) {
+        if self.failures.len() >= 64 && !self.failures.contains_key(&cid) {
+            self.failures.clear();
+        }
+        let strikes = self.failures.get(&cid).map_or(0, |(n, _)| *n) + 1;
+        let pause = Duration::from_secs(1).saturating_mul(1 << (strikes - 1).min(6)).min(Duration::from_secs(60));
+        self.failures.insert(cid, (strikes, now + pause));
+    }
+
+    pub fn succeeded(&mut self, cid: &Cid) {
+        self.failures.remove(cid);
+    }
+
+    /// Whether `cid` may be pulled at `now`.
+    pub fn allows(&self, cid: &Cid, now: Instant) -> bool {
+        self.failures.get(cid).is_none_or(|(_, until)| *until <= now)
+    }
+}
+
 /// Longest wait of a pull after chunks could not be kept locally.
 pub const MAX_LOCAL_PAUSE: Duration = Duration::from_secs(30);
 
@@ -479,6 +507,32 @@ pub fn choose_snapshot(
         reason: SnapshotReason::Cheaper { saves_ops, entries: b.entries },
         covers: Some(b.version_vector),
     })
+}
+
+#[cfg(test)]
+mod retry_tests {
+    use super::*;
+    use crate::op::raw_cid;
+
+    #[test]
+    fn a_failed_snapshot_is_tried_again_after_a_doubling_pause() {
+        let (a, b) = (raw_cid(b"a"), raw_cid(b"b"));
+        let mut r = SnapshotRetry::default();
+        let t0 = Instant::now();
+        assert!(r.allows(&a, t0));
+        let mut at = t0;
+        for pause in [1, 2, 4, 8, 16, 32, 60, 60] {
+            r.failed(a, at);
+            let pause = Duration::from_secs(pause);
+            assert!(!r.allows(&a, at + pause - Duration::from_millis(1)));
+            assert!(r.allows(&a, at + pause));
+            assert!(r.allows(&b, at), "others are not held back");
+            at += pause;
+        }
+        r.succeeded(&a);
+        r.failed(a, at);
+        assert!(r.allows(&a, at + Duration::from_secs(1)), "a success starts the pauses over");
+    }
 }
 
 #[cfg(test)]

@@ -199,6 +199,8 @@ pub(crate) struct EventLoop {
     /// Snapshots pulled because they were cheaper than replay, then given up (see
     /// `ActivePull::optional`); bounded.
     declined_snapshots: std::collections::HashSet<cid::Cid>,
+    /// Needed snapshots whose pull failed, and when they may be tried again.
+    snapshot_retry: crate::sync::SnapshotRetry,
     redial: crate::net::Redial,
 }
 
@@ -237,6 +239,7 @@ impl EventLoop {
             snapshots: Vec::new(),
             snapshot_brief: None,
             declined_snapshots: Default::default(),
+            snapshot_retry: Default::default(),
             redial: p.redial,
         };
         event_loop.refresh_holdings();

@@ -112,6 +112,9 @@ impl EventLoop {
         else {
             return;
         };
+        if !self.snapshot_retry.allows(&cid, now) {
+            return;
+        }
         match reason {
             SnapshotReason::BelowFloors => tracing::info!(%cid, sources = offered_by.len(),
                 "ops needed are below every source's log floor; pulling a snapshot"),
@@ -320,6 +323,7 @@ impl EventLoop {
                 tracing::info!(cid = %active.cid, fetched_bytes = fetched, secs = active.started.elapsed().as_secs_f64(),
                     "snapshot installed; replaying from its version vector");
                 self.metrics.snapshots_installed.inc();
+                self.snapshot_retry.succeeded(&active.cid);
                 self.refresh_holdings();
                 self.provide_snapshot(&active.cid);
                 self.plan_pulls();
@@ -338,7 +342,7 @@ impl EventLoop {
     }
 
     /// Drops the pull in progress. One that was only chosen as cheaper than replay is not chosen
-    /// that way again (a snapshot that is needed is still tried again).
+    /// that way again; a snapshot that is needed is tried again after a pause (`SnapshotRetry`).
     fn give_up_snapshot(&mut self) {
         let Some(active) = self.snapshot.take() else { return };
         if active.optional {
@@ -346,6 +350,8 @@ impl EventLoop {
                 self.declined_snapshots.clear();
             }
             self.declined_snapshots.insert(active.cid);
+        } else {
+            self.snapshot_retry.failed(active.cid, Instant::now());
         }
     }
 
