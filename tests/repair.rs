@@ -238,7 +238,7 @@ async fn liar(honest: NodeHandle, fake_snapshot: bool) -> Liar {
     use libp2p::request_response::{Event, Message};
     use libp2p::swarm::SwarmEvent;
     use peersync::net::{BehaviourEvent, Digest, SyncRequest, SyncResponse};
-    use peersync::sync::SnapshotBrief;
+    use peersync::snapshot::SnapshotBrief;
     use std::sync::atomic::Ordering;
 
     let keypair = libp2p::identity::Keypair::generate_ed25519();

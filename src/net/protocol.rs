@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::ids::{Origin, Seq, StateRoot};
 pub use crate::ids::{ParseRoleError, Role};
 use crate::op::{public_key_of, AuthError, OpBatch, Signer};
+use crate::snapshot::SnapshotBrief;
 use crate::store::VersionVector;
-use crate::sync::SnapshotBrief;
 
 /// Kademlia protocol of peersync: a DHT of our own, so nodes never join the public IPFS DHT.
 pub const KAD_PROTOCOL: StreamProtocol = StreamProtocol::new("/peersync/kad/1.0.0");

@@ -45,6 +45,14 @@ pub struct CollectionInfo {
     pub entries: u64,
 }
 
+/// A snapshot in brief, as a holder advertises it in its digest (see `sync::choose_snapshot`): how
+/// many entries it holds and the version vector it was made at.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotBrief {
+    pub entries: u64,
+    pub version_vector: crate::store::VersionVector,
+}
+
 /// A chunk as the manifest lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChunkRef {
@@ -120,6 +128,11 @@ impl Manifest {
     /// Total entries over the collections.
     pub fn entries(&self) -> u64 {
         self.collections.iter().map(|c| c.entries).sum()
+    }
+
+    /// What a node far behind needs to weigh this snapshot against replay.
+    pub fn brief(&self) -> SnapshotBrief {
+        SnapshotBrief { entries: self.entries(), version_vector: self.version_vector.clone() }
     }
 
     /// Checks what can be checked without the chunks.

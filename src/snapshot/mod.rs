@@ -18,7 +18,7 @@ mod chunk;
 mod manifest;
 
 pub use chunk::{decode_chunk, verify_chunk_cid, Chunk, ChunkBuilder, ChunkError, Kind, StateEntry};
-pub use manifest::{ChunkRef, CollectionInfo, Manifest, ManifestError, SignedManifest};
+pub use manifest::{ChunkRef, CollectionInfo, Manifest, ManifestError, SignedManifest, SnapshotBrief};
 
 /// Format version of manifests and chunks written by this build.
 pub const FORMAT: u32 = 1;

@@ -13,6 +13,5 @@ pub use gap::{Admit, Gap, GapBuffer, GapLimits};
 pub use readiness::{Phase, Readiness, Transition};
 pub use replay::{PeerView, Pull, ReplayPlanner};
 pub use snapshot::{
-    choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotBrief, SnapshotChoice, SnapshotPull, SnapshotReason,
-    SnapshotRetry,
+    choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotChoice, SnapshotPull, SnapshotReason, SnapshotRetry,
 };

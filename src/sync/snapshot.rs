@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use cid::Cid;
 use libp2p::PeerId;
 
+use crate::snapshot::SnapshotBrief;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Slot {
     Missing,
@@ -388,14 +390,6 @@ mod tests {
         }
         assert!(pull.is_complete());
     }
-}
-
-/// The newest snapshot a peer serves (the first of its digest's `snapshots`): how many entries it
-/// holds and the version vector it was made at, so a node far behind can weigh it against replay.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct SnapshotBrief {
-    pub entries: u64,
-    pub version_vector: crate::store::VersionVector,
 }
 
 /// What a peer offers for catching up, from its digest.

@@ -36,8 +36,9 @@ use crate::net::{
     Digest, GossipMessage, SyncRequest, SyncResponse,
 };
 use crate::op::Signer;
+use crate::snapshot::SnapshotBrief;
 use crate::store::{CommitEvent, Store, VersionVector, WriteHandle};
-use crate::sync::{Phase, Readiness, ReplayPlanner, SnapshotBrief};
+use crate::sync::{Phase, Readiness, ReplayPlanner};
 
 /// Ops asked for in one pull at most.
 const PULL_MAX_OPS: u32 = 16_384;
@@ -307,8 +308,7 @@ impl EventLoop {
         self.log_floors = VersionVector(floors.into_iter().filter(|(_, s)| s.0 > 0).collect());
         let latest = self.store.latest_snapshot().ok().flatten();
         self.snapshots = latest.iter().map(|s| s.cid).collect();
-        self.snapshot_brief =
-            latest.map(|s| SnapshotBrief { entries: s.manifest.entries(), version_vector: s.manifest.version_vector });
+        self.snapshot_brief = latest.map(|s| s.manifest.brief());
     }
 
     /// Publishes this node's freshly committed ops on the cluster topic.
