@@ -7,7 +7,6 @@
 //!   control plane, [`SyncRequest`]/[`SyncResponse`] (CBOR) for the repair plane, protocol names.
 //! - `behaviour`: the composed [`Behaviour`] and the cluster's topic and provider key.
 //! - `swarm`: [`build_swarm`], [`start`], and [`on_identify`] to feed Kademlia.
-//! - `redial`: [`Redial`], when to dial bootstrap peers again that are not connected.
 //!
 //! The node's event loop owns the `Swarm` and decides what to do with each event; in particular it
 //! must report every gossip message's validation result, or nothing is forwarded.
@@ -18,7 +17,6 @@
 mod behaviour;
 mod config;
 mod protocol;
-mod redial;
 mod swarm;
 
 pub use behaviour::{cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD};
@@ -28,5 +26,4 @@ pub use protocol::{
     ParseRoleError, Role, SyncRequest, SyncResponse, WireError, GOSSIP_WIRE_VERSION, IDENTIFY_PROTOCOL_VERSION,
     KAD_PROTOCOL, SYNC_PROTOCOL,
 };
-pub use redial::{Redial, FIRST_REDIAL_PAUSE, MAX_REDIAL_PAUSE};
 pub use swarm::{bootstrap_targets, build_swarm, kad_addresses, on_identify, start};

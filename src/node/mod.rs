@@ -99,7 +99,7 @@ impl Node {
         let discoverable = !config.net.bootstrap.is_empty() || config.net.mdns;
         // A node with no way to find peers is active from the start (see `sync::Readiness`).
         let (phase_tx, phase) = watch::channel(if discoverable { Phase::Joining } else { Phase::Active });
-        let redial = crate::net::Redial::new(crate::net::bootstrap_targets(&config.net, &peer_id), Instant::now());
+        let redial = crate::sync::Redial::new(crate::net::bootstrap_targets(&config.net, &peer_id), Instant::now());
         let event_loop = event_loop::EventLoop::new(event_loop::Parts {
             redial,
             swarm,

@@ -5,12 +5,16 @@
 //! Must never depend on: the store's internals, the network, or the node.
 
 mod gap;
+mod pause;
 mod readiness;
+mod redial;
 mod replay;
 mod snapshot;
 
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
+pub use pause::doubling;
 pub use readiness::{Phase, Readiness, Transition};
+pub use redial::{Redial, FIRST_REDIAL_PAUSE, MAX_REDIAL_PAUSE};
 pub use replay::{PeerView, Pull, ReplayPlanner};
 pub use snapshot::{
     choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotChoice, SnapshotPull, SnapshotReason, SnapshotRetry,

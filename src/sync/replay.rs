@@ -101,7 +101,7 @@ impl ReplayPlanner {
             self.in_flight.remove(origin);
         }
         let strikes = self.backoff.get(peer).map_or(0, |(_, n)| *n) + 1;
-        let pause = Duration::from_millis(200).saturating_mul(1 << strikes.min(8));
+        let pause = super::doubling(Duration::from_millis(200), strikes, Duration::from_millis(200 << 8));
         self.backoff.insert(*peer, (now + pause, strikes));
     }
 

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use cid::Cid;
 use libp2p::PeerId;
 
+use super::doubling;
 use crate::snapshot::SnapshotBrief;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,7 +55,7 @@ impl SnapshotRetry {
             self.failures.clear();
         }
         let strikes = self.failures.get(&cid).map_or(0, |(n, _)| *n) + 1;
-        let pause = Duration::from_secs(1).saturating_mul(1 << (strikes - 1).min(6)).min(Duration::from_secs(60));
+        let pause = doubling(Duration::from_secs(1), strikes - 1, Duration::from_secs(60));
         self.failures.insert(cid, (strikes, now + pause));
     }
 
@@ -229,7 +230,7 @@ impl SnapshotPull {
     /// failure in a row (up to [`MAX_LOCAL_PAUSE`]), and the chunk is asked again after it.
     pub fn on_local_failure(&mut self, peer: &PeerId, index: usize, now: Instant) {
         self.local_strikes += 1;
-        let pause = Duration::from_millis(100).saturating_mul(1 << self.local_strikes.min(10)).min(MAX_LOCAL_PAUSE);
+        let pause = doubling(Duration::from_millis(100), self.local_strikes, MAX_LOCAL_PAUSE);
         self.local_paused_until = Some(now + pause);
         if let Some(source) = self.sources.get_mut(peer) {
             source.in_flight.remove(&index);
@@ -252,7 +253,7 @@ impl SnapshotPull {
         if let Some(source) = self.sources.get_mut(peer) {
             source.in_flight.clear();
             source.strikes += 1;
-            let pause = Duration::from_millis(250).saturating_mul(1 << source.strikes.min(10));
+            let pause = doubling(Duration::from_millis(250), source.strikes, Duration::from_millis(250 << 10));
             source.paused_until = Some(now + pause);
         }
         self.unassign(peer);

@@ -147,7 +147,7 @@ pub(crate) struct Parts {
     pub writer: WriteHandle,
     pub identified: super::applier::Identified,
     /// The bootstrap peers, dialed again while they are not connected.
-    pub redial: crate::net::Redial,
+    pub redial: crate::sync::Redial,
 }
 
 pub(crate) struct EventLoop {
@@ -202,7 +202,7 @@ pub(crate) struct EventLoop {
     declined_snapshots: std::collections::HashSet<cid::Cid>,
     /// Needed snapshots whose pull failed, and when they may be tried again.
     snapshot_retry: crate::sync::SnapshotRetry,
-    redial: crate::net::Redial,
+    redial: crate::sync::Redial,
 }
 
 impl EventLoop {

@@ -11,6 +11,8 @@ use std::time::{Duration, Instant};
 
 use libp2p::{Multiaddr, PeerId};
 
+use super::doubling;
+
 /// First pause before a bootstrap address is dialed again.
 pub const FIRST_REDIAL_PAUSE: Duration = Duration::from_millis(500);
 /// Longest pause between two dials of one bootstrap address.
@@ -21,7 +23,8 @@ struct Target {
     addr: Multiaddr,
     peer: Option<PeerId>,
     next: Instant,
-    pause: Duration,
+    /// Dials since the peer was last seen connected.
+    misses: u32,
 }
 
 #[derive(Debug)]
@@ -34,7 +37,7 @@ impl Redial {
     pub fn new(bootstrap: impl IntoIterator<Item = (Multiaddr, Option<PeerId>)>, now: Instant) -> Self {
         let targets = bootstrap
             .into_iter()
-            .map(|(addr, peer)| Target { addr, peer, next: now + FIRST_REDIAL_PAUSE, pause: FIRST_REDIAL_PAUSE })
+            .map(|(addr, peer)| Target { addr, peer, next: now + FIRST_REDIAL_PAUSE, misses: 0 })
             .collect();
         Redial { targets }
     }
@@ -50,12 +53,12 @@ impl Redial {
             };
             if up {
                 // Connected: the next loss is answered quickly again.
-                t.pause = FIRST_REDIAL_PAUSE;
+                t.misses = 0;
                 t.next = now + FIRST_REDIAL_PAUSE;
             } else if now >= t.next {
                 out.push(t.addr.clone());
-                t.next = now + t.pause;
-                t.pause = (t.pause * 2).min(MAX_REDIAL_PAUSE);
+                t.misses += 1;
+                t.next = now + doubling(FIRST_REDIAL_PAUSE, t.misses - 1, MAX_REDIAL_PAUSE);
             }
         }
         out
