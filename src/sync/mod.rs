@@ -5,6 +5,7 @@
 //! Must never depend on: the store's internals, the network, or the node.
 
 mod gap;
+mod pace;
 mod pause;
 mod readiness;
 mod redial;
@@ -12,6 +13,7 @@ mod replay;
 mod snapshot;
 
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
+pub use pace::DigestPace;
 pub use pause::doubling;
 pub use readiness::{Phase, Readiness, Transition};
 pub use redial::{Redial, FIRST_REDIAL_PAUSE, MAX_REDIAL_PAUSE};

@@ -29,7 +29,7 @@ use libp2p::PeerId;
 use peersync::ids::{Origin, Role, Seq, StateRoot};
 use peersync::op::{ChainHash, OpBatch, SignedHead, Signer};
 use peersync::store::VersionVector;
-use peersync::sync::{Admit, GapBuffer, GapLimits, PeerView, Readiness, ReplayPlanner, Transition};
+use peersync::sync::{Admit, DigestPace, GapBuffer, GapLimits, PeerView, Readiness, ReplayPlanner, Transition};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use serde_bytes::ByteBuf;
@@ -128,8 +128,7 @@ struct Volatile {
     digests: BTreeMap<usize, Digest>,
     /// Pulls in flight: request id -> (peer, origin).
     pulls: BTreeMap<u64, (usize, Origin)>,
-    digest_every: Duration,
-    applied_at_last_digest: u64,
+    digest_pace: DigestPace,
 }
 
 /// What a restarted node must respect until it is active.
@@ -202,8 +201,7 @@ impl Volatile {
             readiness: Readiness::new(true, cfg.grace, now),
             digests: BTreeMap::new(),
             pulls: BTreeMap::new(),
-            digest_every: cfg.digest_min,
-            applied_at_last_digest: 0,
+            digest_pace: DigestPace::new(cfg.digest_min, cfg.digest_max),
         }
     }
 }
@@ -570,14 +568,8 @@ impl Cluster {
         let life = self.nodes[n].life;
         let s = &mut self.nodes[n].s;
         let behind = s.digests.values().any(|d| !digest.vv.dominates(&d.vv));
-        let changed = applied != s.applied_at_last_digest;
-        s.applied_at_last_digest = applied;
-        s.digest_every = if behind || changed || !s.readiness.is_active() || targets.is_empty() {
-            self.cfg.digest_min
-        } else {
-            (s.digest_every * 2).min(self.cfg.digest_max)
-        };
-        let at = self.now + s.digest_every;
+        let busy = behind || !s.readiness.is_active() || targets.is_empty();
+        let at = self.now + s.digest_pace.after_round(applied, busy);
         self.schedule(at, Event::DigestTimer { node: n, life });
         self.plan_pulls(n);
         self.check_ready(n);

@@ -38,7 +38,7 @@ use crate::net::{
 use crate::op::Signer;
 use crate::snapshot::SnapshotBrief;
 use crate::store::{CommitEvent, Store, VersionVector, WriteHandle};
-use crate::sync::{Phase, Readiness, ReplayPlanner};
+use crate::sync::{DigestPace, Phase, Readiness, ReplayPlanner};
 
 /// Ops asked for in one pull at most.
 const PULL_MAX_OPS: u32 = 16_384;
@@ -183,11 +183,9 @@ pub(crate) struct EventLoop {
     /// so the next pull starts after them rather than fetching them again. An entry the store has
     /// not caught up with within the request timeout is dropped: those ops failed to apply.
     pulled: HashMap<Origin, (Seq, Instant)>,
-    /// Current digest period: short while behind or after changes, doubling up to the maximum while
-    /// idle.
+    /// Current digest period, from `digest_pace`.
     digest_every: Duration,
-    /// Ops applied at the last digest round, to tell whether anything changed since.
-    applied_at_last_digest: u64,
+    digest_pace: DigestPace,
     /// Whether the provider record was published since the first connection (a record announced
     /// with no peer is only stored locally).
     provided: bool,
@@ -212,6 +210,7 @@ impl EventLoop {
             readiness: Readiness::new(p.discoverable, p.timings.join_grace, now),
             planner: ReplayPlanner::new(p.role, p.timings.request_timeout),
             digest_every: p.timings.digest_min,
+            digest_pace: DigestPace::new(p.timings.digest_min, p.timings.digest_max),
             swarm: p.swarm,
             store: p.store,
             signer: p.signer,
@@ -234,7 +233,6 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             pulls: HashMap::new(),
             pulled: HashMap::new(),
-            applied_at_last_digest: 0,
             provided: false,
             log_floors: VersionVector::default(),
             snapshots: Vec::new(),

@@ -26,13 +26,8 @@ impl EventLoop {
             .values()
             .filter_map(|p| p.digest.as_ref())
             .any(|d| !digest.version_vector.dominates(&d.version_vector));
-        let changed = applied != self.applied_at_last_digest;
-        self.applied_at_last_digest = applied;
-        self.digest_every = if behind || changed || !self.readiness.is_active() || targets.is_empty() {
-            self.timings.digest_min
-        } else {
-            (self.digest_every * 2).min(self.timings.digest_max)
-        };
+        let busy = behind || !self.readiness.is_active() || targets.is_empty();
+        self.digest_every = self.digest_pace.after_round(applied, busy);
         self.plan_pulls();
         self.drive_snapshot();
         self.check_ready();
