@@ -338,15 +338,21 @@ def w1(ctx: Ctx) -> None:
     target_vv = prim.vv()
     assert vv_total(target_vv) >= n, target_vv
     assert rprim.connect().cmd("DBSIZE") == n
-    ps_t, r_t, ps_rep_rss, r_rep_rss = [], [], [], []
-    for run in range(runs):
-        rep = Node(ctx, "w1-replica", 2, role="replica", bootstrap=prim.addr)
+    def join(what: str, extra: list[str] | None = None) -> tuple[float, Node]:
+        """Starts a new replica of the primary and waits until it is active with the primary's version
+        vector; returns the time that took and the replica, still running."""
+        rep = Node(ctx, "w1-replica", 2, role="replica", bootstrap=prim.addr, extra=extra)
         rep.prepare()
         t0 = now()
         rep.spawn()
         wait_until(lambda: (s := try_status(rep.http)) and s["state"] == "active" and s["version_vector"] == target_vv,
-                   1800, "W1 peersync replica caught up", interval=0.01, proc=rep.proc)
-        ps_t.append(now() - t0)
+                   1800, what, interval=0.01, proc=rep.proc)
+        return now() - t0, rep
+
+    ps_t, r_t, ps_rep_rss, r_rep_rss = [], [], [], []
+    for run in range(runs):
+        elapsed, rep = join("W1 peersync replica caught up")
+        ps_t.append(elapsed)
         ps_rep_rss.append(rep.rss())
         log(f"W1 run {run + 1}: peersync replica active with the primary's version vector after {ps_t[-1]:.2f} s")
         rep.stop()
@@ -375,13 +381,8 @@ def w1(ctx: Ctx) -> None:
     # The default minimum saving (100 000 ops) is the full run's; --quick loads fewer keys.
     min_saving = ["--snapshot-min-saving-ops", str(min(100_000, n // 2))]
     for run in range(runs):
-        rep = Node(ctx, "w1-replica", 2, role="replica", bootstrap=prim.addr, extra=min_saving)
-        rep.prepare()
-        t0 = now()
-        rep.spawn()
-        wait_until(lambda: (s := try_status(rep.http)) and s["state"] == "active" and s["version_vector"] == target_vv,
-                   1800, "W1 peersync replica caught up from a snapshot", interval=0.01, proc=rep.proc)
-        snap_t.append(now() - t0)
+        elapsed, rep = join("W1 peersync replica caught up from a snapshot", min_saving)
+        snap_t.append(elapsed)
         wait_until(lambda: (metric(rep.http, "peersync_snapshots_installed_total") or 0) >= 1, 10,
                    "W1 replica took the snapshot path", proc=rep.proc)
         log(f"W1 run {run + 1}: peersync replica active from the primary's snapshot after {snap_t[-1]:.2f} s")
