@@ -46,3 +46,4 @@ pub mod op;
 pub mod snapshot;
 pub mod store;
 pub mod sync;
+pub mod wire;

@@ -13,9 +13,8 @@ use libp2p::swarm::NetworkBehaviour;
 use libp2p::{gossipsub, identify, kad, mdns, ping, request_response};
 
 use super::config::{NetConfig, NetError};
-use super::protocol::{
-    agent_version, SyncRequest, SyncResponse, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL,
-};
+use super::protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
+use crate::wire::{agent_version, SyncRequest, SyncResponse};
 
 /// Room left in a gossipsub frame around the payload: the signed envelope (author, sequence number,
 /// signature, topic) and protobuf framing. Payloads themselves are capped at `max_gossip_bytes`.

@@ -3,8 +3,8 @@
 //!
 //! # Layout
 //! - `config`: [`NetConfig`] with documented defaults and `validate()`, and [`NetError`].
-//! - `protocol`: wire types and codecs: [`GossipMessage`] (version byte + postcard) for the
-//!   control plane, [`SyncRequest`]/[`SyncResponse`] (CBOR) for the repair plane, protocol names.
+//! - `protocol`: protocol names; the wire types ([`GossipMessage`], [`SyncRequest`],
+//!   [`SyncResponse`]) live in [`crate::wire`] and are re-exported here.
 //! - `behaviour`: the composed [`Behaviour`] and the cluster's topic and provider key.
 //! - `swarm`: [`build_swarm`], [`start`], and [`on_identify`] to feed Kademlia.
 //!
@@ -21,9 +21,9 @@ mod swarm;
 
 pub use behaviour::{cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD};
 pub use config::{NetConfig, NetError, DEFAULT_PORT, MAX_CLUSTER_NAME_LEN, MIN_GOSSIP_BYTES};
-pub use protocol::{
+pub use crate::wire::{
     agent_version, decode_gossip, encode_gossip, parse_agent_version, Attestation, Digest, GossipMessage,
-    ParseRoleError, Role, SyncRequest, SyncResponse, WireError, GOSSIP_WIRE_VERSION, IDENTIFY_PROTOCOL_VERSION,
-    KAD_PROTOCOL, SYNC_PROTOCOL,
+    ParseRoleError, Role, SyncRequest, SyncResponse, WireError, GOSSIP_WIRE_VERSION,
 };
+pub use protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
 pub use swarm::{bootstrap_targets, build_swarm, kad_addresses, on_identify, start};

@@ -1,15 +1,19 @@
-//! Sync logic without I/O: decisions about what to apply, buffer or fetch, driven by the node's
-//! event loop. Nothing here touches the network, the disk or the clock; the callers pass in what
-//! they observed and carry out what comes back, so the logic is testable deterministically.
+//! Sync logic without I/O. [`Engine`] holds every decision of both planes; the node's event loop
+//! and the simulator drive it, feeding it what they observed and carrying out what it asks. The
+//! smaller parts it is built from (gap buffer, replay planner, readiness, snapshot choice and chunk
+//! pulls, digest pace, redial) live beside it, each testable on its own. Nothing here touches the
+//! network, the disk or the clock.
 //!
 //! Must never depend on: the store's internals, the network, or the node.
 
+pub mod engine;
 mod gap;
 mod pace;
 mod pause;
 mod readiness;
 mod redial;
 mod replay;
+pub mod serve;
 mod snapshot;
 
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
@@ -21,3 +25,8 @@ pub use replay::{PeerView, Pull, ReplayPlanner};
 pub use snapshot::{
     choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotChoice, SnapshotPull, SnapshotReason, SnapshotRetry,
 };
+pub use engine::{
+    Action, ChunkVerdict, Count, Engine, EngineConfig, Found, GossipId, Input, ProviderKey, ReplyId, ReqId, StoreView,
+    Ticket, Verdict,
+};
+pub use serve::{serve, ServeStore};

@@ -90,6 +90,19 @@ impl Readiness {
         self.latest.insert(peer, (vv, root));
     }
 
+    /// The operator's word that this node may serve alone: active now.
+    pub fn force_active(&mut self) {
+        self.phase = Phase::Active;
+    }
+
+    /// When a node hearing from nobody becomes active by itself, if it ever does.
+    pub fn deadline(&self) -> Option<Instant> {
+        if self.is_active() || !self.latest.is_empty() {
+            return None;
+        }
+        self.started.checked_add(self.grace)
+    }
+
     /// A peer is gone; its advertised state no longer vouches for anything.
     pub fn on_peer_gone(&mut self, peer: &PeerId) {
         self.latest.remove(peer);

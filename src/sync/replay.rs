@@ -110,6 +110,11 @@ impl ReplayPlanner {
         self.backoff.get(peer).is_some_and(|(until, _)| *until > now)
     }
 
+    /// Every pull in flight: origin, peer, cursor.
+    pub fn pulls(&self) -> impl Iterator<Item = (Origin, PeerId, Seq)> + '_ {
+        self.in_flight.iter().map(|(o, f)| (*o, f.peer, f.after))
+    }
+
     /// Whether a pull of `origin` is in flight, and from which cursor.
     pub fn in_flight(&self, origin: &Origin) -> Option<(PeerId, Seq)> {
         self.in_flight.get(origin).map(|f| (f.peer, f.after))

@@ -1,0 +1,588 @@
+//! The sync engine: every decision of both planes in one sans-I/O state machine.
+//!
+//! The node's event loop and the simulator (`tests/sim`) both drive this one type. They feed it
+//! what happened ([`Input`]: a peer came or went, a message or an answer arrived, a batch was
+//! applied, a chunk staged, time passed) with the current time, and carry out what it asks for
+//! ([`Action`]: send, answer, serve from the store, publish, report a gossip verdict, apply, stage,
+//! install, merge, dial, disconnect, announce). It reads the store only through the narrow
+//! [`StoreView`] trait, and it never sleeps, spawns or touches a socket: [`Engine::poll_timeout`]
+//! says when it wants a [`Input::Tick`].
+//!
+//! What it decides, by file:
+//! - `peers`: who is connected and what each advertised; which peers a digest round talks to (a
+//!   small fanout, not everyone); whom to dial and whom to drop; which addresses to remember.
+//! - `apply`: where each origin's log stands once queued batches commit; duplicates, gaps and the
+//!   gap buffer; gossip verdicts.
+//! - `pulls`: digests and their schedule, replay pulls and their cursors, readiness.
+//! - `snapshot`: replay or snapshot, manifest and chunk pulls, install sequencing.
+//! - `repair`: divergence repair by bucket comparison.
+//!
+//! Must never depend on: the network's I/O, the store's internals, the node, a clock or a runtime.
+
+mod apply;
+mod peers;
+mod pulls;
+mod repair;
+mod snapshot;
+mod status;
+
+use std::collections::{HashMap, VecDeque};
+use std::time::{Duration, Instant};
+
+use cid::Cid;
+use libp2p::{Multiaddr, PeerId};
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+
+use super::{DigestPace, GapLimits, Phase, Readiness, Redial, ReplayPlanner};
+use crate::ids::{Origin, Role, Seq, StateRoot};
+use crate::op::{ChainHash, OpBatch, Signer};
+use crate::snapshot::{SignedManifest, SnapshotBrief, StateEntry};
+use crate::store::{OriginProgress, VersionVector};
+use crate::wire::{SyncRequest, SyncResponse};
+
+pub use apply::MAX_BATCH_OPS;
+pub use peers::fanout;
+pub use status::{PeerStatus, SnapshotStatus, SyncStatus};
+
+/// What the engine reads of the store. Every method is a cheap read of committed state.
+pub trait StoreView {
+    fn version_vector(&self) -> VersionVector;
+    /// The state root and the vector it is at, read together.
+    fn state_root(&self) -> (StateRoot, VersionVector);
+    /// Where `origin`'s committed log stands.
+    fn progress(&self, origin: &Origin) -> OriginProgress;
+    /// Per origin, the highest seq compacted out of the log (origins at 0 left out).
+    fn log_floors(&self) -> VersionVector;
+    /// The newest snapshot this node holds and serves.
+    fn latest_snapshot(&self) -> Option<(Cid, SnapshotBrief)>;
+    /// Whether a verified chunk with this CID is held.
+    fn has_chunk(&self, cid: &Cid) -> bool;
+    /// The state root's bucket hashes, in bucket order.
+    fn bucket_hashes(&self) -> Vec<[u8; 32]>;
+}
+
+/// Names an outbound request the engine made; the executor maps it to its transport's id.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReqId(pub u64);
+
+/// Names an inbound request to answer; chosen by the executor, which keeps the reply channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ReplyId(pub u64);
+
+/// Names a received gossip message; chosen by the executor. Every one gets exactly one verdict.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct GossipId(pub u64);
+
+/// Names an [`Action::Apply`]; its outcome comes back as [`Input::Applied`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(pub u64);
+
+/// A gossip message's fate, as gossipsub wants it reported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Valid: forward it.
+    Accept,
+    /// Invalid: do not forward, penalise the sender.
+    Reject,
+    /// Not judged (overload): neither forward nor penalise.
+    Ignore,
+}
+
+/// Kademlia provider keys the engine announces and looks up.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ProviderKey {
+    /// Every node of the cluster provides it: how sync-capable peers are found.
+    Cluster,
+    /// Holders of a snapshot provide its CID.
+    Snapshot(Cid),
+}
+
+/// What became of a received chunk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ChunkVerdict {
+    /// It matched its CID and is persisted.
+    Stored,
+    /// It did not match its CID or the manifest: the source lied or is broken.
+    Corrupt,
+    /// It could not be persisted here (storage error): not the source's fault.
+    LocalError,
+}
+
+/// How peers were found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Found {
+    Mdns,
+    Kademlia,
+}
+
+/// Something that happened, for the engine to decide on.
+#[derive(Debug)]
+pub enum Input {
+    /// Time passed: run what is due (digest rounds, discovery, timeouts, redials).
+    Tick,
+    /// A connection to `peer` opened; `dialed` is the address when this node dialed it.
+    Connected { peer: PeerId, dialed: Option<Multiaddr> },
+    /// A connection to `peer` closed; `remaining` connections are left.
+    Disconnected { peer: PeerId, remaining: u32 },
+    /// Identify told us what `peer` is: `(role, cluster)` for a peersync node, `None` otherwise.
+    Identified { peer: PeerId, agent: Option<(Role, String)>, listen_addrs: Vec<Multiaddr> },
+    /// A ping measured the round trip to `peer`.
+    Rtt { peer: PeerId, rtt: Duration },
+    /// Discovery found these peers.
+    Discovered { via: Found, peers: Vec<(PeerId, Option<Multiaddr>)> },
+    /// A Kademlia lookup found providers of a key.
+    Providers { key: ProviderKey, peers: Vec<PeerId> },
+    /// A gossip message arrived through `from`.
+    Gossip { id: GossipId, from: PeerId, data: Vec<u8> },
+    /// A peer's request.
+    Request { peer: PeerId, reply: ReplyId, request: SyncRequest },
+    /// A request handed out by [`Action::Serve`] was answered.
+    Served { reply: ReplyId },
+    /// The answer to one of the engine's requests, or why there is none (timeout, disconnect...).
+    Response { req: ReqId, result: Result<SyncResponse, String> },
+    /// The batches of an [`Action::Apply`] were verified and queued to the writer, or refused.
+    Applied { ticket: Ticket, result: Result<(), String> },
+    /// A queued batch of `origin` did not commit: its log stands where the store says.
+    ApplyFailed { origin: Origin },
+    /// This node committed local ops: publish them.
+    Committed { batches: Vec<std::sync::Arc<OpBatch>> },
+    /// A chunk handed out by [`Action::Stage`] was checked (and persisted when good).
+    Staged { peer: PeerId, index: usize, len: u64, verdict: ChunkVerdict },
+    /// The snapshot handed out by [`Action::Install`] was installed, or not.
+    Installed { result: Result<(), String> },
+    /// The entries handed out by [`Action::Merge`] were merged (or failed to).
+    Merged,
+    /// This node made a snapshot.
+    SnapshotCreated { cid: Cid },
+    /// The operator says this node may serve alone: active now, whatever its peers.
+    ServeAlone,
+}
+
+/// Something for the executor to carry out.
+#[derive(Debug)]
+pub enum Action {
+    /// Send a request; its answer comes back as [`Input::Response`] with `req`.
+    Send { peer: PeerId, req: ReqId, request: SyncRequest },
+    /// Answer an inbound request now.
+    Reply { reply: ReplyId, response: SyncResponse },
+    /// Answer an inbound request from the store (see [`super::serve`]), then report
+    /// [`Input::Served`].
+    Serve { reply: ReplyId, peer: PeerId, request: SyncRequest },
+    /// Publish encoded bytes on the cluster's gossip topic.
+    Publish { data: Vec<u8> },
+    /// Report a gossip message's verdict.
+    Verdict { id: GossipId, verdict: Verdict },
+    /// Verify these contiguous batches of `origin` and queue them to the writer, in order with
+    /// every earlier `Apply`. `prev` is the chain hash before the first; `None` means the one the
+    /// store holds at `batches[0].after` once the earlier batches of that origin are committed.
+    Apply { ticket: Ticket, origin: Origin, batches: Vec<OpBatch>, prev: Option<ChainHash> },
+    /// Check a received chunk against the manifest and persist it into the staging of `snapshot`.
+    Stage { peer: PeerId, snapshot: Cid, index: usize, bytes: Vec<u8>, durable: bool },
+    /// Install the staged snapshot.
+    Install { manifest: SignedManifest },
+    /// Merge a peer's state entries with the CRDT joins.
+    Merge { peer: PeerId, entries: Vec<StateEntry> },
+    /// Delete held chunks that are not in `keep` (left by abandoned pulls).
+    CollectChunks { keep: Vec<Cid> },
+    /// Dial a peer (by id, through known addresses) or an address.
+    Dial { peer: Option<PeerId>, addr: Option<Multiaddr> },
+    /// Close every connection to a peer.
+    Disconnect { peer: PeerId },
+    /// Announce this node as a provider of a key.
+    Provide { key: ProviderKey },
+    /// Look up the providers of a key.
+    FindProviders { key: ProviderKey },
+    /// The phase changed.
+    Phase { phase: Phase },
+    /// The peers worth redialing after a restart changed: persist them.
+    RememberPeers { addrs: Vec<Multiaddr> },
+    /// Something worth counting happened.
+    Count { what: Count, n: u64 },
+}
+
+/// What [`Action::Count`] counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Count {
+    GossipRejected,
+    ReplayRejected,
+    GapOverflow,
+    OpsReplayed,
+    Divergence,
+    SnapshotInstalled,
+    ChunkRejected,
+    /// Digest requests this node sent.
+    DigestsSent,
+    /// Requests of peers answered with `busy`.
+    RequestsShed,
+    /// Requests of peers received, digests included.
+    RequestsReceived,
+    /// Digest requests of peers received.
+    DigestsReceived,
+    /// Gossip messages ignored for overload.
+    GossipIgnored,
+}
+
+/// Settings of the engine. Defaults are the node's; tests shorten the intervals.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    pub role: Role,
+    pub cluster: String,
+    /// Bootstrap addresses, dialed at start and again while their peer is not connected, each with
+    /// the peer it names.
+    pub bootstrap: Vec<(Multiaddr, Option<PeerId>)>,
+    /// Peers this node knew before it restarted (see [`Action::RememberPeers`]): dialed again.
+    pub remembered: Vec<(Multiaddr, PeerId)>,
+    /// Whether mDNS discovery is on.
+    pub mdns: bool,
+    /// The operator said the node may serve alone (no peer needed to become active).
+    pub serve_alone: bool,
+    /// A node that can find peers but has none, never had any and has no bootstrap address is
+    /// active by itself after this long.
+    pub join_grace: Duration,
+    /// Discovery period: provider records, lookups while short of peers.
+    pub discovery: Duration,
+    pub digest_min: Duration,
+    pub digest_max: Duration,
+    /// A request not answered in this time has failed.
+    pub request_timeout: Duration,
+    /// Chunk requests in flight per source while pulling a snapshot.
+    pub chunks_per_source: usize,
+    /// Ops of replay a snapshot must spare before it is pulled when replay could do.
+    pub snapshot_min_saving: u64,
+    pub gap: GapLimits,
+    /// Largest gossip payload accepted.
+    pub max_gossip_bytes: usize,
+    /// Cluster peers this node keeps connections to when it can choose; below it, it looks for more.
+    pub target_peers: usize,
+    /// Connections accepted at most; a peer beyond it is disconnected (bootstrap peers excepted).
+    pub max_peers: usize,
+    /// Inbound requests served from the store at once; more are answered `busy`.
+    pub max_serving: usize,
+    /// Apply tickets outstanding at once; gossip beyond it is ignored and left to replay.
+    pub max_applying: usize,
+    /// Seeds the engine's random choices (the random digest target, whom to dial).
+    pub seed: u64,
+}
+
+impl EngineConfig {
+    pub fn new(role: Role, cluster: impl Into<String>) -> Self {
+        EngineConfig {
+            role,
+            cluster: cluster.into(),
+            bootstrap: Vec::new(),
+            remembered: Vec::new(),
+            mdns: false,
+            serve_alone: false,
+            join_grace: Duration::from_secs(5),
+            discovery: Duration::from_secs(30),
+            digest_min: Duration::from_millis(250),
+            digest_max: Duration::from_secs(10),
+            request_timeout: Duration::from_secs(30),
+            chunks_per_source: 8,
+            snapshot_min_saving: 100_000,
+            gap: GapLimits::default(),
+            max_gossip_bytes: 64 * 1024,
+            target_peers: 8,
+            max_peers: 48,
+            max_serving: 64,
+            max_applying: 1024,
+            seed: 0,
+        }
+    }
+}
+
+/// Ops asked for in one pull at most.
+pub const PULL_MAX_OPS: u32 = 16_384;
+/// Op bytes asked for in one pull at most (the response limit is higher, to fit framing).
+pub const PULL_MAX_BYTES: u32 = 8 << 20;
+
+/// What one of the engine's requests was for.
+#[derive(Debug, Clone)]
+enum Pending {
+    Digest { peer: PeerId },
+    Pull { peer: PeerId, origin: Origin },
+    Manifest { peer: PeerId },
+    Chunk { peer: PeerId, index: usize, cid: Cid },
+    Buckets { peer: PeerId },
+    Entries { peer: PeerId },
+}
+
+impl Pending {
+    fn peer(&self) -> PeerId {
+        match self {
+            Pending::Digest { peer }
+            | Pending::Pull { peer, .. }
+            | Pending::Manifest { peer }
+            | Pending::Chunk { peer, .. }
+            | Pending::Buckets { peer }
+            | Pending::Entries { peer } => *peer,
+        }
+    }
+}
+
+/// What this node holds and serves, cached from the store: it changes only when a snapshot is made
+/// or installed.
+#[derive(Debug, Default)]
+struct Holdings {
+    log_floors: VersionVector,
+    snapshot: Option<(Cid, SnapshotBrief)>,
+}
+
+pub struct Engine {
+    me: PeerId,
+    signer: Signer,
+    cfg: EngineConfig,
+    rng: StdRng,
+    actions: VecDeque<Action>,
+    next_req: u64,
+    /// The engine's requests in flight, and when each was sent (timed out after `request_timeout`).
+    requests: HashMap<ReqId, (Pending, Instant)>,
+    peers: peers::Peers,
+    readiness: Readiness,
+    /// The phase last announced with [`Action::Phase`].
+    announced: Phase,
+    planner: ReplayPlanner,
+    pace: DigestPace,
+    next_digest: Instant,
+    next_discovery: Instant,
+    redial: Redial,
+    /// Whether the provider record was announced since the first connection.
+    provided: bool,
+    apply: apply::Apply,
+    snapshot: snapshot::Snapshots,
+    repair: repair::Repair,
+    holdings: Holdings,
+    /// Inbound requests handed to the store and not yet answered.
+    serving: usize,
+    /// The time of the last input.
+    last_now: Instant,
+}
+
+impl Engine {
+    /// A new engine for the node `signer` speaks for, with its store as it is at start.
+    pub fn new(signer: Signer, cfg: EngineConfig, store: &dyn StoreView, now: Instant) -> Self {
+        let me = signer.origin();
+        // A node that was part of a cluster (its store holds other origins' ops) or was told where
+        // its peers are waits for them however long it takes: calling itself current on its own
+        // could serve stale reads. Only a node that never had peers and relies on mDNS alone goes
+        // active after the grace; one with no way to find peers is active at once.
+        let had_peers = store.version_vector().0.keys().any(|o| *o != me);
+        let discoverable = !cfg.bootstrap.is_empty() || cfg.mdns || !cfg.remembered.is_empty() || had_peers;
+        let grace = if cfg.serve_alone {
+            Duration::ZERO
+        } else if !cfg.bootstrap.is_empty() || had_peers {
+            Duration::MAX
+        } else {
+            cfg.join_grace
+        };
+        if had_peers && !cfg.serve_alone {
+            tracing::info!("this node was part of a cluster: syncing until it has caught up with a peer");
+        }
+        let mut dial: Vec<(Multiaddr, Option<PeerId>)> = cfg.bootstrap.clone();
+        for (addr, peer) in &cfg.remembered {
+            if !dial.iter().any(|(_, p)| *p == Some(*peer)) {
+                dial.push((addr.clone(), Some(*peer)));
+            }
+        }
+        let mut engine = Engine {
+            me,
+            signer,
+            rng: StdRng::seed_from_u64(cfg.seed),
+            actions: VecDeque::new(),
+            next_req: 0,
+            requests: HashMap::new(),
+            peers: peers::Peers::default(),
+            readiness: Readiness::new(discoverable, grace, now),
+            announced: Phase::Joining,
+            planner: ReplayPlanner::new(cfg.role, cfg.request_timeout),
+            pace: DigestPace::new(cfg.digest_min, cfg.digest_max),
+            next_digest: now + cfg.digest_min,
+            next_discovery: now + cfg.discovery,
+            redial: Redial::new(dial.iter().cloned(), now),
+            provided: false,
+            apply: apply::Apply::new(cfg.gap),
+            snapshot: snapshot::Snapshots::default(),
+            repair: repair::Repair::default(),
+            holdings: Holdings::default(),
+            serving: 0,
+            last_now: now,
+            cfg,
+        };
+        // Remembered peers are dialed at start like bootstrap peers (which the swarm dials itself).
+        for (addr, _) in engine.cfg.remembered.clone() {
+            engine.push(Action::Dial { peer: None, addr: Some(addr) });
+        }
+        engine.refresh_holdings(store);
+        engine.check_ready(now, store);
+        engine
+    }
+
+    pub fn local_peer_id(&self) -> PeerId {
+        self.me
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.readiness.phase()
+    }
+
+    pub fn config(&self) -> &EngineConfig {
+        &self.cfg
+    }
+
+    /// Decides on one input; the actions it leads to are queued for [`Engine::poll_action`].
+    pub fn handle(&mut self, now: Instant, input: Input, store: &dyn StoreView) {
+        self.last_now = now;
+        match input {
+            Input::Tick => self.on_tick(now, store),
+            Input::Connected { peer, dialed } => self.on_connected(now, peer, dialed, store),
+            Input::Disconnected { peer, remaining } => self.on_disconnected(now, peer, remaining, store),
+            Input::Identified { peer, agent, listen_addrs } => self.on_identified(peer, agent, listen_addrs),
+            Input::Rtt { peer, rtt } => self.peers.entry(peer).rtt = Some(rtt),
+            Input::Discovered { via, peers } => self.on_discovered(via, peers),
+            Input::Providers { key, peers } => self.on_providers(key, peers),
+            Input::Gossip { id, from, data } => self.on_gossip(now, id, from, data, store),
+            Input::Request { peer, reply, request } => self.on_request(now, peer, reply, request, store),
+            Input::Served { .. } => self.serving = self.serving.saturating_sub(1),
+            Input::Response { req, result } => self.on_response(now, req, result, store),
+            Input::Applied { ticket, result } => self.on_applied(now, ticket, result, store),
+            Input::ApplyFailed { origin } => {
+                self.apply.forget(&origin);
+                self.plan_pulls(now, store);
+            }
+            Input::Committed { batches } => self.on_committed(now, batches, store),
+            Input::Staged { peer, index, len, verdict } => self.on_staged(now, peer, index, len, verdict, store),
+            Input::Installed { result } => self.on_installed(now, result, store),
+            Input::Merged => {
+                self.repair.merged();
+                self.check_ready(now, store);
+            }
+            Input::SnapshotCreated { cid } => {
+                self.refresh_holdings(store);
+                self.push(Action::Provide { key: ProviderKey::Snapshot(cid) });
+            }
+            Input::ServeAlone => {
+                tracing::warn!("told to serve alone: active without a peer vouching for this node's state");
+                self.readiness.force_active();
+                self.check_ready(now, store);
+            }
+        }
+    }
+
+    /// The next action to carry out, oldest first.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// When the engine wants the next [`Input::Tick`].
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let mut at = self.next_digest.min(self.next_discovery);
+        if let Some(t) = self.readiness.deadline() {
+            at = at.min(t);
+        }
+        if self.snapshot.is_pulling() {
+            // Chunk requests paused on a source resume on a tick.
+            at = at.min(self.last_now + self.cfg.digest_min);
+        }
+        if let Some(t) = self.requests.values().map(|(_, sent)| *sent + self.cfg.request_timeout).min() {
+            at = at.min(t);
+        }
+        Some(at)
+    }
+
+    fn push(&mut self, action: Action) {
+        self.actions.push_back(action);
+    }
+
+    fn count(&mut self, what: Count, n: u64) {
+        if n > 0 {
+            self.push(Action::Count { what, n });
+        }
+    }
+
+    fn send(&mut self, now: Instant, peer: PeerId, request: SyncRequest, pending: Pending) -> ReqId {
+        self.next_req += 1;
+        let req = ReqId(self.next_req);
+        self.requests.insert(req, (pending, now));
+        self.push(Action::Send { peer, req, request });
+        req
+    }
+
+    /// Re-reads the log floors and the latest snapshot.
+    fn refresh_holdings(&mut self, store: &dyn StoreView) {
+        self.holdings = Holdings { log_floors: store.log_floors(), snapshot: store.latest_snapshot() };
+    }
+
+    fn on_tick(&mut self, now: Instant, store: &dyn StoreView) {
+        // Requests that outlived their deadline failed: the transport reports them too, but the
+        // engine does not rely on it to move on.
+        let expired: Vec<ReqId> = self
+            .requests
+            .iter()
+            .filter(|(_, (_, sent))| now.duration_since(*sent) >= self.cfg.request_timeout)
+            .map(|(r, _)| *r)
+            .collect();
+        for req in expired {
+            self.on_response(now, req, Err("timed out".into()), store);
+        }
+        if now >= self.next_discovery {
+            self.discovery_round(now);
+            self.next_discovery = now + self.cfg.discovery;
+        }
+        if now >= self.next_digest {
+            self.digest_round(now, store);
+        }
+        self.drive_snapshot(now, store);
+        self.check_ready(now, store);
+    }
+
+    /// Discovery: announce the provider record once someone can store it, and look for more peers
+    /// of the cluster only while this node has fewer than it wants.
+    fn discovery_round(&mut self, _now: Instant) {
+        let connected = self.peers.connected_count();
+        if connected == 0 {
+            return;
+        }
+        if !self.provided {
+            self.provided = true;
+            self.push(Action::Provide { key: ProviderKey::Cluster });
+            if let Some((cid, _)) = self.holdings.snapshot.clone() {
+                self.push(Action::Provide { key: ProviderKey::Snapshot(cid) });
+            }
+        }
+        if self.peers.cluster_count(&self.cfg.cluster) < self.cfg.target_peers {
+            self.push(Action::FindProviders { key: ProviderKey::Cluster });
+        }
+    }
+
+    fn on_committed(&mut self, now: Instant, batches: Vec<std::sync::Arc<OpBatch>>, store: &dyn StoreView) {
+        for batch in batches {
+            let message = crate::wire::GossipMessage::Ops { role: self.cfg.role, batch: (*batch).clone() };
+            self.push(Action::Publish { data: crate::wire::encode_gossip(&message) });
+        }
+        if !self.readiness.is_active() {
+            self.check_ready(now, store);
+        }
+    }
+
+    /// Status for `GET /v1/status`.
+    pub fn status(&self, now: Instant, store: &dyn StoreView) -> SyncStatus {
+        status::status(self, now, store)
+    }
+
+    /// Seq the engine considers `origin`'s log to stand at: committed, or queued to commit.
+    pub fn cursor(&self, origin: &Origin, store: &dyn StoreView) -> Seq {
+        self.apply.cursor(origin, store).seq
+    }
+
+    /// Ops held in the gap buffer now.
+    pub fn buffered_ops(&self) -> usize {
+        self.apply.buffered_ops()
+    }
+
+    /// Outbound requests in flight, inbound requests being served, apply tickets outstanding: each
+    /// bounded by the configuration; the simulator checks it.
+    pub fn queue_sizes(&self) -> (usize, usize, usize) {
+        (self.requests.len(), self.serving, self.apply.in_flight())
+    }
+}

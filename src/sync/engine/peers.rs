@@ -1,0 +1,318 @@
+//! Peers: who is connected, what each said about itself, and the engine's choices among them:
+//! which few peers a digest round talks to, whom to dial when short of peers, whom to drop when
+//! over the limit, and which addresses are worth redialing after a restart.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::{Duration, Instant};
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use rand::seq::SliceRandom;
+
+use super::{Action, Engine, Found, Pending, StoreView};
+use crate::ids::Role;
+use crate::wire::{Digest, SyncRequest};
+
+/// Addresses remembered for redial after a restart, at most.
+const MAX_REMEMBERED: usize = 64;
+
+/// What the engine knows of one peer.
+#[derive(Debug, Default)]
+pub(super) struct Peer {
+    pub addrs: BTreeSet<Multiaddr>,
+    pub connections: u32,
+    /// `(role, cluster)` from identify, once identified as a peersync node.
+    pub meta: Option<(Role, String)>,
+    pub rtt: Option<Duration>,
+    /// The peer's last digest, and when it came.
+    pub digest: Option<Digest>,
+    pub digest_at: Option<Instant>,
+    /// A digest request to it is in flight: one at a time.
+    pub digest_pending: bool,
+}
+
+impl Peer {
+    /// Whether this peer is a peersync node of `cluster`.
+    pub fn in_cluster(&self, cluster: &str) -> bool {
+        self.meta.as_ref().is_some_and(|(_, c)| c == cluster) || self.digest.as_ref().is_some_and(|d| d.cluster == cluster)
+    }
+
+    pub fn role(&self) -> Option<Role> {
+        self.meta.as_ref().map(|(r, _)| *r).or(self.digest.as_ref().map(|d| d.role))
+    }
+
+    pub fn connected(&self) -> bool {
+        self.connections > 0
+    }
+}
+
+/// The peer table. Peers stay known after they disconnect (their digest and addresses are useful
+/// when they come back); the table is bounded by forgetting disconnected peers first.
+#[derive(Debug, Default)]
+pub(super) struct Peers {
+    pub map: HashMap<PeerId, Peer>,
+    /// What was last handed out with [`Action::RememberPeers`].
+    remembered: BTreeMap<PeerId, Multiaddr>,
+}
+
+/// Peers known at most; disconnected ones are forgotten beyond it.
+const MAX_KNOWN: usize = 1024;
+
+impl Peers {
+    pub fn entry(&mut self, peer: PeerId) -> &mut Peer {
+        if self.map.len() >= MAX_KNOWN && !self.map.contains_key(&peer) {
+            self.map.retain(|_, p| p.connected());
+        }
+        self.map.entry(peer).or_default()
+    }
+
+    pub fn get(&self, peer: &PeerId) -> Option<&Peer> {
+        self.map.get(peer)
+    }
+
+    pub fn is_connected(&self, peer: &PeerId) -> bool {
+        self.map.get(peer).is_some_and(Peer::connected)
+    }
+
+    pub fn connected_count(&self) -> usize {
+        self.map.values().filter(|p| p.connected()).count()
+    }
+
+    /// Connected peers of `cluster`.
+    pub fn cluster<'a>(&'a self, cluster: &'a str) -> impl Iterator<Item = (&'a PeerId, &'a Peer)> + 'a {
+        self.map.iter().filter(move |(_, p)| p.connected() && p.in_cluster(cluster))
+    }
+
+    pub fn cluster_count(&self, cluster: &str) -> usize {
+        self.cluster(cluster).count()
+    }
+}
+
+/// How many peers a digest round talks to in a cluster of `n` known peers: as Corrosion does,
+/// clamp(n / 100, 3, 10), never more than there are.
+pub fn fanout(n: usize) -> usize {
+    (n / 100).clamp(3, 10).min(n)
+}
+
+/// An address worth dialing again: TCP or QUIC on a concrete IP (not 0.0.0.0), without `/p2p/`.
+fn dialable(addr: &Multiaddr) -> bool {
+    let mut ip = false;
+    let mut transport = false;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = !a.is_unspecified(),
+            Protocol::Ip6(a) => ip = !a.is_unspecified(),
+            Protocol::Dns(_) | Protocol::Dns4(_) | Protocol::Dns6(_) => ip = true,
+            Protocol::Tcp(_) | Protocol::QuicV1 => transport = true,
+            Protocol::P2p(_) => {}
+            Protocol::Udp(_) => {}
+            _ => return false,
+        }
+    }
+    ip && transport
+}
+
+/// An address without its trailing `/p2p/<peer>` part, so each peer lists each address once.
+pub(super) fn without_p2p(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
+}
+
+impl Engine {
+    pub(super) fn on_connected(&mut self, now: Instant, peer: PeerId, dialed: Option<Multiaddr>, store: &dyn StoreView) {
+        let info = self.peers.entry(peer);
+        info.connections += 1;
+        if let Some(addr) = &dialed {
+            info.addrs.insert(without_p2p(addr));
+        }
+        if info.connections != 1 {
+            return;
+        }
+        let bootstrap = self.cfg.bootstrap.iter().any(|(_, p)| *p == Some(peer));
+        if self.peers.connected_count() > self.cfg.max_peers && !bootstrap {
+            tracing::debug!(%peer, limit = self.cfg.max_peers, "too many connections; closing this one");
+            self.push(Action::Disconnect { peer });
+            return;
+        }
+        tracing::info!(%peer, addr = ?dialed, "connected");
+        // Exchange digests at once: how a new or returning peer learns what to pull.
+        self.send_digest(now, peer, store);
+    }
+
+    pub(super) fn on_disconnected(&mut self, now: Instant, peer: PeerId, remaining: u32, store: &dyn StoreView) {
+        let Some(info) = self.peers.map.get_mut(&peer) else { return };
+        info.connections = remaining;
+        if remaining > 0 {
+            return;
+        }
+        info.digest_pending = false;
+        tracing::info!(%peer, "disconnected");
+        self.readiness.on_peer_gone(&peer);
+        self.snapshot_source_gone(&peer);
+        // Requests to it will not be answered: fail them now so their work moves elsewhere.
+        let gone: Vec<_> = self.requests.iter().filter(|(_, (p, _))| p.peer() == peer).map(|(r, _)| *r).collect();
+        for req in gone {
+            self.on_response(now, req, Err("peer disconnected".into()), store);
+        }
+        self.check_ready(now, store);
+    }
+
+    pub(super) fn on_identified(&mut self, peer: PeerId, agent: Option<(Role, String)>, listen_addrs: Vec<Multiaddr>) {
+        if agent.as_ref().is_some_and(|(_, c)| *c != self.cfg.cluster) {
+            tracing::info!(%peer, agent = ?agent, "peer belongs to another cluster; not syncing with it");
+        }
+        let entry = self.peers.entry(peer);
+        entry.meta = agent;
+        entry.addrs.extend(listen_addrs.iter().filter(|a| dialable(a)).map(without_p2p));
+    }
+
+    pub(super) fn on_discovered(&mut self, via: Found, found: Vec<(PeerId, Option<Multiaddr>)>) {
+        for (peer, addr) in found {
+            if peer == self.me || self.peers.is_connected(&peer) {
+                continue;
+            }
+            if let Some(a) = &addr {
+                self.peers.entry(peer).addrs.insert(without_p2p(a));
+            }
+            // Found on the LAN: always worth a connection while short of peers; providers found
+            // through Kademlia are dialed only to fill the target.
+            if self.peers.connected_count() >= self.cfg.target_peers {
+                continue;
+            }
+            tracing::info!(%peer, ?addr, ?via, "found a peer; dialing it");
+            self.push(Action::Dial { peer: Some(peer), addr });
+        }
+    }
+
+    /// Providers of the cluster key: dial a random few of those not connected, up to the target.
+    pub(super) fn on_cluster_providers(&mut self, mut providers: Vec<PeerId>) {
+        providers.retain(|p| *p != self.me && !self.peers.is_connected(p));
+        providers.shuffle(&mut self.rng);
+        let room = self.cfg.target_peers.saturating_sub(self.peers.cluster_count(&self.cfg.cluster));
+        for peer in providers.into_iter().take(room) {
+            tracing::debug!(%peer, "dialing a provider of the cluster");
+            self.push(Action::Dial { peer: Some(peer), addr: None });
+        }
+    }
+
+    /// Sends this node's digest to `peer`, unless one is already on its way.
+    pub(super) fn send_digest(&mut self, now: Instant, peer: PeerId, store: &dyn StoreView) {
+        let Some(info) = self.peers.map.get_mut(&peer) else { return };
+        if info.digest_pending {
+            return;
+        }
+        info.digest_pending = true;
+        let digest = self.my_digest(store);
+        self.send(now, peer, SyncRequest::Digest(digest), Pending::Digest { peer });
+        self.count(super::Count::DigestsSent, 1);
+    }
+
+    /// The few peers a digest round talks to: first those likely to hold what this node lacks
+    /// (their last digest was ahead of it somewhere, or they sent none yet), nearest first; then
+    /// one chosen at random among the rest, so every peer is compared with now and then and a
+    /// silent difference cannot hide for long.
+    pub(super) fn digest_targets(&mut self, store: &dyn StoreView) -> Vec<PeerId> {
+        let have = store.version_vector();
+        let mut likely: Vec<(Duration, PeerId)> = Vec::new();
+        let mut others: Vec<PeerId> = Vec::new();
+        for (id, p) in self.peers.cluster(&self.cfg.cluster) {
+            let ahead = p.digest.as_ref().is_none_or(|d| !have.dominates(&d.version_vector));
+            if ahead {
+                likely.push((p.rtt.unwrap_or(Duration::from_secs(3600)), *id));
+            } else {
+                others.push(*id);
+            }
+        }
+        let k = fanout(likely.len() + others.len());
+        likely.sort();
+        let mut targets: Vec<PeerId> = likely.into_iter().map(|(_, p)| p).collect();
+        // Keep room for the random one.
+        targets.truncate(k.saturating_sub(1).max(1));
+        others.sort();
+        others.shuffle(&mut self.rng);
+        for p in others {
+            if targets.len() >= k {
+                break;
+            }
+            targets.push(p);
+        }
+        targets
+    }
+
+    /// The peers to redial after a restart: connected cluster peers with a dialable address. Handed
+    /// out when the set changed.
+    pub(super) fn remember_peers(&mut self) {
+        let mut now: BTreeMap<PeerId, Multiaddr> = BTreeMap::new();
+        for (id, p) in self.peers.cluster(&self.cfg.cluster) {
+            if let Some(addr) = p.addrs.iter().find(|a| dialable(a)) {
+                now.insert(*id, addr.clone());
+            }
+            if now.len() >= MAX_REMEMBERED {
+                break;
+            }
+        }
+        if now.is_empty() || now == self.peers.remembered {
+            return;
+        }
+        // Keep what was remembered before of peers not connected now, so a node that restarts
+        // while half its peers are down still knows the others; bounded.
+        for (id, addr) in &self.peers.remembered {
+            if now.len() >= MAX_REMEMBERED {
+                break;
+            }
+            now.entry(*id).or_insert_with(|| addr.clone());
+        }
+        if now == self.peers.remembered {
+            return;
+        }
+        self.peers.remembered = now.clone();
+        let addrs = now.into_iter().map(|(id, a)| a.with(Protocol::P2p(id))).collect();
+        self.push(Action::RememberPeers { addrs });
+    }
+
+    /// Dials again the bootstrap and remembered peers that are not connected (see `sync::Redial`).
+    pub(super) fn redial(&mut self, now: Instant) {
+        let peers = &self.peers;
+        let any = peers.connected_count() > 0;
+        let due = self.redial.due(now, |p| peers.is_connected(p), any);
+        for addr in due {
+            tracing::debug!(%addr, "dialing a bootstrap peer again");
+            self.push(Action::Dial { peer: None, addr: Some(addr) });
+        }
+    }
+
+    /// Whether `peer` is known (by identify or its digest) as a primary of this node's cluster.
+    pub(super) fn is_primary_of_cluster(&self, peer: &PeerId) -> bool {
+        self.peers.get(peer).is_some_and(|p| p.in_cluster(&self.cfg.cluster) && p.role() == Some(Role::Primary))
+    }
+
+    pub(super) fn on_providers(&mut self, key: super::ProviderKey, peers: Vec<PeerId>) {
+        match key {
+            super::ProviderKey::Cluster => self.on_cluster_providers(peers),
+            super::ProviderKey::Snapshot(cid) => self.on_snapshot_providers(&cid, peers),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fanout_is_small_and_grows_slowly() {
+        assert_eq!(fanout(0), 0);
+        assert_eq!(fanout(2), 2);
+        assert_eq!(fanout(10), 3);
+        assert_eq!(fanout(200), 3);
+        assert_eq!(fanout(550), 5);
+        assert_eq!(fanout(5000), 10);
+    }
+
+    #[test]
+    fn only_concrete_tcp_or_quic_addresses_are_dialable() {
+        assert!(dialable(&"/ip4/127.0.0.1/tcp/4001".parse().unwrap()));
+        assert!(dialable(&"/ip4/10.0.0.1/udp/4001/quic-v1".parse().unwrap()));
+        assert!(!dialable(&"/ip4/0.0.0.0/tcp/4001".parse().unwrap()));
+        assert!(!dialable(&"/ip4/10.0.0.1/tcp/4001/ws".parse().unwrap()));
+        assert!(!dialable(&"/memory/5".parse().unwrap()));
+    }
+}

@@ -1,0 +1,231 @@
+//! Digests and their schedule, requests of peers and answers to ours, replay pulls, and deciding
+//! when the node is active.
+
+use std::time::Instant;
+
+use libp2p::PeerId;
+
+use super::{Action, Count, Engine, Pending, ReplyId, ReqId, StoreView, PULL_MAX_BYTES, PULL_MAX_OPS};
+use crate::store::VersionVector;
+use crate::sync::{PeerView, Phase, Pull, Transition};
+use crate::wire::{encode_gossip, Attestation, Digest, GossipMessage, SyncRequest, SyncResponse};
+
+impl Engine {
+    pub(super) fn my_digest(&self, store: &dyn StoreView) -> Digest {
+        let (state_root, version_vector) = store.state_root();
+        Digest {
+            cluster: self.cfg.cluster.clone(),
+            role: self.cfg.role,
+            version_vector,
+            state_root,
+            log_floors: self.holdings.log_floors.clone(),
+            snapshots: self.holdings.snapshot.iter().map(|(c, _)| *c).collect(),
+            snapshot_brief: self.holdings.snapshot.as_ref().map(|(_, b)| b.clone()),
+        }
+    }
+
+    /// A digest round: digests go to a small fanout of peers (see `digest_targets`), never to every
+    /// peer, so a node's cost per round does not grow with the cluster. Then the next period: short
+    /// while syncing, behind or after changes; doubling towards the maximum while idle.
+    pub(super) fn digest_round(&mut self, now: Instant, store: &dyn StoreView) {
+        self.redial(now);
+        self.remember_peers();
+        let targets = self.digest_targets(store);
+        for peer in &targets {
+            self.send_digest(now, *peer, store);
+        }
+        let have = store.version_vector();
+        let behind = self
+            .peers
+            .cluster(&self.cfg.cluster)
+            .filter_map(|(_, p)| p.digest.as_ref())
+            .any(|d| !have.dominates(&d.version_vector));
+        let busy = behind || !self.readiness.is_active() || targets.is_empty();
+        self.next_digest = now + self.pace.after_round(have.total(), busy);
+        self.plan_pulls(now, store);
+        self.drive_snapshot(now, store);
+        self.check_ready(now, store);
+    }
+
+    pub(super) fn on_request(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        reply: ReplyId,
+        request: SyncRequest,
+        store: &dyn StoreView,
+    ) {
+        self.count(Count::RequestsReceived, 1);
+        match request {
+            SyncRequest::Digest(theirs) => {
+                self.count(Count::DigestsReceived, 1);
+                let mine = self.my_digest(store);
+                self.push(Action::Reply { reply, response: SyncResponse::Digest(mine) });
+                self.record_digest(now, peer, theirs, store);
+            }
+            other => {
+                if !self.peers.get(&peer).is_some_and(|p| p.in_cluster(&self.cfg.cluster)) {
+                    let response = SyncResponse::Error {
+                        code: "not_in_cluster".into(),
+                        message: format!("this node serves cluster {:?} only", self.cfg.cluster),
+                    };
+                    self.push(Action::Reply { reply, response });
+                    return;
+                }
+                if self.serving >= self.cfg.max_serving {
+                    // Shed with an answer that says so: the requester backs off and asks elsewhere.
+                    self.count(Count::RequestsShed, 1);
+                    let response = SyncResponse::Error {
+                        code: "busy".into(),
+                        message: format!("{} requests in service here; ask again later", self.serving),
+                    };
+                    self.push(Action::Reply { reply, response });
+                    return;
+                }
+                self.serving += 1;
+                self.push(Action::Serve { reply, peer, request: other });
+            }
+        }
+    }
+
+    pub(super) fn on_response(
+        &mut self,
+        now: Instant,
+        req: ReqId,
+        result: Result<SyncResponse, String>,
+        store: &dyn StoreView,
+    ) {
+        let Some((pending, _)) = self.requests.remove(&req) else { return };
+        let peer = pending.peer();
+        let response = match result {
+            Ok(SyncResponse::Error { code, message }) => {
+                tracing::debug!(%peer, %code, %message, "peer refused a request");
+                Err(format!("{code}: {message}"))
+            }
+            Ok(r) => Ok(r),
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "request failed");
+                Err(e)
+            }
+        };
+        match (pending, response) {
+            (Pending::Digest { peer }, r) => {
+                if let Some(p) = self.peers.map.get_mut(&peer) {
+                    p.digest_pending = false;
+                }
+                if let Ok(SyncResponse::Digest(theirs)) = r {
+                    self.record_digest(now, peer, theirs, store);
+                }
+            }
+            (Pending::Pull { peer, origin }, Ok(SyncResponse::Ops(batches))) => {
+                if batches.is_empty() {
+                    // The peer has nothing after our cursor (anymore): let the next digest decide.
+                    if let Some(p) = self.peers.map.get_mut(&peer) {
+                        p.digest = None;
+                    }
+                    self.planner.answered(&peer, &origin);
+                    return;
+                }
+                match self.offer_pulled(peer, origin, batches, store) {
+                    Ok(true) => {} // The pull ends when its batches are applied.
+                    Ok(false) => {
+                        self.planner.answered(&peer, &origin);
+                        self.plan_pulls(now, store);
+                    }
+                    Err(reason) => {
+                        tracing::warn!(%peer, %origin, %reason, "rejected replayed ops");
+                        self.count(Count::ReplayRejected, 1);
+                        self.planner.failed(&peer, &origin, now);
+                    }
+                }
+            }
+            (Pending::Pull { peer, origin }, _) => {
+                tracing::debug!(%peer, %origin, "pull failed; trying another source");
+                self.planner.failed(&peer, &origin, now);
+            }
+            (Pending::Manifest { peer }, Ok(SyncResponse::Manifest(bytes))) => self.on_manifest(now, peer, bytes, store),
+            (Pending::Manifest { peer }, _) => self.on_manifest_failed(now, peer),
+            (Pending::Chunk { peer, index, cid }, Ok(SyncResponse::Chunk(bytes))) => {
+                self.on_chunk(peer, index, cid, bytes)
+            }
+            (Pending::Chunk { peer, index, .. }, _) => self.on_chunk_failed(now, peer, index, store),
+            (Pending::Buckets { peer }, Ok(SyncResponse::Buckets(bytes))) => self.on_buckets(now, peer, bytes, store),
+            (Pending::Entries { peer }, Ok(SyncResponse::Entries(entries))) => self.on_entries(peer, entries),
+            (Pending::Buckets { .. } | Pending::Entries { .. }, _) => self.repair.failed(),
+        }
+    }
+
+    fn record_digest(&mut self, now: Instant, peer: PeerId, digest: Digest, store: &dyn StoreView) {
+        if digest.cluster != self.cfg.cluster {
+            tracing::debug!(%peer, cluster = %digest.cluster, "digest from another cluster ignored");
+            return;
+        }
+        tracing::trace!(%peer, vv = ?digest.version_vector, "digest");
+        self.readiness.on_peer_state(peer, digest.version_vector.clone(), digest.state_root);
+        let entry = self.peers.entry(peer);
+        entry.digest = Some(digest);
+        entry.digest_at = Some(now);
+        self.check_ready(now, store);
+        self.plan_pulls(now, store);
+    }
+
+    /// Re-evaluates the phase; announces an attestation on becoming active.
+    pub(super) fn check_ready(&mut self, now: Instant, store: &dyn StoreView) {
+        let (root, vv) = store.state_root();
+        let before = self.readiness.phase();
+        let transition = self.readiness.check(&vv, root, now);
+        if before != Phase::Verifying && self.readiness.phase() == Phase::Verifying {
+            // Just caught up: ask the peers this node learnt from for their state now rather than at
+            // the next round, so the proof of the root comes one round trip later.
+            let peers: Vec<PeerId> = self.digest_targets(store);
+            for peer in peers {
+                self.send_digest(now, peer, store);
+            }
+        }
+        match transition {
+            Transition::None => {}
+            Transition::BecameActive { proven_by } => {
+                tracing::info!(?proven_by, ops = vv.total(), %root, "caught up and verified; node is active");
+                let attestation = Attestation::sign(&self.signer, &self.cfg.cluster, vv, root);
+                self.push(Action::Publish { data: encode_gossip(&GossipMessage::Attestation(attestation)) });
+            }
+            Transition::Divergence { peer } => self.start_repair(now, peer, store),
+        }
+        let phase = self.readiness.phase();
+        if phase != self.announced {
+            self.announced = phase;
+            self.push(Action::Phase { phase });
+        }
+    }
+
+    /// Decides whether to pull a snapshot (before any replay, which it may spare), then starts the
+    /// pulls the planner asks for.
+    pub(super) fn plan_pulls(&mut self, now: Instant, store: &dyn StoreView) {
+        self.maybe_start_snapshot(now, store);
+        let have = self.apply.have(store);
+        // Ops a snapshot being pulled will bring are not replayed meanwhile.
+        let snapshot_brings = self.snapshot.covers().cloned();
+        let views: Vec<PeerView> = self
+            .peers
+            .cluster(&self.cfg.cluster)
+            .filter_map(|(id, p)| {
+                let d = p.digest.as_ref()?;
+                // Only what the peer can replay: origins compacted past our position need a snapshot.
+                let servable = d
+                    .version_vector
+                    .0
+                    .iter()
+                    .filter(|(o, _)| d.log_floors.get(o) <= have.get(o))
+                    .filter(|(o, _)| snapshot_brings.as_ref().is_none_or(|v| v.get(o) <= have.get(o)))
+                    .map(|(o, s)| (*o, *s))
+                    .collect();
+                Some(PeerView { peer: *id, role: d.role, version_vector: VersionVector(servable), rtt: p.rtt })
+            })
+            .collect();
+        for Pull { peer, origin, after } in self.planner.plan(&have, &views, now) {
+            let request = SyncRequest::GetOps { origin, after, max_ops: PULL_MAX_OPS, max_bytes: PULL_MAX_BYTES };
+            tracing::debug!(%peer, %origin, %after, "pulling ops");
+            self.send(now, peer, request, Pending::Pull { peer, origin });
+        }
+    }
+}
