@@ -44,6 +44,7 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/v1/leases/{lease}/{key}/{verb}", post(lease_verb))
         .route("/v1/snapshots", post(snapshot_create).get(snapshot_list))
         .route("/v1/status", get(status))
+        .route("/v1/sync/serve-alone", post(serve_alone))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the HTTP API in README.md")
@@ -318,6 +319,11 @@ async fn snapshot_create(State(node): State<NodeHandle>) -> Result<Response, Api
 
 async fn snapshot_list(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
     Ok(Json(json!({ "snapshots": node.list_snapshots().await? })).into_response())
+}
+
+async fn serve_alone(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    node.serve_alone().await?;
+    Ok(Json(json!({ "state": node.sync_state() })).into_response())
 }
 
 async fn status(State(node): State<NodeHandle>) -> Result<Response, ApiError> {

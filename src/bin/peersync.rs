@@ -150,6 +150,12 @@ struct NodeArgs {
     /// Turn off mDNS discovery on the LAN.
     #[arg(long)]
     no_mdns: bool,
+    /// Become active without a peer vouching for this node's state, even though its data shows it
+    /// was part of a cluster (for a node whose peers are gone for good). Without it such a node
+    /// answers reads with 503 until it has caught up with a peer; `POST /v1/sync/serve-alone`
+    /// says the same at run time.
+    #[arg(long)]
+    serve_alone: bool,
     /// Largest register value in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_value_bytes: usize,
@@ -296,6 +302,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.net.listen = args.listen;
     config.net.bootstrap = args.bootstrap;
     config.net.mdns = !args.no_mdns;
+    config.serve_alone = args.serve_alone;
     config.net.cluster = args.cluster;
     config.net.role = args.role;
     config.net.gossip_heartbeat = Duration::from_millis(args.gossip_heartbeat_ms);

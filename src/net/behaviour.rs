@@ -20,6 +20,9 @@ use crate::wire::{agent_version, SyncRequest, SyncResponse};
 /// signature, topic) and protobuf framing. Payloads themselves are capped at `max_gossip_bytes`.
 pub const GOSSIP_ENVELOPE_OVERHEAD: usize = 1024;
 
+/// Request-response streams open at once per connection handler at most.
+pub const MAX_CONCURRENT_STREAMS: usize = 512;
+
 /// All protocols of a node, driven by one `Swarm`.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
@@ -107,7 +110,11 @@ fn sync_behaviour(config: &NetConfig) -> request_response::cbor::Behaviour<SyncR
     request_response::Behaviour::with_codec(
         codec,
         [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],
-        request_response::Config::default().with_request_timeout(config.request_timeout),
+        // Inbound requests beyond the engine's own bound are answered `busy` by the engine, so the
+        // transport's limit sits above it and streams are not dropped silently.
+        request_response::Config::default()
+            .with_request_timeout(config.request_timeout)
+            .with_max_concurrent_streams(MAX_CONCURRENT_STREAMS),
     )
 }
 

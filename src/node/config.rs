@@ -93,6 +93,18 @@ pub struct NodeConfig {
     /// Gossip messages waiting for validation at most; beyond it they are ignored (and repaired
     /// later). Default 1024.
     pub inbound_queue: usize,
+    /// Cluster peers a node keeps connections to when it can choose: below it, it looks for more
+    /// through Kademlia; gossipsub's mesh and the digest fanout need no more. Default 8.
+    pub target_peers: usize,
+    /// Connections accepted at most; a peer beyond it is disconnected (bootstrap peers excepted).
+    /// Default 48.
+    pub max_peers: usize,
+    /// Requests of peers served from the store at once; more are answered `busy`. Default 64.
+    pub max_serving_requests: usize,
+    /// Become active without a peer vouching for this node's state, even when its store shows it
+    /// was part of a cluster (`--serve-alone`): for a node whose peers are gone for good. Default
+    /// off: such a node stays syncing until it has caught up with a peer.
+    pub serve_alone: bool,
 }
 
 impl Default for NodeConfig {
@@ -118,6 +130,10 @@ impl Default for NodeConfig {
             writer: WriterConfig::default(),
             gap: GapLimits::default(),
             inbound_queue: 1024,
+            target_peers: 8,
+            max_peers: 48,
+            max_serving_requests: 64,
+            serve_alone: false,
         }
     }
 }
@@ -174,6 +190,12 @@ impl NodeConfig {
         }
         if self.digest_interval_min.is_zero() || self.digest_interval_max < self.digest_interval_min {
             return Err(ConfigError("digest intervals must be positive with min <= max".into()));
+        }
+        if self.target_peers == 0 || self.max_peers < self.target_peers || self.max_serving_requests == 0 {
+            return Err(ConfigError(
+                "target_peers and max_serving_requests must be greater than zero, and max_peers at least target_peers"
+                    .into(),
+            ));
         }
         if self.discovery_interval.is_zero() || self.inbound_queue == 0 {
             return Err(ConfigError("discovery_interval and inbound_queue must be greater than zero".into()));

@@ -1,15 +1,15 @@
 //! [`NodeHandle`]: the cloneable library API of a running node.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
-use super::applier::ApplierView;
 use super::config::{NodeConfig, Role};
-use super::event_loop::{Command, NetStatus, PeerStatus};
+use super::event_loop::{Command, NetStatus};
+use crate::sync::engine::PeerStatus;
 use super::events::NodeEvent;
 use super::metrics::Metrics;
 use super::vv_json;
@@ -101,8 +101,6 @@ pub(crate) struct Inner {
     pub metrics: Arc<Metrics>,
     /// Commands to the event loop that owns the swarm.
     pub net: mpsc::Sender<Command>,
-    /// What the apply pipeline shows in status (gaps, buffered ops).
-    pub view: Arc<Mutex<ApplierView>>,
     /// The sync phase, published by the event loop.
     pub phase: watch::Receiver<Phase>,
     /// Signs the snapshots this node makes.
@@ -364,6 +362,12 @@ impl NodeHandle {
         Ok(self.inner.writer.merge_entries(entries).await?.changed as u64)
     }
 
+    /// The operator's word that this node may serve alone: it becomes active now, without a peer
+    /// vouching for its state (for a node whose peers are gone for good).
+    pub async fn serve_alone(&self) -> Result<(), NodeError> {
+        self.inner.net.send(Command::ServeAlone).await.map_err(|_| NodeError::ShuttingDown)
+    }
+
     /// The network's view: listen addresses, peers, pulls in flight.
     pub async fn net_status(&self) -> Result<NetStatus, NodeError> {
         let (reply, rx) = oneshot::channel();
@@ -374,8 +378,8 @@ impl NodeHandle {
     pub async fn status(&self) -> Result<Status, NodeError> {
         let net = self.net_status().await?;
         let (root, vv) = self.inner.store.state_root();
-        let view = self.inner.view.lock().expect("view lock").clone();
-        let busy = !(net.pulls.is_empty() && view.gaps.is_empty() && net.lag_ops.values().all(|l| *l == 0));
+        let busy = !(net.pulls.is_empty() && net.gaps.is_empty() && net.lag_ops.values().all(|l| *l == 0));
+        let rejected = self.inner.metrics.gossip_rejected.get() + self.inner.metrics.replay_rejected.get();
         Ok(Status {
             peer_id: self.inner.peer_id.to_string(),
             role: self.inner.config.net.role,
@@ -391,9 +395,9 @@ impl NodeHandle {
                 "busy": busy,
                 "lag_ops": net.lag_ops,
                 "pulls": net.pulls,
-                "gaps": view.gaps,
-                "buffered_ops": view.buffered_ops,
-                "rejected_messages": view.rejected,
+                "gaps": net.gaps,
+                "buffered_ops": net.buffered_ops,
+                "rejected_messages": rejected,
                 "snapshot": net.snapshot,
             }),
         })

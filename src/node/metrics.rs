@@ -23,6 +23,19 @@ impl Metrics {
     }
 }
 
+/// Label of the request counters: what kind of request.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: &'static str,
+}
+
+impl Metrics {
+    /// Requests of peers received, by kind (`digest`, or `all` for every kind).
+    pub fn requests_received(&self, kind: &'static str) -> Counter {
+        self.requests_in.get_or_create(&KindLabel { kind }).clone()
+    }
+}
+
 /// The node's counters. Cheap to update from any task.
 pub struct Metrics {
     registry: Registry,
@@ -62,6 +75,16 @@ pub struct Metrics {
     pub bytes_out: Family<ProtocolLabel, Counter>,
     /// Total ops applied (sum of the version vector).
     pub applied_total: Gauge,
+    /// Peers connected now.
+    pub connected_peers: Gauge,
+    /// Digest requests this node sent.
+    pub digests_sent: Counter,
+    /// Requests of peers received, by kind.
+    pub requests_in: Family<KindLabel, Counter>,
+    /// Requests of peers answered `busy` because too many were in service.
+    pub requests_shed: Counter,
+    /// Gossip messages neither accepted nor rejected because the apply pipeline was full.
+    pub gossip_ignored: Counter,
 }
 
 impl Default for Metrics {
@@ -86,6 +109,11 @@ impl Default for Metrics {
             chunks_rejected: Counter::default(),
             bytes_in: Family::default(),
             bytes_out: Family::default(),
+            connected_peers: Gauge::default(),
+            digests_sent: Counter::default(),
+            requests_in: Family::default(),
+            requests_shed: Counter::default(),
+            gossip_ignored: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("ops_local", "Ops created by this node and committed", m.ops_local.clone());
@@ -117,6 +145,19 @@ impl Default for Metrics {
         );
         registry.register("sync_rounds", "Discovery and digest rounds run", m.sync_rounds.clone());
         registry.register("bytes_received", "Bytes received, by protocol", m.bytes_in.clone());
+        registry.register("connected_peers", "Peers connected now", m.connected_peers.clone());
+        registry.register("digests_sent", "Digest requests sent to peers", m.digests_sent.clone());
+        registry.register(
+            "sync_requests_received",
+            "Requests of peers received, by kind (digest, or all)",
+            m.requests_in.clone(),
+        );
+        registry.register("sync_requests_shed", "Requests of peers answered busy", m.requests_shed.clone());
+        registry.register(
+            "gossip_ignored",
+            "Gossip messages ignored because the apply pipeline was full",
+            m.gossip_ignored.clone(),
+        );
         registry.register("bytes_sent", "Bytes sent, by protocol", m.bytes_out.clone());
         Metrics { registry, ..m }
     }

@@ -10,22 +10,24 @@ mod event_loop;
 mod events;
 mod handle;
 pub mod identity;
+mod known_peers;
 mod metrics;
+mod store_view;
 pub(crate) mod validate;
 
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::{broadcast, mpsc, watch};
 
 use crate::op::Signer;
 use crate::store::Store;
-use crate::sync::Phase;
 
-pub use applier::ApplierView;
 pub use config::{ConfigError, Limits, NodeConfig, Role};
 pub use error::NodeError;
-pub use event_loop::{NetStatus, PeerStatus, SnapshotStatus};
+pub use event_loop::NetStatus;
+pub use known_peers::KNOWN_PEERS_FILE;
+pub use crate::sync::engine::{PeerStatus, SnapshotStatus};
 pub use events::NodeEvent;
 pub use handle::{LeaseInfo, NodeHandle, SnapshotSummary, Status, SyncState, WriteReceipt};
 pub use metrics::Metrics;
@@ -81,58 +83,51 @@ impl Node {
         metrics.applied_total.set(store.version_vector().total() as i64);
 
         let (net_tx, net_rx) = mpsc::channel(1024);
-        let (inbound_tx, inbound_rx) = mpsc::channel(config.inbound_queue);
-        let view = Arc::new(Mutex::new(ApplierView::default()));
-        let identified: applier::Identified = Arc::default();
-        let applier = applier::Applier::new(
-            store.clone(),
-            writer.clone(),
-            peer_id,
-            config.net.cluster.clone(),
-            config.net.max_gossip_bytes,
-            config.gap,
-            net_tx.clone(),
-            view.clone(),
-            metrics.clone(),
-            identified.clone(),
-        );
-        let discoverable = !config.net.bootstrap.is_empty() || config.net.mdns;
-        // A node with no way to find peers is active from the start (see `sync::Readiness`).
-        let (phase_tx, phase) = watch::channel(if discoverable { Phase::Joining } else { Phase::Active });
-        let redial = crate::sync::Redial::new(crate::net::bootstrap_targets(&config.net, &peer_id), Instant::now());
-        let event_loop = event_loop::EventLoop::new(event_loop::Parts {
-            redial,
-            swarm,
-            store: store.clone(),
-            signer: signer.clone(),
+        // The engine keeps fewer apply tickets outstanding than this queue holds.
+        let (apply_tx, apply_rx) = mpsc::channel(config.inbound_queue + 16);
+        let applier = applier::Applier::new(store.clone(), writer.clone(), net_tx.clone());
+        let engine_config = crate::sync::EngineConfig {
             role: config.net.role,
             cluster: config.net.cluster.clone(),
-            discoverable,
-            timings: event_loop::Timings {
-                discovery: config.discovery_interval,
-                digest_min: config.digest_interval_min,
-                digest_max: config.digest_interval_max,
-                // A node told where its peers are waits for them however long it takes: declaring
-                // itself current on its own could serve stale reads. Only a node that relies on
-                // mDNS alone (perhaps the first of its cluster) goes active after the grace.
-                join_grace: if config.net.bootstrap.is_empty() { config.join_grace } else { Duration::MAX },
-                request_timeout: config.net.request_timeout,
-                chunks_per_source: config.snapshot_chunks_per_source,
-                snapshot_min_saving: config.snapshot_min_saving_ops,
-            },
+            bootstrap: crate::net::bootstrap_targets(&config.net, &peer_id),
+            remembered: known_peers::load(&config.data_dir).into_iter().filter(|(_, p)| *p != peer_id).collect(),
+            mdns: config.net.mdns,
+            serve_alone: config.serve_alone,
+            join_grace: config.join_grace,
+            discovery: config.discovery_interval,
+            digest_min: config.digest_interval_min,
+            digest_max: config.digest_interval_max,
+            request_timeout: config.net.request_timeout,
+            chunks_per_source: config.snapshot_chunks_per_source,
+            snapshot_min_saving: config.snapshot_min_saving_ops,
+            gap: config.gap,
+            max_gossip_bytes: config.net.max_gossip_bytes,
+            target_peers: config.target_peers,
+            max_peers: config.max_peers,
+            max_serving: config.max_serving_requests,
+            max_applying: config.inbound_queue,
+            seed: u64::from_le_bytes(peer_id.to_bytes()[peer_id.to_bytes().len() - 8..].try_into().expect("8 bytes")),
+        };
+        let engine = crate::sync::Engine::new(signer.clone(), engine_config, &store, Instant::now());
+        let (phase_tx, phase) = watch::channel(engine.phase());
+        let event_loop = event_loop::EventLoop::new(event_loop::Parts {
+            swarm,
+            engine,
+            store: store.clone(),
+            cluster: config.net.cluster.clone(),
+            data_dir: config.data_dir.clone(),
             commands: net_rx,
             commands_tx: net_tx.clone(),
             commits: publisher_rx,
-            inbound: inbound_tx,
+            apply: apply_tx,
             metrics: metrics.clone(),
             phase: phase_tx,
             writer: writer.clone(),
-            identified,
         });
         let tasks = vec![
             tokio::spawn(flush_peers_ops(writer.clone())),
             tokio::spawn(events::forward(commit_rx, events.clone(), metrics.clone())),
-            tokio::spawn(applier.run(inbound_rx)),
+            tokio::spawn(applier.run(apply_rx)),
             tokio::spawn(event_loop.run()),
         ];
 
@@ -146,7 +141,6 @@ impl Node {
             events,
             metrics,
             net: net_tx,
-            view,
             phase,
             signer,
         };

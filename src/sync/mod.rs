@@ -29,4 +29,5 @@ pub use engine::{
     Action, ChunkVerdict, Count, Engine, EngineConfig, Found, GossipId, Input, ProviderKey, ReplyId, ReqId, StoreView,
     Ticket, Verdict,
 };
+pub use engine::MAX_BATCH_OPS;
 pub use serve::{serve, ServeStore};

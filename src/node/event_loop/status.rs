@@ -1,28 +1,14 @@
-//! What the event loop reports for `GET /v1/status`: listen addresses, peers, pulls in flight, lag
-//! behind the best peer per origin, and the snapshot being pulled.
+//! What the event loop reports for `GET /v1/status`: its listen addresses, and the engine's view of
+//! peers, pulls, lag, gaps and the snapshot being pulled.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use serde::Serialize;
 
-use super::{EventLoop, SnapshotStatus};
-use crate::ids::Role;
-use crate::node::vv_json;
-
-/// One known peer, as shown in status.
-#[derive(Debug, Clone, Serialize)]
-pub struct PeerStatus {
-    pub peer_id: String,
-    pub addrs: Vec<String>,
-    pub connected: bool,
-    /// From the peer's identify agent version, once identified.
-    pub role: Option<Role>,
-    pub cluster: Option<String>,
-    /// Round-trip time measured by ping.
-    pub rtt_ms: Option<f64>,
-    /// The version vector of the peer's last digest.
-    pub version_vector: Option<BTreeMap<String, u64>>,
-}
+use super::EventLoop;
+use crate::sync::engine::{PeerStatus, SnapshotStatus};
+use crate::sync::Gap;
 
 /// The network part of the node's status.
 #[derive(Debug, Clone, Default, Serialize)]
@@ -35,47 +21,22 @@ pub struct NetStatus {
     pub lag_ops: BTreeMap<String, u64>,
     /// The snapshot being pulled, if any.
     pub snapshot: Option<SnapshotStatus>,
+    /// Holes in origins' logs behind buffered batches.
+    pub gaps: Vec<Gap>,
+    pub buffered_ops: usize,
 }
 
 impl EventLoop {
     pub(super) fn status(&self) -> NetStatus {
-        let have = self.store.version_vector();
-        let mut lag: BTreeMap<String, u64> = BTreeMap::new();
-        let peers = self
-            .peers
-            .iter()
-            .map(|(id, p)| {
-                if let Some(d) = &p.digest {
-                    for (origin, seq) in &d.version_vector.0 {
-                        let behind = seq.0.saturating_sub(have.get(origin).0);
-                        let e = lag.entry(origin.to_string()).or_default();
-                        *e = (*e).max(behind);
-                    }
-                }
-                PeerStatus {
-                    peer_id: id.to_string(),
-                    addrs: p.addrs.iter().map(|a| a.to_string()).collect(),
-                    connected: p.connections > 0,
-                    role: p.role(),
-                    cluster: p.meta.as_ref().map(|(_, c)| c.clone()).or(p.digest.as_ref().map(|d| d.cluster.clone())),
-                    rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
-                    version_vector: p.digest.as_ref().map(|d| vv_json(&d.version_vector)),
-                }
-            })
-            .collect();
-        let pulls = self
-            .pulls
-            .values()
-            .filter_map(|(_, origin)| {
-                self.planner.in_flight(origin).map(|(peer, after)| (origin.to_string(), (peer.to_string(), after.0)))
-            })
-            .collect();
+        let s = self.engine.status(Instant::now(), &self.store);
         NetStatus {
             listen_addrs: self.listen_addrs.iter().map(|a| a.to_string()).collect(),
-            peers,
-            pulls,
-            lag_ops: lag,
-            snapshot: self.snapshot_status(),
+            peers: s.peers,
+            pulls: s.pulls,
+            lag_ops: s.lag_ops,
+            snapshot: s.snapshot,
+            gaps: s.gaps,
+            buffered_ops: s.buffered_ops,
         }
     }
 }

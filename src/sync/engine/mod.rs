@@ -37,7 +37,7 @@ use rand::SeedableRng;
 use super::{DigestPace, GapLimits, Phase, Readiness, Redial, ReplayPlanner};
 use crate::ids::{Origin, Role, Seq, StateRoot};
 use crate::op::{ChainHash, OpBatch, Signer};
-use crate::snapshot::{SignedManifest, SnapshotBrief, StateEntry};
+use crate::snapshot::{ChunkRef, SignedManifest, SnapshotBrief, StateEntry};
 use crate::store::{OriginProgress, VersionVector};
 use crate::wire::{SyncRequest, SyncResponse};
 
@@ -177,8 +177,9 @@ pub enum Action {
     /// every earlier `Apply`. `prev` is the chain hash before the first; `None` means the one the
     /// store holds at `batches[0].after` once the earlier batches of that origin are committed.
     Apply { ticket: Ticket, origin: Origin, batches: Vec<OpBatch>, prev: Option<ChainHash> },
-    /// Check a received chunk against the manifest and persist it into the staging of `snapshot`.
-    Stage { peer: PeerId, snapshot: Cid, index: usize, bytes: Vec<u8>, durable: bool },
+    /// Check a received chunk against its manifest entry and persist it into the staging of
+    /// `snapshot`; `durable` asks for a commit that survives a crash.
+    Stage { peer: PeerId, snapshot: Cid, index: usize, chunk: ChunkRef, bytes: Vec<u8>, durable: bool },
     /// Install the staged snapshot.
     Install { manifest: SignedManifest },
     /// Merge a peer's state entries with the CRDT joins.

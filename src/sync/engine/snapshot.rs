@@ -228,9 +228,7 @@ impl Engine {
     pub(super) fn on_chunk(&mut self, peer: PeerId, index: usize, cid: Cid, bytes: Vec<u8>) {
         let Some(active) = &mut self.snapshot.active else { return };
         let Some(manifest) = active.decoded.clone() else { return };
-        if manifest.chunks.get(index).is_none_or(|c| c.cid != cid) {
-            return;
-        }
+        let Some(chunk) = manifest.chunks.get(index).filter(|c| c.cid == cid).cloned() else { return };
         // A crash loses the staging commits since the last durable one: one in every twentieth of the
         // snapshot's bytes bounds what a restarted pull fetches again to about 5 %.
         active.undurable_bytes += bytes.len() as u64;
@@ -239,7 +237,7 @@ impl Engine {
             active.undurable_bytes = 0;
         }
         let snapshot = active.cid;
-        self.push(Action::Stage { peer, snapshot, index, bytes, durable });
+        self.push(Action::Stage { peer, snapshot, index, chunk, bytes, durable });
     }
 
     pub(super) fn on_chunk_failed(&mut self, now: Instant, peer: PeerId, index: usize, store: &dyn StoreView) {
