@@ -464,3 +464,93 @@ async fn a_bootstrap_peer_that_is_down_at_start_or_restarts_later_is_dialed_agai
     b.shutdown().await;
     a.shutdown().await;
 }
+
+/// The head of a chain (no bootstrap address, no mDNS) that restarts after its peers wrote must not
+/// call itself active before it caught up: its store shows it was part of a cluster, so it redials
+/// the peers it remembers and stays syncing until then. Every read it would serve as active has the
+/// key written while it was down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_chain_head_is_never_active_without_what_it_missed() {
+    let cluster = chain(&[Role::Primary, Role::Primary], |_| {}).await;
+    let hs = cluster.handles();
+    connected(&hs, 1).await;
+    hs[0].put("r", b"from-head".to_vec(), b"1".to_vec()).await.unwrap();
+    hs[1].put("r", b"from-tail".to_vec(), b"1".to_vec()).await.unwrap();
+    converged(&hs).await;
+    let head_dir = hs[0].config().data_dir.clone();
+    let known = head_dir.join(peersync::node::KNOWN_PEERS_FILE);
+    eventually("the head to remember the tail", DEADLINE, || async {
+        let text = std::fs::read_to_string(&known).unwrap_or_default();
+        if text.contains(&hs[1].peer_id().to_string()) {
+            Ok(())
+        } else {
+            Err(text)
+        }
+    })
+    .await;
+    let t = hs[1].clone();
+    drop(hs); // The head's handles keep its database open.
+    let mut nodes = cluster.nodes;
+    let tail = nodes.pop().unwrap();
+    nodes.pop().unwrap().shutdown().await;
+    let missed = t.put("r", b"missed".to_vec(), b"written while the head was down".to_vec()).await.unwrap();
+    // A new port: the tail cannot redial the head; the head must find the tail by itself.
+    let head = Node::start(NodeConfig::local(head_dir)).await.unwrap();
+    let h = head.handle();
+    let syncing_seen = std::sync::atomic::AtomicUsize::new(0);
+    eventually("the restarted head to be active with the missed key", DEADLINE, || async {
+        let active = h.sync_state() == peersync::node::SyncState::Active;
+        let value = h.get("r", b"missed").await.map_err(|e| e.to_string())?;
+        if active {
+            assert!(value.is_some(), "active without the key written while it was down (token {})", missed.token);
+            Ok(())
+        } else {
+            syncing_seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Err(format!("syncing ({:?})", h.phase()))
+        }
+    })
+    .await;
+    assert!(syncing_seen.into_inner() > 0, "the head was active at once after its restart");
+    head.shutdown().await;
+    tail.shutdown().await;
+}
+
+/// A node that was part of a cluster and whose peers are gone for good becomes active when the
+/// operator says it may serve alone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_alone_makes_a_lone_former_member_active() {
+    common::init_tracing();
+    let cluster = chain(&[Role::Primary, Role::Primary], |_| {}).await;
+    let hs = cluster.handles();
+    connected(&hs, 1).await;
+    hs[1].put("r", b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    converged(&hs).await;
+    let dir = hs[0].config().data_dir.clone();
+    let mut nodes = cluster.nodes;
+    let tail = nodes.pop().unwrap();
+    let head = nodes.pop().unwrap();
+    head.shutdown().await;
+    tail.shutdown().await;
+    drop(hs);
+    let mut config = NodeConfig::local(dir);
+    config.join_grace = Duration::from_millis(100);
+    let head = Node::start(config).await.unwrap();
+    let h = head.handle();
+    // Well past the grace a node that never had peers would wait, and several engine rounds later,
+    // it is still syncing: its data shows it was part of a cluster.
+    let started = std::time::Instant::now();
+    eventually("time past the join grace", DEADLINE, || async {
+        let rounds = h.metrics().sync_rounds.get();
+        if started.elapsed() > Duration::from_millis(600) && rounds >= 5 {
+            Ok(())
+        } else {
+            Err(format!("{rounds} rounds"))
+        }
+    })
+    .await;
+    assert_eq!(h.sync_state(), peersync::node::SyncState::Syncing, "its peer is gone; it must not vouch for itself");
+    h.serve_alone().await.unwrap();
+    h.wait_active(DEADLINE).await.unwrap();
+    assert_eq!(h.get("r", b"k").await.unwrap(), Some(b"v".to_vec()));
+    head.shutdown().await;
+}

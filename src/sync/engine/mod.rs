@@ -347,7 +347,11 @@ pub struct Engine {
     pace: DigestPace,
     next_digest: Instant,
     next_discovery: Instant,
+    /// Bootstrap peers, dialed again while not connected.
     redial: Redial,
+    /// Remembered peers, dialed again only while this node has fewer peers than it wants (they
+    /// would otherwise add up to a full mesh).
+    recall: Redial,
     /// Whether the provider record was announced since the first connection.
     provided: bool,
     apply: apply::Apply,
@@ -380,12 +384,12 @@ impl Engine {
         if had_peers && !cfg.serve_alone {
             tracing::info!("this node was part of a cluster: syncing until it has caught up with a peer");
         }
-        let mut dial: Vec<(Multiaddr, Option<PeerId>)> = cfg.bootstrap.clone();
-        for (addr, peer) in &cfg.remembered {
-            if !dial.iter().any(|(_, p)| *p == Some(*peer)) {
-                dial.push((addr.clone(), Some(*peer)));
-            }
-        }
+        let recall: Vec<(Multiaddr, Option<PeerId>)> = cfg
+            .remembered
+            .iter()
+            .filter(|(_, peer)| !cfg.bootstrap.iter().any(|(_, p)| *p == Some(*peer)))
+            .map(|(a, p)| (a.clone(), Some(*p)))
+            .collect();
         let mut engine = Engine {
             me,
             signer,
@@ -400,7 +404,8 @@ impl Engine {
             pace: DigestPace::new(cfg.digest_min, cfg.digest_max),
             next_digest: now + cfg.digest_min,
             next_discovery: now + cfg.discovery,
-            redial: Redial::new(dial.iter().cloned(), now),
+            redial: Redial::new(cfg.bootstrap.iter().cloned(), now),
+            recall: Redial::new(recall, now),
             provided: false,
             apply: apply::Apply::new(cfg.gap),
             snapshot: snapshot::Snapshots::default(),

@@ -269,11 +269,15 @@ impl Engine {
         self.push(Action::RememberPeers { addrs });
     }
 
-    /// Dials again the bootstrap and remembered peers that are not connected (see `sync::Redial`).
+    /// Dials again the bootstrap peers that are not connected (see `sync::Redial`), and the
+    /// remembered ones while this node has fewer peers than it wants.
     pub(super) fn redial(&mut self, now: Instant) {
         let peers = &self.peers;
         let any = peers.connected_count() > 0;
-        let due = self.redial.due(now, |p| peers.is_connected(p), any);
+        let mut due = self.redial.due(now, |p| peers.is_connected(p), any);
+        if peers.cluster_count(&self.cfg.cluster) < self.cfg.target_peers {
+            due.extend(self.recall.due(now, |p| peers.is_connected(p), any));
+        }
         for addr in due {
             tracing::debug!(%addr, "dialing a bootstrap peer again");
             self.push(Action::Dial { peer: None, addr: Some(addr) });
