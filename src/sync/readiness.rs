@@ -11,7 +11,7 @@
 //! find peers but hears from none within the grace period is active by itself too.
 //! No I/O: the caller reports digests and its own state and reads the phase.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -56,14 +56,14 @@ pub struct Readiness {
     /// Pointwise max of the first vector each peer advertised while this node was syncing.
     target: VersionVector,
     /// The latest (vector, root) each peer advertised.
-    latest: HashMap<PeerId, (VersionVector, StateRoot)>,
+    latest: BTreeMap<PeerId, (VersionVector, StateRoot)>,
 }
 
 impl Readiness {
     /// `discoverable`: whether the node has any way to find peers (bootstrap addresses or mDNS).
     pub fn new(discoverable: bool, grace: Duration, now: Instant) -> Self {
         let phase = if discoverable { Phase::Joining } else { Phase::Active };
-        Readiness { phase, started: now, grace, target: VersionVector::default(), latest: HashMap::new() }
+        Readiness { phase, started: now, grace, target: VersionVector::default(), latest: BTreeMap::new() }
     }
 
     pub fn phase(&self) -> Phase {

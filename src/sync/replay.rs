@@ -7,7 +7,7 @@
 //! round-trip time), and a replica prefers replicas so primaries do not carry every replica's load.
 //! No I/O: the caller passes `now` and carries out the returned requests.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
@@ -46,14 +46,14 @@ pub struct ReplayPlanner {
     my_role: Role,
     /// A request not answered within this time is given up and planned again (perhaps elsewhere).
     timeout: Duration,
-    in_flight: HashMap<Origin, InFlight>,
+    in_flight: BTreeMap<Origin, InFlight>,
     /// Peers that recently failed a request, and until when they are skipped.
-    backoff: HashMap<PeerId, (Instant, u32)>,
+    backoff: BTreeMap<PeerId, (Instant, u32)>,
 }
 
 impl ReplayPlanner {
     pub fn new(my_role: Role, timeout: Duration) -> Self {
-        ReplayPlanner { my_role, timeout, in_flight: HashMap::new(), backoff: HashMap::new() }
+        ReplayPlanner { my_role, timeout, in_flight: BTreeMap::new(), backoff: BTreeMap::new() }
     }
 
     /// The pulls to start now. `have` is what this node has applied or already queued.

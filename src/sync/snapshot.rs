@@ -8,7 +8,7 @@
 //! is dropped for a while, with a pause that doubles with every strike, and its chunks go to the
 //! others. No I/O and no clock: the caller passes `now`.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use cid::Cid;
@@ -30,7 +30,7 @@ struct Source {
     rtt: Option<Duration>,
     /// Requests outstanding at this source: chunk index -> when it was sent. An answer removes its
     /// entry; a failure abandons them all (late answers then change nothing here).
-    in_flight: HashMap<usize, Instant>,
+    in_flight: BTreeMap<usize, Instant>,
     strikes: u32,
     paused_until: Option<Instant>,
 }
@@ -46,7 +46,7 @@ impl Source {
 /// nobody serves correctly keeps trying without spinning. Bounded to 64 snapshots.
 #[derive(Debug, Default)]
 pub struct SnapshotRetry {
-    failures: HashMap<Cid, (u32, Instant)>,
+    failures: BTreeMap<Cid, (u32, Instant)>,
 }
 
 impl SnapshotRetry {
@@ -96,7 +96,7 @@ pub struct PullProgress {
 #[derive(Debug)]
 pub struct SnapshotPull {
     chunks: Vec<(Cid, u64, Slot)>,
-    sources: HashMap<PeerId, Source>,
+    sources: BTreeMap<PeerId, Source>,
     per_source: usize,
     timeout: Duration,
     bytes_fetched: u64,
@@ -115,7 +115,7 @@ impl SnapshotPull {
             .collect();
         SnapshotPull {
             chunks,
-            sources: HashMap::new(),
+            sources: BTreeMap::new(),
             per_source: per_source.max(1),
             timeout,
             bytes_fetched: 0,
@@ -128,7 +128,7 @@ impl SnapshotPull {
     pub fn add_source(&mut self, peer: PeerId, rtt: Option<Duration>) {
         let s = self.sources.entry(peer).or_insert(Source {
             rtt,
-            in_flight: HashMap::new(),
+            in_flight: BTreeMap::new(),
             strikes: 0,
             paused_until: None,
         });

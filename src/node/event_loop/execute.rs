@@ -52,7 +52,7 @@ impl EventLoop {
             }
             Action::Publish { data } => self.publish(data),
             Action::Verdict { id, verdict } => {
-                let Some((message_id, source)) = self.gossip.remove(&id) else { return None };
+                let (message_id, source) = self.gossip.remove(&id)?;
                 let acceptance = match verdict {
                     Verdict::Accept => MessageAcceptance::Accept,
                     Verdict::Reject => MessageAcceptance::Reject,

@@ -3,7 +3,7 @@
 //! message. Verification (hash chain, signature) and the write itself are the executor's part of
 //! [`Action::Apply`]; its outcome comes back as [`Input::Applied`](super::Input::Applied).
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::time::Instant;
 
 use libp2p::PeerId;
@@ -33,14 +33,14 @@ enum For {
 pub(super) struct Apply {
     gaps: GapBuffer,
     /// Per origin, where the log stands once every batch queued to the writer is committed.
-    cursors: HashMap<Origin, OriginProgress>,
-    tickets: HashMap<Ticket, For>,
+    cursors: BTreeMap<Origin, OriginProgress>,
+    tickets: BTreeMap<Ticket, For>,
     next_ticket: u64,
 }
 
 impl Apply {
     pub fn new(limits: GapLimits) -> Self {
-        Apply { gaps: GapBuffer::new(limits), cursors: HashMap::new(), tickets: HashMap::new(), next_ticket: 0 }
+        Apply { gaps: GapBuffer::new(limits), cursors: BTreeMap::new(), tickets: BTreeMap::new(), next_ticket: 0 }
     }
 
     /// Where `origin`'s log stands once the queued batches commit. The store may have moved past

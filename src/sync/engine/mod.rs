@@ -26,7 +26,7 @@ mod repair;
 mod snapshot;
 mod status;
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
 
 use cid::Cid;
@@ -338,7 +338,7 @@ pub struct Engine {
     actions: VecDeque<Action>,
     next_req: u64,
     /// The engine's requests in flight, and when each was sent (timed out after `request_timeout`).
-    requests: HashMap<ReqId, (Pending, Instant)>,
+    requests: BTreeMap<ReqId, (Pending, Instant)>,
     peers: peers::Peers,
     readiness: Readiness,
     /// The phase last announced with [`Action::Phase`].
@@ -396,7 +396,7 @@ impl Engine {
             rng: StdRng::seed_from_u64(cfg.seed),
             actions: VecDeque::new(),
             next_req: 0,
-            requests: HashMap::new(),
+            requests: BTreeMap::new(),
             peers: peers::Peers::default(),
             readiness: Readiness::new(discoverable, grace, now),
             announced: Phase::Joining,

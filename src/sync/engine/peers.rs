@@ -2,7 +2,7 @@
 //! which few peers a digest round talks to, whom to dial when short of peers, whom to drop when
 //! over the limit, and which addresses are worth redialing after a restart.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use libp2p::multiaddr::Protocol;
@@ -50,7 +50,7 @@ impl Peer {
 /// when they come back); the table is bounded by forgetting disconnected peers first.
 #[derive(Debug, Default)]
 pub(super) struct Peers {
-    pub map: HashMap<PeerId, Peer>,
+    pub map: BTreeMap<PeerId, Peer>,
     /// What was last handed out with [`Action::RememberPeers`].
     remembered: BTreeMap<PeerId, Multiaddr>,
 }

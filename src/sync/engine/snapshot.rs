@@ -2,7 +2,7 @@
 //! chunks from several sources (see `sync::SnapshotPull`), and sequencing its install. Chunk checks
 //! and persistence are the executor's part of [`Action::Stage`].
 
-use std::collections::HashSet;
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -48,7 +48,7 @@ pub(super) struct ActivePull {
 pub(super) struct Snapshots {
     pub active: Option<ActivePull>,
     /// Optional snapshots given up on: not weighed against replay again. Bounded.
-    declined: HashSet<Cid>,
+    declined: BTreeSet<Cid>,
     /// Needed snapshots whose pull failed, and when they may be tried again.
     retry: SnapshotRetry,
 }
