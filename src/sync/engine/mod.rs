@@ -293,6 +293,9 @@ impl EngineConfig {
     }
 }
 
+/// Discovery period while a node has fewer peers than it wants, when the configured one is longer.
+const SHORT_OF_PEERS_DISCOVERY: Duration = Duration::from_secs(5);
+
 /// Ops asked for in one pull at most.
 pub const PULL_MAX_OPS: u32 = 16_384;
 /// Op bytes asked for in one pull at most (the response limit is higher, to fit framing).
@@ -533,7 +536,10 @@ impl Engine {
         }
         if now >= self.next_discovery {
             self.discovery_round(now);
-            self.next_discovery = now + self.cfg.discovery;
+            // Short of peers (a node that just joined through one bootstrap peer): look again soon.
+            let short = self.peers.cluster_count(&self.cfg.cluster) < self.cfg.target_peers;
+            let every = if short { self.cfg.discovery.min(SHORT_OF_PEERS_DISCOVERY) } else { self.cfg.discovery };
+            self.next_discovery = now + every;
         }
         if now >= self.next_digest {
             self.digest_round(now, store);

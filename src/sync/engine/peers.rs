@@ -134,6 +134,10 @@ impl Engine {
             return;
         }
         tracing::info!(%peer, addr = ?dialed, "connected");
+        if !self.provided {
+            // The first peer: announce and look for the others now rather than a period later.
+            self.next_discovery = now;
+        }
         // Exchange digests at once: how a new or returning peer learns what to pull.
         self.send_digest(now, peer, store);
     }
