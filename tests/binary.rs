@@ -481,3 +481,43 @@ fn compact_shrinks_the_files_of_a_stopped_node_and_refuses_a_running_one() {
     assert!(ok && out.len() >= 8192, "{}", out.len());
     assert!(node.terminate().success());
 }
+
+/// `--api-token-file`: the CLI without the token is refused with `unauthorized` and exits non-zero;
+/// with `PEERSYNC_API_TOKEN` it works. An empty token file stops the node at start, naming it.
+#[test]
+fn the_api_token_file_protects_the_api_and_the_cli_sends_the_token() {
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("api-token");
+    std::fs::write(&token_file, "tok-123\n").unwrap();
+    let data = dir.path().join("node");
+    let node = NodeProc::start(&data, &["--api-token-file", token_file.to_str().unwrap()]);
+    let run = |token: Option<&str>, args: &[&str]| {
+        let mut cmd = std::process::Command::new(common::process::BIN);
+        cmd.args(args).env_remove("PEERSYNC_API_TOKEN");
+        if let Some(t) = token {
+            cmd.env("PEERSYNC_API_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    let denied = run(None, &["put", "r", "k", "v", "--api", &node.api]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("unauthorized"), "{denied:?}");
+    let wrong = run(Some("nope"), &["status", "--api", &node.api]);
+    assert!(!wrong.status.success());
+    let put = run(Some("tok-123"), &["put", "r", "k", "v", "--api", &node.api]);
+    assert!(put.status.success(), "{put:?}");
+    let got = run(Some("tok-123"), &["get", "r", "k", "--api", &node.api]);
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), "v");
+    drop(node);
+
+    std::fs::write(&token_file, "  \n").unwrap();
+    let out = std::process::Command::new(common::process::BIN)
+        .args(["node", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .args(["--api", "127.0.0.1:0", "--listen", "/ip4/127.0.0.1/tcp/0", "--no-mdns", "--api-token-file"])
+        .arg(&token_file)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("api-token-file"), "{out:?}");
+}

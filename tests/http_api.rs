@@ -240,3 +240,47 @@ async fn replica_refuses_writes_over_http() {
     api.expect_error(Method::POST, "/v1/counters/c/k", r#"{"delta": 1}"#, StatusCode::FORBIDDEN, "read_only_replica")
         .await;
 }
+
+/// With an API token every endpoint answers 401 `unauthorized` without `Authorization: Bearer`,
+/// `/metrics` included unless it is public; the right token gets through.
+#[tokio::test]
+async fn an_api_token_guards_every_endpoint() {
+    for metrics_public in [false, true] {
+        let (node, _dir) = common::start_node(|c| {
+            c.api_token = Some("s3cret-token".into());
+            c.metrics_public = metrics_public;
+        })
+        .await;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(peersync::api::serve(listener, node.handle(), std::future::pending()));
+        let http = Client::new();
+        let paths = [
+            (Method::PUT, "/v1/registers/r/k"),
+            (Method::GET, "/v1/registers/r/k"),
+            (Method::GET, "/v1/status"),
+            (Method::POST, "/v1/snapshots"),
+            (Method::GET, "/no/such/endpoint"),
+        ];
+        for (method, path) in &paths {
+            for auth in [None, Some("Bearer wrong-token"), Some("Basic s3cret-token")] {
+                let mut req = http.request(method.clone(), format!("{base}{path}")).body("v");
+                if let Some(a) = auth {
+                    req = req.header("authorization", a);
+                }
+                let resp = req.send().await.unwrap();
+                assert_eq!(resp.status(), StatusCode::UNAUTHORIZED, "{method} {path} with {auth:?}");
+                let body: Value = resp.json().await.unwrap();
+                assert_eq!(body["error"], "unauthorized", "{body}");
+            }
+        }
+        let ok = http.put(format!("{base}/v1/registers/r/k")).bearer_auth("s3cret-token").body("v").send().await;
+        assert_eq!(ok.unwrap().status(), StatusCode::OK);
+        let got = http.get(format!("{base}/v1/registers/r/k")).bearer_auth("s3cret-token").send().await.unwrap();
+        assert_eq!(got.bytes().await.unwrap().as_ref(), b"v");
+        let metrics = http.get(format!("{base}/metrics")).send().await.unwrap().status();
+        let want = if metrics_public { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
+        assert_eq!(metrics, want, "metrics_public = {metrics_public}");
+        node.shutdown().await;
+    }
+}

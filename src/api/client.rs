@@ -21,6 +21,8 @@ pub enum ClientError {
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// Sent as `Authorization: Bearer TOKEN` when set.
+    token: Option<String>,
 }
 
 impl Client {
@@ -33,13 +35,22 @@ impl Client {
             return Err(ClientError::BadUrl(api.to_owned()));
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("http client builds");
-        Ok(Client { base, http })
+        Ok(Client { base, http, token: None })
+    }
+
+    /// Sends `token` as a bearer token with every request (for a node run with `--api-token-file`).
+    pub fn with_token(mut self, token: Option<String>) -> Client {
+        self.token = token.filter(|t| !t.is_empty());
+        self
     }
 
     /// Sends a request to `path` (already percent-encoded) and returns the body of a 2xx answer.
     pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, ClientError> {
         let url = format!("{}{path}", self.base);
         let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         if let Some(b) = body {
             req = req.body(b);
         }

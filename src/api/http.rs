@@ -9,7 +9,8 @@ use std::time::Duration;
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, PathRejection, QueryRejection};
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
-use axum::http::{header, StatusCode};
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
@@ -57,7 +58,39 @@ pub fn router(node: NodeHandle) -> Router {
             )
         })
         .layer(DefaultBodyLimit::max(body_limit))
+        .layer(middleware::from_fn_with_state(node.clone(), authorize))
         .with_state(node)
+}
+
+/// With an API token configured, lets a request through only with `Authorization: Bearer TOKEN`
+/// (`/metrics` too, unless it is public). Compared in constant time.
+async fn authorize(State(node): State<NodeHandle>, request: axum::extract::Request, next: Next) -> Response {
+    let config = node.config();
+    let Some(token) = config.api_token.as_deref() else { return next.run(request).await };
+    if config.metrics_public && request.uri().path() == "/metrics" {
+        return next.run(request).await;
+    }
+    if bearer(request.headers()).is_some_and(|given| constant_time_eq(given.as_bytes(), token.as_bytes())) {
+        return next.run(request).await;
+    }
+    let mut response = ApiError::new(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "this node's API needs `Authorization: Bearer TOKEN` (the CLI reads PEERSYNC_API_TOKEN)",
+    )
+    .into_response();
+    response.headers_mut().insert(header::WWW_AUTHENTICATE, header::HeaderValue::from_static("Bearer"));
+    response
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(token.trim())
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Serves the API on `listener` until `shutdown` completes.

@@ -128,6 +128,15 @@ struct ApiArg {
     /// The node's HTTP API.
     #[arg(long, default_value = "http://127.0.0.1:7700", env = "PEERSYNC_API")]
     api: String,
+    /// Bearer token for a node run with --api-token-file.
+    #[arg(long, env = "PEERSYNC_API_TOKEN", hide_env_values = true)]
+    api_token: Option<String>,
+}
+
+impl ApiArg {
+    fn client(&self) -> Result<Client, ClientError> {
+        Ok(Client::new(&self.api)?.with_token(self.api_token.clone()))
+    }
 }
 
 #[derive(Args)]
@@ -156,6 +165,13 @@ struct NodeArgs {
     /// says the same at run time.
     #[arg(long)]
     serve_alone: bool,
+    /// File holding the API's bearer token: every endpoint then requires
+    /// `Authorization: Bearer TOKEN` and answers 401 without it.
+    #[arg(long, value_name = "FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Leave /metrics open when --api-token-file is given.
+    #[arg(long)]
+    metrics_public: bool,
     /// Largest register value in bytes.
     #[arg(long, default_value_t = 1 << 20)]
     max_value_bytes: usize,
@@ -235,14 +251,14 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Put { register, key, value, api } => {
             let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
-            print_json(Client::new(&api.api)?.call(Method::PUT, &path, Some(value.into_bytes())).await?)
+            print_json(api.client()?.call(Method::PUT, &path, Some(value.into_bytes())).await?)
         }
         Command::Get { register, key, after, stale, api } => {
             let mut path = format!("/v1/registers/{}/{}?stale={stale}", segment(&register), segment(&key));
             if let Some(after) = after {
                 path.push_str(&format!("&after={}", segment(&after)));
             }
-            let value = Client::new(&api.api)?.call(Method::GET, &path, None).await?;
+            let value = api.client()?.call(Method::GET, &path, None).await?;
             let mut out = std::io::stdout().lock();
             out.write_all(&value)?;
             out.write_all(b"\n")?;
@@ -250,24 +266,24 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Del { register, key, api } => {
             let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
-            print_json(Client::new(&api.api)?.call(Method::DELETE, &path, None).await?)
+            print_json(api.client()?.call(Method::DELETE, &path, None).await?)
         }
         Command::Incr { counter, key, delta, api } => {
             let path = format!("/v1/counters/{}/{}", segment(&counter), segment(&key));
             let body = serde_json::json!({ "delta": delta.unwrap_or(1) }).to_string().into_bytes();
-            print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
+            print_json(api.client()?.call(Method::POST, &path, Some(body)).await?)
         }
         Command::Lease { verb, lease, key, holder, ttl_ms, api } => {
             let path = format!("/v1/leases/{}/{}/{verb}", segment(&lease), segment(&key));
             let body = serde_json::json!({ "holder": holder, "ttl_ms": ttl_ms }).to_string().into_bytes();
-            print_json(Client::new(&api.api)?.call(Method::POST, &path, Some(body)).await?)
+            print_json(api.client()?.call(Method::POST, &path, Some(body)).await?)
         }
         Command::Snapshot { action, api } => {
             let method = if action == "create" { Method::POST } else { Method::GET };
-            print_json(Client::new(&api.api)?.call(method, "/v1/snapshots", None).await?)
+            print_json(api.client()?.call(method, "/v1/snapshots", None).await?)
         }
         Command::Status { watch, api } => {
-            let client = Client::new(&api.api)?;
+            let client = api.client()?;
             loop {
                 print_json(client.call(Method::GET, "/v1/status", None).await?)?;
                 if !watch {
@@ -303,6 +319,16 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.net.bootstrap = args.bootstrap;
     config.net.mdns = !args.no_mdns;
     config.serve_alone = args.serve_alone;
+    if let Some(file) = &args.api_token_file {
+        let token = std::fs::read_to_string(file)
+            .map_err(|e| anyhow::anyhow!("cannot read --api-token-file {}: {e}", file.display()))?;
+        let token = token.trim().to_owned();
+        if token.is_empty() {
+            anyhow::bail!("--api-token-file {} is empty: put the token on its first line", file.display());
+        }
+        config.api_token = Some(token);
+    }
+    config.metrics_public = args.metrics_public;
     config.net.cluster = args.cluster;
     config.net.role = args.role;
     config.net.gossip_heartbeat = Duration::from_millis(args.gossip_heartbeat_ms);

@@ -101,6 +101,12 @@ pub struct NodeConfig {
     pub max_peers: usize,
     /// Requests of peers served from the store at once; more are answered `busy`. Default 64.
     pub max_serving_requests: usize,
+    /// With a token, every HTTP endpoint requires `Authorization: Bearer TOKEN` and answers 401
+    /// without it (`--api-token-file`). Default none: the API is open to whoever reaches it.
+    pub api_token: Option<String>,
+    /// Leave `/metrics` open when an API token is set (`--metrics-public`), for a scraper without
+    /// the token. Default off.
+    pub metrics_public: bool,
     /// Become active without a peer vouching for this node's state, even when its store shows it
     /// was part of a cluster (`--serve-alone`): for a node whose peers are gone for good. Default
     /// off: such a node stays syncing until it has caught up with a peer.
@@ -134,6 +140,8 @@ impl Default for NodeConfig {
             max_peers: 48,
             max_serving_requests: 64,
             serve_alone: false,
+            api_token: None,
+            metrics_public: false,
         }
     }
 }
@@ -190,6 +198,9 @@ impl NodeConfig {
         }
         if self.digest_interval_min.is_zero() || self.digest_interval_max < self.digest_interval_min {
             return Err(ConfigError("digest intervals must be positive with min <= max".into()));
+        }
+        if self.api_token.as_ref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
+            return Err(ConfigError("the API token must be non-empty, without spaces or control characters".into()));
         }
         if self.target_peers == 0 || self.max_peers < self.target_peers || self.max_serving_requests == 0 {
             return Err(ConfigError(

@@ -132,6 +132,12 @@ impl Node {
         ];
 
         tracing::info!(%peer_id, role = %config.net.role, cluster = %config.net.cluster, data_dir = %config.data_dir.display(), "node started");
+        tracing::warn!(cluster = %config.net.cluster,
+            "open mode: any peer that can reach this node and names its cluster may join as a primary and write; \
+             run it only on a network you trust");
+        if config.api_token.is_none() {
+            tracing::info!(api = %config.api_addr, "the HTTP API is open to whoever reaches it (no --api-token-file)");
+        }
         let inner = handle::Inner {
             peer_id,
             origin: peer_id.to_string(),

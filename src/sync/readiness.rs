@@ -90,6 +90,15 @@ impl Readiness {
         self.latest.insert(peer, (vv, root));
     }
 
+    /// A peer's signed attestation `{vv, root}`. It proves a root like a digest does, but only once
+    /// this node heard a peer's digest: relayed by gossip, an attestation may be older than what
+    /// the peers hold now, so on its own it must not be taken for where the cluster is.
+    pub fn on_attestation(&mut self, peer: PeerId, vv: VersionVector, root: StateRoot) {
+        if !self.latest.is_empty() {
+            self.on_peer_state(peer, vv, root);
+        }
+    }
+
     /// The operator's word that this node may serve alone: active now.
     pub fn force_active(&mut self) {
         self.phase = Phase::Active;
@@ -209,6 +218,19 @@ mod tests {
         let mut r = Readiness::new(true, Duration::from_secs(5), now);
         r.on_peer_state(p, vv(&[(me, 3)]), R1);
         assert_eq!(r.check(&vv(&[(me, 5)]), R2, now), Transition::BecameActive { proven_by: None });
+    }
+
+    #[test]
+    fn an_attestation_alone_does_not_make_a_joining_node_active() {
+        let (o, p, q) = (PeerId::random(), PeerId::random(), PeerId::random());
+        let now = Instant::now();
+        let mut r = Readiness::new(true, Duration::MAX, now);
+        r.on_attestation(p, VersionVector::default(), R1);
+        assert_eq!(r.check(&VersionVector::default(), R1, now), Transition::None);
+        assert_eq!(r.phase(), Phase::Joining, "no digest heard yet");
+        r.on_peer_state(q, vv(&[(o, 5)]), R2);
+        r.on_attestation(p, vv(&[(o, 5)]), R1);
+        assert_eq!(r.check(&vv(&[(o, 5)]), R1, now), Transition::BecameActive { proven_by: Some(p) });
     }
 
     #[test]

@@ -125,7 +125,7 @@ impl Engine {
                 }
                 a.verify().map_err(|e| Some(e.to_string()))?;
                 if a.peer != self.me {
-                    self.readiness.on_peer_state(a.peer, a.version_vector, a.state_root);
+                    self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
                     self.check_ready(now, store);
                 }
                 return Ok(None);
