@@ -40,6 +40,7 @@
 //! ```
 
 pub mod api;
+pub mod cert;
 pub mod crdt;
 pub mod ids;
 pub mod net;

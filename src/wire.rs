@@ -172,6 +172,12 @@ pub struct Digest {
     /// weigh pulling it against replaying. Absent in digests of older builds.
     #[serde(default)]
     pub snapshot_brief: Option<SnapshotBrief>,
+    /// The sender's membership certificate (see [`crate::cert`]), when its cluster has an authority.
+    #[serde(default)]
+    pub cert: Option<serde_bytes::ByteBuf>,
+    /// Certificates of the other members the sender knows, so members learn each other.
+    #[serde(default)]
+    pub members: Vec<serde_bytes::ByteBuf>,
 }
 
 /// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
@@ -271,6 +277,8 @@ mod tests {
             role: Role::Replica,
             version_vector: VersionVector::default(),
             state_root: StateRoot([7; 32]),
+            cert: None,
+            members: vec![],
         };
         let bytes = postcard::to_stdvec(&digest).unwrap();
         assert_eq!(postcard::from_bytes::<Digest>(&bytes).unwrap(), digest);

@@ -46,6 +46,7 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/v1/snapshots", post(snapshot_create).get(snapshot_list))
         .route("/v1/status", get(status))
         .route("/v1/sync/serve-alone", post(serve_alone))
+        .route("/v1/cluster/members", get(members))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the HTTP API in README.md")
@@ -352,6 +353,16 @@ async fn snapshot_create(State(node): State<NodeHandle>) -> Result<Response, Api
 
 async fn snapshot_list(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
     Ok(Json(json!({ "snapshots": node.list_snapshots().await? })).into_response())
+}
+
+async fn members(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
+    let members = node.net_status().await?.members;
+    Ok(Json(match members {
+        Some(m) => json!(m),
+        // Open mode: no authority, and no member list to speak of.
+        None => json!({ "authority": null, "members": [] }),
+    })
+    .into_response())
 }
 
 async fn serve_alone(State(node): State<NodeHandle>) -> Result<Response, ApiError> {

@@ -44,7 +44,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a node.
-    Node(NodeArgs),
+    Node(Box<NodeArgs>),
     /// Print the node's PeerId, creating its identity if missing.
     Id {
         #[arg(long, default_value = "./peersync-data")]
@@ -113,6 +113,9 @@ enum Command {
         #[command(flatten)]
         api: ApiArg,
     },
+    /// The cluster authority: make its key, admit members.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
     /// Print the node's status.
     Status {
         /// Print it again every second.
@@ -120,6 +123,28 @@ enum Command {
         watch: bool,
         #[command(flatten)]
         api: ApiArg,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCommand {
+    /// Make a new authority key (never overwrites one) and print the authority's id.
+    Init {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+    },
+    /// Certify PEER_ID as a member with a role; writes the certificate to --out, or prints it.
+    Admit {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        peer_id: libp2p::PeerId,
+        #[arg(long)]
+        role: Role,
+        /// How long the certificate is valid, e.g. 30d, 12h, 90m.
+        #[arg(long, default_value = "30d")]
+        valid_for: String,
+        #[arg(long, value_name = "FILE")]
+        out: Option<PathBuf>,
     },
 }
 
@@ -152,8 +177,15 @@ struct NodeArgs {
     /// Address of the HTTP API (port 0 picks a free port).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7700")]
     api: SocketAddr,
-    #[arg(long, default_value = "primary")]
-    role: Role,
+    /// primary or replica [default: primary, or the certificate's role with --cert].
+    #[arg(long)]
+    role: Option<Role>,
+    /// Enforce membership: the cluster authority's id (printed by `peersync cluster init`).
+    #[arg(long, value_name = "ID", requires = "cert")]
+    authority: Option<libp2p::PeerId>,
+    /// This node's membership certificate (from `peersync cluster admit`).
+    #[arg(long, value_name = "FILE", requires = "authority")]
+    cert: Option<PathBuf>,
     #[arg(long, default_value = "default")]
     cluster: String,
     /// Turn off mDNS discovery on the LAN.
@@ -232,7 +264,42 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Node(args) => run_node(args).await,
+        Command::Node(args) => run_node(*args).await,
+        Command::Cluster(ClusterCommand::Init { key }) => {
+            let key = peersync::cert::create_authority_key(&key)?;
+            println!("authority: {}", key.public().to_peer_id());
+            Ok(())
+        }
+        Command::Cluster(ClusterCommand::Admit { key, peer_id, role, valid_for, out }) => {
+            let authority = peersync::cert::load_authority_key(&key)?;
+            let period = peersync::cert::parse_period(&valid_for).map_err(|e| anyhow::anyhow!("--valid-for {e}"))?;
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+            let not_after =
+                now.checked_add(period.as_millis() as u64).ok_or_else(|| anyhow::anyhow!("--valid-for is too long"))?;
+            // Serials increase with time, so a later certificate of the same peer replaces an earlier one.
+            // Valid from a minute ago, so a node whose clock is a little behind accepts it at once.
+            let cert = peersync::cert::Certificate::issue(
+                &authority,
+                peer_id,
+                role,
+                now.saturating_sub(60_000),
+                not_after,
+                now,
+            );
+            match out {
+                Some(path) => {
+                    std::fs::write(&path, cert.to_text())
+                        .map_err(|e| anyhow::anyhow!("cannot write --out {}: {e}", path.display()))?;
+                    eprintln!(
+                        "certificate for {peer_id} ({role}, serial {}) written to {}",
+                        cert.serial,
+                        path.display()
+                    );
+                }
+                None => print!("{}", cert.to_text()),
+            }
+            Ok(())
+        }
         Command::Id { data_dir } => {
             let key = peersync::node::identity::load_or_create(&data_dir)?;
             println!("{}", key.public().to_peer_id());
@@ -330,7 +397,23 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     config.metrics_public = args.metrics_public;
     config.net.cluster = args.cluster;
-    config.net.role = args.role;
+    if let (Some(authority), Some(file)) = (args.authority, &args.cert) {
+        let text =
+            std::fs::read_to_string(file).map_err(|e| anyhow::anyhow!("cannot read --cert {}: {e}", file.display()))?;
+        let cert = peersync::cert::Certificate::from_text(&text)
+            .map_err(|e| anyhow::anyhow!("--cert {} is not a membership certificate: {e}", file.display()))?;
+        if let Some(role) = args.role.filter(|r| *r != cert.role) {
+            anyhow::bail!(
+                "--role {role} disagrees with --cert {}, which makes this node a {}",
+                file.display(),
+                cert.role
+            );
+        }
+        config.net.role = cert.role;
+        config.membership = Some(peersync::sync::Membership { authority, cert });
+    } else {
+        config.net.role = args.role.unwrap_or(Role::Primary);
+    }
     config.net.gossip_heartbeat = Duration::from_millis(args.gossip_heartbeat_ms);
     config.discovery_interval = Duration::from_millis(args.discovery_interval_ms);
     config.digest_interval_min = Duration::from_millis(args.digest_min_ms);

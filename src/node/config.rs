@@ -101,6 +101,9 @@ pub struct NodeConfig {
     pub max_peers: usize,
     /// Requests of peers served from the store at once; more are answered `busy`. Default 64.
     pub max_serving_requests: usize,
+    /// The cluster's authority and this node's membership certificate (`--authority ID --cert FILE`):
+    /// only certified members exchange anything. Default none: open mode.
+    pub membership: Option<crate::sync::Membership>,
     /// With a token, every HTTP endpoint requires `Authorization: Bearer TOKEN` and answers 401
     /// without it (`--api-token-file`). Default none: the API is open to whoever reaches it.
     pub api_token: Option<String>,
@@ -140,6 +143,7 @@ impl Default for NodeConfig {
             max_peers: 48,
             max_serving_requests: 64,
             serve_alone: false,
+            membership: None,
             api_token: None,
             metrics_public: false,
         }
@@ -199,7 +203,11 @@ impl NodeConfig {
         if self.digest_interval_min.is_zero() || self.digest_interval_max < self.digest_interval_min {
             return Err(ConfigError("digest intervals must be positive with min <= max".into()));
         }
-        if self.api_token.as_ref().is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control())) {
+        if self
+            .api_token
+            .as_ref()
+            .is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()))
+        {
             return Err(ConfigError("the API token must be non-empty, without spaces or control characters".into()));
         }
         if self.target_peers == 0 || self.max_peers < self.target_peers || self.max_serving_requests == 0 {

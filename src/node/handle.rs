@@ -9,7 +9,6 @@ use tokio::sync::{broadcast, mpsc, oneshot, watch};
 
 use super::config::{NodeConfig, Role};
 use super::event_loop::{Command, NetStatus};
-use crate::sync::engine::PeerStatus;
 use super::events::NodeEvent;
 use super::metrics::Metrics;
 use super::vv_json;
@@ -18,6 +17,7 @@ use crate::crdt::LeaseRequest;
 use crate::ids::{Origin, Token};
 use crate::op::Signer;
 use crate::store::{AppliedOp, Effect, ListPage, LocalIntent, Store, WriteHandle};
+use crate::sync::engine::PeerStatus;
 use crate::sync::Phase;
 
 /// Names a committed write: where it came from, its position, its content address.

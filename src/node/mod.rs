@@ -23,13 +23,13 @@ use tokio::sync::{broadcast, mpsc, watch};
 use crate::op::Signer;
 use crate::store::Store;
 
+pub use crate::sync::engine::{PeerStatus, SnapshotStatus};
 pub use config::{ConfigError, Limits, NodeConfig, Role};
 pub use error::NodeError;
 pub use event_loop::NetStatus;
-pub use known_peers::KNOWN_PEERS_FILE;
-pub use crate::sync::engine::{PeerStatus, SnapshotStatus};
 pub use events::NodeEvent;
 pub use handle::{LeaseInfo, NodeHandle, SnapshotSummary, Status, SyncState, WriteReceipt};
+pub use known_peers::KNOWN_PEERS_FILE;
 pub use metrics::Metrics;
 
 /// File name of the database inside the data dir.
@@ -62,6 +62,22 @@ impl Node {
     pub async fn start(config: NodeConfig) -> Result<Node, StartError> {
         config.validate()?;
         let keypair = identity::load_or_create(&config.data_dir)?;
+        if let Some(m) = &config.membership {
+            let me = keypair.public().to_peer_id();
+            m.cert.verify(&m.authority, &me, wall_ms()).map_err(|e| {
+                ConfigError(format!(
+                    "--cert does not admit this node ({me}) into the cluster of authority {}: {e}",
+                    m.authority
+                ))
+            })?;
+            if m.cert.role != config.net.role {
+                return Err(ConfigError(format!(
+                    "--role {} disagrees with the certificate, which makes this node a {}",
+                    config.net.role, m.cert.role
+                ))
+                .into());
+            }
+        }
         let path = config.data_dir.join(DATABASE_FILE);
         let cache = config.cache_bytes;
         let store = tokio::task::spawn_blocking(move || Store::open_with_cache(&path, cache))
@@ -107,6 +123,8 @@ impl Node {
             max_serving: config.max_serving_requests,
             max_applying: config.inbound_queue,
             seed: u64::from_le_bytes(peer_id.to_bytes()[peer_id.to_bytes().len() - 8..].try_into().expect("8 bytes")),
+            membership: config.membership.clone(),
+            wall_ms_at_start: wall_ms(),
         };
         let engine = crate::sync::Engine::new(signer.clone(), engine_config, &store, Instant::now());
         let (phase_tx, phase) = watch::channel(engine.phase());
@@ -132,9 +150,13 @@ impl Node {
         ];
 
         tracing::info!(%peer_id, role = %config.net.role, cluster = %config.net.cluster, data_dir = %config.data_dir.display(), "node started");
-        tracing::warn!(cluster = %config.net.cluster,
-            "open mode: any peer that can reach this node and names its cluster may join as a primary and write; \
-             run it only on a network you trust");
+        match &config.membership {
+            Some(m) => tracing::info!(authority = %m.authority, role = %m.cert.role, serial = m.cert.serial,
+                "membership enforced: only peers certified by the authority are exchanged with"),
+            None => tracing::warn!(cluster = %config.net.cluster,
+                "open mode: any peer that can reach this node and names its cluster may join as a primary and write; \
+                 run it only on a network you trust, or give --authority and --cert"),
+        }
         if config.api_token.is_none() {
             tracing::info!(api = %config.api_addr, "the HTTP API is open to whoever reaches it (no --api-token-file)");
         }
@@ -210,4 +232,9 @@ async fn flush_peers_ops(writer: crate::store::WriteHandle) {
 /// A version vector as JSON shows it: origin peer id -> seq.
 pub(crate) fn vv_json(vv: &crate::store::VersionVector) -> std::collections::BTreeMap<String, u64> {
     vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect()
+}
+
+/// Milliseconds since the Unix epoch, by the wall clock.
+pub(crate) fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }

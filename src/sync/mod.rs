@@ -16,18 +16,18 @@ mod replay;
 pub mod serve;
 mod snapshot;
 
+pub use engine::MAX_BATCH_OPS;
+pub use engine::{
+    Action, ChunkVerdict, Count, Engine, EngineConfig, Found, GossipId, Input, Membership, ProviderKey, ReplyId, ReqId,
+    StoreView, Ticket, Verdict,
+};
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
 pub use pace::DigestPace;
 pub use pause::doubling;
 pub use readiness::{Phase, Readiness, Transition};
 pub use redial::{Redial, FIRST_REDIAL_PAUSE, MAX_REDIAL_PAUSE};
 pub use replay::{PeerView, Pull, ReplayPlanner};
+pub use serve::{serve, ServeStore};
 pub use snapshot::{
     choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotChoice, SnapshotPull, SnapshotReason, SnapshotRetry,
 };
-pub use engine::{
-    Action, ChunkVerdict, Count, Engine, EngineConfig, Found, GossipId, Input, ProviderKey, ReplyId, ReqId, StoreView,
-    Ticket, Verdict,
-};
-pub use engine::MAX_BATCH_OPS;
-pub use serve::{serve, ServeStore};

@@ -126,6 +126,14 @@ impl EventLoop {
             Action::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Action::Gossip { peer, allow } => {
+                let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+                if allow {
+                    gossipsub.remove_blacklisted_peer(&peer);
+                } else {
+                    gossipsub.blacklist_peer(&peer);
+                }
+            }
             Action::Provide { key } => {
                 let key = self.key(&key);
                 if let Err(e) = self.swarm.behaviour_mut().kad.start_providing(key) {
@@ -214,8 +222,7 @@ impl EventLoop {
             (Some(peer), None) => self.swarm.dial(peer),
             (None, Some(addr)) => {
                 if let Some(Protocol::P2p(peer)) = addr.iter().last() {
-                    let bare: libp2p::Multiaddr =
-                        addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
+                    let bare: libp2p::Multiaddr = addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect();
                     self.swarm.behaviour_mut().kad.add_address(&peer, bare);
                 }
                 self.swarm.dial(addr)

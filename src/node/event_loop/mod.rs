@@ -35,22 +35,41 @@ use crate::wire::{SyncRequest, SyncResponse};
 /// Requests to the event loop.
 pub(crate) enum Command {
     /// The answer to a peer's request, read from the store on a blocking task.
-    Respond { reply: ReplyId, response: SyncResponse },
+    Respond {
+        reply: ReplyId,
+        response: SyncResponse,
+    },
     /// An apply job was verified and queued, or refused.
-    Applied { ticket: Ticket, result: Result<(), String> },
+    Applied {
+        ticket: Ticket,
+        result: Result<(), String>,
+    },
     /// A queued batch of `origin` failed to commit.
-    ApplyFailed { origin: Origin },
+    ApplyFailed {
+        origin: Origin,
+    },
     /// A snapshot chunk from `peer` was checked, and persisted when it was good.
-    Staged { peer: PeerId, index: usize, len: u64, verdict: ChunkVerdict },
+    Staged {
+        peer: PeerId,
+        index: usize,
+        len: u64,
+        verdict: ChunkVerdict,
+    },
     /// The snapshot being pulled was installed, or failed to.
-    Installed { result: Result<(), String> },
+    Installed {
+        result: Result<(), String>,
+    },
     /// Entries from a divergence repair were merged.
     Merged,
     /// This node made a snapshot: announce it.
-    SnapshotCreated { cid: cid::Cid },
+    SnapshotCreated {
+        cid: cid::Cid,
+    },
     /// The operator says this node may serve alone.
     ServeAlone,
-    Status { reply: oneshot::Sender<NetStatus> },
+    Status {
+        reply: oneshot::Sender<NetStatus>,
+    },
     Stop,
 }
 

@@ -24,6 +24,8 @@ pub struct NetStatus {
     /// Holes in origins' logs behind buffered batches.
     pub gaps: Vec<Gap>,
     pub buffered_ops: usize,
+    /// The member registry; `None` in open mode.
+    pub members: Option<crate::sync::engine::MembersStatus>,
 }
 
 impl EventLoop {
@@ -37,6 +39,7 @@ impl EventLoop {
             snapshot: s.snapshot,
             gaps: s.gaps,
             buffered_ops: s.buffered_ops,
+            members: self.engine.members_status(&self.store),
         }
     }
 }

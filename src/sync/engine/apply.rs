@@ -120,10 +120,14 @@ impl Engine {
         let (role, batch) = match decode_gossip(data, self.cfg.max_gossip_bytes).map_err(|e| Some(e.to_string()))? {
             GossipMessage::Ops { role, batch } => (role, batch),
             GossipMessage::Attestation(a) => {
+                if self.gated() && self.certified_role(&a.peer, now).is_none() {
+                    return Err(Some(format!("attestation of {}, which is not a member", a.peer)));
+                }
                 if a.cluster != self.cfg.cluster {
                     return Err(Some(format!("attestation for cluster {:?}, not {:?}", a.cluster, self.cfg.cluster)));
                 }
                 a.verify().map_err(|e| Some(e.to_string()))?;
+                self.note_attestation(now, &a);
                 if a.peer != self.me {
                     self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
                     self.check_ready(now, store);
@@ -136,15 +140,20 @@ impl Engine {
             // Our own ops relayed back: nothing to apply, nothing wrong.
             return batch.head.verify().map(|_| None).map_err(|e| Some(e.to_string()));
         }
-        if let Some((known_role, cluster)) = self.peers.get(&origin).and_then(|p| p.meta.clone()) {
+        if self.gated() {
+            self.check_origin(&origin, now).map_err(Some)?;
+        } else if let Some((known_role, cluster)) = self.peers.get(&origin).and_then(|p| p.meta.clone()) {
             if cluster != self.cfg.cluster {
-                return Err(Some(format!("origin {origin} belongs to cluster {cluster:?}, not {:?}", self.cfg.cluster)));
+                return Err(Some(format!(
+                    "origin {origin} belongs to cluster {cluster:?}, not {:?}",
+                    self.cfg.cluster
+                )));
             }
             if known_role != Role::Primary {
                 return Err(Some(format!("origin {origin} is a {known_role}; only primaries originate ops")));
             }
         }
-        if role != Role::Primary {
+        if role != Role::Primary && !self.gated() {
             return Err(Some(format!("the message says its origin is a {role}; only primaries originate ops")));
         }
         if self.apply.tickets.len() >= self.cfg.max_applying {
@@ -168,6 +177,9 @@ impl Engine {
     ) -> Result<bool, String> {
         let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
         self.count(Count::OpsReplayed, ops as u64);
+        if self.gated() {
+            self.check_origin(&origin, self.last_now)?;
+        }
         // Contiguous batches go out in one apply; the last group's ticket carries the pull.
         let mut group: Vec<OpBatch> = Vec::new();
         for batch in batches {
@@ -314,6 +326,17 @@ impl Engine {
                 self.plan_pulls(now, store);
             }
             For::Released { .. } => {}
+        }
+    }
+}
+
+impl Engine {
+    /// Membership mode: only origins certified as primaries originate ops.
+    fn check_origin(&self, origin: &crate::ids::Origin, now: Instant) -> Result<(), String> {
+        match self.certified_role(origin, now) {
+            Some(Role::Primary) => Ok(()),
+            Some(role) => Err(format!("origin {origin} is certified as a {role}; only primaries originate ops")),
+            None => Err(format!("origin {origin} is not a certified member of this cluster")),
         }
     }
 }

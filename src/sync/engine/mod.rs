@@ -20,6 +20,7 @@
 //! Must never depend on: the network's I/O, the store's internals, the node, a clock or a runtime.
 
 mod apply;
+mod members;
 mod peers;
 mod pulls;
 mod repair;
@@ -42,6 +43,7 @@ use crate::store::{OriginProgress, VersionVector};
 use crate::wire::{SyncRequest, SyncResponse};
 
 pub use apply::MAX_BATCH_OPS;
+pub use members::{AttestationStatus, MemberStatus, MembersStatus, Membership, MEMBERSHIP_GRACE};
 pub use peers::fanout;
 pub use status::{PeerStatus, SnapshotStatus, SyncStatus};
 
@@ -190,6 +192,8 @@ pub enum Action {
     Dial { peer: Option<PeerId>, addr: Option<Multiaddr> },
     /// Close every connection to a peer.
     Disconnect { peer: PeerId },
+    /// Let gossip flow to and from a peer, or stop it (a peer without a membership certificate).
+    Gossip { peer: PeerId, allow: bool },
     /// Announce this node as a provider of a key.
     Provide { key: ProviderKey },
     /// Look up the providers of a key.
@@ -264,6 +268,12 @@ pub struct EngineConfig {
     pub max_applying: usize,
     /// Seeds the engine's random choices (the random digest target, whom to dial).
     pub seed: u64,
+    /// The cluster's authority and this node's certificate: membership is enforced. `None` is open
+    /// mode: anyone who names the cluster may join.
+    pub membership: Option<Membership>,
+    /// The wall clock (ms since the Unix epoch) at the `now` given to [`Engine::new`]; certificate
+    /// validity is judged against it plus the monotonic time since.
+    pub wall_ms_at_start: u64,
 }
 
 impl EngineConfig {
@@ -289,6 +299,8 @@ impl EngineConfig {
             max_serving: 64,
             max_applying: 1024,
             seed: 0,
+            membership: None,
+            wall_ms_at_start: 0,
         }
     }
 }
@@ -365,6 +377,12 @@ pub struct Engine {
     serving: usize,
     /// The time of the last input.
     last_now: Instant,
+    /// When the engine started: wall time is `cfg.wall_ms_at_start` plus the time since.
+    started: Instant,
+    /// Verified membership certificates by peer (membership mode), this node's own included.
+    members: BTreeMap<PeerId, crate::cert::Certificate>,
+    /// The latest attestation of each peer: vector, root, and when it came (wall ms).
+    attestations: BTreeMap<PeerId, (VersionVector, StateRoot, u64)>,
 }
 
 impl Engine {
@@ -416,8 +434,15 @@ impl Engine {
             holdings: Holdings::default(),
             serving: 0,
             last_now: now,
+            started: now,
+            members: BTreeMap::new(),
+            attestations: BTreeMap::new(),
             cfg,
         };
+        engine.peers.gated = engine.cfg.membership.is_some();
+        if let Some(m) = &engine.cfg.membership {
+            engine.members.insert(me, m.cert.clone());
+        }
         // Remembered peers are dialed at start like bootstrap peers (which the swarm dials itself).
         for (addr, _) in engine.cfg.remembered.clone() {
             engine.push(Action::Dial { peer: None, addr: Some(addr) });
@@ -489,6 +514,10 @@ impl Engine {
         if let Some(t) = self.readiness.deadline() {
             at = at.min(t);
         }
+        if self.gated() {
+            // Certificates expire and strangers outstay their grace on a tick.
+            at = at.min(self.last_now + Duration::from_secs(1));
+        }
         if self.snapshot.is_pulling() {
             // Chunk requests paused on a source resume on a tick.
             at = at.min(self.last_now + self.cfg.digest_min);
@@ -534,6 +563,7 @@ impl Engine {
         for req in expired {
             self.on_response(now, req, Err("timed out".into()), store);
         }
+        self.police_members(now);
         if now >= self.next_discovery {
             self.discovery_round(now);
             // Short of peers (a node that just joined through one bootstrap peer): look again soon.

@@ -29,15 +29,29 @@ pub(super) struct Peer {
     pub digest_at: Option<Instant>,
     /// A digest request to it is in flight: one at a time.
     pub digest_pending: bool,
+    /// Membership is enforced: the peer counts only once it showed a certificate.
+    pub gated: bool,
+    /// The role its verified certificate gives it (membership mode).
+    pub member: Option<Role>,
+    /// When its current connection opened: a peer that shows no certificate within the grace is
+    /// disconnected (membership mode).
+    pub connected_at: Option<Instant>,
 }
 
 impl Peer {
-    /// Whether this peer is a peersync node of `cluster`.
+    /// Whether this peer is a peersync node of `cluster` (a certified member, in membership mode).
     pub fn in_cluster(&self, cluster: &str) -> bool {
-        self.meta.as_ref().is_some_and(|(_, c)| c == cluster) || self.digest.as_ref().is_some_and(|d| d.cluster == cluster)
+        if self.gated {
+            return self.member.is_some();
+        }
+        self.meta.as_ref().is_some_and(|(_, c)| c == cluster)
+            || self.digest.as_ref().is_some_and(|d| d.cluster == cluster)
     }
 
     pub fn role(&self) -> Option<Role> {
+        if self.gated {
+            return self.member;
+        }
         self.meta.as_ref().map(|(r, _)| *r).or(self.digest.as_ref().map(|d| d.role))
     }
 
@@ -53,6 +67,8 @@ pub(super) struct Peers {
     pub map: BTreeMap<PeerId, Peer>,
     /// What was last handed out with [`Action::RememberPeers`].
     remembered: BTreeMap<PeerId, Multiaddr>,
+    /// Membership is enforced (see [`Peer::gated`]).
+    pub gated: bool,
 }
 
 /// Peers known at most; disconnected ones are forgotten beyond it.
@@ -63,7 +79,8 @@ impl Peers {
         if self.map.len() >= MAX_KNOWN && !self.map.contains_key(&peer) {
             self.map.retain(|_, p| p.connected());
         }
-        self.map.entry(peer).or_default()
+        let gated = self.gated;
+        self.map.entry(peer).or_insert_with(|| Peer { gated, ..Peer::default() })
     }
 
     pub fn get(&self, peer: &PeerId) -> Option<&Peer> {
@@ -118,9 +135,18 @@ pub(super) fn without_p2p(addr: &Multiaddr) -> Multiaddr {
 }
 
 impl Engine {
-    pub(super) fn on_connected(&mut self, now: Instant, peer: PeerId, dialed: Option<Multiaddr>, store: &dyn StoreView) {
+    pub(super) fn on_connected(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        dialed: Option<Multiaddr>,
+        store: &dyn StoreView,
+    ) {
         let info = self.peers.entry(peer);
         info.connections += 1;
+        if info.connections == 1 {
+            info.connected_at = Some(now);
+        }
         if let Some(addr) = &dialed {
             info.addrs.insert(without_p2p(addr));
         }
@@ -134,6 +160,10 @@ impl Engine {
             return;
         }
         tracing::info!(%peer, addr = ?dialed, "connected");
+        if self.peers.gated && self.peers.get(&peer).is_some_and(|p| p.member.is_none()) {
+            // Nothing of the cluster's gossip reaches it until it shows a certificate.
+            self.push(Action::Gossip { peer, allow: false });
+        }
         if !self.provided {
             // The first peer: announce and look for the others now rather than a period later.
             self.next_discovery = now;

@@ -13,7 +13,10 @@ use crate::wire::{encode_gossip, Attestation, Digest, GossipMessage, SyncRequest
 impl Engine {
     pub(super) fn my_digest(&self, store: &dyn StoreView) -> Digest {
         let (state_root, version_vector) = store.state_root();
+        let (cert, members) = self.certs_for_digest();
         Digest {
+            cert,
+            members,
             cluster: self.cfg.cluster.clone(),
             role: self.cfg.role,
             version_vector,
@@ -59,15 +62,29 @@ impl Engine {
         match request {
             SyncRequest::Digest(theirs) => {
                 self.count(Count::DigestsReceived, 1);
+                if let Err(reason) = self.admit(now, peer, &theirs) {
+                    tracing::info!(%peer, %reason, "refused a digest of a peer that is not a member; disconnecting");
+                    let response = SyncResponse::Error { code: "not_a_member".into(), message: reason };
+                    self.push(Action::Reply { reply, response });
+                    self.push(Action::Disconnect { peer });
+                    return;
+                }
                 let mine = self.my_digest(store);
                 self.push(Action::Reply { reply, response: SyncResponse::Digest(mine) });
                 self.record_digest(now, peer, theirs, store);
             }
             other => {
                 if !self.peers.get(&peer).is_some_and(|p| p.in_cluster(&self.cfg.cluster)) {
-                    let response = SyncResponse::Error {
-                        code: "not_in_cluster".into(),
-                        message: format!("this node serves cluster {:?} only", self.cfg.cluster),
+                    let response = if self.gated() {
+                        SyncResponse::Error {
+                            code: "not_a_member".into(),
+                            message: "this node serves certified members of its cluster only".into(),
+                        }
+                    } else {
+                        SyncResponse::Error {
+                            code: "not_in_cluster".into(),
+                            message: format!("this node serves cluster {:?} only", self.cfg.cluster),
+                        }
                     };
                     self.push(Action::Reply { reply, response });
                     return;
@@ -114,7 +131,13 @@ impl Engine {
                     p.digest_pending = false;
                 }
                 if let Ok(SyncResponse::Digest(theirs)) = r {
-                    self.record_digest(now, peer, theirs, store);
+                    match self.admit(now, peer, &theirs) {
+                        Ok(()) => self.record_digest(now, peer, theirs, store),
+                        Err(reason) => {
+                            tracing::info!(%peer, %reason, "the peer is not a member; disconnecting");
+                            self.push(Action::Disconnect { peer });
+                        }
+                    }
                 }
             }
             (Pending::Pull { peer, origin }, Ok(SyncResponse::Ops(batches))) => {
@@ -143,7 +166,9 @@ impl Engine {
                 tracing::debug!(%peer, %origin, "pull failed; trying another source");
                 self.planner.failed(&peer, &origin, now);
             }
-            (Pending::Manifest { peer }, Ok(SyncResponse::Manifest(bytes))) => self.on_manifest(now, peer, bytes, store),
+            (Pending::Manifest { peer }, Ok(SyncResponse::Manifest(bytes))) => {
+                self.on_manifest(now, peer, bytes, store)
+            }
             (Pending::Manifest { peer }, _) => self.on_manifest_failed(now, peer),
             (Pending::Chunk { peer, index, cid }, Ok(SyncResponse::Chunk(bytes))) => {
                 self.on_chunk(peer, index, cid, bytes)

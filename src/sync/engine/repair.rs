@@ -11,7 +11,6 @@ use crate::snapshot::StateEntry;
 use crate::sync::serve::MAX_REPAIR_BUCKETS;
 use crate::wire::SyncRequest;
 
-
 /// A repair that started this long ago without finishing may be started again.
 const REPAIR_TIMEOUT: Duration = Duration::from_secs(30);
 

@@ -150,6 +150,9 @@ impl Engine {
             if manifest.cluster != self.cfg.cluster {
                 return Err(format!("manifest is for cluster {:?}", manifest.cluster));
             }
+            if self.gated() && self.certified_role(&manifest.creator, now).is_none() {
+                return Err(format!("manifest made by {}, which is not a member", manifest.creator));
+            }
             Ok((signed, manifest))
         });
         match checked {
@@ -217,11 +220,12 @@ impl Engine {
         }
         let requests = pull.next_requests(now);
         for r in requests {
-            self.send(now, r.peer, SyncRequest::GetChunk { cid: r.cid }, Pending::Chunk {
-                peer: r.peer,
-                index: r.index,
-                cid: r.cid,
-            });
+            self.send(
+                now,
+                r.peer,
+                SyncRequest::GetChunk { cid: r.cid },
+                Pending::Chunk { peer: r.peer, index: r.index, cid: r.cid },
+            );
         }
     }
 

@@ -1,0 +1,362 @@
+//! Membership (a node started with an authority): who may exchange anything with this node.
+//!
+//! A peer shows its certificate in its digest, the first thing exchanged on a connection. Until it
+//! does, it gets nothing: its requests are refused, gossip neither reaches it nor is taken from it,
+//! and after a short grace it is disconnected. Digests of members also carry the certificates their
+//! sender knows, so a node learns every member, including origins it is not connected to whose
+//! ops reach it by relay. Ops count only from origins certified as primaries, attestations and
+//! snapshots only from members. Expired certificates end membership.
+
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde_bytes::ByteBuf;
+
+use super::{Action, Engine};
+use crate::cert::Certificate;
+use crate::ids::Role;
+use crate::wire::Digest;
+
+/// How long a connected peer may take to show a certificate before it is disconnected.
+pub const MEMBERSHIP_GRACE: Duration = Duration::from_secs(5);
+/// Certificates carried in one digest at most.
+const MAX_CERTS_PER_DIGEST: usize = 256;
+/// Members known at most.
+const MAX_MEMBERS: usize = 4096;
+
+/// This node's cluster authority and its own certificate.
+#[derive(Debug, Clone)]
+pub struct Membership {
+    pub authority: PeerId,
+    pub cert: Certificate,
+}
+
+impl Engine {
+    /// Milliseconds since the Unix epoch at `now`, from the wall clock read once at start.
+    pub(super) fn wall_ms(&self, now: Instant) -> u64 {
+        self.cfg.wall_ms_at_start.saturating_add(now.saturating_duration_since(self.started).as_millis() as u64)
+    }
+
+    /// Whether membership is enforced.
+    pub(super) fn gated(&self) -> bool {
+        self.cfg.membership.is_some()
+    }
+
+    /// Checks the certificate `peer` showed in its digest. Open mode admits everyone.
+    pub(super) fn admit(&mut self, now: Instant, peer: PeerId, digest: &Digest) -> Result<(), String> {
+        let Some(m) = self.cfg.membership.clone() else { return Ok(()) };
+        let now_ms = self.wall_ms(now);
+        let bytes = digest.cert.as_ref().ok_or("no membership certificate shown")?;
+        let cert = Certificate::decode(bytes).map_err(|e| e.to_string())?;
+        cert.verify(&m.authority, &peer, now_ms).map_err(|e| e.to_string())?;
+        let newly = self.peers.get(&peer).is_none_or(|p| p.member != Some(cert.role));
+        if newly {
+            tracing::info!(%peer, role = %cert.role, serial = cert.serial, "peer showed a valid membership certificate");
+            self.push(Action::Gossip { peer, allow: true });
+        }
+        self.peers.entry(peer).member = Some(cert.role);
+        self.learn_member(cert);
+        // What it knows of other members: each certificate is checked for its own peer.
+        for bytes in digest.members.iter().take(MAX_CERTS_PER_DIGEST) {
+            let Ok(cert) = Certificate::decode(bytes) else { continue };
+            if self.members.get(&cert.peer) == Some(&cert) {
+                continue;
+            }
+            if cert.verify(&m.authority, &cert.peer, now_ms).is_ok() {
+                self.learn_member(cert);
+            }
+        }
+        Ok(())
+    }
+
+    fn learn_member(&mut self, cert: Certificate) {
+        if self.members.len() >= MAX_MEMBERS && !self.members.contains_key(&cert.peer) {
+            return;
+        }
+        // A newer certificate of the same peer (a later serial) replaces the older one.
+        match self.members.get(&cert.peer) {
+            Some(old) if old.serial > cert.serial => {}
+            _ => {
+                self.members.insert(cert.peer, cert);
+            }
+        }
+    }
+
+    /// Whether `origin` may originate ops: a certified primary, or anyone in open mode (then the
+    /// checks on identify and the message's claim apply).
+    pub(super) fn certified_role(&self, origin: &PeerId, now: Instant) -> Option<Role> {
+        let cert = self.members.get(origin)?;
+        (self.wall_ms(now) < cert.not_after_ms).then_some(cert.role)
+    }
+
+    /// Own certificate and the other members' certificates, for a digest.
+    pub(super) fn certs_for_digest(&self) -> (Option<ByteBuf>, Vec<ByteBuf>) {
+        let Some(m) = &self.cfg.membership else { return (None, Vec::new()) };
+        let others = self
+            .members
+            .values()
+            .filter(|c| c.peer != self.me)
+            .take(MAX_CERTS_PER_DIGEST)
+            .map(|c| ByteBuf::from(c.encode()));
+        (Some(ByteBuf::from(m.cert.encode())), others.collect())
+    }
+
+    /// On a tick: members whose certificate expired are members no more, and peers that showed no
+    /// certificate within the grace are disconnected.
+    pub(super) fn police_members(&mut self, now: Instant) {
+        if !self.gated() {
+            return;
+        }
+        let now_ms = self.wall_ms(now);
+        let expired: Vec<PeerId> = self.members.values().filter(|c| now_ms >= c.not_after_ms).map(|c| c.peer).collect();
+        for peer in expired {
+            tracing::warn!(%peer, "membership certificate expired; no longer exchanging with it");
+            self.members.remove(&peer);
+            if let Some(p) = self.peers.map.get_mut(&peer) {
+                p.member = None;
+                p.digest = None;
+            }
+            self.readiness.on_peer_gone(&peer);
+            if self.peers.is_connected(&peer) {
+                self.push(Action::Gossip { peer, allow: false });
+                self.push(Action::Disconnect { peer });
+            }
+        }
+        let strangers: Vec<PeerId> = self
+            .peers
+            .map
+            .iter()
+            .filter(|(_, p)| p.connected() && p.member.is_none())
+            .filter(|(_, p)| p.connected_at.is_some_and(|t| now.saturating_duration_since(t) >= MEMBERSHIP_GRACE))
+            .map(|(id, _)| *id)
+            .collect();
+        for peer in strangers {
+            tracing::info!(%peer, "peer showed no membership certificate; disconnecting");
+            if let Some(p) = self.peers.map.get_mut(&peer) {
+                p.connected_at = None;
+            }
+            self.push(Action::Disconnect { peer });
+        }
+    }
+}
+
+/// One member as `GET /v1/cluster/members` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberStatus {
+    pub peer_id: String,
+    pub role: Role,
+    pub serial: u64,
+    pub not_after_ms: u64,
+    pub revoked: bool,
+    pub connected: bool,
+    /// `active` once it announced an attestation, `unknown` before.
+    pub state: &'static str,
+    pub attestation: Option<AttestationStatus>,
+}
+
+/// A member's latest attestation, and whether it agrees with this node's state at that vector.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttestationStatus {
+    pub version_vector: std::collections::BTreeMap<String, u64>,
+    pub state_root: String,
+    pub at_ms: u64,
+    /// `Some(true)` when this node is at the same vector with the same root, `Some(false)` at the
+    /// same vector with another root, `None` when the vectors differ (nothing to compare).
+    pub agrees: Option<bool>,
+}
+
+/// The member registry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MembersStatus {
+    pub authority: String,
+    pub members: Vec<MemberStatus>,
+}
+
+impl Engine {
+    /// Records a verified attestation of `peer` for the member registry.
+    pub(super) fn note_attestation(&mut self, now: Instant, a: &crate::wire::Attestation) {
+        let at = self.wall_ms(now);
+        if self.attestations.len() >= MAX_MEMBERS && !self.attestations.contains_key(&a.peer) {
+            return;
+        }
+        self.attestations.insert(a.peer, (a.version_vector.clone(), a.state_root, at));
+    }
+
+    /// The member registry (membership mode), `None` in open mode.
+    pub fn members_status(&self, store: &dyn super::StoreView) -> Option<MembersStatus> {
+        let m = self.cfg.membership.as_ref()?;
+        let (root, vv) = store.state_root();
+        let members = self
+            .members
+            .values()
+            .map(|c| {
+                let attestation = self.attestations.get(&c.peer).map(|(v, r, at)| AttestationStatus {
+                    version_vector: v.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
+                    state_root: r.to_string(),
+                    at_ms: *at,
+                    agrees: (*v == vv).then_some(*r == root),
+                });
+                MemberStatus {
+                    peer_id: c.peer.to_string(),
+                    role: c.role,
+                    serial: c.serial,
+                    not_after_ms: c.not_after_ms,
+                    revoked: false,
+                    connected: c.peer == self.me || self.peers.is_connected(&c.peer),
+                    state: if c.peer == self.me {
+                        if self.readiness.is_active() {
+                            "active"
+                        } else {
+                            "syncing"
+                        }
+                    } else if attestation.is_some() {
+                        "active"
+                    } else {
+                        "unknown"
+                    },
+                    attestation,
+                }
+            })
+            .collect();
+        Some(MembersStatus { authority: m.authority.to_string(), members })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use cid::Cid;
+    use libp2p::identity::Keypair;
+
+    use super::*;
+    use crate::ids::{Origin, Seq, StateRoot};
+    use crate::op::{ChainHash, OpBatch, Signer};
+    use crate::snapshot::SnapshotBrief;
+    use crate::store::{OriginProgress, VersionVector};
+    use crate::sync::engine::{EngineConfig, GossipId, Input, ReplyId, StoreView, Verdict};
+    use crate::wire::{encode_gossip, GossipMessage, SyncRequest, SyncResponse};
+
+    struct Empty;
+
+    impl StoreView for Empty {
+        fn version_vector(&self) -> VersionVector {
+            VersionVector::default()
+        }
+        fn state_root(&self) -> (StateRoot, VersionVector) {
+            (StateRoot::default(), VersionVector::default())
+        }
+        fn progress(&self, _: &Origin) -> OriginProgress {
+            OriginProgress::default()
+        }
+        fn log_floors(&self) -> VersionVector {
+            VersionVector::default()
+        }
+        fn latest_snapshot(&self) -> Option<(Cid, SnapshotBrief)> {
+            None
+        }
+        fn has_chunk(&self, _: &Cid) -> bool {
+            false
+        }
+        fn bucket_hashes(&self) -> Vec<[u8; 32]> {
+            Vec::new()
+        }
+    }
+
+    const NOW_MS: u64 = 1_000_000;
+
+    fn member(authority: &Keypair, role: Role) -> (Signer, Certificate) {
+        let signer = Signer::new(Keypair::generate_ed25519());
+        let cert = Certificate::issue(authority, signer.origin(), role, 0, NOW_MS + 60_000, 1);
+        (signer, cert)
+    }
+
+    fn engine(authority: &Keypair, now: Instant) -> Engine {
+        let (signer, cert) = member(authority, Role::Primary);
+        let mut cfg = EngineConfig::new(Role::Primary, "c");
+        cfg.membership = Some(Membership { authority: authority.public().to_peer_id(), cert });
+        cfg.wall_ms_at_start = NOW_MS;
+        Engine::new(signer, cfg, &Empty, now)
+    }
+
+    fn digest_of(e: &Engine, cert: Option<&Certificate>) -> crate::wire::Digest {
+        let mut d = e.my_digest(&Empty);
+        d.cert = cert.map(|c| serde_bytes::ByteBuf::from(c.encode()));
+        d.members.clear();
+        d
+    }
+
+    fn drain(e: &mut Engine) -> Vec<Action> {
+        std::iter::from_fn(|| e.poll_action()).collect()
+    }
+
+    fn one_op_batch(signer: &Signer) -> OpBatch {
+        let op = serde_bytes::ByteBuf::from(b"op".to_vec());
+        // The engine checks shape and origin; the chain itself is verified by the executor.
+        let head = signer.sign_head(Seq(1), ChainHash::GENESIS.extend(&[1; 32]));
+        OpBatch { after: Seq(0), ops: vec![op], head }
+    }
+
+    #[test]
+    fn strangers_get_nothing_and_members_are_admitted() {
+        let authority = Keypair::generate_ed25519();
+        let other_authority = Keypair::generate_ed25519();
+        let now = Instant::now();
+        let mut e = engine(&authority, now);
+        drain(&mut e);
+        let stranger = PeerId::random();
+        e.handle(now, Input::Connected { peer: stranger, dialed: None }, &Empty);
+        let on_connect = drain(&mut e);
+        assert!(
+            on_connect.iter().any(|a| matches!(a, Action::Gossip { peer, allow: false } if *peer == stranger)),
+            "{on_connect:?}"
+        );
+        // A digest without a certificate, or with one of another authority: refused, disconnected.
+        let (foreign, foreign_cert) = member(&other_authority, Role::Primary);
+        for (peer, cert) in [(stranger, None), (foreign.origin(), Some(&foreign_cert))] {
+            let request = SyncRequest::Digest(digest_of(&e, cert));
+            e.handle(now, Input::Request { peer, reply: ReplyId(1), request }, &Empty);
+            let acts = drain(&mut e);
+            assert!(acts.iter().any(|a| matches!(a, Action::Reply { response: SyncResponse::Error { code, .. }, .. } if code == "not_a_member")), "{acts:?}");
+            assert!(acts.iter().any(|a| matches!(a, Action::Disconnect { peer: p } if *p == peer)), "{acts:?}");
+        }
+        // Any other request of a stranger is refused, never served.
+        let pull = SyncRequest::GetOps { origin: stranger, after: Seq(0), max_ops: 10, max_bytes: 1000 };
+        e.handle(now, Input::Request { peer: stranger, reply: ReplyId(2), request: pull }, &Empty);
+        let acts = drain(&mut e);
+        assert!(!acts.iter().any(|a| matches!(a, Action::Serve { .. })), "{acts:?}");
+        assert!(acts.iter().any(
+            |a| matches!(a, Action::Reply { response: SyncResponse::Error { code, .. }, .. } if code == "not_a_member")
+        ));
+        // Ops of an origin that is no certified primary are rejected: the stranger, and a replica.
+        let (replica, replica_cert) = member(&authority, Role::Replica);
+        let request = SyncRequest::Digest(digest_of(&e, Some(&replica_cert)));
+        e.handle(now, Input::Request { peer: replica.origin(), reply: ReplyId(3), request }, &Empty);
+        drain(&mut e);
+        let forger = Signer::new(Keypair::generate_ed25519());
+        for (i, signer) in [&forger, &replica].into_iter().enumerate() {
+            let data = encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch: one_op_batch(signer) });
+            e.handle(now, Input::Gossip { id: GossipId(i as u64), from: replica.origin(), data }, &Empty);
+            let acts = drain(&mut e);
+            assert!(acts.iter().any(|a| matches!(a, Action::Verdict { verdict: Verdict::Reject, .. })), "{acts:?}");
+            assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })), "{acts:?}");
+        }
+        // A certified primary's digest admits it and lets gossip flow; its ops are applied.
+        let (primary, primary_cert) = member(&authority, Role::Primary);
+        e.handle(now, Input::Connected { peer: primary.origin(), dialed: None }, &Empty);
+        drain(&mut e);
+        let request = SyncRequest::Digest(digest_of(&e, Some(&primary_cert)));
+        e.handle(now, Input::Request { peer: primary.origin(), reply: ReplyId(4), request }, &Empty);
+        let acts = drain(&mut e);
+        assert!(acts.iter().any(|a| matches!(a, Action::Gossip { allow: true, .. })), "{acts:?}");
+        assert!(acts.iter().any(|a| matches!(a, Action::Reply { response: SyncResponse::Digest(_), .. })), "{acts:?}");
+        let data = encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch: one_op_batch(&primary) });
+        e.handle(now, Input::Gossip { id: GossipId(9), from: primary.origin(), data }, &Empty);
+        assert!(drain(&mut e).iter().any(|a| matches!(a, Action::Apply { .. })));
+        // Past its certificate's end it is a member no more.
+        let later = now + std::time::Duration::from_secs(61);
+        e.handle(later, Input::Tick, &Empty);
+        let acts = drain(&mut e);
+        assert!(acts.iter().any(|a| matches!(a, Action::Disconnect { peer } if *peer == primary.origin())), "{acts:?}");
+    }
+}
