@@ -146,6 +146,11 @@ enum ClusterCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Write a new swarm key (a libp2p private network's pre-shared key) to FILE; never overwrites.
+    SwarmKey {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
 }
 
 #[derive(Args)]
@@ -201,6 +206,10 @@ struct NodeArgs {
     /// `Authorization: Bearer TOKEN` and answers 401 without it.
     #[arg(long, value_name = "FILE")]
     api_token_file: Option<PathBuf>,
+    /// A private network's pre-shared key (`peersync cluster swarm-key`): nodes without it cannot
+    /// connect. TCP only.
+    #[arg(long, value_name = "FILE")]
+    swarm_key: Option<PathBuf>,
     /// Leave /metrics open when --api-token-file is given.
     #[arg(long)]
     metrics_public: bool,
@@ -265,6 +274,20 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => run_node(*args).await,
+        Command::Cluster(ClusterCommand::SwarmKey { out }) => {
+            use std::io::Write as _;
+            let mut options = std::fs::OpenOptions::new();
+            options.write(true).create_new(true);
+            #[cfg(unix)]
+            std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
+            let mut file = options.open(&out).map_err(|e| match e.kind() {
+                std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("{} already exists; a swarm key is never overwritten", out.display()),
+                _ => anyhow::anyhow!("cannot write {}: {e}", out.display()),
+            })?;
+            writeln!(file, "{}", peersync::net::new_swarm_key())?;
+            eprintln!("swarm key written to {}; give it to every node with --swarm-key", out.display());
+            Ok(())
+        }
         Command::Cluster(ClusterCommand::Init { key }) => {
             let key = peersync::cert::create_authority_key(&key)?;
             println!("authority: {}", key.public().to_peer_id());
@@ -396,6 +419,9 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
         config.api_token = Some(token);
     }
     config.metrics_public = args.metrics_public;
+    if let Some(file) = &args.swarm_key {
+        config.net.swarm_key = Some(peersync::net::read_swarm_key(file).map_err(|e| anyhow::anyhow!("--swarm-key {e}"))?);
+    }
     config.net.cluster = args.cluster;
     if let (Some(authority), Some(file)) = (args.authority, &args.cert) {
         let text =

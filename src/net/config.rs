@@ -45,6 +45,10 @@ pub struct NetConfig {
     /// Largest encoded repair response accepted. Default 16 MiB; replies to `GetOps` are capped below
     /// this by the request's own `max_bytes`.
     pub max_response_bytes: usize,
+    /// A private network (`--swarm-key`): every connection starts with a handshake on this
+    /// pre-shared key, so a node without it cannot complete a connection. TCP only (QUIC has no
+    /// such handshake). Default none.
+    pub swarm_key: Option<libp2p::pnet::PreSharedKey>,
 }
 
 /// Default TCP port of a node.
@@ -71,6 +75,7 @@ impl Default for NetConfig {
             max_gossip_bytes: 64 * 1024,
             max_request_bytes: 1024 * 1024,
             max_response_bytes: 16 * 1024 * 1024,
+            swarm_key: None,
         }
     }
 }
@@ -187,6 +192,10 @@ impl NetConfig {
         }
         for addr in &self.listen {
             check_transport(addr).map_err(|reason| NetError::ListenAddr { addr: addr.clone(), reason })?;
+            if self.swarm_key.is_some() && addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+                let reason = "QUIC cannot run in a private network (--swarm-key); listen on TCP";
+                return Err(NetError::ListenAddr { addr: addr.clone(), reason });
+            }
         }
         for addr in &self.bootstrap {
             check_transport(addr).map_err(|reason| NetError::BootstrapAddr { addr: addr.clone(), reason })?;

@@ -26,4 +26,4 @@ pub use crate::wire::{
 pub use behaviour::{cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD};
 pub use config::{NetConfig, NetError, DEFAULT_PORT, MAX_CLUSTER_NAME_LEN, MIN_GOSSIP_BYTES};
 pub use protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
-pub use swarm::{bootstrap_targets, build_swarm, kad_addresses, on_identify, start};
+pub use swarm::{bootstrap_targets, build_swarm, kad_addresses, new_swarm_key, on_identify, read_swarm_key, start};

@@ -19,6 +19,9 @@ use super::protocol::KAD_PROTOCOL;
 pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behaviour>, NetError> {
     config.validate()?;
     let behaviour = Behaviour::new(&keypair, config)?;
+    if let Some(psk) = config.swarm_key {
+        return private_swarm(keypair, behaviour, psk, config);
+    }
     let swarm = SwarmBuilder::with_existing_identity(keypair)
         .with_tokio()
         .with_tcp(tcp::Config::default().nodelay(true), noise::Config::new, yamux::Config::default)
@@ -29,6 +32,46 @@ pub fn build_swarm(keypair: Keypair, config: &NetConfig) -> Result<Swarm<Behavio
         .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
         .build();
     Ok(swarm)
+}
+
+/// A swarm of a private network: TCP, then the pre-shared-key handshake, then noise and yamux. A
+/// peer without the key fails the handshake before anything else is exchanged.
+fn private_swarm(
+    keypair: Keypair,
+    behaviour: Behaviour,
+    psk: libp2p::pnet::PreSharedKey,
+    config: &NetConfig,
+) -> Result<Swarm<Behaviour>, NetError> {
+    use libp2p::core::upgrade::Version;
+    use libp2p::Transport;
+    let swarm = SwarmBuilder::with_existing_identity(keypair)
+        .with_tokio()
+        .with_other_transport(move |key| -> Result<_, Box<dyn std::error::Error + Send + Sync>> {
+            let noise = noise::Config::new(key)?;
+            Ok(tcp::tokio::Transport::new(tcp::Config::default().nodelay(true))
+                .and_then(move |socket, _| libp2p::pnet::PnetConfig::new(psk).handshake(socket))
+                .upgrade(Version::V1Lazy)
+                .authenticate(noise)
+                .multiplex(yamux::Config::default()))
+        })
+        .map_err(|e| NetError::Transport { what: "tcp/pnet/noise", message: e.to_string() })?
+        .with_behaviour(|_| behaviour)
+        .expect("an already built behaviour is infallible")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(config.idle_connection_timeout))
+        .build();
+    Ok(swarm)
+}
+
+/// A new random pre-shared key in the usual `swarm.key` format (`/key/swarm/psk/1.0.0/`).
+pub fn new_swarm_key() -> String {
+    let bytes: [u8; 32] = rand::random();
+    libp2p::pnet::PreSharedKey::new(bytes).to_string()
+}
+
+/// Reads a `swarm.key` file.
+pub fn read_swarm_key(path: &std::path::Path) -> Result<libp2p::pnet::PreSharedKey, String> {
+    let text = std::fs::read_to_string(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    text.trim().parse().map_err(|e| format!("{} is not a swarm key (/key/swarm/psk/1.0.0/): {e:?}", path.display()))
 }
 
 /// Joins the network: listens on every `listen` address, dials every bootstrap address (skipping

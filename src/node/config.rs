@@ -96,8 +96,9 @@ pub struct NodeConfig {
     /// Cluster peers a node keeps connections to when it can choose: below it, it looks for more
     /// through Kademlia; gossipsub's mesh and the digest fanout need no more. Default 8.
     pub target_peers: usize,
-    /// Connections accepted at most; a peer beyond it is disconnected (bootstrap peers excepted).
-    /// Default 48.
+    /// Connections kept at most: beyond it the extra ones are closed at the next digest round
+    /// (bootstrap peers and peers in the middle of a request excepted), and beyond twice as many a
+    /// new one is closed at once. Default 24.
     pub max_peers: usize,
     /// Requests of peers served from the store at once; more are answered `busy`. Default 64.
     pub max_serving_requests: usize,
@@ -140,7 +141,7 @@ impl Default for NodeConfig {
             gap: GapLimits::default(),
             inbound_queue: 1024,
             target_peers: 8,
-            max_peers: 48,
+            max_peers: 24,
             max_serving_requests: 64,
             serve_alone: false,
             membership: None,

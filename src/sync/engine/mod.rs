@@ -260,7 +260,8 @@ pub struct EngineConfig {
     pub max_gossip_bytes: usize,
     /// Cluster peers this node keeps connections to when it can choose; below it, it looks for more.
     pub target_peers: usize,
-    /// Connections accepted at most; a peer beyond it is disconnected (bootstrap peers excepted).
+    /// Connections kept at most: extra ones are closed at the next digest round, and beyond twice
+    /// as many a new one at once (bootstrap peers excepted).
     pub max_peers: usize,
     /// Inbound requests served from the store at once; more are answered `busy`.
     pub max_serving: usize,
@@ -295,7 +296,7 @@ impl EngineConfig {
             gap: GapLimits::default(),
             max_gossip_bytes: 64 * 1024,
             target_peers: 8,
-            max_peers: 48,
+            max_peers: 24,
             max_serving: 64,
             max_applying: 1024,
             seed: 0,

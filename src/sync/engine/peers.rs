@@ -13,6 +13,9 @@ use super::{Action, Engine, Found, Pending, StoreView};
 use crate::ids::Role;
 use crate::wire::{Digest, SyncRequest};
 
+/// A connection younger than this is not pruned: a lookup or a handshake may still be using it.
+const PRUNE_MIN_AGE: Duration = Duration::from_secs(10);
+
 /// Addresses remembered for redial after a restart, at most.
 const MAX_REMEMBERED: usize = 64;
 
@@ -154,8 +157,10 @@ impl Engine {
             return;
         }
         let bootstrap = self.cfg.bootstrap.iter().any(|(_, p)| *p == Some(peer));
-        if self.peers.connected_count() > self.cfg.max_peers && !bootstrap {
-            tracing::debug!(%peer, limit = self.cfg.max_peers, "too many connections; closing this one");
+        // A flood of connections is cut at once; a few over the limit (Kademlia lookups dial
+        // peers to query them) are pruned at the next rounds instead, once they are done.
+        if self.peers.connected_count() > self.cfg.max_peers.saturating_mul(2) && !bootstrap {
+            tracing::debug!(%peer, limit = self.cfg.max_peers, "far too many connections; closing this one");
             self.push(Action::Disconnect { peer });
             return;
         }
@@ -270,6 +275,36 @@ impl Engine {
             targets.push(p);
         }
         targets
+    }
+
+    /// Closes connections beyond `max_peers`: Kademlia lookups and peers dialing in add
+    /// connections that gossipsub would otherwise keep open for good, until every node is connected
+    /// to every other. Peers connected for less than a while, bootstrap peers and peers with
+    /// requests in flight are kept; outsiders go first, then cluster peers at random.
+    pub(super) fn prune_connections(&mut self, now: Instant) {
+        let excess = self.peers.connected_count().saturating_sub(self.cfg.max_peers);
+        if excess == 0 {
+            return;
+        }
+        let busy: BTreeSet<PeerId> = self.requests.values().map(|(p, _)| p.peer()).collect();
+        let mut candidates: Vec<(bool, PeerId)> = self
+            .peers
+            .map
+            .iter()
+            .filter(|(id, p)| p.connected() && !busy.contains(id))
+            .filter(|(_, p)| p.connected_at.is_none_or(|t| now.saturating_duration_since(t) >= PRUNE_MIN_AGE))
+            .filter(|(id, _)| !self.cfg.bootstrap.iter().any(|(_, b)| *b == Some(**id)))
+            .map(|(id, p)| (p.in_cluster(&self.cfg.cluster), *id))
+            .collect();
+        candidates.shuffle(&mut self.rng);
+        candidates.sort_by_key(|(in_cluster, _)| *in_cluster);
+        for (_, peer) in candidates.into_iter().take(excess) {
+            tracing::debug!(%peer, limit = self.cfg.max_peers, "more connections than needed; closing one");
+            if let Some(p) = self.peers.map.get_mut(&peer) {
+                p.connected_at = None;
+            }
+            self.push(Action::Disconnect { peer });
+        }
     }
 
     /// The peers to redial after a restart: connected cluster peers with a dialable address. Handed

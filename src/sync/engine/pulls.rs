@@ -32,6 +32,7 @@ impl Engine {
     /// while syncing, behind or after changes; doubling towards the maximum while idle.
     pub(super) fn digest_round(&mut self, now: Instant, store: &dyn StoreView) {
         self.redial(now);
+        self.prune_connections(now);
         self.remember_peers();
         let targets = self.digest_targets(store);
         for peer in &targets {
