@@ -201,3 +201,55 @@ async fn a_node_without_a_valid_certificate_of_its_own_does_not_start() {
     let err = Node::start(config).await.err().expect("must not start");
     assert!(err.to_string().contains("disagrees"), "{err}");
 }
+
+/// A private network: nodes with the swarm key connect and sync; a node without it, or with another
+/// key, never appears among their peers, and its writes never arrive.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_without_the_swarm_key_never_connects() {
+    common::init_tracing();
+    let key: libp2p::pnet::PreSharedKey = peersync::net::new_swarm_key().parse().unwrap();
+    let other: libp2p::pnet::PreSharedKey = peersync::net::new_swarm_key().parse().unwrap();
+    let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
+    let start = |dir: &tempfile::TempDir, psk: Option<libp2p::pnet::PreSharedKey>, bootstrap: Option<libp2p::Multiaddr>| {
+        let mut config = NodeConfig::local(dir.path());
+        config.net.swarm_key = psk;
+        config.net.bootstrap = bootstrap.into_iter().collect();
+        Node::start(config)
+    };
+    let a = start(&dirs[0], Some(key), None).await.unwrap();
+    let ah = a.handle();
+    let addr = dial_addr(&ah).await;
+    let b = start(&dirs[1], Some(key), Some(addr.clone())).await.unwrap();
+    let open = start(&dirs[2], None, Some(addr.clone())).await.unwrap();
+    let wrong = start(&dirs[3], Some(other), Some(addr)).await.unwrap();
+    let bh = b.handle();
+    bh.put("r", b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    open.handle().put("r", b"open".to_vec(), b"x".to_vec()).await.unwrap();
+    wrong.handle().put("r", b"wrong".to_vec(), b"x".to_vec()).await.unwrap();
+    eventually("the member with the key to sync", DEADLINE, || async {
+        if holds(&ah, b"k").await {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    // The outsiders keep redialing their bootstrap peer (0.5 s, 1 s, 2 s ...): let a few tries pass.
+    let rounds = ah.metrics().sync_rounds.get();
+    eventually("several rounds", DEADLINE, || async {
+        if ah.metrics().sync_rounds.get() >= rounds + 20 {
+            Ok(())
+        } else {
+            Err("waiting".into())
+        }
+    })
+    .await;
+    let peers = ah.net_status().await.unwrap().peers;
+    for outsider in [open.handle().peer_id(), wrong.handle().peer_id()] {
+        assert!(!peers.iter().any(|p| p.peer_id == outsider.to_string()), "{outsider} is among the peers: {peers:?}");
+    }
+    assert!(!holds(&ah, b"open").await && !holds(&ah, b"wrong").await);
+    for n in [a, b, open, wrong] {
+        n.shutdown().await;
+    }
+}
