@@ -144,6 +144,88 @@ impl Certificate {
     }
 }
 
+const REVOCATION_DOMAIN: &[u8] = b"peersync/membership-revocation/v1";
+const REVOCATION_HEADER: &str = "peersync membership revocation v1";
+
+/// A signed statement of the authority: `peer` is a member no more. Its ops up to `last_seq` (what
+/// the authority's node had seen of it when the revocation was made) stay; later ones are refused
+/// everywhere, and connections to it are closed.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub authority: PeerId,
+    pub peer: PeerId,
+    pub last_seq: crate::ids::Seq,
+    pub at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    pub signature: Vec<u8>,
+}
+
+impl Revocation {
+    fn payload(&self) -> Vec<u8> {
+        let mut out = REVOCATION_DOMAIN.to_vec();
+        out.extend(postcard::to_stdvec(&(&self.authority, &self.peer, self.last_seq, self.at_ms)).expect("encodes"));
+        out
+    }
+
+    pub fn issue(key: &Keypair, peer: PeerId, last_seq: crate::ids::Seq, at_ms: u64) -> Self {
+        let mut r = Revocation { authority: key.public().to_peer_id(), peer, last_seq, at_ms, signature: Vec::new() };
+        r.signature = key.sign(&r.payload()).expect("ed25519 signing cannot fail");
+        r
+    }
+
+    pub fn verify(&self, authority: &PeerId) -> Result<(), CertError> {
+        if self.authority != *authority {
+            return Err(CertError::WrongAuthority {
+                expected: authority.to_string(),
+                found: self.authority.to_string(),
+            });
+        }
+        let key = public_key_of(authority).map_err(|_| CertError::BadSignature)?;
+        if key.verify(&self.payload(), &self.signature) {
+            Ok(())
+        } else {
+            Err(CertError::BadSignature)
+        }
+    }
+
+    pub fn encode(&self) -> Vec<u8> {
+        postcard::to_stdvec(self).expect("revocations encode")
+    }
+
+    pub fn decode(bytes: &[u8]) -> Result<Revocation, CertError> {
+        if bytes.len() > MAX_CERT_BYTES {
+            return Err(CertError::Malformed(format!("{} bytes, more than {MAX_CERT_BYTES}", bytes.len())));
+        }
+        let (r, rest) = postcard::take_from_bytes(bytes).map_err(|e| CertError::Malformed(e.to_string()))?;
+        if !rest.is_empty() {
+            return Err(CertError::Malformed(format!("{} bytes after the revocation", rest.len())));
+        }
+        Ok(r)
+    }
+
+    pub fn to_text(&self) -> String {
+        format!(
+            "{REVOCATION_HEADER}\n# peer {} revoked after seq {}, authority {}\n{}\n",
+            self.peer,
+            self.last_seq,
+            self.authority,
+            base64::engine::general_purpose::STANDARD.encode(self.encode())
+        )
+    }
+
+    pub fn from_text(text: &str) -> Result<Revocation, CertError> {
+        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+        if lines.next() != Some(REVOCATION_HEADER) {
+            return Err(CertError::Malformed(format!("the first line is not {REVOCATION_HEADER:?}")));
+        }
+        let body: String = lines.filter(|l| !l.starts_with('#')).collect();
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(body.as_bytes())
+            .map_err(|e| CertError::Malformed(format!("not base64: {e}")))?;
+        Revocation::decode(&bytes)
+    }
+}
+
 /// Why an authority key file could not be made or read.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyFileError {
@@ -227,6 +309,20 @@ mod tests {
         assert_eq!(forged.verify(&auth_id, &peer, 1_500), Err(CertError::BadSignature));
         assert!(Certificate::decode(&[0xff; 10]).is_err());
         assert!(Certificate::from_text("garbage").is_err());
+    }
+
+    #[test]
+    fn revocations_verify_and_round_trip() {
+        let authority = Keypair::generate_ed25519();
+        let auth_id = authority.public().to_peer_id();
+        let r = Revocation::issue(&authority, PeerId::random(), crate::ids::Seq(41), 5);
+        assert_eq!(r.verify(&auth_id), Ok(()));
+        assert_eq!(Revocation::from_text(&r.to_text()).unwrap(), r);
+        let mut forged = r.clone();
+        forged.last_seq = crate::ids::Seq(1_000);
+        assert_eq!(forged.verify(&auth_id), Err(CertError::BadSignature));
+        let other = Keypair::generate_ed25519().public().to_peer_id();
+        assert!(r.verify(&other).is_err());
     }
 
     #[test]

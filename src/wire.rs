@@ -31,6 +31,9 @@ pub enum GossipMessage {
     Ops { role: Role, batch: OpBatch },
     /// A node announces that it is active at this vector with this state root.
     Attestation(Attestation),
+    /// The cluster authority revoked a member (encoded [`crate::cert::Revocation`]); spreads to
+    /// every node.
+    Revocation(#[serde(with = "serde_bytes")] Vec<u8>),
 }
 
 /// A node's signed statement that its state at `version_vector` has root `state_root`. Peers that
@@ -178,6 +181,9 @@ pub struct Digest {
     /// Certificates of the other members the sender knows, so members learn each other.
     #[serde(default)]
     pub members: Vec<serde_bytes::ByteBuf>,
+    /// Revocations the sender holds, so a node that missed their gossip learns them.
+    #[serde(default)]
+    pub revocations: Vec<serde_bytes::ByteBuf>,
 }
 
 /// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
@@ -279,6 +285,7 @@ mod tests {
             state_root: StateRoot([7; 32]),
             cert: None,
             members: vec![],
+            revocations: vec![],
         };
         let bytes = postcard::to_stdvec(&digest).unwrap();
         assert_eq!(postcard::from_bytes::<Digest>(&bytes).unwrap(), digest);

@@ -210,12 +210,13 @@ async fn a_node_without_the_swarm_key_never_connects() {
     let key: libp2p::pnet::PreSharedKey = peersync::net::new_swarm_key().parse().unwrap();
     let other: libp2p::pnet::PreSharedKey = peersync::net::new_swarm_key().parse().unwrap();
     let dirs: Vec<tempfile::TempDir> = (0..4).map(|_| tempfile::tempdir().unwrap()).collect();
-    let start = |dir: &tempfile::TempDir, psk: Option<libp2p::pnet::PreSharedKey>, bootstrap: Option<libp2p::Multiaddr>| {
-        let mut config = NodeConfig::local(dir.path());
-        config.net.swarm_key = psk;
-        config.net.bootstrap = bootstrap.into_iter().collect();
-        Node::start(config)
-    };
+    let start =
+        |dir: &tempfile::TempDir, psk: Option<libp2p::pnet::PreSharedKey>, bootstrap: Option<libp2p::Multiaddr>| {
+            let mut config = NodeConfig::local(dir.path());
+            config.net.swarm_key = psk;
+            config.net.bootstrap = bootstrap.into_iter().collect();
+            Node::start(config)
+        };
     let a = start(&dirs[0], Some(key), None).await.unwrap();
     let ah = a.handle();
     let addr = dial_addr(&ah).await;

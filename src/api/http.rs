@@ -47,6 +47,7 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/v1/status", get(status))
         .route("/v1/sync/serve-alone", post(serve_alone))
         .route("/v1/cluster/members", get(members))
+        .route("/v1/cluster/revocations", post(revoke))
         .route("/metrics", get(metrics))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint; see the HTTP API in README.md")
@@ -363,6 +364,18 @@ async fn members(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
         None => json!({ "authority": null, "members": [] }),
     })
     .into_response())
+}
+
+/// Body: a revocation in its text form (`peersync cluster revoke` makes and posts it).
+async fn revoke(State(node): State<NodeHandle>, b: Body) -> Result<Response, ApiError> {
+    let text = String::from_utf8(body(b)?.to_vec())
+        .map_err(|_| ApiError::bad_request("invalid_revocation", "the body is not UTF-8 text"))?;
+    let revocation = crate::cert::Revocation::from_text(&text)
+        .map_err(|e| ApiError::bad_request("invalid_revocation", format!("not a revocation: {e}")))?;
+    let peer = revocation.peer.to_string();
+    let last_seq = revocation.last_seq.0;
+    node.revoke(revocation).await?;
+    Ok(Json(json!({ "revoked": peer, "last_seq": last_seq })).into_response())
 }
 
 async fn serve_alone(State(node): State<NodeHandle>) -> Result<Response, ApiError> {

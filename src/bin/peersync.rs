@@ -146,6 +146,29 @@ enum ClusterCommand {
         #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
     },
+    /// Revoke a member: signs a revocation naming the highest seq of PEER_ID the node at --api holds,
+    /// and posts it there; it spreads to every node, and PEER_ID's later ops are refused.
+    Revoke {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        peer_id: libp2p::PeerId,
+        #[command(flatten)]
+        api: ApiArg,
+    },
+    /// Move a provider: waits until NEW_PEER_ID holds every op of OLD_PEER_ID that the node at
+    /// --api holds, then revokes OLD_PEER_ID at that seq. Point writers at NEW first: writes OLD
+    /// acknowledges after the revocation is made are refused by the others.
+    Handover {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        old_peer_id: libp2p::PeerId,
+        new_peer_id: libp2p::PeerId,
+        /// Give up after this long, e.g. 5m.
+        #[arg(long, default_value = "10m")]
+        timeout: String,
+        #[command(flatten)]
+        api: ApiArg,
+    },
     /// Write a new swarm key (a libp2p private network's pre-shared key) to FILE; never overwrites.
     SwarmKey {
         #[arg(long, value_name = "FILE")]
@@ -274,6 +297,34 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => run_node(*args).await,
+        Command::Cluster(ClusterCommand::Revoke { key, peer_id, api }) => {
+            let authority = peersync::cert::load_authority_key(&key)?;
+            let client = api.client()?;
+            let last_seq = seq_of(&client, &peer_id.to_string(), None).await?;
+            print_json(revoke(&client, &authority, peer_id, last_seq).await?)
+        }
+        Command::Cluster(ClusterCommand::Handover { key, old_peer_id, new_peer_id, timeout, api }) => {
+            let authority = peersync::cert::load_authority_key(&key)?;
+            let timeout = peersync::cert::parse_period(&timeout).map_err(|e| anyhow::anyhow!("--timeout {e}"))?;
+            let client = api.client()?;
+            let (old, new) = (old_peer_id.to_string(), new_peer_id.to_string());
+            let deadline = std::time::Instant::now() + timeout;
+            loop {
+                let held = seq_of(&client, &old, None).await?;
+                let covered = seq_of(&client, &old, Some(&new)).await?;
+                if covered >= held {
+                    eprintln!("{new} holds all {held} ops of {old} that the node holds; revoking {old}");
+                    return print_json(revoke(&client, &authority, old_peer_id, held).await?);
+                }
+                if std::time::Instant::now() >= deadline {
+                    anyhow::bail!(
+                        "{new} holds {covered} of the {held} ops of {old} after {timeout:?}; nothing was revoked"
+                    );
+                }
+                eprintln!("waiting: {new} holds {covered} of the {held} ops of {old}");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
         Command::Cluster(ClusterCommand::SwarmKey { out }) => {
             use std::io::Write as _;
             let mut options = std::fs::OpenOptions::new();
@@ -281,7 +332,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             #[cfg(unix)]
             std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
             let mut file = options.open(&out).map_err(|e| match e.kind() {
-                std::io::ErrorKind::AlreadyExists => anyhow::anyhow!("{} already exists; a swarm key is never overwritten", out.display()),
+                std::io::ErrorKind::AlreadyExists => {
+                    anyhow::anyhow!("{} already exists; a swarm key is never overwritten", out.display())
+                }
                 _ => anyhow::anyhow!("cannot write {}: {e}", out.display()),
             })?;
             writeln!(file, "{}", peersync::net::new_swarm_key())?;
@@ -388,6 +441,31 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// The highest seq of `origin` that the node at `client` holds, or (with `peer`) that `peer` held
+/// in its last digest to that node (0 when it is not connected there).
+async fn seq_of(client: &Client, origin: &str, peer: Option<&str>) -> anyhow::Result<u64> {
+    let status: serde_json::Value = serde_json::from_slice(&client.call(Method::GET, "/v1/status", None).await?)?;
+    let vv = match peer {
+        None => status.get("version_vector").cloned(),
+        Some(p) => status["peers"]
+            .as_array()
+            .and_then(|peers| peers.iter().find(|x| x["peer_id"] == p && x["connected"] == true))
+            .and_then(|x| x.get("version_vector").cloned()),
+    };
+    Ok(vv.and_then(|v| v.get(origin).and_then(|s| s.as_u64())).unwrap_or(0))
+}
+
+async fn revoke(
+    client: &Client,
+    authority: &libp2p::identity::Keypair,
+    peer: libp2p::PeerId,
+    last_seq: u64,
+) -> anyhow::Result<Vec<u8>> {
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_millis() as u64;
+    let revocation = peersync::cert::Revocation::issue(authority, peer, peersync::ids::Seq(last_seq), now);
+    Ok(client.call(Method::POST, "/v1/cluster/revocations", Some(revocation.to_text().into_bytes())).await?)
+}
+
 fn print_json(body: Vec<u8>) -> anyhow::Result<()> {
     let value: serde_json::Value = serde_json::from_slice(&body).map_err(|_| ClientError::Api {
         status: reqwest::StatusCode::OK,
@@ -420,7 +498,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     config.metrics_public = args.metrics_public;
     if let Some(file) = &args.swarm_key {
-        config.net.swarm_key = Some(peersync::net::read_swarm_key(file).map_err(|e| anyhow::anyhow!("--swarm-key {e}"))?);
+        config.net.swarm_key =
+            Some(peersync::net::read_swarm_key(file).map_err(|e| anyhow::anyhow!("--swarm-key {e}"))?);
     }
     config.net.cluster = args.cluster;
     if let (Some(authority), Some(file)) = (args.authority, &args.cert) {

@@ -368,6 +368,18 @@ impl NodeHandle {
         self.inner.net.send(Command::ServeAlone).await.map_err(|_| NodeError::ShuttingDown)
     }
 
+    /// Revokes a member with a revocation signed by the cluster's authority: it is checked, kept,
+    /// passed on to every node, and the member's later ops are refused.
+    pub async fn revoke(&self, revocation: crate::cert::Revocation) -> Result<(), NodeError> {
+        let Some(m) = &self.inner.config.membership else {
+            return Err(NodeError::InvalidInput(
+                "this node runs in open mode: there is no membership to revoke".into(),
+            ));
+        };
+        revocation.verify(&m.authority).map_err(|e| NodeError::InvalidInput(format!("revocation refused: {e}")))?;
+        self.inner.net.send(Command::Revoke { revocation }).await.map_err(|_| NodeError::ShuttingDown)
+    }
+
     /// The network's view: listen addresses, peers, pulls in flight.
     pub async fn net_status(&self) -> Result<NetStatus, NodeError> {
         let (reply, rx) = oneshot::channel();

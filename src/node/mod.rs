@@ -12,6 +12,7 @@ mod handle;
 pub mod identity;
 mod known_peers;
 mod metrics;
+mod revocations;
 mod store_view;
 pub(crate) mod validate;
 
@@ -124,6 +125,7 @@ impl Node {
             max_applying: config.inbound_queue,
             seed: u64::from_le_bytes(peer_id.to_bytes()[peer_id.to_bytes().len() - 8..].try_into().expect("8 bytes")),
             membership: config.membership.clone(),
+            revocations: revocations::load(&config.data_dir),
             wall_ms_at_start: wall_ms(),
         };
         let engine = crate::sync::Engine::new(signer.clone(), engine_config, &store, Instant::now());

@@ -155,6 +155,14 @@ impl EventLoop {
                     }
                 });
             }
+            Action::PersistRevocations { all } => {
+                let dir = self.data_dir.clone();
+                tokio::task::spawn_blocking(move || {
+                    if let Err(e) = crate::node::revocations::save(&dir, &all) {
+                        tracing::error!(error = %e, "could not save the revocations; a restart would forget them");
+                    }
+                });
+            }
             Action::Count { what, n } => self.count(what, n),
         }
         None

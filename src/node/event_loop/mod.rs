@@ -67,6 +67,10 @@ pub(crate) enum Command {
     },
     /// The operator says this node may serve alone.
     ServeAlone,
+    /// The operator hands in a revocation.
+    Revoke {
+        revocation: crate::cert::Revocation,
+    },
     Status {
         reply: oneshot::Sender<NetStatus>,
     },
@@ -190,6 +194,7 @@ impl EventLoop {
             Command::Merged => Input::Merged,
             Command::SnapshotCreated { cid } => Input::SnapshotCreated { cid },
             Command::ServeAlone => Input::ServeAlone,
+            Command::Revoke { revocation } => Input::Revoke { revocation },
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
                 return;

@@ -119,6 +119,10 @@ impl Engine {
     ) -> Result<Option<Ticket>, Option<String>> {
         let (role, batch) = match decode_gossip(data, self.cfg.max_gossip_bytes).map_err(|e| Some(e.to_string()))? {
             GossipMessage::Ops { role, batch } => (role, batch),
+            GossipMessage::Revocation(bytes) => {
+                let r = crate::cert::Revocation::decode(&bytes).map_err(|e| Some(e.to_string()))?;
+                return self.learn_revocation(r, false).map(|_| None).map_err(Some);
+            }
             GossipMessage::Attestation(a) => {
                 if self.gated() && self.certified_role(&a.peer, now).is_none() {
                     return Err(Some(format!("attestation of {}, which is not a member", a.peer)));
@@ -141,7 +145,7 @@ impl Engine {
             return batch.head.verify().map(|_| None).map_err(|e| Some(e.to_string()));
         }
         if self.gated() {
-            self.check_origin(&origin, now).map_err(Some)?;
+            self.check_origin(&origin, now).or_else(|e| self.within_revocation(&batch, e)).map_err(Some)?;
         } else if let Some((known_role, cluster)) = self.peers.get(&origin).and_then(|p| p.meta.clone()) {
             if cluster != self.cfg.cluster {
                 return Err(Some(format!(
@@ -178,7 +182,11 @@ impl Engine {
         let ops: usize = batches.iter().map(|b| b.ops.len()).sum();
         self.count(Count::OpsReplayed, ops as u64);
         if self.gated() {
-            self.check_origin(&origin, self.last_now)?;
+            if let Err(e) = self.check_origin(&origin, self.last_now) {
+                for b in &batches {
+                    self.within_revocation(b, e.clone())?;
+                }
+            }
         }
         // Contiguous batches go out in one apply; the last group's ticket carries the pull.
         let mut group: Vec<OpBatch> = Vec::new();
@@ -331,6 +339,16 @@ impl Engine {
 }
 
 impl Engine {
+    /// A revoked origin's ops up to its revocation's seq are still taken (they were accepted before
+    /// it was revoked); later ones are refused with `refusal`.
+    fn within_revocation(&self, batch: &OpBatch, refusal: String) -> Result<(), String> {
+        match self.revoked_after(&batch.head.origin) {
+            Some(last) if batch.head.seq <= last => Ok(()),
+            Some(last) => Err(format!("origin {} was revoked after seq {last}", batch.head.origin)),
+            None => Err(refusal),
+        }
+    }
+
     /// Membership mode: only origins certified as primaries originate ops.
     fn check_origin(&self, origin: &crate::ids::Origin, now: Instant) -> Result<(), String> {
         match self.certified_role(origin, now) {

@@ -13,7 +13,7 @@ use libp2p::PeerId;
 use serde_bytes::ByteBuf;
 
 use super::{Action, Engine};
-use crate::cert::Certificate;
+use crate::cert::{Certificate, Revocation};
 use crate::ids::Role;
 use crate::wire::Digest;
 
@@ -46,6 +46,15 @@ impl Engine {
     pub(super) fn admit(&mut self, now: Instant, peer: PeerId, digest: &Digest) -> Result<(), String> {
         let Some(m) = self.cfg.membership.clone() else { return Ok(()) };
         let now_ms = self.wall_ms(now);
+        // Revocations first: one the peer carries may be about itself.
+        for bytes in digest.revocations.iter().take(MAX_CERTS_PER_DIGEST) {
+            if let Ok(r) = Revocation::decode(bytes) {
+                let _ = self.learn_revocation(r, false);
+            }
+        }
+        if let Some(r) = self.revoked.get(&peer) {
+            return Err(format!("its membership was revoked (after seq {})", r.last_seq));
+        }
         let bytes = digest.cert.as_ref().ok_or("no membership certificate shown")?;
         let cert = Certificate::decode(bytes).map_err(|e| e.to_string())?;
         cert.verify(&m.authority, &peer, now_ms).map_err(|e| e.to_string())?;
@@ -82,6 +91,42 @@ impl Engine {
         }
     }
 
+    /// A revocation from the API (`from_operator`), gossip or a digest. A new one that verifies is
+    /// kept, persisted and passed on; the peer is cut off. Returns why one is refused.
+    pub(super) fn learn_revocation(&mut self, r: Revocation, from_operator: bool) -> Result<(), String> {
+        let Some(m) = self.cfg.membership.clone() else {
+            return Err("this node runs in open mode: there is no membership to revoke".into());
+        };
+        r.verify(&m.authority).map_err(|e| e.to_string())?;
+        if let Some(old) = self.revoked.get(&r.peer) {
+            if old.last_seq <= r.last_seq {
+                return Ok(()); // Known already (an earlier cut stands).
+            }
+        }
+        let peer = r.peer;
+        tracing::warn!(%peer, last_seq = %r.last_seq, from_operator, "membership revoked; its later ops are refused");
+        self.revoked.insert(peer, r.clone());
+        self.members.remove(&peer);
+        if let Some(p) = self.peers.map.get_mut(&peer) {
+            p.member = None;
+            p.digest = None;
+        }
+        self.readiness.on_peer_gone(&peer);
+        if self.peers.is_connected(&peer) {
+            self.push(Action::Gossip { peer, allow: false });
+            self.push(Action::Disconnect { peer });
+        }
+        self.push(Action::PersistRevocations { all: self.revoked.values().cloned().collect() });
+        let data = crate::wire::encode_gossip(&crate::wire::GossipMessage::Revocation(r.encode()));
+        self.push(Action::Publish { data });
+        Ok(())
+    }
+
+    /// The seq after which `origin`'s ops are refused, when it was revoked.
+    pub(super) fn revoked_after(&self, origin: &PeerId) -> Option<crate::ids::Seq> {
+        self.revoked.get(origin).map(|r| r.last_seq)
+    }
+
     /// Whether `origin` may originate ops: a certified primary, or anyone in open mode (then the
     /// checks on identify and the message's claim apply).
     pub(super) fn certified_role(&self, origin: &PeerId, now: Instant) -> Option<Role> {
@@ -90,15 +135,16 @@ impl Engine {
     }
 
     /// Own certificate and the other members' certificates, for a digest.
-    pub(super) fn certs_for_digest(&self) -> (Option<ByteBuf>, Vec<ByteBuf>) {
-        let Some(m) = &self.cfg.membership else { return (None, Vec::new()) };
+    pub(super) fn certs_for_digest(&self) -> (Option<ByteBuf>, Vec<ByteBuf>, Vec<ByteBuf>) {
+        let Some(m) = &self.cfg.membership else { return (None, Vec::new(), Vec::new()) };
         let others = self
             .members
             .values()
             .filter(|c| c.peer != self.me)
             .take(MAX_CERTS_PER_DIGEST)
             .map(|c| ByteBuf::from(c.encode()));
-        (Some(ByteBuf::from(m.cert.encode())), others.collect())
+        let revoked = self.revoked.values().take(MAX_CERTS_PER_DIGEST).map(|r| ByteBuf::from(r.encode()));
+        (Some(ByteBuf::from(m.cert.encode())), others.collect(), revoked.collect())
     }
 
     /// On a tick: members whose certificate expired are members no more, and peers that showed no
@@ -186,6 +232,16 @@ impl Engine {
     pub fn members_status(&self, store: &dyn super::StoreView) -> Option<MembersStatus> {
         let m = self.cfg.membership.as_ref()?;
         let (root, vv) = store.state_root();
+        let revoked = self.revoked.values().map(|r| MemberStatus {
+            peer_id: r.peer.to_string(),
+            role: Role::Replica,
+            serial: 0,
+            not_after_ms: r.at_ms,
+            revoked: true,
+            connected: self.peers.is_connected(&r.peer),
+            state: "revoked",
+            attestation: None,
+        });
         let members = self
             .members
             .values()
@@ -217,6 +273,7 @@ impl Engine {
                     attestation,
                 }
             })
+            .chain(revoked)
             .collect();
         Some(MembersStatus { authority: m.authority.to_string(), members })
     }

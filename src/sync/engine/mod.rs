@@ -159,6 +159,8 @@ pub enum Input {
     SnapshotCreated { cid: Cid },
     /// The operator says this node may serve alone: active now, whatever its peers.
     ServeAlone,
+    /// The operator hands in a revocation signed by the cluster's authority.
+    Revoke { revocation: crate::cert::Revocation },
 }
 
 /// Something for the executor to carry out.
@@ -202,6 +204,8 @@ pub enum Action {
     Phase { phase: Phase },
     /// The peers worth redialing after a restart changed: persist them.
     RememberPeers { addrs: Vec<Multiaddr> },
+    /// The revocations this node holds changed: persist them all.
+    PersistRevocations { all: Vec<crate::cert::Revocation> },
     /// Something worth counting happened.
     Count { what: Count, n: u64 },
 }
@@ -272,6 +276,8 @@ pub struct EngineConfig {
     /// The cluster's authority and this node's certificate: membership is enforced. `None` is open
     /// mode: anyone who names the cluster may join.
     pub membership: Option<Membership>,
+    /// Revocations persisted by an earlier run.
+    pub revocations: Vec<crate::cert::Revocation>,
     /// The wall clock (ms since the Unix epoch) at the `now` given to [`Engine::new`]; certificate
     /// validity is judged against it plus the monotonic time since.
     pub wall_ms_at_start: u64,
@@ -301,6 +307,7 @@ impl EngineConfig {
             max_applying: 1024,
             seed: 0,
             membership: None,
+            revocations: Vec::new(),
             wall_ms_at_start: 0,
         }
     }
@@ -382,6 +389,8 @@ pub struct Engine {
     started: Instant,
     /// Verified membership certificates by peer (membership mode), this node's own included.
     members: BTreeMap<PeerId, crate::cert::Certificate>,
+    /// Revoked members by peer.
+    revoked: BTreeMap<PeerId, crate::cert::Revocation>,
     /// The latest attestation of each peer: vector, root, and when it came (wall ms).
     attestations: BTreeMap<PeerId, (VersionVector, StateRoot, u64)>,
 }
@@ -438,11 +447,17 @@ impl Engine {
             started: now,
             members: BTreeMap::new(),
             attestations: BTreeMap::new(),
+            revoked: BTreeMap::new(),
             cfg,
         };
         engine.peers.gated = engine.cfg.membership.is_some();
         if let Some(m) = &engine.cfg.membership {
             engine.members.insert(me, m.cert.clone());
+            for r in &engine.cfg.revocations {
+                if r.verify(&m.authority).is_ok() {
+                    engine.revoked.insert(r.peer, r.clone());
+                }
+            }
         }
         // Remembered peers are dialed at start like bootstrap peers (which the swarm dials itself).
         for (addr, _) in engine.cfg.remembered.clone() {
@@ -495,6 +510,11 @@ impl Engine {
             Input::SnapshotCreated { cid } => {
                 self.refresh_holdings(store);
                 self.push(Action::Provide { key: ProviderKey::Snapshot(cid) });
+            }
+            Input::Revoke { revocation } => {
+                if let Err(reason) = self.learn_revocation(revocation, true) {
+                    tracing::warn!(%reason, "refused a revocation");
+                }
             }
             Input::ServeAlone => {
                 tracing::warn!("told to serve alone: active without a peer vouching for this node's state");

@@ -13,10 +13,11 @@ use crate::wire::{encode_gossip, Attestation, Digest, GossipMessage, SyncRequest
 impl Engine {
     pub(super) fn my_digest(&self, store: &dyn StoreView) -> Digest {
         let (state_root, version_vector) = store.state_root();
-        let (cert, members) = self.certs_for_digest();
+        let (cert, members, revocations) = self.certs_for_digest();
         Digest {
             cert,
             members,
+            revocations,
             cluster: self.cfg.cluster.clone(),
             role: self.cfg.role,
             version_vector,
