@@ -97,8 +97,38 @@ fn gossipsub_behaviour(config: &NetConfig) -> Result<gossipsub::Behaviour, NetEr
     // Unsigned, anonymous envelopes: every payload carries its own signature (ops under their
     // origin's signed chain head, attestations signed by their peer), so a second ed25519 signature
     // per message and per hop would only cost CPU. Message ids are content hashes.
-    gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
-        .map_err(|e| invalid(e.to_owned()))
+    let mut behaviour = gossipsub::Behaviour::new(gossipsub::MessageAuthenticity::Anonymous, gossip_config)
+        .map_err(|e| invalid(e.to_owned()))?;
+    let (params, thresholds) = peer_score(&config.cluster);
+    behaviour.with_peer_score(params, thresholds).map_err(invalid)?;
+    Ok(behaviour)
+}
+
+/// Gossipsub peer scoring: a peer whose messages the node rejects (malformed, forged, from a
+/// non-primary or another cluster) loses score with every one, quadratically; below -10 it gets no
+/// gossip from us, below -50 our publishes skip it, below -80 its messages are ignored. Positive
+/// score is kept small so a long-standing peer cannot bank credit against bad messages, and peers
+/// sharing an IP are not penalised (a cluster often runs several nodes per host).
+fn peer_score(cluster: &str) -> (gossipsub::PeerScoreParams, gossipsub::PeerScoreThresholds) {
+    let topic = gossipsub::TopicScoreParams {
+        topic_weight: 1.0,
+        time_in_mesh_weight: 0.0,
+        first_message_deliveries_weight: 0.1,
+        first_message_deliveries_cap: 100.0,
+        // An idle cluster delivers nothing in the mesh; that is no fault.
+        mesh_message_deliveries_weight: 0.0,
+        mesh_failure_penalty_weight: 0.0,
+        invalid_message_deliveries_weight: -10.0,
+        invalid_message_deliveries_decay: 0.5,
+        ..Default::default()
+    };
+    let params = gossipsub::PeerScoreParams {
+        topics: [(cluster_topic(cluster).hash(), topic)].into_iter().collect(),
+        ip_colocation_factor_weight: 0.0,
+        app_specific_weight: 1.0,
+        ..Default::default()
+    };
+    (params, gossipsub::PeerScoreThresholds::default())
 }
 
 fn sync_behaviour(config: &NetConfig) -> request_response::cbor::Behaviour<SyncRequest, SyncResponse> {

@@ -103,6 +103,7 @@ impl Engine {
                 tracing::warn!(peer = %from, %reason, "rejected a gossip message");
                 self.count(Count::GossipRejected, 1);
                 self.push(Action::Verdict { id, verdict: Verdict::Reject });
+                self.strike(now, from, "rejected gossip", 4);
             }
         }
     }
@@ -308,6 +309,7 @@ impl Engine {
                 For::Pull { peer, origin } => {
                     tracing::warn!(%peer, %origin, %reason, "rejected replayed ops");
                     self.count(Count::ReplayRejected, 1);
+                    self.strike(now, *peer, "rejected replay", 1);
                 }
                 For::Released { origin } => {
                     tracing::warn!(%origin, %reason, "dropped batches that failed verification; replay fills the hole")

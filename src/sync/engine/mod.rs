@@ -383,6 +383,8 @@ pub struct Engine {
     holdings: Holdings,
     /// Inbound requests handed to the store and not yet answered.
     serving: usize,
+    /// Whose request each of those is.
+    serving_for: BTreeMap<ReplyId, PeerId>,
     /// The time of the last input.
     last_now: Instant,
     /// When the engine started: wall time is `cfg.wall_ms_at_start` plus the time since.
@@ -443,6 +445,7 @@ impl Engine {
             repair: repair::Repair::default(),
             holdings: Holdings::default(),
             serving: 0,
+            serving_for: BTreeMap::new(),
             last_now: now,
             started: now,
             members: BTreeMap::new(),
@@ -493,7 +496,14 @@ impl Engine {
             Input::Providers { key, peers } => self.on_providers(key, peers),
             Input::Gossip { id, from, data } => self.on_gossip(now, id, from, data, store),
             Input::Request { peer, reply, request } => self.on_request(now, peer, reply, request, store),
-            Input::Served { .. } => self.serving = self.serving.saturating_sub(1),
+            Input::Served { reply } => {
+                self.serving = self.serving.saturating_sub(1);
+                if let Some(peer) = self.serving_for.remove(&reply) {
+                    if let Some(p) = self.peers.map.get_mut(&peer) {
+                        p.serving = p.serving.saturating_sub(1);
+                    }
+                }
+            }
             Input::Response { req, result } => self.on_response(now, req, result, store),
             Input::Applied { ticket, result } => self.on_applied(now, ticket, result, store),
             Input::ApplyFailed { origin } => {

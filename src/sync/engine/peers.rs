@@ -13,6 +13,18 @@ use super::{Action, Engine, Found, Pending, StoreView};
 use crate::ids::Role;
 use crate::wire::{Digest, SyncRequest};
 
+/// Misbehaviours within [`STRIKE_WINDOW`] that get a peer disconnected, and for how long it is
+/// then kept away.
+const MAX_STRIKES: u32 = 10;
+const STRIKE_WINDOW: Duration = Duration::from_secs(60);
+const BAN: Duration = Duration::from_secs(60);
+/// Requests one peer may make: a burst, then a steady rate (a node's own pulls and digests stay far
+/// below it).
+const REQUEST_BURST: f64 = 400.0;
+const REQUESTS_PER_SEC: f64 = 200.0;
+/// Requests of one peer served from the store at once.
+pub(super) const MAX_SERVING_PER_PEER: usize = 16;
+
 /// A connection younger than this is not pruned: a lookup or a handshake may still be using it.
 const PRUNE_MIN_AGE: Duration = Duration::from_secs(10);
 
@@ -39,6 +51,15 @@ pub(super) struct Peer {
     /// When its current connection opened: a peer that shows no certificate within the grace is
     /// disconnected (membership mode).
     pub connected_at: Option<Instant>,
+    /// Its requests being served from the store now.
+    pub serving: usize,
+    /// Request budget: tokens left and when they were last refilled.
+    pub budget: (f64, Option<Instant>),
+    /// Misbehaviour seen (rejected messages, corrupt chunks, bad answers) in the window that began
+    /// at the instant given.
+    pub strikes: (u32, Option<Instant>),
+    /// Disconnected for misbehaving: connections from it are closed until then.
+    pub banned_until: Option<Instant>,
 }
 
 impl Peer {
@@ -154,6 +175,11 @@ impl Engine {
             info.addrs.insert(without_p2p(addr));
         }
         if info.connections != 1 {
+            return;
+        }
+        if info.banned_until.is_some_and(|t| now < t) {
+            tracing::debug!(%peer, "a peer that misbehaved reconnected before its ban ended; closing");
+            self.push(Action::Disconnect { peer });
             return;
         }
         let bootstrap = self.cfg.bootstrap.iter().any(|(_, p)| *p == Some(peer));
@@ -304,6 +330,46 @@ impl Engine {
                 p.connected_at = None;
             }
             self.push(Action::Disconnect { peer });
+        }
+    }
+
+    /// Counts a misbehaviour of `peer`. Too many within a minute and it is disconnected and kept
+    /// away for a while; its gossip score falls with each rejected message too (see `net`).
+    /// `weight`: how many strikes it counts for; a rejected gossip message counts several, since
+    /// a node forwards only what it validated, and gossip scoring soon stops delivering the
+    /// sender's messages at all.
+    pub(super) fn strike(&mut self, now: Instant, peer: PeerId, why: &str, weight: u32) {
+        if peer == self.me {
+            return;
+        }
+        let p = self.peers.entry(peer);
+        let (count, since) = &mut p.strikes;
+        if since.is_none_or(|t| now.saturating_duration_since(t) >= STRIKE_WINDOW) {
+            *count = 0;
+            *since = Some(now);
+        }
+        *count += weight;
+        if *count < MAX_STRIKES {
+            return;
+        }
+        *count = 0;
+        p.banned_until = Some(now + BAN);
+        tracing::warn!(%peer, %why, strikes = MAX_STRIKES, "peer keeps misbehaving; disconnecting it for a while");
+        self.push(Action::Disconnect { peer });
+    }
+
+    /// Takes one request from `peer`'s budget: `false` when it asks faster than a node would.
+    pub(super) fn within_budget(&mut self, now: Instant, peer: PeerId) -> bool {
+        let p = self.peers.entry(peer);
+        let (tokens, at) = &mut p.budget;
+        let elapsed = at.map_or(REQUEST_BURST, |t| now.saturating_duration_since(t).as_secs_f64() * REQUESTS_PER_SEC);
+        *tokens = (*tokens + elapsed).min(REQUEST_BURST);
+        *at = Some(now);
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 

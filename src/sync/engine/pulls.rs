@@ -61,6 +61,16 @@ impl Engine {
         store: &dyn StoreView,
     ) {
         self.count(Count::RequestsReceived, 1);
+        if !self.within_budget(now, peer) {
+            self.count(Count::RequestsShed, 1);
+            let response = SyncResponse::Error {
+                code: "rate_limited".into(),
+                message: "too many requests from this peer; slow down".into(),
+            };
+            self.push(Action::Reply { reply, response });
+            self.strike(now, peer, "request flood", 1);
+            return;
+        }
         match request {
             SyncRequest::Digest(theirs) => {
                 self.count(Count::DigestsReceived, 1);
@@ -91,7 +101,8 @@ impl Engine {
                     self.push(Action::Reply { reply, response });
                     return;
                 }
-                if self.serving >= self.cfg.max_serving {
+                let theirs = self.peers.get(&peer).map_or(0, |p| p.serving);
+                if self.serving >= self.cfg.max_serving || theirs >= super::peers::MAX_SERVING_PER_PEER {
                     // Shed with an answer that says so: the requester backs off and asks elsewhere.
                     self.count(Count::RequestsShed, 1);
                     let response = SyncResponse::Error {
@@ -102,6 +113,8 @@ impl Engine {
                     return;
                 }
                 self.serving += 1;
+                self.peers.entry(peer).serving += 1;
+                self.serving_for.insert(reply, peer);
                 self.push(Action::Serve { reply, peer, request: other });
             }
         }
@@ -161,6 +174,7 @@ impl Engine {
                         tracing::warn!(%peer, %origin, %reason, "rejected replayed ops");
                         self.count(Count::ReplayRejected, 1);
                         self.planner.failed(&peer, &origin, now);
+                        self.strike(now, peer, "rejected replay", 1);
                     }
                 }
             }

@@ -263,6 +263,7 @@ impl Engine {
         if verdict == ChunkVerdict::Corrupt {
             tracing::warn!(%peer, index, "a source served a corrupt snapshot chunk; dropping it for a while");
             self.count(Count::ChunkRejected, 1);
+            self.strike(now, peer, "corrupt chunk", 1);
         }
         let Some(active) = self.snapshot.active.as_mut() else { return };
         if verdict == ChunkVerdict::Stored {
