@@ -31,7 +31,7 @@ fn hostile_config() -> NetConfig {
 #[derive(Debug)]
 enum Seen {
     Subscribed,
-    Answer(SyncResponse),
+    Answer(Box<SyncResponse>),
     Failure,
     Closed,
 }
@@ -117,7 +117,7 @@ async fn a_request_flood_is_answered_busy_or_rate_limited_then_cut_off() {
                         ..
                     })) => {
                         answered += 1;
-                        let _ = tx.send(Seen::Answer(response));
+                        let _ = tx.send(Seen::Answer(Box::new(response)));
                     }
                     SwarmEvent::Behaviour(BehaviourEvent::Sync(request_response::Event::OutboundFailure { .. })) => {
                         answered += 1;
@@ -143,8 +143,9 @@ async fn a_request_flood_is_answered_busy_or_rate_limited_then_cut_off() {
     let deadline = tokio::time::Instant::now() + DEADLINE;
     while !closed {
         match tokio::time::timeout_at(deadline, seen.recv()).await {
-            Ok(Some(Seen::Answer(SyncResponse::Error { code, .. })))
-                if ["rate_limited", "busy", "not_in_cluster"].contains(&code.as_str()) =>
+            Ok(Some(Seen::Answer(answer)))
+                if matches!(&*answer, SyncResponse::Error { code, .. }
+                    if ["rate_limited", "busy", "not_in_cluster"].contains(&code.as_str())) =>
             {
                 refused += 1
             }
