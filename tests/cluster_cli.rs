@@ -135,7 +135,12 @@ fn handover_moves_a_provider_without_losing_a_write_and_cuts_the_old_one_off() {
             let entry = m["members"].as_array().unwrap().iter().find(|e| e["peer_id"] == old.peer_id.as_str()).cloned();
             match entry {
                 Some(e) if e["revoked"] == true && e["connected"] == false => Ok(()),
-                other => Err(format!("{other:?}")),
+                other => {
+                    let log = node.log();
+                    let lines: Vec<&str> =
+                        log.lines().filter(|l| l.contains("revok") || l.contains("digest")).collect();
+                    Err(format!("on {}: {other:?}\n{}", node.api, lines.join("\n")))
+                }
             }
         });
     }

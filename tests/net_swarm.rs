@@ -352,6 +352,9 @@ async fn digest_exchange_over_quic() {
         role,
         version_vector: VersionVector([(origin, Seq(seq))].into_iter().collect()),
         state_root: StateRoot([root; 32]),
+        cert: None,
+        members: vec![],
+        revocations: vec![],
     };
     let mine = digest(net::Role::Replica, nodes[B].id(), 3, 1);
     let theirs = digest(net::Role::Primary, a, 9, 2);

@@ -297,6 +297,9 @@ async fn liar(honest: NodeHandle, fake_snapshot: bool) -> Liar {
                         log_floors: Default::default(),
                         snapshots,
                         snapshot_brief,
+                        cert: None,
+                        members: vec![],
+                        revocations: vec![],
                     })
                 }
                 SyncRequest::GetOps { origin, after, max_ops, .. } => {

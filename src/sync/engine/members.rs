@@ -79,6 +79,10 @@ impl Engine {
     }
 
     fn learn_member(&mut self, cert: Certificate) {
+        // Other members still pass on a revoked member's certificate: it stays revoked.
+        if self.revoked.contains_key(&cert.peer) {
+            return;
+        }
         if self.members.len() >= MAX_MEMBERS && !self.members.contains_key(&cert.peer) {
             return;
         }
@@ -130,6 +134,9 @@ impl Engine {
     /// Whether `origin` may originate ops: a certified primary, or anyone in open mode (then the
     /// checks on identify and the message's claim apply).
     pub(super) fn certified_role(&self, origin: &PeerId, now: Instant) -> Option<Role> {
+        if self.revoked.contains_key(origin) {
+            return None;
+        }
         let cert = self.members.get(origin)?;
         (self.wall_ms(now) < cert.not_after_ms).then_some(cert.role)
     }

@@ -17,7 +17,7 @@ use crate::wire::{Digest, SyncRequest};
 /// then kept away.
 const MAX_STRIKES: u32 = 10;
 const STRIKE_WINDOW: Duration = Duration::from_secs(60);
-const BAN: Duration = Duration::from_secs(60);
+pub(super) const BAN: Duration = Duration::from_secs(60);
 /// Requests one peer may make: a burst, then a steady rate (a node's own pulls and digests stay far
 /// below it).
 const REQUEST_BURST: f64 = 400.0;

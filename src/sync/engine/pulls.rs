@@ -79,6 +79,8 @@ impl Engine {
                     let response = SyncResponse::Error { code: "not_a_member".into(), message: reason };
                     self.push(Action::Reply { reply, response });
                     self.push(Action::Disconnect { peer });
+                    // Its redials are closed at once for a while, without another look.
+                    self.peers.entry(peer).banned_until = Some(now + super::peers::BAN);
                     return;
                 }
                 let mine = self.my_digest(store);
@@ -151,6 +153,7 @@ impl Engine {
                         Err(reason) => {
                             tracing::info!(%peer, %reason, "the peer is not a member; disconnecting");
                             self.push(Action::Disconnect { peer });
+                            self.peers.entry(peer).banned_until = Some(now + super::peers::BAN);
                         }
                     }
                 }

@@ -15,8 +15,11 @@ use crate::store::VersionVector;
 use crate::sync::{choose_snapshot, Offer, SnapshotChoice, SnapshotPull, SnapshotReason, SnapshotRetry};
 use crate::wire::SyncRequest;
 
-/// An optional pull that has not moved for this many request timeouts is given up for replay.
-const OPTIONAL_PULL_STALL: u32 = 3;
+/// A pull that has not moved for this many request timeouts is given up: an optional one for
+/// replay, a needed one until its retry pause ends (then the choice is made again, and replay
+/// may be possible by then), so sources that serve only corrupt chunks, or none, cannot hold a
+/// node forever.
+const PULL_STALL: u32 = 3;
 /// Snapshots given up on and remembered, at most.
 const MAX_DECLINED: usize = 64;
 
@@ -200,9 +203,9 @@ impl Engine {
     /// Sends the chunk requests the pull asks for, and installs once every chunk is held.
     pub(super) fn drive_snapshot(&mut self, now: Instant, store: &dyn StoreView) {
         let Some(active) = &mut self.snapshot.active else { return };
-        let stall = self.cfg.request_timeout * OPTIONAL_PULL_STALL;
-        if active.optional && !active.installing && now.duration_since(active.progressed_at) >= stall {
-            tracing::warn!(cid = %active.cid, "the snapshot pull is not progressing; catching up by replay instead");
+        let stall = self.cfg.request_timeout * PULL_STALL;
+        if !active.installing && now.duration_since(active.progressed_at) >= stall {
+            tracing::warn!(cid = %active.cid, optional = active.optional, "the snapshot pull is not progressing; giving it up");
             self.give_up_snapshot(now);
             self.plan_pulls(now, store);
             return;
