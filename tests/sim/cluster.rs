@@ -1,38 +1,39 @@
-//! A simulated cluster that drives the sync state machines (`GapBuffer`, `ReplayPlanner`,
-//! `Readiness`) the way the node's event loop and applier do, over a simulated network.
+//! A simulated cluster: every node runs the real `peersync::sync::Engine`; the simulator is only its
+//! executor (`exec.rs`) with fakes at the I/O edges: the network and clocks (`net.rs`) and an
+//! in-memory store (`store.rs`).
 //!
-//! What is modelled, and what is not:
-//! - Each node keeps per-origin applied logs (contiguous seqs, with the signed heads that end each
-//!   applied batch) that survive a crash; the gap buffer, planner, readiness and known digests are
-//!   lost on a crash and start fresh on restart.
-//! - Primaries create real `OpBatch`es signed by a `Signer`; the op bytes encode `(origin, seq)` so
-//!   every apply can check that it extends its log contiguously with the right op.
-//! - Messages: gossip of a batch from its origin to every connected node; digest request/response
-//!   carrying `(VersionVector, root = hash of the vector)`; `GetOps` pulls answered with the
-//!   server's batches after the cursor, in the boundaries of its signed heads (as
-//!   `Store::read_batches` does), up to `pull_max_ops`.
-//! - Each message is dropped with probability `loss`, otherwise delivered after the link's latency
-//!   plus random jitter (so messages reorder). A message of a connection that has since closed is
-//!   never delivered. Cutting a link or crashing a node closes connections: both ends see it (peer
-//!   gone, pulls to it fail), as libp2p reports `ConnectionClosed` and `OutboundFailure`.
-//! - A pull not answered within `request_timeout` fails (`OutboundFailure::Timeout`).
-//! - Verification of chains and signatures is not modelled; the node's `pulled` cursor map is not
-//!   either (applies are synchronous here, so it never differs from the applied vector).
-//! - Time is simulated: one real `Instant` at start plus simulated offsets; events run in
-//!   `(time, id)` order and the only randomness is the seeded RNG, so a seed replays exactly.
+//! A crash drops a node's engine and everything volatile around it (writer queue, pending replies
+//! and verdicts, gossip seen-cache) and keeps its store and the peers it was told to remember; a
+//! restart builds a new engine over the kept store, as the node does.
+//!
+//! Checked at every input a node handles: its engine's queues and gap buffer stay within the
+//! configuration's bounds, every gossip message gets exactly one verdict, every request at most one
+//! answer, and the node never reports itself active while below the first version vector a peer
+//! advertised to it since it (re)started. At the end (see [`Cluster::converge`]): every node holds
+//! every acknowledged write, all hold the same vector and root, their states are the oracle's, and
+//! all are active.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::identity::Keypair;
-use libp2p::PeerId;
-use peersync::ids::{Origin, Role, Seq, StateRoot};
-use peersync::op::{ChainHash, OpBatch, SignedHead, Signer};
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use peersync::ids::{Origin, Role};
+use peersync::op::{ChainHash, OpBatch, Signer};
 use peersync::store::VersionVector;
-use peersync::sync::{Admit, DigestPace, GapBuffer, GapLimits, PeerView, Readiness, ReplayPlanner, Transition};
+use peersync::sync::{Count, Engine, EngineConfig, GossipId, Input, Phase, ReplyId, ReqId, Ticket};
 use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
-use serde_bytes::ByteBuf;
+
+use crate::checks::check_join_target;
+use crate::net::{Clock, Event, Net};
+use crate::store::MemStore;
+
+pub const CLUSTER: &str = "sim";
 
 /// Parameters of one simulated run.
 #[derive(Debug, Clone)]
@@ -40,612 +41,325 @@ pub struct Config {
     pub nodes: usize,
     /// Nodes `0..primaries` are primaries, the rest replicas.
     pub primaries: usize,
-    /// Fraction of messages dropped.
+    /// Nodes not started with the others (late joiners); started by [`Cluster::restart`].
+    pub late: Vec<usize>,
     pub loss: f64,
-    pub gap: GapLimits,
-    /// Most ops a pull answer carries (whole batches; the last one may pass it).
-    pub pull_max_ops: usize,
-    pub request_timeout: Duration,
-    pub digest_min: Duration,
-    pub digest_max: Duration,
-    /// Readiness grace; the node uses `Duration::MAX` when it has bootstrap addresses.
-    pub grace: Duration,
-    /// Random extra delay of each message on top of its link's latency.
+    pub dup: f64,
     pub max_jitter: Duration,
+    /// Each node's clock is offset by up to this much...
+    pub max_offset: Duration,
+    /// ...and runs off by up to this many millionths.
+    pub max_drift_ppm: i64,
+    /// Bootstrap peers of each node, chosen at random among the others.
+    pub bootstraps: usize,
+    /// Keys the primaries write to (a few keys, many overwrites).
+    pub keys: u8,
+    /// Raw bytes of a snapshot chunk at most (small, so snapshots have several chunks).
+    pub chunk_raw: u64,
+    /// Writer commit latency at most.
+    pub commit_latency: Duration,
+    /// Nodes that lie when they serve: chunks and replayed ops come out altered.
+    pub liars: Vec<usize>,
+    pub engine: EngineConfig,
 }
 
 impl Config {
     pub fn new(nodes: usize, primaries: usize) -> Self {
+        let mut engine = EngineConfig::new(Role::Replica, CLUSTER);
+        engine.discovery = Duration::from_secs(1);
+        engine.digest_min = Duration::from_millis(250);
+        engine.digest_max = Duration::from_secs(2);
+        engine.request_timeout = Duration::from_secs(2);
+        engine.chunks_per_source = 2;
         Config {
             nodes,
             primaries,
+            late: Vec::new(),
             loss: 0.0,
-            gap: GapLimits::default(),
-            pull_max_ops: 16,
-            request_timeout: Duration::from_secs(3),
-            digest_min: Duration::from_millis(250),
-            digest_max: Duration::from_secs(10),
-            grace: Duration::MAX,
-            max_jitter: Duration::from_millis(80),
+            dup: 0.0,
+            max_jitter: Duration::from_millis(40),
+            max_offset: Duration::ZERO,
+            max_drift_ppm: 0,
+            bootstraps: 2,
+            keys: 8,
+            chunk_raw: 96,
+            commit_latency: Duration::from_millis(3),
+            liars: Vec::new(),
+            engine,
         }
     }
 }
 
-/// Counters over a run, for reports and for checking that faults really happened.
+/// Counters of one node over a run.
 #[derive(Debug, Default, Clone)]
-pub struct Stats {
-    pub sent: u64,
-    pub lost: u64,
-    pub buffered: u64,
-    pub overflows: u64,
-    pub pulls: u64,
-    pub pull_failures: u64,
-    pub max_gap_ops: usize,
-    /// Most pulls of one origin a node had outstanding at once (the planner means one).
-    pub max_pulls_per_origin: usize,
-    /// Restarts after which the first digest received was ahead of the node.
-    pub behind_at_first_digest: u64,
+pub struct NodeStats {
+    /// What the engine counted (`Action::Count`), by kind.
+    pub counts: Vec<(Count, u64)>,
+    /// Digest requests sent from ticks (digest rounds), and the ticks that sent any.
+    pub round_digests: u64,
+    pub rounds: u64,
+    /// Requests (digests included) and answers sent: the repair plane.
+    pub requests_sent: u64,
+    pub answers_sent: u64,
+    /// Gossip messages published or forwarded.
+    pub gossip_sent: u64,
+    pub digests_sent: u64,
+    pub digests_received: u64,
+    pub restarts: u64,
+    /// Snapshots the store installed.
+    pub installs: u64,
+    /// Times a (re)started node's first digest was ahead of it.
+    pub behind_at_join: u64,
+    pub became_active: u64,
 }
 
-#[derive(Debug, Clone)]
-struct Digest {
-    role: Role,
-    vv: VersionVector,
-    root: StateRoot,
+impl NodeStats {
+    pub fn count(&self, what: Count) -> u64 {
+        self.counts.iter().find(|(c, _)| *c == what).map_or(0, |(_, n)| *n)
+    }
+
+    pub(crate) fn add(&mut self, what: Count, n: u64) {
+        match self.counts.iter_mut().find(|(c, _)| *c == what) {
+            Some((_, total)) => *total += n,
+            None => self.counts.push((what, n)),
+        }
+    }
 }
 
-#[derive(Debug)]
-enum Msg {
-    Gossip(OpBatch),
-    DigestReq(Digest),
-    DigestResp(Digest),
-    GetOps { req: u64, origin: Origin, after: Seq },
-    Ops { req: u64, batches: Vec<OpBatch> },
+/// What an [`Action::Apply`](peersync::sync::Action::Apply) queued to the writer.
+pub(crate) struct Queued {
+    pub ticket: Ticket,
+    pub origin: Origin,
+    pub batches: Vec<OpBatch>,
+    pub prev: Option<ChainHash>,
 }
 
-#[derive(Debug)]
-enum Event {
-    Deliver { from: usize, to: usize, epoch: u64, msg: Msg },
-    DigestTimer { node: usize, life: u64 },
-    PullDeadline { node: usize, req: u64, life: u64 },
+/// A gossip message handed to an engine, waiting for its verdict.
+pub(crate) struct Unjudged {
+    pub from: usize,
+    /// Gossipsub's message id, to forward it under.
+    pub id: u64,
+    pub data: Rc<Vec<u8>>,
+    pub at: Duration,
 }
 
-/// One origin's applied log as a node holds it.
-#[derive(Debug, Default)]
-struct Log {
-    /// `ops[i]` is the op with seq `i + 1`.
-    ops: Vec<ByteBuf>,
-    /// The signed heads held, keyed by seq: one at the end of every applied batch.
-    heads: BTreeMap<Seq, SignedHead>,
-}
-
-/// What a node loses when it crashes.
-struct Volatile {
-    gaps: GapBuffer,
-    planner: ReplayPlanner,
-    readiness: Readiness,
-    /// Latest digest of each peer (kept across disconnects, as the event loop's peer table does).
-    digests: BTreeMap<usize, Digest>,
-    /// Pulls in flight: request id -> (peer, origin).
-    pulls: BTreeMap<u64, (usize, Origin)>,
-    digest_pace: DigestPace,
-}
-
-/// What a restarted node must respect until it is active.
-#[derive(Debug, Clone)]
-pub struct Watch {
-    /// The first version vector a peer advertised to the node after its restart.
-    pub first_digest: Option<VersionVector>,
-    pub became_active: bool,
+/// Everything a crash loses.
+pub struct Live {
+    pub engine: Engine,
+    pub(crate) writer: VecDeque<Queued>,
+    pub(crate) commit_scheduled: bool,
+    /// Inbound requests not answered yet: requester, its request id, the connection.
+    pub(crate) replies: BTreeMap<ReplyId, (usize, ReqId, u64)>,
+    /// Gossip messages handed to the engine and not judged yet.
+    pub(crate) verdicts: BTreeMap<GossipId, Unjudged>,
+    /// Gossipsub's seen-cache: message id -> when first seen.
+    pub(crate) seen: BTreeMap<u64, Duration>,
+    /// The first version vector a peer advertised to this node since it started.
+    pub join_target: Option<VersionVector>,
+    pub(crate) tick_at: Option<Duration>,
+    pub(crate) dialing: BTreeSet<usize>,
+    /// Peers gossip must not flow to or from (`Action::Gossip`).
+    pub(crate) gossip_blocked: BTreeSet<usize>,
+    /// Whether the input being handled is a tick (a digest round, when it sends digests).
+    pub(crate) in_tick: bool,
+    pub(crate) tick_digests: u64,
 }
 
 pub struct Node {
-    signer: Signer,
+    pub signer: Signer,
     pub peer: PeerId,
     pub role: Role,
-    logs: BTreeMap<Origin, Log>,
-    /// Chain value after this node's own last op (primaries).
-    chain: ChainHash,
-    pub up: bool,
-    /// Incarnation: timers of an earlier life are ignored.
-    life: u64,
-    s: Volatile,
-    pub watch: Option<Watch>,
-}
-
-#[derive(Debug, Clone, Copy)]
-struct Link {
-    ok: bool,
-    /// Bumped whenever the connection closes or opens, so messages of an old connection are lost.
-    epoch: u64,
-    /// One-way latency.
-    latency: Duration,
+    pub addr: Multiaddr,
+    pub store: MemStore,
+    pub(crate) bootstrap: Vec<usize>,
+    /// Peers the engine asked to remember (`Action::RememberPeers`): kept across restarts.
+    pub(crate) remembered: Vec<(Multiaddr, PeerId)>,
+    /// Revocations the engine asked to persist (`Action::PersistRevocations`): kept too.
+    pub(crate) revocations: Vec<peersync::cert::Revocation>,
+    pub clock: Clock,
+    pub live: Option<Live>,
+    /// Incarnation: events of an earlier life are dropped.
+    pub life: u64,
+    /// Whether it was ever started (a late joiner is not, at first).
+    pub started: bool,
+    pub stats: NodeStats,
 }
 
 pub struct Cluster {
     pub seed: u64,
-    cfg: Config,
-    pub rng: StdRng,
-    start: Instant,
-    now: Instant,
-    events: BTreeMap<(Instant, u64), Event>,
-    next_id: u64,
+    pub cfg: Config,
+    pub net: Net,
     pub nodes: Vec<Node>,
-    index: BTreeMap<PeerId, usize>,
-    links: Vec<Vec<Link>>,
-    pub stats: Stats,
+    pub(crate) index: BTreeMap<PeerId, usize>,
+    pub(crate) by_addr: BTreeMap<Multiaddr, usize>,
+    /// Kademlia's provider records: `None` is the cluster key, `Some(cid)` a snapshot.
+    pub(crate) providers: BTreeMap<Option<cid::Cid>, BTreeSet<usize>>,
+    /// Every write a primary acknowledged, per origin in seq order: the oracle.
+    pub written: BTreeMap<Origin, Vec<(Vec<u8>, i64)>>,
+    pub(crate) next_id: u64,
+    /// A digest of everything that happened, to check a seed replays exactly.
+    pub(crate) trace: blake3::Hasher,
+    /// Inputs handed to engines.
+    pub inputs: u64,
+    /// `SIM_TRACE=1`: print every input and action (for replaying one seed).
+    pub(crate) tracing: bool,
 }
 
-/// Op bytes: origin index, seq, then padding so op sizes vary.
-fn op_bytes(origin: usize, seq: u64, pad: usize) -> ByteBuf {
-    let mut b = vec![origin as u8];
-    b.extend_from_slice(&seq.to_le_bytes());
-    b.extend(std::iter::repeat_n(0xab, pad));
-    ByteBuf::from(b)
+fn addr_of(i: usize) -> Multiaddr {
+    format!("/ip4/10.0.{}.{}/tcp/4001", i / 256, i % 256).parse().expect("a valid address")
 }
 
-fn root_of(vv: &VersionVector) -> StateRoot {
-    let mut h = blake3::Hasher::new();
-    for (o, s) in &vv.0 {
-        h.update(&o.to_bytes());
-        h.update(&s.0.to_le_bytes());
-    }
-    StateRoot(*h.finalize().as_bytes())
-}
-
-impl Volatile {
-    fn new(cfg: &Config, role: Role, now: Instant) -> Self {
-        Volatile {
-            gaps: GapBuffer::new(cfg.gap),
-            planner: ReplayPlanner::new(role, cfg.request_timeout),
-            readiness: Readiness::new(true, cfg.grace, now),
-            digests: BTreeMap::new(),
-            pulls: BTreeMap::new(),
-            digest_pace: DigestPace::new(cfg.digest_min, cfg.digest_max),
-        }
-    }
+/// An address without its `/p2p/` part.
+pub(crate) fn bare(addr: &Multiaddr) -> Multiaddr {
+    addr.iter().filter(|p| !matches!(p, Protocol::P2p(_))).collect()
 }
 
 impl Cluster {
-    /// Builds the cluster with every link up and starts every node.
+    /// Builds the cluster and starts every node not marked late.
     pub fn new(seed: u64, cfg: Config) -> Self {
         let mut rng = StdRng::seed_from_u64(seed);
-        let start = Instant::now();
+        let base = Instant::now();
         let nodes: Vec<Node> = (0..cfg.nodes)
             .map(|i| {
                 let mut key = [0u8; 32];
                 rng.fill(&mut key);
                 let signer = Signer::new(Keypair::ed25519_from_bytes(key).expect("32 bytes are a valid key"));
-                let role = if i < cfg.primaries { Role::Primary } else { Role::Replica };
+                let others: Vec<usize> = (0..cfg.nodes).filter(|j| *j != i).collect();
+                let bootstrap = others.choose_multiple(&mut rng, cfg.bootstraps.min(others.len())).copied().collect();
+                let offset = Duration::from_millis(rng.gen_range(0..=cfg.max_offset.as_millis() as u64));
+                let drift_ppm = rng.gen_range(-cfg.max_drift_ppm..=cfg.max_drift_ppm);
                 Node {
                     peer: signer.origin(),
                     signer,
-                    role,
-                    logs: BTreeMap::new(),
-                    chain: ChainHash::GENESIS,
-                    up: false,
+                    role: if i < cfg.primaries { Role::Primary } else { Role::Replica },
+                    addr: addr_of(i),
+                    store: MemStore::default(),
+                    bootstrap,
+                    remembered: Vec::new(),
+                    revocations: Vec::new(),
+                    clock: Clock { base, offset, drift_ppm },
+                    live: None,
                     life: 0,
-                    s: Volatile::new(&cfg, role, start),
-                    watch: None,
+                    started: false,
+                    stats: NodeStats::default(),
                 }
             })
             .collect();
-        let mut links = vec![vec![Link { ok: true, epoch: 0, latency: Duration::ZERO }; cfg.nodes]; cfg.nodes];
-        for a in 0..cfg.nodes {
-            for b in a + 1..cfg.nodes {
-                let latency = Duration::from_millis(rng.gen_range(1..=30));
-                for (x, y) in [(a, b), (b, a)] {
-                    links[x][y].latency = latency;
-                }
-            }
-        }
+        let mut net = Net::new(cfg.nodes, StdRng::seed_from_u64(rng.gen()));
+        net.loss = cfg.loss;
+        net.dup = cfg.dup;
+        net.max_jitter = cfg.max_jitter;
         let index = nodes.iter().enumerate().map(|(i, n)| (n.peer, i)).collect();
+        let by_addr = nodes.iter().enumerate().map(|(i, n)| (n.addr.clone(), i)).collect();
         let mut c = Cluster {
             seed,
             cfg,
-            rng,
-            start,
-            now: start,
-            events: BTreeMap::new(),
-            next_id: 0,
+            net,
             nodes,
             index,
-            links,
-            stats: Stats::default(),
+            by_addr,
+            providers: BTreeMap::new(),
+            written: BTreeMap::new(),
+            next_id: 0,
+            trace: blake3::Hasher::new(),
+            inputs: 0,
+            tracing: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
         };
         for n in 0..c.nodes.len() {
-            c.boot(n, false);
+            if !c.cfg.late.contains(&n) {
+                c.boot(n);
+            }
         }
         c
     }
 
-    /// Simulated time since the start.
     pub fn elapsed(&self) -> Duration {
-        self.now - self.start
-    }
-
-    pub fn set_loss(&mut self, loss: f64) {
-        self.cfg.loss = loss;
+        self.net.now
     }
 
     pub fn primaries(&self) -> usize {
         self.cfg.primaries
     }
 
-    pub fn gap_limits(&self) -> GapLimits {
-        self.cfg.gap
+    pub fn set_faults(&mut self, loss: f64, dup: f64) {
+        self.net.loss = loss;
+        self.net.dup = dup;
     }
 
-    fn id(&mut self) -> u64 {
-        self.next_id += 1;
-        self.next_id
+    fn engine_config(&self, n: usize) -> EngineConfig {
+        let node = &self.nodes[n];
+        let mut cfg = self.cfg.engine.clone();
+        cfg.role = node.role;
+        cfg.bootstrap =
+            node.bootstrap.iter().map(|b| (self.nodes[*b].addr.clone(), Some(self.nodes[*b].peer))).collect();
+        cfg.remembered = node.remembered.clone();
+        cfg.revocations = node.revocations.clone();
+        cfg.seed = self.seed ^ ((n as u64) << 32) ^ (node.life << 48);
+        cfg
     }
 
-    fn schedule(&mut self, at: Instant, e: Event) {
-        let id = self.id();
-        self.events.insert((at, id), e);
-    }
-
-    fn connected(&self, a: usize, b: usize) -> bool {
-        a != b && self.nodes[a].up && self.nodes[b].up && self.links[a][b].ok
-    }
-
-    fn send(&mut self, from: usize, to: usize, msg: Msg) {
-        if !self.connected(from, to) {
-            return;
-        }
-        self.stats.sent += 1;
-        if self.rng.gen_bool(self.cfg.loss) {
-            self.stats.lost += 1;
-            return;
-        }
-        let jitter = self.rng.gen_range(Duration::ZERO..=self.cfg.max_jitter);
-        let link = self.links[from][to];
-        self.schedule(self.now + link.latency + jitter, Event::Deliver { from, to, epoch: link.epoch, msg });
-    }
-
-    // ---- durable state -------------------------------------------------------------------------
-
-    fn have(&self, n: usize, origin: &Origin) -> Seq {
-        self.nodes[n].logs.get(origin).map_or(Seq::ZERO, |l| Seq(l.ops.len() as u64))
-    }
-
-    /// The applied version vector of node `n`.
-    pub fn vv(&self, n: usize) -> VersionVector {
-        VersionVector(self.nodes[n].logs.iter().map(|(o, l)| (*o, Seq(l.ops.len() as u64))).collect())
-    }
-
-    /// Every op written so far: each primary's own log.
-    pub fn written(&self) -> VersionVector {
-        let mut vv = VersionVector::default();
-        for n in &self.nodes[..self.cfg.primaries] {
-            if let Some(l) = n.logs.get(&n.peer) {
-                vv.0.insert(n.peer, Seq(l.ops.len() as u64));
-            }
-        }
-        vv
-    }
-
-    /// Appends a batch to node `n`'s log; it must continue the log without a hole.
-    fn apply(&mut self, n: usize, batch: &OpBatch) {
-        let origin = batch.head.origin;
-        let oi = self.index[&origin];
-        let seed = self.seed;
-        let log = self.nodes[n].logs.entry(origin).or_default();
-        let have = log.ops.len() as u64;
-        assert!(
-            batch.after.0 <= have,
-            "seed {seed}: node {n} applied ops {}..={} of origin {oi} holding only 1..={have}: out of order",
-            batch.after.0 + 1,
-            batch.head.seq.0
-        );
-        assert!(batch.head.seq.0 > have, "seed {seed}: node {n} applied a batch it already holds");
-        assert_eq!(batch.ops.len() as u64, batch.head.seq.0 - batch.after.0, "seed {seed}: malformed batch");
-        for (i, op) in batch.ops.iter().enumerate() {
-            let seq = batch.after.0 + 1 + i as u64;
-            if seq <= have {
-                assert_eq!(&log.ops[seq as usize - 1], op, "seed {seed}: node {n} got another op at seq {seq}");
-                continue;
-            }
-            assert_eq!(op[0] as usize, oi, "seed {seed}: op of another origin");
-            assert_eq!(op[1..9], seq.to_le_bytes(), "seed {seed}: node {n} applied the wrong op as seq {seq}");
-            log.ops.push(op.clone());
-        }
-        log.heads.insert(batch.head.seq, batch.head.clone());
-    }
-
-    /// A primary creates and publishes a batch of 1..=5 ops.
-    pub fn write(&mut self, n: usize) {
-        if !self.nodes[n].up {
-            return;
-        }
-        assert_eq!(self.nodes[n].role, Role::Primary);
-        let origin = self.nodes[n].peer;
-        let have = self.have(n, &origin).0;
-        let count = self.rng.gen_range(1..=5u64);
-        let mut chain = self.nodes[n].chain;
-        let ops: Vec<ByteBuf> = (have + 1..=have + count)
-            .map(|seq| {
-                let op = op_bytes(n, seq, self.rng.gen_range(0..8));
-                chain = chain.extend(blake3::hash(&op).as_bytes());
-                op
-            })
-            .collect();
-        let head = self.nodes[n].signer.sign_head(Seq(have + count), chain);
-        self.nodes[n].chain = chain;
-        let batch = OpBatch { after: Seq(have), ops, head };
-        self.apply(n, &batch);
-        for to in 0..self.nodes.len() {
-            self.send(n, to, Msg::Gossip(batch.clone()));
-        }
-        if !self.nodes[n].s.readiness.is_active() {
-            self.check_ready(n);
-        }
-    }
-
-    // ---- the node's handlers -------------------------------------------------------------------
-
-    fn digest_of(&self, n: usize) -> Digest {
-        let vv = self.vv(n);
-        Digest { role: self.nodes[n].role, root: root_of(&vv), vv }
-    }
-
-    /// The applier's `offer`: apply what continues the log, buffer what is ahead of a gap, then
-    /// release what the apply made ready.
-    fn offer(&mut self, n: usize, batch: OpBatch) {
-        let origin = batch.head.origin;
-        let have = self.have(n, &origin);
-        if batch.head.seq <= have {
-            return;
-        }
-        if batch.after > have {
-            match self.nodes[n].s.gaps.insert(batch) {
-                Admit::Buffered => self.stats.buffered += 1,
-                Admit::Overflow => self.stats.overflows += 1,
-                Admit::AlreadyBuffered => {}
-            }
-            self.check_gap_bounds(n);
-            return;
-        }
-        self.apply(n, &batch);
-        loop {
-            let have = self.have(n, &origin);
-            let ready = self.nodes[n].s.gaps.take_ready(&origin, have);
-            if ready.is_empty() {
-                break;
-            }
-            for b in &ready {
-                self.apply(n, b);
-            }
-        }
-        self.check_gap_bounds(n);
-        if !self.nodes[n].s.readiness.is_active() {
-            self.check_ready(n);
-        }
-    }
-
-    fn check_gap_bounds(&mut self, n: usize) {
-        let (ops, bytes) = self.nodes[n].s.gaps.usage();
-        let limits = self.cfg.gap;
-        assert!(
-            ops <= limits.max_ops && bytes <= limits.max_bytes,
-            "seed {}: node {n}'s gap buffer holds {ops} ops / {bytes} bytes, over {limits:?}",
-            self.seed
-        );
-        self.stats.max_gap_ops = self.stats.max_gap_ops.max(ops);
-    }
-
-    fn check_ready(&mut self, n: usize) {
-        let vv = self.vv(n);
-        let root = root_of(&vv);
-        let now = self.now;
-        match self.nodes[n].s.readiness.check(&vv, root, now) {
-            Transition::Divergence { peer } => {
-                panic!(
-                    "seed {}: node {n} reports a divergence from {peer}, but roots are a function of vectors",
-                    self.seed
-                )
-            }
-            Transition::BecameActive { .. } | Transition::None => {}
-        }
-        self.check_watch(n);
-    }
-
-    /// A restarted node may be active only once it holds what a peer advertised to it first.
-    fn check_watch(&mut self, n: usize) {
+    /// Starts node `n` over its store: a fresh engine, which dials its bootstrap peers.
+    fn boot(&mut self, n: usize) {
+        let cfg = self.engine_config(n);
+        let now = self.nodes[n].clock.at(self.net.now);
         let node = &mut self.nodes[n];
-        let Some(w) = &mut node.watch else { return };
-        if !node.up || !node.s.readiness.is_active() {
+        node.started = true;
+        let engine = Engine::new(node.signer.clone(), cfg, &node.store, now);
+        node.live = Some(Live {
+            engine,
+            writer: VecDeque::new(),
+            commit_scheduled: false,
+            replies: BTreeMap::new(),
+            verdicts: BTreeMap::new(),
+            seen: BTreeMap::new(),
+            join_target: None,
+            tick_at: None,
+            dialing: BTreeSet::new(),
+            gossip_blocked: BTreeSet::new(),
+            in_tick: false,
+            tick_digests: 0,
+        });
+        // The swarm dials the bootstrap peers itself; the engine redials them later.
+        for b in self.nodes[n].bootstrap.clone() {
+            self.dial(n, b);
+        }
+        self.drain(n);
+        self.after_input(n);
+    }
+
+    /// Node `n` crashes: its engine and everything volatile go, its connections close; its store
+    /// stays (but for chunks staged without a durable commit).
+    pub fn crash(&mut self, n: usize) {
+        if self.nodes[n].live.take().is_none() {
             return;
         }
-        let vv = VersionVector(node.logs.iter().map(|(o, l)| (*o, Seq(l.ops.len() as u64))).collect());
-        match &w.first_digest {
-            None => panic!("seed {}: restarted node {n} became active before any peer's digest", self.seed),
-            Some(first) => assert!(
-                vv.dominates(first),
-                "seed {}: restarted node {n} is active at {vv:?}, behind the first digest it got after restart {first:?}",
-                self.seed
-            ),
-        }
-        w.became_active = true;
-    }
-
-    fn record_digest(&mut self, n: usize, from: usize, d: Digest) {
-        let peer = self.nodes[from].peer;
-        let node = &mut self.nodes[n];
-        node.s.readiness.on_peer_state(peer, d.vv.clone(), d.root);
-        if let Some(w) = &mut node.watch {
-            if w.first_digest.is_none() {
-                let vv = VersionVector(node.logs.iter().map(|(o, l)| (*o, Seq(l.ops.len() as u64))).collect());
-                self.stats.behind_at_first_digest += u64::from(!vv.dominates(&d.vv));
-                w.first_digest = Some(d.vv.clone());
-            }
-        }
-        node.s.digests.insert(from, d);
-        self.check_ready(n);
-    }
-
-    /// The event loop's `plan_pulls`: views of the connected peers' latest digests.
-    fn plan_pulls(&mut self, n: usize) {
-        let have = self.vv(n);
-        let views: Vec<PeerView> = self.nodes[n]
-            .s
-            .digests
-            .iter()
-            .filter(|(p, _)| self.connected(n, **p))
-            .map(|(p, d)| PeerView {
-                peer: self.nodes[*p].peer,
-                role: d.role,
-                version_vector: d.vv.clone(),
-                rtt: Some(self.links[n][*p].latency * 2),
-            })
-            .collect();
-        let now = self.now;
-        let pulls = self.nodes[n].s.planner.plan(&have, &views, now);
-        for pull in pulls {
-            let to = self.index[&pull.peer];
-            assert_eq!(pull.after, have.get(&pull.origin), "seed {}: a pull must start at the cursor", self.seed);
-            let view = views.iter().find(|v| v.peer == pull.peer).expect("planned from a view");
-            assert!(
-                view.version_vector.get(&pull.origin) > pull.after,
-                "seed {}: pull from a peer with nothing",
-                self.seed
-            );
-            let req = self.id();
-            let pulls = &mut self.nodes[n].s.pulls;
-            pulls.insert(req, (to, pull.origin));
-            let same = pulls.values().filter(|(_, o)| *o == pull.origin).count();
-            self.stats.max_pulls_per_origin = self.stats.max_pulls_per_origin.max(same);
-            self.stats.pulls += 1;
-            self.send(n, to, Msg::GetOps { req, origin: pull.origin, after: pull.after });
-            let life = self.nodes[n].life;
-            self.schedule(now + self.cfg.request_timeout, Event::PullDeadline { node: n, req, life });
+        self.nodes[n].life += 1;
+        self.nodes[n].store.crash();
+        for (p, _) in self.net.peers(n) {
+            self.net.close(n, p);
+            self.local(p, Duration::ZERO, Input::Disconnected { peer: self.nodes[n].peer, remaining: 0 });
         }
     }
 
-    /// The server side of `GetOps`: batches after `after`, cut at the server's signed heads.
-    fn serve(&self, n: usize, origin: &Origin, after: Seq) -> Vec<OpBatch> {
-        let Some(log) = self.nodes[n].logs.get(origin) else { return Vec::new() };
-        let mut batches = Vec::new();
-        let (mut start, mut total) = (after.0, 0);
-        for (end, head) in log.heads.range(after.next()..) {
-            let ops = log.ops[start as usize..end.0 as usize].to_vec();
-            total += ops.len();
-            batches.push(OpBatch { after: Seq(start), ops, head: head.clone() });
-            start = end.0;
-            if total >= self.cfg.pull_max_ops {
-                break;
-            }
-        }
-        batches
-    }
-
-    fn on_ops(&mut self, n: usize, from: usize, req: u64, batches: Vec<OpBatch>) {
-        let Some((_, origin)) = self.nodes[n].s.pulls.remove(&req) else { return };
-        if batches.is_empty() {
-            // The peer has nothing after our cursor (anymore): let the next digest decide.
-            self.nodes[n].s.digests.remove(&from);
-            let from_id = self.nodes[from].peer;
-            self.nodes[n].s.planner.answered(&from_id, &origin);
-            return;
-        }
-        for b in batches {
-            assert_eq!(b.head.origin, origin, "seed {}: a pull answered with another origin", self.seed);
-            self.offer(n, b);
-        }
-        let from_id = self.nodes[from].peer;
-        self.nodes[n].s.planner.answered(&from_id, &origin);
-        self.plan_pulls(n);
-    }
-
-    fn digest_round(&mut self, n: usize) {
-        let digest = self.digest_of(n);
-        let applied = digest.vv.total();
-        let targets: Vec<usize> = (0..self.nodes.len()).filter(|p| self.connected(n, *p)).collect();
-        for &p in &targets {
-            self.send(n, p, Msg::DigestReq(digest.clone()));
-        }
-        let life = self.nodes[n].life;
-        let s = &mut self.nodes[n].s;
-        let behind = s.digests.values().any(|d| !digest.vv.dominates(&d.vv));
-        let busy = behind || !s.readiness.is_active() || targets.is_empty();
-        let at = self.now + s.digest_pace.after_round(applied, busy);
-        self.schedule(at, Event::DigestTimer { node: n, life });
-        self.plan_pulls(n);
-        self.check_ready(n);
-    }
-
-    fn deliver(&mut self, from: usize, to: usize, msg: Msg) {
-        match msg {
-            Msg::Gossip(batch) => {
-                assert_ne!(batch.head.origin, self.nodes[to].peer, "seed {}: own ops gossiped back", self.seed);
-                self.offer(to, batch);
-            }
-            Msg::DigestReq(d) => {
-                let mine = self.digest_of(to);
-                self.record_digest(to, from, d);
-                self.send(to, from, Msg::DigestResp(mine));
-                self.plan_pulls(to);
-            }
-            Msg::DigestResp(d) => {
-                self.record_digest(to, from, d);
-                self.plan_pulls(to);
-            }
-            Msg::GetOps { req, origin, after } => {
-                let batches = self.serve(to, &origin, after);
-                self.send(to, from, Msg::Ops { req, batches });
-            }
-            Msg::Ops { req, batches } => self.on_ops(to, from, req, batches),
+    /// Starts node `n` again (or for the first time, if it is a late joiner).
+    pub fn restart(&mut self, n: usize) {
+        if self.nodes[n].live.is_none() {
+            self.nodes[n].stats.restarts += 1;
+            self.boot(n);
         }
     }
 
-    // ---- connections, crashes ------------------------------------------------------------------
-
-    /// `n` sees its connection to `peer` close: the peer's state no longer vouches, pulls fail.
-    fn on_closed(&mut self, n: usize, peer: usize) {
-        let id = self.nodes[peer].peer;
-        let s = &mut self.nodes[n].s;
-        s.readiness.on_peer_gone(&id);
-        let failed: Vec<(u64, Origin)> =
-            s.pulls.iter().filter(|(_, (p, _))| *p == peer).map(|(r, (_, o))| (*r, *o)).collect();
-        for (r, origin) in failed {
-            s.pulls.remove(&r);
-            s.planner.failed(&id, &origin, self.now);
-            self.stats.pull_failures += 1;
+    /// Closes the connection between `a` and `b`, if any: both ends hear of it.
+    pub(crate) fn close(&mut self, a: usize, b: usize) {
+        if self.net.close(a, b) {
+            self.local(a, Duration::ZERO, Input::Disconnected { peer: self.nodes[b].peer, remaining: 0 });
+            self.local(b, Duration::ZERO, Input::Disconnected { peer: self.nodes[a].peer, remaining: 0 });
         }
-    }
-
-    /// A new connection: each side sends its digest.
-    fn on_established(&mut self, a: usize, b: usize) {
-        self.links[a][b].epoch += 1;
-        self.links[b][a].epoch += 1;
-        let (da, db) = (self.digest_of(a), self.digest_of(b));
-        self.send(a, b, Msg::DigestReq(da));
-        self.send(b, a, Msg::DigestReq(db));
-    }
-
-    fn close(&mut self, a: usize, b: usize) {
-        self.links[a][b].epoch += 1;
-        self.links[b][a].epoch += 1;
-        self.on_closed(a, b);
-        self.on_closed(b, a);
     }
 
     pub fn cut(&mut self, a: usize, b: usize) {
-        if self.connected(a, b) {
-            self.close(a, b);
-        }
-        self.links[a][b].ok = false;
-        self.links[b][a].ok = false;
-    }
-
-    pub fn heal(&mut self, a: usize, b: usize) {
-        let was = self.connected(a, b);
-        self.links[a][b].ok = true;
-        self.links[b][a].ok = true;
-        if !was && self.connected(a, b) {
-            self.on_established(a, b);
-        }
+        self.net.set_cut(a, b, true);
+        self.close(a, b);
     }
 
     /// Cuts every link between `side` and the rest.
@@ -657,131 +371,198 @@ impl Cluster {
         }
     }
 
+    /// Lets every link carry messages again; connections come back when the engines dial.
     pub fn heal_all(&mut self) {
-        for a in 0..self.nodes.len() {
-            for b in a + 1..self.nodes.len() {
-                self.heal(a, b);
-            }
-        }
+        self.net.heal_all();
     }
 
-    /// The node loses its memory and its connections; its logs stay.
-    pub fn crash(&mut self, n: usize) {
-        if !self.nodes[n].up {
+    /// Primary `n` writes a batch of 1..=5 ops to random keys, commits it, and hands it to its
+    /// engine to publish. The write is acknowledged once committed.
+    pub fn write(&mut self, n: usize) {
+        if self.nodes[n].live.is_none() || self.nodes[n].role != Role::Primary {
             return;
         }
-        for p in 0..self.nodes.len() {
-            if self.connected(n, p) {
-                self.links[n][p].epoch += 1;
-                self.links[p][n].epoch += 1;
-                self.on_closed(p, n);
-            }
-        }
-        self.nodes[n].up = false;
-        self.nodes[n].life += 1;
-    }
-
-    pub fn restart(&mut self, n: usize) {
-        if !self.nodes[n].up {
-            self.boot(n, true);
-        }
-    }
-
-    fn boot(&mut self, n: usize, watched: bool) {
+        let count = self.net.rng.gen_range(1..=5);
+        let keys = self.cfg.keys;
+        let ops: Vec<(Vec<u8>, i64)> = (0..count)
+            .map(|_| {
+                (
+                    vec![self.net.rng.gen_range(0..keys)],
+                    self.net.rng.gen_range(1..=9) * [-1, 1][self.net.rng.gen_range(0..2)],
+                )
+            })
+            .collect();
+        let wall_ms = self.net.now.as_millis() as u64;
         let node = &mut self.nodes[n];
-        node.up = true;
-        node.s = Volatile::new(&self.cfg, node.role, self.now);
-        node.watch = watched.then_some(Watch { first_digest: None, became_active: false });
-        let (at, life) = (self.now + self.cfg.digest_min, node.life);
-        self.schedule(at, Event::DigestTimer { node: n, life });
-        self.check_ready(n);
-        for p in 0..self.nodes.len() {
-            if self.connected(n, p) {
-                self.on_established(n, p);
+        let batch = node.store.write_local(&node.signer, &ops, wall_ms);
+        self.written.entry(node.peer).or_default().extend(ops);
+        self.feed(n, Input::Committed { batches: vec![Arc::new(batch)] });
+    }
+
+    /// Node `n` makes a snapshot, tells its engine, and compacts its log down to `retain` ops.
+    pub fn snapshot(&mut self, n: usize, retain: u64) -> u64 {
+        if self.nodes[n].live.is_none() {
+            return 0;
+        }
+        let chunk_raw = self.cfg.chunk_raw;
+        let node = &mut self.nodes[n];
+        let cid = node.store.create_snapshot(&node.signer, CLUSTER, chunk_raw);
+        let deleted = node.store.compact(retain);
+        self.feed(n, Input::SnapshotCreated { cid });
+        deleted
+    }
+
+    /// Schedules an input for `n`'s engine from its executor, `delay` from now, in this life.
+    pub(crate) fn local(&mut self, n: usize, delay: Duration, input: Input) {
+        let life = self.nodes[n].life;
+        self.net.after(delay, Event::Local { node: n, life, input });
+    }
+
+    /// Hands `input` to node `n`'s engine and carries out what it asks.
+    pub(crate) fn feed(&mut self, n: usize, input: Input) {
+        let now = self.nodes[n].clock.at(self.net.now);
+        self.inputs += 1;
+        self.trace.update(&(self.net.now.as_nanos() as u64).to_le_bytes());
+        self.trace.update(&[n as u8, discriminant(&input)]);
+        if self.tracing {
+            eprintln!("{:>12?} node {n} <- {}", self.net.now, brief(&input));
+        }
+        let node = &mut self.nodes[n];
+        let Some(live) = node.live.as_mut() else { return };
+        live.in_tick = matches!(input, Input::Tick);
+        live.tick_digests = 0;
+        live.engine.handle(now, input, &node.store);
+        self.drain(n);
+        if let Some(live) = self.nodes[n].live.as_mut() {
+            if live.in_tick && live.tick_digests > 0 {
+                let d = live.tick_digests;
+                self.nodes[n].stats.rounds += 1;
+                self.nodes[n].stats.round_digests += d;
             }
+        }
+        self.after_input(n);
+    }
+
+    fn drain(&mut self, n: usize) {
+        while let Some(action) = self.nodes[n].live.as_mut().and_then(|l| l.engine.poll_action()) {
+            if self.tracing {
+                eprintln!("{:>12?} node {n} -> {}", self.net.now, brief(&action));
+            }
+            self.execute(n, action);
         }
     }
 
-    // ---- running -------------------------------------------------------------------------------
+    /// Checks the node's bounds and phase, and schedules its next tick.
+    fn after_input(&mut self, n: usize) {
+        let seed = self.seed;
+        let cfg = &self.cfg;
+        let node = &mut self.nodes[n];
+        let Some(live) = node.live.as_mut() else { return };
+        let e = &live.engine;
+        let (out, serving, applying) = e.queue_sizes();
+        let ec = e.config();
+        let out_bound = ec.max_peers * (1 + ec.chunks_per_source) + cfg.primaries + 24;
+        let apply_bound = ec.max_applying + ec.gap.max_ops + cfg.primaries + 1;
+        assert!(
+            out <= out_bound && serving <= ec.max_serving && applying <= apply_bound,
+            "seed {seed}: node {n}'s queues are ({out} requests out, {serving} serving, {applying} applying), \
+             bounds ({out_bound}, {}, {apply_bound})",
+            ec.max_serving
+        );
+        let buffered = e.buffered_ops();
+        assert!(buffered <= ec.gap.max_ops, "seed {seed}: node {n} buffers {buffered} ops, over {:?}", ec.gap);
+        assert!(
+            live.replies.len() <= 1024 && live.verdicts.len() <= 4096 && live.writer.len() <= apply_bound,
+            "seed {seed}: node {n}'s executor queues grew: {} replies, {} verdicts, {} queued applies",
+            live.replies.len(),
+            live.verdicts.len(),
+            live.writer.len()
+        );
+        if e.phase() == Phase::Active {
+            check_join_target(seed, n, live, &node.store);
+        }
+        let Some(at) = e.poll_timeout() else { return };
+        let at = node.clock.when(at).max(self.net.now);
+        if live.tick_at != Some(at) {
+            live.tick_at = Some(at);
+            let life = node.life;
+            self.net.schedule(at, Event::Tick { node: n, life });
+        }
+    }
 
     /// Runs every event due within `d` of simulated time.
     pub fn run_for(&mut self, d: Duration) {
-        let until = self.now + d;
-        while let Some(entry) = self.events.first_entry() {
-            if entry.key().0 > until {
-                break;
+        let until = self.net.now + d;
+        while let Some(event) = self.net.pop(until) {
+            self.handle(event);
+        }
+        self.net.now = until;
+    }
+
+    fn handle(&mut self, event: Event) {
+        match event {
+            Event::Tick { node, life } => {
+                let now = self.net.now;
+                if self.nodes[node].life != life {
+                    return;
+                }
+                let Some(live) = self.nodes[node].live.as_mut() else { return };
+                if live.tick_at != Some(now) {
+                    return; // superseded
+                }
+                live.tick_at = None;
+                self.feed(node, Input::Tick);
             }
-            let ((at, _), event) = entry.remove_entry();
-            self.now = at;
-            match event {
-                Event::Deliver { from, to, epoch, msg } => {
-                    if self.connected(from, to) && self.links[from][to].epoch == epoch {
-                        self.deliver(from, to, msg);
-                        self.check_watch(to);
-                    }
+            Event::Local { node, life, input } => {
+                if self.nodes[node].life == life {
+                    self.feed(node, input);
                 }
-                Event::DigestTimer { node, life } => {
-                    if self.nodes[node].up && self.nodes[node].life == life {
-                        self.digest_round(node);
-                    }
+            }
+            Event::Commit { node, life } => {
+                if self.nodes[node].life == life {
+                    self.commit(node);
                 }
-                Event::PullDeadline { node, req, life } => {
-                    let n = &mut self.nodes[node];
-                    if n.up && n.life == life {
-                        if let Some((peer, origin)) = n.s.pulls.remove(&req) {
-                            let id = self.nodes[peer].peer;
-                            self.nodes[node].s.planner.failed(&id, &origin, at);
-                            self.stats.pull_failures += 1;
-                        }
-                    }
+            }
+            Event::Deliver { to, from, conn, msg } => {
+                if self.net.conn(to, from) != Some(conn) {
+                    self.net.stats.stale += 1;
+                    return;
+                }
+                self.deliver(to, from, conn, msg);
+            }
+            Event::DialDone { from, to, life } => self.dial_done(from, to, life),
+            Event::Identify { node, peer, conn } => {
+                if self.net.conn(node, peer) == Some(conn) {
+                    let p = &self.nodes[peer];
+                    let identified = Input::Identified {
+                        peer: p.peer,
+                        agent: Some((p.role, CLUSTER.to_owned())),
+                        listen_addrs: vec![p.addr.clone()],
+                    };
+                    let rtt = self.net.latency(node, peer) * 2;
+                    let peer_id = p.peer;
+                    self.feed(node, identified);
+                    self.feed(node, Input::Rtt { peer: peer_id, rtt });
                 }
             }
         }
-        self.now = until;
     }
+}
 
-    pub fn is_active(&self, n: usize) -> bool {
-        self.nodes[n].s.readiness.is_active()
-    }
+/// A number naming the kind of an input, for the trace (`DefaultHasher` has fixed keys).
+fn discriminant(input: &Input) -> u8 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    std::mem::discriminant(input).hash(&mut h);
+    h.finish() as u8
+}
 
-    /// Whether every node is up, holds every op written, and is active.
-    pub fn settled(&self) -> bool {
-        let all = self.written();
-        (0..self.nodes.len()).all(|n| self.nodes[n].up && self.vv(n) == all && self.is_active(n))
-    }
-
-    /// Runs until `settled`, checking every `step`; the time it took, or `None` past `bound`.
-    pub fn run_until_settled(&mut self, bound: Duration) -> Option<Duration> {
-        let begin = self.now;
-        let step = Duration::from_millis(50);
-        while self.now - begin <= bound {
-            if self.settled() {
-                return Some(self.now - begin);
-            }
-            self.run_for(step);
-        }
-        None
-    }
-
-    /// What each node holds and its phase, for failure messages.
-    pub fn describe(&self) -> String {
-        let short =
-            |vv: &VersionVector| -> Vec<(usize, u64)> { vv.0.iter().map(|(o, s)| (self.index[o], s.0)).collect() };
-        let mut out = format!("at {:?} written {:?}\n", self.elapsed(), short(&self.written()));
-        for (i, n) in self.nodes.iter().enumerate() {
-            let s = &n.s;
-            out += &format!(
-                "  node {i} {:?} up={} phase={:?} vv={:?} target={:?} gaps={:?} pulls={:?} digests={:?}\n",
-                n.role,
-                n.up,
-                s.readiness.phase(),
-                short(&self.vv(i)),
-                short(s.readiness.target()),
-                s.gaps.usage(),
-                s.pulls.values().map(|(p, o)| (*p, self.index[o])).collect::<Vec<_>>(),
-                s.digests.iter().map(|(p, d)| (*p, short(&d.vv))).collect::<Vec<_>>(),
-            );
-        }
-        out
+/// An input or action in one line, without the bulk (op bytes, chunks, entries).
+fn brief(x: &dyn std::fmt::Debug) -> String {
+    let s = format!("{x:?}");
+    if s.len() > 300 {
+        format!("{}...", &s[..s.char_indices().nth(300).map_or(s.len(), |(i, _)| i)])
+    } else {
+        s
     }
 }
