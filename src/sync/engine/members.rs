@@ -110,6 +110,16 @@ impl Engine {
         let peer = r.peer;
         tracing::warn!(%peer, last_seq = %r.last_seq, from_operator, "membership revoked; its later ops are refused");
         self.revoked.insert(peer, r.clone());
+        self.cut_off(peer);
+        self.push(Action::PersistRevocations { all: self.revoked.values().cloned().collect() });
+        let data = crate::wire::encode_gossip(&crate::wire::GossipMessage::Revocation(r.encode()));
+        self.push(Action::Publish { data });
+        Ok(())
+    }
+
+    /// Ends `peer`'s membership here: no longer a member, its state vouches for nothing, and its
+    /// connection and gossip are closed.
+    fn cut_off(&mut self, peer: PeerId) {
         self.members.remove(&peer);
         if let Some(p) = self.peers.map.get_mut(&peer) {
             p.member = None;
@@ -120,10 +130,6 @@ impl Engine {
             self.push(Action::Gossip { peer, allow: false });
             self.push(Action::Disconnect { peer });
         }
-        self.push(Action::PersistRevocations { all: self.revoked.values().cloned().collect() });
-        let data = crate::wire::encode_gossip(&crate::wire::GossipMessage::Revocation(r.encode()));
-        self.push(Action::Publish { data });
-        Ok(())
     }
 
     /// The seq after which `origin`'s ops are refused, when it was revoked.
@@ -164,16 +170,7 @@ impl Engine {
         let expired: Vec<PeerId> = self.members.values().filter(|c| now_ms >= c.not_after_ms).map(|c| c.peer).collect();
         for peer in expired {
             tracing::warn!(%peer, "membership certificate expired; no longer exchanging with it");
-            self.members.remove(&peer);
-            if let Some(p) = self.peers.map.get_mut(&peer) {
-                p.member = None;
-                p.digest = None;
-            }
-            self.readiness.on_peer_gone(&peer);
-            if self.peers.is_connected(&peer) {
-                self.push(Action::Gossip { peer, allow: false });
-                self.push(Action::Disconnect { peer });
-            }
+            self.cut_off(peer);
         }
         let strangers: Vec<PeerId> = self
             .peers
