@@ -20,4 +20,3 @@ use libfuzzer_sys::fuzz_target;
 use peersync_fuzz::engine::{run, Scenario};
 
 fuzz_target!(|scenario: Scenario| run(&scenario));
-

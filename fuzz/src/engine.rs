@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
+use crate::fixtures::{self, root_of, Chain, Snapshot, CHAIN_LEN};
 use cid::Cid;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libp2p::{Multiaddr, PeerId};
@@ -19,7 +20,6 @@ use peersync::sync::{
     ReqId, StoreView, Ticket,
 };
 use peersync::wire::{Attestation, Digest, GossipMessage, SyncRequest, SyncResponse};
-use crate::fixtures::{self, root_of, Chain, Snapshot, CHAIN_LEN};
 use serde_bytes::ByteBuf;
 
 const CLUSTER: &str = "c";
@@ -69,7 +69,8 @@ fn world() -> &'static World {
         let chains: Vec<Chain> =
             [&signers[0], &signers[1], &signers[2], &me].iter().map(|s| Chain::new(s, CHAIN_LEN)).collect();
         let addrs = (0..PEERS).map(|i| format!("/ip4/127.0.0.1/tcp/{}", 4001 + i).parse().unwrap()).collect();
-        let valid = |peer: PeerId, role: Role, serial: u64| fixtures::cert(peer, role, 0, WALL_START_MS + VALID_MS, serial);
+        let valid =
+            |peer: PeerId, role: Role, serial: u64| fixtures::cert(peer, role, 0, WALL_START_MS + VALID_MS, serial);
         let certs = [
             Some(valid(peers[0], Role::Primary, 1)),
             Some(valid(peers[1], Role::Primary, 2)),
@@ -173,41 +174,128 @@ pub struct StoreInit {
 #[derive(Arbitrary, Debug)]
 pub enum Step {
     /// Connect, identify as a primary of the cluster, let a digest round pass.
-    Join { peer: u8, agent: u8 },
+    Join {
+        peer: u8,
+        agent: u8,
+    },
     /// Answer the `which`th outstanding request as an honest peer would.
-    Honest { which: u8, t: u8 },
+    Honest {
+        which: u8,
+        t: u8,
+    },
     /// The executor does everything owed honestly: applies, commits, stages, installs, serves.
     Execute,
-    Connect { peer: u8, dialed: bool },
-    Disconnect { peer: u8, remaining: u8 },
-    Identify { peer: u8, agent: u8, addrs: u8 },
-    Rtt { peer: u8, ms: u16 },
-    Discover { peers: Vec<u8>, kad: bool },
-    Providers { peers: Vec<u8>, snapshot: Option<u8> },
-    GossipRaw { from: u8, data: Vec<u8> },
-    GossipOps { from: u8, ops: OpsSpec, replica_claim: bool },
-    GossipAttestation { from: u8, att: AttSpec },
-    GossipRevocation { from: u8, which: u8 },
-    RequestDigest { peer: u8, digest: DigestSpec },
-    RequestOther { peer: u8, kind: u8, a: u8, b: u16 },
-    RequestRaw { peer: u8, bytes: Vec<u8> },
-    Served { which: u8, bogus: bool },
-    Respond { which: u8, response: RespSpec },
-    RespondBogus { req: u16, response: RespSpec },
-    Applied { which: u8, ok: Judge },
-    AppliedBogus { ticket: u16, ok: bool },
-    Commit { which: u8 },
-    ApplyFailed { origin: u8 },
-    Committed { n: u8 },
-    Staged { which: u8, verdict: Judge, len: Option<u32> },
-    StagedBogus { peer: u8, index: u8, len: u32, verdict: u8 },
-    Installed { ok: Judge },
+    Connect {
+        peer: u8,
+        dialed: bool,
+    },
+    Disconnect {
+        peer: u8,
+        remaining: u8,
+    },
+    Identify {
+        peer: u8,
+        agent: u8,
+        addrs: u8,
+    },
+    Rtt {
+        peer: u8,
+        ms: u16,
+    },
+    Discover {
+        peers: Vec<u8>,
+        kad: bool,
+    },
+    Providers {
+        peers: Vec<u8>,
+        snapshot: Option<u8>,
+    },
+    GossipRaw {
+        from: u8,
+        data: Vec<u8>,
+    },
+    GossipOps {
+        from: u8,
+        ops: OpsSpec,
+        replica_claim: bool,
+    },
+    GossipAttestation {
+        from: u8,
+        att: AttSpec,
+    },
+    GossipRevocation {
+        from: u8,
+        which: u8,
+    },
+    RequestDigest {
+        peer: u8,
+        digest: DigestSpec,
+    },
+    RequestOther {
+        peer: u8,
+        kind: u8,
+        a: u8,
+        b: u16,
+    },
+    RequestRaw {
+        peer: u8,
+        bytes: Vec<u8>,
+    },
+    Served {
+        which: u8,
+        bogus: bool,
+    },
+    Respond {
+        which: u8,
+        response: RespSpec,
+    },
+    RespondBogus {
+        req: u16,
+        response: RespSpec,
+    },
+    Applied {
+        which: u8,
+        ok: Judge,
+    },
+    AppliedBogus {
+        ticket: u16,
+        ok: bool,
+    },
+    Commit {
+        which: u8,
+    },
+    ApplyFailed {
+        origin: u8,
+    },
+    Committed {
+        n: u8,
+    },
+    Staged {
+        which: u8,
+        verdict: Judge,
+        len: Option<u32>,
+    },
+    StagedBogus {
+        peer: u8,
+        index: u8,
+        len: u32,
+        verdict: u8,
+    },
+    Installed {
+        ok: Judge,
+    },
     Merged,
-    SnapshotCreated { which: u8 },
+    SnapshotCreated {
+        which: u8,
+    },
     ServeAlone,
-    Revoke { which: u8 },
+    Revoke {
+        which: u8,
+    },
     Status,
-    Tick { step: TimeStep },
+    Tick {
+        step: TimeStep,
+    },
 }
 
 /// How the executor judges what it was asked to do.
@@ -298,11 +386,26 @@ pub enum RespSpec {
     Fitting(u8),
     Digest(DigestSpec),
     Ops(OpsSpec),
-    Manifest { snapshot: u8, garbage: bool },
-    Chunk { snapshot: u8, index: u8, flip: bool },
-    Buckets { differ: u8, wrong_len: bool },
-    Entries { n: u8, garbage: bool },
-    Error { code: u8 },
+    Manifest {
+        snapshot: u8,
+        garbage: bool,
+    },
+    Chunk {
+        snapshot: u8,
+        index: u8,
+        flip: bool,
+    },
+    Buckets {
+        differ: u8,
+        wrong_len: bool,
+    },
+    Entries {
+        n: u8,
+        garbage: bool,
+    },
+    Error {
+        code: u8,
+    },
     /// The transport failed (timeout, connection closed).
     Failed,
     /// Arbitrary bytes through the CBOR codec; nothing is fed when they do not decode.
@@ -493,7 +596,7 @@ fn vv_of(pairs: &[(u8, u8)]) -> VersionVector {
         pairs
             .iter()
             .take(ORIGINS)
-            .filter(|(_, s)| *s as u64 % (CHAIN_LEN + 1) > 0)
+            .filter(|(_, s)| !(*s as u64).is_multiple_of(CHAIN_LEN + 1))
             .map(|(o, s)| (origin(*o), Seq(*s as u64 % (CHAIN_LEN + 1))))
             .collect(),
     )
@@ -506,9 +609,8 @@ fn make_digest(from: PeerId, spec: &DigestSpec) -> Digest {
     if let Some(b) = spec.root {
         state_root.0[1] ^= b | 1;
     }
-    let log_floors = VersionVector(
-        vv_of(&spec.floors).0.into_iter().filter(|(o, s)| *s <= version_vector.get(o)).collect(),
-    );
+    let log_floors =
+        VersionVector(vv_of(&spec.floors).0.into_iter().filter(|(o, s)| *s <= version_vector.get(o)).collect());
     let (snapshots, snapshot_brief) = match spec.snapshot {
         None => (vec![], None),
         Some(i) => match w.snapshots.get(i as usize % (w.snapshots.len() + 1)) {
@@ -564,13 +666,14 @@ fn make_digest(from: PeerId, spec: &DigestSpec) -> Digest {
 fn make_batches(spec: &OpsSpec, default_origin: Option<Origin>) -> (Origin, Vec<OpBatch>) {
     let w = world();
     let chain = match default_origin {
-        Some(o) if spec.origin % 2 == 0 => w.chains.iter().find(|c| c.origin == o),
+        Some(o) if spec.origin.is_multiple_of(2) => w.chains.iter().find(|c| c.origin == o),
         _ => None,
     }
     .unwrap_or(&w.chains[spec.origin as usize % ORIGINS]);
     let mut after = spec.after as u64 % (CHAIN_LEN + 1);
     let mut batches = Vec::new();
-    let sizes: Vec<u64> = if spec.sizes.is_empty() { vec![1] } else { spec.sizes.iter().take(8).map(|s| 1 + *s as u64 % 16).collect() };
+    let sizes: Vec<u64> =
+        if spec.sizes.is_empty() { vec![1] } else { spec.sizes.iter().take(8).map(|s| 1 + *s as u64 % 16).collect() };
     for n in sizes {
         let Some(b) = chain.batch(after, n) else { break };
         after = b.head.seq.0;
@@ -702,14 +805,19 @@ impl Harness<'_> {
 
     fn disconnect_failures(&mut self, peer: PeerId) {
         // The transport fails a closed connection's requests.
-        let (failed, kept): (Vec<_>, Vec<_>) = std::mem::take(&mut self.sent).into_iter().partition(|(_, p, _)| *p == peer);
+        let (failed, kept): (Vec<_>, Vec<_>) =
+            std::mem::take(&mut self.sent).into_iter().partition(|(_, p, _)| *p == peer);
         self.sent = kept;
         for (req, _, _) in failed {
             self.feed(Input::Response { req, result: Err("connection closed".into()) });
         }
     }
 
-    fn response(&self, request: Option<(&PeerId, &SyncRequest)>, spec: &RespSpec) -> Option<Result<SyncResponse, String>> {
+    fn response(
+        &self,
+        request: Option<(&PeerId, &SyncRequest)>,
+        spec: &RespSpec,
+    ) -> Option<Result<SyncResponse, String>> {
         let w = world();
         Some(Ok(match spec {
             RespSpec::Fitting(t) => return Some(self.fitting(request, *t)),
@@ -799,7 +907,9 @@ impl Harness<'_> {
                 ))
             }
             SyncRequest::GetOps { origin, after, max_ops, .. } => {
-                let Some(chain) = w.chains.iter().find(|c| c.origin == *origin) else { return Ok(SyncResponse::Ops(vec![])) };
+                let Some(chain) = w.chains.iter().find(|c| c.origin == *origin) else {
+                    return Ok(SyncResponse::Ops(vec![]));
+                };
                 let per = 1 + t as u64 % 8;
                 let mut batches = Vec::new();
                 let mut at = after.0;
@@ -891,9 +1001,15 @@ impl Harness<'_> {
                 }
                 self.feed(Input::Identified { peer: peer(*p), agent, listen_addrs });
             }
-            Step::Rtt { peer: p, ms } => self.feed(Input::Rtt { peer: peer(*p), rtt: Duration::from_millis(*ms as u64) }),
+            Step::Rtt { peer: p, ms } => {
+                self.feed(Input::Rtt { peer: peer(*p), rtt: Duration::from_millis(*ms as u64) })
+            }
             Step::Discover { peers, kad } => {
-                let peers = peers.iter().take(8).map(|p| (peer(*p), (p & 1 == 0).then(|| w.addrs[*p as usize % PEERS].clone()))).collect();
+                let peers = peers
+                    .iter()
+                    .take(8)
+                    .map(|p| (peer(*p), (p & 1 == 0).then(|| w.addrs[*p as usize % PEERS].clone())))
+                    .collect();
                 self.feed(Input::Discovered { via: if *kad { Found::Kademlia } else { Found::Mdns }, peers });
             }
             Step::Providers { peers, snapshot } => {
@@ -1051,7 +1167,8 @@ impl Harness<'_> {
                 self.feed(Input::Staged { peer: p, index, len, verdict });
             }
             Step::StagedBogus { peer: p, index, len, verdict } => {
-                let verdict = [ChunkVerdict::Stored, ChunkVerdict::Corrupt, ChunkVerdict::LocalError][*verdict as usize % 3];
+                let verdict =
+                    [ChunkVerdict::Stored, ChunkVerdict::Corrupt, ChunkVerdict::LocalError][*verdict as usize % 3];
                 self.feed(Input::Staged { peer: peer(*p), index: *index as usize, len: *len as u64, verdict });
             }
             Step::Installed { ok } => {
@@ -1059,7 +1176,9 @@ impl Harness<'_> {
                 let snapshot = install.as_ref().and_then(|m| w.snapshots.iter().find(|s| s.signed == *m));
                 let ok = match ok {
                     // Every chunk is held and the entries hash to the root: the fixtures always do.
-                    Judge::Honest => snapshot.is_some_and(|s| s.chunks.iter().all(|(r, _)| self.store.chunks.contains(&r.cid))),
+                    Judge::Honest => {
+                        snapshot.is_some_and(|s| s.chunks.iter().all(|(r, _)| self.store.chunks.contains(&r.cid)))
+                    }
                     Judge::Ok => true,
                     Judge::Fail => false,
                 };

@@ -121,7 +121,8 @@ impl Snapshot {
         chunk_limit: u64,
     ) -> Snapshot {
         let version_vector = VersionVector(vv.iter().map(|(i, s)| (chains[*i].origin, Seq(*s))).collect());
-        let heads: BTreeMap<PeerId, ChainHash> = vv.iter().map(|(i, s)| (chains[*i].origin, chains[*i].chains[*s as usize])).collect();
+        let heads: BTreeMap<PeerId, ChainHash> =
+            vv.iter().map(|(i, s)| (chains[*i].origin, chains[*i].chains[*s as usize])).collect();
         let mut builder = ChunkBuilder::new(chunk_limit);
         let mut chunks = Vec::new();
         for i in 0..entries {
@@ -170,7 +171,13 @@ pub fn signer_of(n: u8) -> Signer {
 }
 
 /// A certificate of the fixtures' authority.
-pub fn cert(peer: PeerId, role: Role, not_before_ms: u64, not_after_ms: u64, serial: u64) -> peersync::cert::Certificate {
+pub fn cert(
+    peer: PeerId,
+    role: Role,
+    not_before_ms: u64,
+    not_after_ms: u64,
+    serial: u64,
+) -> peersync::cert::Certificate {
     peersync::cert::Certificate::issue(crate::authority_key(), peer, role, not_before_ms, not_after_ms, serial)
 }
 

@@ -161,14 +161,8 @@ pub fn check_cert(cert: &Certificate) {
     let _ = cert.verify(&cert.authority, &cert.peer, cert.not_after_ms.saturating_sub(1));
     assert_eq!(Certificate::decode(&cert.encode()).as_ref(), Ok(cert), "certificate changed through encode and decode");
     assert_eq!(Certificate::from_text(&cert.to_text()).as_ref(), Ok(cert), "certificate changed through its text form");
-    let reissued = Certificate::issue(
-        authority_key(),
-        cert.peer,
-        cert.role,
-        cert.not_before_ms,
-        cert.not_after_ms,
-        cert.serial,
-    );
+    let reissued =
+        Certificate::issue(authority_key(), cert.peer, cert.role, cert.not_before_ms, cert.not_after_ms, cert.serial);
     if cert.not_before_ms < cert.not_after_ms {
         assert_eq!(
             reissued.verify(&authority(), &cert.peer, cert.not_before_ms),

@@ -7,7 +7,9 @@
 use std::collections::BTreeSet;
 
 use peersync::sync::Action;
-use peersync_fuzz::engine::{run_observed, CertSpec, DigestSpec, Judge, Knobs, RespSpec, Scenario, Step, StoreInit, TimeStep};
+use peersync_fuzz::engine::{
+    run_observed, CertSpec, DigestSpec, Judge, Knobs, RespSpec, Scenario, Step, StoreInit, TimeStep,
+};
 
 fn knobs(membership: bool) -> Knobs {
     Knobs {
@@ -44,7 +46,9 @@ fn kinds(scenario: &Scenario) -> BTreeSet<String> {
     let mut seen = BTreeSet::new();
     run_observed(scenario, &mut |a| {
         let name = match a {
-            Action::Send { request, .. } => format!("Send/{}", format!("{request:?}").split(['(', ' ', '{']).next().unwrap()),
+            Action::Send { request, .. } => {
+                format!("Send/{}", format!("{request:?}").split(['(', ' ', '{']).next().unwrap())
+            }
             other => format!("{other:?}").split(['(', ' ', '{']).next().unwrap().to_owned(),
         };
         seen.insert(name);
