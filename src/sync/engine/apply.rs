@@ -367,6 +367,9 @@ fn check_shape(batch: &OpBatch) -> Result<(), String> {
     if batch.ops.is_empty() || batch.ops.len() > MAX_BATCH_OPS {
         return Err(format!("batch of {} ops (1 to {MAX_BATCH_OPS} allowed)", batch.ops.len()));
     }
+    if batch.head.seq.0 == u64::MAX {
+        return Err("batch ends at the last possible seq; no op may come after it".into());
+    }
     let span = batch.head.seq.0.checked_sub(batch.after.0);
     if span != Some(batch.ops.len() as u64) {
         return Err(format!(
