@@ -245,7 +245,9 @@ impl Store {
         let mut batches = Vec::new();
         let mut start = after;
         // Rows end at signed heads; the first may begin before `after` (served from partway in).
-        for row in oplog.range((origin_bytes.as_slice(), after.0.saturating_add(1))..=(origin_bytes.as_slice(), u64::MAX))? {
+        for row in
+            oplog.range((origin_bytes.as_slice(), after.0.saturating_add(1))..=(origin_bytes.as_slice(), u64::MAX))?
+        {
             let (k, v) = row?;
             let end = Seq(k.value().1);
             let logged = decode_row(end.0, v.value())?;
