@@ -132,15 +132,7 @@ impl Certificate {
     }
 
     pub fn from_text(text: &str) -> Result<Certificate, CertError> {
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-        if lines.next() != Some(TEXT_HEADER) {
-            return Err(CertError::Malformed(format!("the first line is not {TEXT_HEADER:?}")));
-        }
-        let body: String = lines.filter(|l| !l.starts_with('#')).collect();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(body.as_bytes())
-            .map_err(|e| CertError::Malformed(format!("not base64: {e}")))?;
-        Certificate::decode(&bytes)
+        Certificate::decode(&from_armored(text, TEXT_HEADER)?)
     }
 }
 
@@ -214,16 +206,20 @@ impl Revocation {
     }
 
     pub fn from_text(text: &str) -> Result<Revocation, CertError> {
-        let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
-        if lines.next() != Some(REVOCATION_HEADER) {
-            return Err(CertError::Malformed(format!("the first line is not {REVOCATION_HEADER:?}")));
-        }
-        let body: String = lines.filter(|l| !l.starts_with('#')).collect();
-        let bytes = base64::engine::general_purpose::STANDARD
-            .decode(body.as_bytes())
-            .map_err(|e| CertError::Malformed(format!("not base64: {e}")))?;
-        Revocation::decode(&bytes)
+        Revocation::decode(&from_armored(text, REVOCATION_HEADER)?)
     }
+}
+
+/// The bytes of a text form: `header` on the first line, `#` comment lines, then base64.
+fn from_armored(text: &str, header: &str) -> Result<Vec<u8>, CertError> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    if lines.next() != Some(header) {
+        return Err(CertError::Malformed(format!("the first line is not {header:?}")));
+    }
+    let body: String = lines.filter(|l| !l.starts_with('#')).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(body.as_bytes())
+        .map_err(|e| CertError::Malformed(format!("not base64: {e}")))
 }
 
 /// Why an authority key file could not be made or read.
