@@ -6,56 +6,13 @@ mod common;
 
 use std::time::Duration;
 
+use common::members::{node, Authority};
 use common::{dial_addr, eventually};
-use libp2p::identity::Keypair;
 use libp2p::PeerId;
-use peersync::cert::Certificate;
 use peersync::node::{Node, NodeConfig, NodeHandle, Role};
 use peersync::sync::Membership;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn now_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64
-}
-
-struct Authority {
-    key: Keypair,
-}
-
-impl Authority {
-    fn new() -> Self {
-        Authority { key: Keypair::generate_ed25519() }
-    }
-
-    fn id(&self) -> PeerId {
-        self.key.public().to_peer_id()
-    }
-
-    fn certify(&self, peer: PeerId, role: Role, valid: Duration) -> Certificate {
-        let now = now_ms();
-        Certificate::issue(&self.key, peer, role, now - 60_000, now + valid.as_millis() as u64, now)
-    }
-}
-
-/// A node on `dir` certified by `authority` (or open when `None`), bootstrapped to `bootstrap`.
-async fn node(
-    dir: &tempfile::TempDir,
-    role: Role,
-    authority: Option<(&Authority, Duration)>,
-    bootstrap: Option<&NodeHandle>,
-) -> Node {
-    let mut config = NodeConfig::local(dir.path());
-    config.net.role = role;
-    let me = peersync::node::identity::load_or_create(dir.path()).unwrap().public().to_peer_id();
-    if let Some((a, valid)) = authority {
-        config.membership = Some(Membership { authority: a.id(), cert: a.certify(me, role, valid) });
-    }
-    if let Some(b) = bootstrap {
-        config.net.bootstrap = vec![dial_addr(b).await];
-    }
-    Node::start(config).await.unwrap()
-}
 
 fn connected_to(status: &peersync::node::NetStatus, peer: &PeerId) -> bool {
     status.peers.iter().any(|p| p.peer_id == peer.to_string() && p.connected)
@@ -113,8 +70,7 @@ async fn members_sync_and_strangers_or_foreign_members_get_nothing() {
         for n in [&ah, &bh, &rh] {
             assert_eq!(n.store().version_vector().get(&outsider.peer_id()).0, 0, "{name}'s ops applied on a member");
         }
-        // (What an outsider may receive: its requests are refused, see the engine's tests; gossip
-        // published during the moment of each of its connections can reach it. README, Security.)
+        // (What an outsider receives while connected: nothing, see tests/hostile_members.rs.)
     }
     assert!(!holds(&ah, b"from-stranger").await && !holds(&ah, b"from-foreign").await);
 

@@ -9,6 +9,12 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How far ahead of a node's wall clock a timestamp from elsewhere may be. A remote op further ahead
+/// is refused until the node's clock comes within this bound (replay brings it again), so a peer
+/// with a wrong or lying clock cannot win every register for the time it is ahead, nor drag the
+/// node's clock with it. It is also the documented bound on clock differences between nodes.
+pub const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+
 /// A hybrid logical timestamp. Ordered by `(wall_ms, logical)`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize)]
 pub struct Hlc {

@@ -10,6 +10,6 @@ mod lease;
 mod register;
 
 pub use counter::{Contribution, PnCounter};
-pub use hlc::{Hlc, HlcClock};
+pub use hlc::{Hlc, HlcClock, MAX_CLOCK_AHEAD_MS};
 pub use lease::{decide as decide_lease, LeaseError, LeaseGrant, LeaseRequest, LeaseState};
 pub use register::RegisterValue;

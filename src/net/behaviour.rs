@@ -10,9 +10,9 @@
 use libp2p::identity::Keypair;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
-use libp2p::{gossipsub, identify, kad, mdns, ping, request_response};
+use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, request_response};
 
-use super::config::{NetConfig, NetError};
+use super::config::{NetConfig, NetError, MAX_CONNECTIONS_PER_PEER, MAX_PENDING_INCOMING};
 use super::protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
 use crate::wire::{agent_version, SyncRequest, SyncResponse};
 
@@ -26,6 +26,8 @@ pub const MAX_CONCURRENT_STREAMS: usize = 512;
 /// All protocols of a node, driven by one `Swarm`.
 #[derive(NetworkBehaviour)]
 pub struct Behaviour {
+    /// Refuses connections beyond `NetConfig::max_connections` (and pending or per-peer limits).
+    pub limits: connection_limits::Behaviour,
     /// Exchanges listen addresses and supported protocols; feeds Kademlia (see `swarm::on_identify`).
     pub identify: identify::Behaviour,
     /// Detects dead connections.
@@ -65,7 +67,14 @@ impl Behaviour {
             None
         };
 
+        let max = u32::try_from(config.max_connections).unwrap_or(u32::MAX);
+        let limits = connection_limits::ConnectionLimits::default()
+            .with_max_pending_incoming(Some(MAX_PENDING_INCOMING))
+            .with_max_established_incoming(Some(max))
+            .with_max_established_outgoing(Some(max))
+            .with_max_established_per_peer(Some(MAX_CONNECTIONS_PER_PEER));
         Ok(Behaviour {
+            limits: connection_limits::Behaviour::new(limits),
             identify,
             ping: ping::Behaviour::default(),
             kad,
@@ -103,6 +112,14 @@ fn gossipsub_behaviour(config: &NetConfig) -> Result<gossipsub::Behaviour, NetEr
     behaviour.with_peer_score(params, thresholds).map_err(invalid)?;
     Ok(behaviour)
 }
+
+/// The application score of a peer that may not have the cluster's gossip (one that has not shown
+/// a membership certificate): below the publish (-50) and gossip (-10) thresholds, so no publish,
+/// forward, IHAVE or IWANT answer reaches it and it is never grafted, yet above the graylist
+/// (-80), so its subscriptions are still recorded and it gets gossip once it is admitted.
+/// Gossipsub's blacklist alone would not do: it only refuses a peer's messages, and a peer is
+/// blacklisted only after its connection, by which time its subscriptions are known.
+pub const WITHHELD_SCORE: f64 = -60.0;
 
 /// Gossipsub peer scoring: a peer whose messages the node rejects (malformed, forged, from a
 /// non-primary or another cluster) loses score with every one, quadratically; below -10 it gets no

@@ -49,7 +49,17 @@ pub struct NetConfig {
     /// pre-shared key, so a node without it cannot complete a connection. TCP only (QUIC has no
     /// such handshake). Default none.
     pub swarm_key: Option<libp2p::pnet::PreSharedKey>,
+    /// Established connections at most, inbound and outbound each; beyond it the transport refuses
+    /// new ones before any protocol runs. A hard cap under a connection flood: the node itself
+    /// already keeps far fewer (it prunes down to its `max_peers`). Default 128.
+    pub max_connections: usize,
 }
+
+/// Connections being set up (not yet established) from others at once, at most.
+pub const MAX_PENDING_INCOMING: u32 = 32;
+
+/// Connections to one peer at most (a simultaneous dial makes two).
+pub const MAX_CONNECTIONS_PER_PEER: u32 = 4;
 
 /// Default TCP port of a node.
 pub const DEFAULT_PORT: u16 = 4001;
@@ -76,6 +86,7 @@ impl Default for NetConfig {
             max_request_bytes: 1024 * 1024,
             max_response_bytes: 16 * 1024 * 1024,
             swarm_key: None,
+            max_connections: 128,
         }
     }
 }
@@ -181,6 +192,7 @@ impl NetConfig {
             ("max_gossip_bytes", self.max_gossip_bytes),
             ("max_request_bytes", self.max_request_bytes),
             ("max_response_bytes", self.max_response_bytes),
+            ("max_connections", self.max_connections),
         ];
         for (field, value) in sizes {
             if value == 0 {

@@ -23,7 +23,9 @@ pub use crate::wire::{
     agent_version, decode_gossip, encode_gossip, parse_agent_version, Attestation, Digest, GossipMessage,
     ParseRoleError, Role, SyncRequest, SyncResponse, WireError, GOSSIP_WIRE_VERSION,
 };
-pub use behaviour::{cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD};
+pub use behaviour::{
+    cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD, WITHHELD_SCORE,
+};
 pub use config::{NetConfig, NetError, DEFAULT_PORT, MAX_CLUSTER_NAME_LEN, MIN_GOSSIP_BYTES};
 pub use protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
 pub use swarm::{bootstrap_targets, build_swarm, kad_addresses, new_swarm_key, on_identify, read_swarm_key, start};

@@ -79,6 +79,7 @@ impl Applier {
         };
         for batch in batches {
             let verified = batch.verify(prev, MAX_BATCH_OPS).map_err(|e| e.to_string())?;
+            verified.check_clock(super::wall_ms()).map_err(|e| e.to_string())?;
             prev = verified.head.head;
             let rx = self.writer.submit_remote(verified).await.map_err(|e| e.to_string())?;
             self.in_flight.push(Box::pin(async move { (origin, rx.await) }));

@@ -6,6 +6,7 @@ use serde_bytes::ByteBuf;
 
 use super::chain::{AuthError, ChainHash, SignedHead};
 use super::{DecodeError, Op};
+use crate::crdt::MAX_CLOCK_AHEAD_MS;
 use crate::ids::{Origin, Seq};
 
 /// Contiguous ops of one origin, `after + 1 ..= head.seq`, as their canonical bytes.
@@ -39,7 +40,8 @@ pub struct VerifiedBatch {
     pub head: SignedHead,
 }
 
-/// Why a batch was rejected. Every variant means the sender sent something wrong.
+/// Why a batch was rejected. Every variant but `Ahead` (which may be the receiver's clock) means
+/// the sender sent something wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum VerifyError {
     #[error("batch holds no ops")]
@@ -58,6 +60,8 @@ pub enum VerifyError {
     ChainMismatch(Seq),
     #[error(transparent)]
     Auth(#[from] AuthError),
+    #[error("op {index} of the batch is stamped {ahead_ms} ms ahead of this node's clock (at most {max_ms} allowed); refused until it is not")]
+    Ahead { index: usize, ahead_ms: u64, max_ms: u64 },
 }
 
 impl OpBatch {
@@ -100,6 +104,20 @@ impl OpBatch {
 }
 
 impl VerifiedBatch {
+    /// Checks that no op is stamped more than [`MAX_CLOCK_AHEAD_MS`] past `wall_ms`, the
+    /// receiver's wall clock. Such a batch is refused now and taken once the clock has caught up.
+    pub fn check_clock(&self, wall_ms: u64) -> Result<(), VerifyError> {
+        let horizon = wall_ms.saturating_add(MAX_CLOCK_AHEAD_MS);
+        match self.ops.iter().position(|o| o.op.hlc.wall_ms > horizon) {
+            None => Ok(()),
+            Some(index) => Err(VerifyError::Ahead {
+                index,
+                ahead_ms: self.ops[index].op.hlc.wall_ms - wall_ms,
+                max_ms: MAX_CLOCK_AHEAD_MS,
+            }),
+        }
+    }
+
     /// The wire form of the batch, to relay it unchanged.
     pub fn to_wire(&self) -> OpBatch {
         let after = Seq(self.ops[0].op.seq.0 - 1);
@@ -132,6 +150,16 @@ mod tests {
             ops.push(ByteBuf::from(bytes));
         }
         OpBatch { after: Seq(0), ops, head: signer.sign_head(Seq(n), chain) }
+    }
+
+    #[test]
+    fn a_batch_stamped_too_far_ahead_is_refused_until_the_clock_catches_up() {
+        let signer = Signer::new(libp2p::identity::Keypair::generate_ed25519());
+        let mut v = signed_batch(&signer, 5).verify(ChainHash::GENESIS, 100).unwrap();
+        v.ops[2].op.hlc.wall_ms = 70_000;
+        assert!(matches!(v.check_clock(9_999), Err(VerifyError::Ahead { index: 2, ahead_ms: 60_001, .. })));
+        assert!(v.check_clock(10_000).is_ok());
+        assert!(v.check_clock(u64::MAX).is_ok());
     }
 
     #[test]

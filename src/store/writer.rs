@@ -485,7 +485,7 @@ impl Writer {
 }
 
 /// How far ahead of the local wall clock a remote timestamp may pull the local HLC.
-pub(in crate::store) const MAX_CLOCK_AHEAD_MS: u64 = 60_000;
+pub(in crate::store) use crate::crdt::MAX_CLOCK_AHEAD_MS;
 
 /// Answers a request that will not be carried out with `Closed`.
 fn abandon(r: Request) {

@@ -42,7 +42,9 @@ where
     }
 }
 
+pub mod members;
 pub mod process;
+pub mod raw;
 
 /// The address other nodes can dial to reach `node` (its first listen address plus `/p2p/`).
 pub async fn dial_addr(node: &peersync::node::NodeHandle) -> libp2p::Multiaddr {

@@ -133,6 +133,10 @@ impl EventLoop {
                 } else {
                     gossipsub.blacklist_peer(&peer);
                 }
+                // Gossipsub learned of the peer before this node did, so it is already a topic
+                // peer: its score is what keeps our messages from it.
+                let score = if allow { 0.0 } else { crate::net::WITHHELD_SCORE };
+                gossipsub.set_application_score(&peer, score);
             }
             Action::Provide { key } => {
                 let key = self.key(&key);

@@ -147,6 +147,39 @@ impl Engine {
         (self.wall_ms(now) < cert.not_after_ms).then_some(cert.role)
     }
 
+    /// Membership mode: whether a snapshot made by `manifest.creator` may be installed. Its
+    /// entries are checked only against the root its creator signed, so that creator must be a
+    /// certified primary, or another certified member's latest attestation must vouch for the same
+    /// root at the same vector.
+    pub(super) fn check_manifest_creator(
+        &self,
+        manifest: &crate::snapshot::Manifest,
+        now: Instant,
+    ) -> Result<(), String> {
+        let creator = manifest.creator;
+        match self.certified_role(&creator, now) {
+            None => Err(format!("manifest made by {creator}, which is not a member")),
+            Some(Role::Primary) => Ok(()),
+            Some(role) => {
+                let confirmed = self.attestations.iter().any(|(peer, (vv, root, _))| {
+                    *peer != creator
+                        && *peer != self.me
+                        && self.certified_role(peer, now).is_some()
+                        && *vv == manifest.version_vector
+                        && *root == manifest.state_root
+                });
+                if confirmed {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "manifest made by {creator}, a {role}, and no other member has attested its state \
+                         root at its vector; only a certified primary's snapshot is taken unconfirmed"
+                    ))
+                }
+            }
+        }
+    }
+
     /// Own certificate and the other members' certificates, for a digest.
     pub(super) fn certs_for_digest(&self) -> (Option<ByteBuf>, Vec<ByteBuf>, Vec<ByteBuf>) {
         let Some(m) = &self.cfg.membership else { return (None, Vec::new(), Vec::new()) };
@@ -356,6 +389,52 @@ mod tests {
         // The engine checks shape and origin; the chain itself is verified by the executor.
         let head = signer.sign_head(Seq(1), ChainHash::GENESIS.extend(&[1; 32]));
         OpBatch { after: Seq(0), ops: vec![op], head }
+    }
+
+    #[test]
+    fn a_snapshot_is_taken_from_a_certified_primary_or_on_another_members_attestation() {
+        let authority = Keypair::generate_ed25519();
+        let now = Instant::now();
+        let mut e = engine(&authority, now);
+        let (replica, replica_cert) = member(&authority, Role::Replica);
+        let (primary, primary_cert) = member(&authority, Role::Primary);
+        let (witness, witness_cert) = member(&authority, Role::Replica);
+        for (i, (signer, cert)) in
+            [(&replica, &replica_cert), (&primary, &primary_cert), (&witness, &witness_cert)].into_iter().enumerate()
+        {
+            let request = SyncRequest::Digest(digest_of(&e, Some(cert)));
+            e.handle(now, Input::Request { peer: signer.origin(), reply: ReplyId(i as u64), request }, &Empty);
+        }
+        drain(&mut e);
+        let vv = VersionVector([(primary.origin(), Seq(5))].into_iter().collect());
+        let manifest = |creator: &Signer, root: u8| crate::snapshot::Manifest {
+            format: crate::snapshot::FORMAT,
+            cluster: "c".into(),
+            creator: creator.origin(),
+            created_at_ms: NOW_MS,
+            version_vector: vv.clone(),
+            heads: Default::default(),
+            state_root: StateRoot([root; 32]),
+            collections: vec![],
+            chunks: vec![],
+        };
+        let stranger = Signer::new(Keypair::generate_ed25519());
+        assert!(e.check_manifest_creator(&manifest(&stranger, 1), now).is_err());
+        assert!(e.check_manifest_creator(&manifest(&primary, 1), now).is_ok());
+        // A replica's snapshot: refused until another member attests the same root at that vector.
+        assert!(e.check_manifest_creator(&manifest(&replica, 1), now).is_err());
+        let attest = |signer: &Signer, root: u8| {
+            let a = crate::wire::Attestation::sign(signer, "c", vv.clone(), StateRoot([root; 32]));
+            encode_gossip(&GossipMessage::Attestation(a))
+        };
+        // Its own attestation vouches for nothing, nor does another member's of another root.
+        for (i, data) in [attest(&replica, 1), attest(&witness, 2)].into_iter().enumerate() {
+            e.handle(now, Input::Gossip { id: GossipId(100 + i as u64), from: witness.origin(), data }, &Empty);
+            assert!(e.check_manifest_creator(&manifest(&replica, 1), now).is_err());
+        }
+        e.handle(now, Input::Gossip { id: GossipId(102), from: witness.origin(), data: attest(&witness, 1) }, &Empty);
+        assert!(e.check_manifest_creator(&manifest(&replica, 1), now).is_ok());
+        assert!(e.check_manifest_creator(&manifest(&replica, 2), now).is_err());
     }
 
     #[test]

@@ -153,8 +153,8 @@ impl Engine {
             if manifest.cluster != self.cfg.cluster {
                 return Err(format!("manifest is for cluster {:?}", manifest.cluster));
             }
-            if self.gated() && self.certified_role(&manifest.creator, now).is_none() {
-                return Err(format!("manifest made by {}, which is not a member", manifest.creator));
+            if self.gated() {
+                self.check_manifest_creator(&manifest, now)?;
             }
             Ok((signed, manifest))
         });

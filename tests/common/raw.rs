@@ -1,0 +1,135 @@
+//! A raw libp2p peer for hostile tests: peersync's own behaviour (so it speaks the protocols), driven
+//! by the test instead of a node. It publishes what it is told to, sends the requests it is told to,
+//! and records what reached it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use libp2p::identity::Keypair;
+use libp2p::swarm::SwarmEvent;
+use libp2p::{gossipsub, request_response, Multiaddr, PeerId};
+use peersync::net::{cluster_topic, BehaviourEvent, NetConfig, SyncRequest, SyncResponse};
+use tokio::sync::{mpsc, oneshot};
+
+enum Cmd {
+    Publish(Vec<u8>),
+    Request(PeerId, Box<SyncRequest>, oneshot::Sender<Result<SyncResponse, String>>),
+}
+
+/// What the raw peer has seen so far.
+#[derive(Default)]
+pub struct Seen {
+    /// Gossip messages of the cluster's topic that reached it.
+    pub gossip: AtomicUsize,
+    /// Whether a peer subscribed to the cluster's topic towards it.
+    pub subscribed: AtomicBool,
+    /// Whether it has a connection now.
+    pub connected: AtomicBool,
+    /// Connections it lost.
+    pub closed: AtomicUsize,
+}
+
+pub struct RawPeer {
+    pub id: PeerId,
+    pub seen: Arc<Seen>,
+    cmds: mpsc::UnboundedSender<Cmd>,
+}
+
+/// A configuration for raw peers: loopback, no mDNS, a fast gossip heartbeat.
+pub fn raw_config() -> NetConfig {
+    NetConfig {
+        listen: vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()],
+        mdns: false,
+        gossip_heartbeat: Duration::from_millis(100),
+        ..NetConfig::default()
+    }
+}
+
+impl RawPeer {
+    /// Starts a raw peer with `key`, subscribed to the `default` cluster's topic, dialing `dial`.
+    pub fn spawn(key: Keypair, config: &NetConfig, dial: Multiaddr) -> RawPeer {
+        let mut swarm = peersync::net::build_swarm(key, config).unwrap();
+        let id = *swarm.local_peer_id();
+        let topic = cluster_topic(&config.cluster);
+        swarm.behaviour_mut().gossipsub.subscribe(&topic).unwrap();
+        swarm.dial(dial).unwrap();
+        let seen = Arc::new(Seen::default());
+        let (cmds, mut rx) = mpsc::unbounded_channel();
+        let s = seen.clone();
+        tokio::spawn(async move {
+            let mut pending: HashMap<request_response::OutboundRequestId, oneshot::Sender<_>> = HashMap::new();
+            loop {
+                tokio::select! {
+                    event = swarm.select_next_some() => match event {
+                        SwarmEvent::ConnectionEstablished { .. } => s.connected.store(true, Ordering::SeqCst),
+                        SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
+                            s.connected.store(false, Ordering::SeqCst);
+                            s.closed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => match e {
+                            gossipsub::Event::Subscribed { .. } => s.subscribed.store(true, Ordering::SeqCst),
+                            gossipsub::Event::Message { .. } => {
+                                s.gossip.fetch_add(1, Ordering::SeqCst);
+                            }
+                            _ => {}
+                        },
+                        SwarmEvent::Behaviour(BehaviourEvent::Sync(e)) => match e {
+                            request_response::Event::Message {
+                                message: request_response::Message::Response { request_id, response },
+                                ..
+                            } => {
+                                if let Some(tx) = pending.remove(&request_id) {
+                                    let _ = tx.send(Ok(response));
+                                }
+                            }
+                            request_response::Event::OutboundFailure { request_id, error, .. } => {
+                                if let Some(tx) = pending.remove(&request_id) {
+                                    let _ = tx.send(Err(error.to_string()));
+                                }
+                            }
+                            _ => {}
+                        },
+                        _ => {}
+                    },
+                    cmd = rx.recv() => match cmd {
+                        None => return,
+                        Some(Cmd::Publish(data)) => {
+                            let _ = swarm.behaviour_mut().gossipsub.publish(topic.clone(), data);
+                        }
+                        Some(Cmd::Request(to, request, reply)) => {
+                            let id = swarm.behaviour_mut().sync.send_request(&to, *request);
+                            pending.insert(id, reply);
+                        }
+                    }
+                }
+            }
+        });
+        RawPeer { id, seen, cmds }
+    }
+
+    pub fn publish(&self, data: Vec<u8>) {
+        self.cmds.send(Cmd::Publish(data)).unwrap();
+    }
+
+    /// Sends `request` to `to` and waits for its answer, or the transport's failure.
+    pub async fn request(&self, to: PeerId, request: SyncRequest) -> Result<SyncResponse, String> {
+        let (tx, rx) = oneshot::channel();
+        self.cmds.send(Cmd::Request(to, Box::new(request), tx)).unwrap();
+        rx.await.unwrap_or_else(|_| Err("the raw peer stopped".into()))
+    }
+
+    pub fn gossip_received(&self) -> usize {
+        self.seen.gossip.load(Ordering::SeqCst)
+    }
+
+    pub fn connected(&self) -> bool {
+        self.seen.connected.load(Ordering::SeqCst)
+    }
+
+    pub fn subscribed(&self) -> bool {
+        self.seen.subscribed.load(Ordering::SeqCst)
+    }
+}
