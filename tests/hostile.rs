@@ -1,19 +1,24 @@
 //! Hostile peers through real swarms: a raw libp2p peer that publishes garbage on the cluster's
-//! topic, and one that floods the node with requests. Both are told no (rejected messages, `busy`
-//! or `rate_limited` answers, never silence), lose their connection, and the node keeps working.
+//! topic, one that floods the node with requests, one that sends oversize requests and gossip, and a
+//! flood of connections. Each is told no (rejected messages, `busy` or `rate_limited` answers, closed
+//! streams or connections), and the node keeps working.
 
 mod common;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
+use common::raw::{raw_config, RawPeer};
 use common::{dial_addr, eventually};
 use futures::StreamExt;
 use libp2p::gossipsub;
 use libp2p::identity::Keypair;
 use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use peersync::ids::Seq;
-use peersync::net::{cluster_topic, BehaviourEvent, NetConfig, SyncRequest, SyncResponse};
+use peersync::ids::{Role, Seq, StateRoot};
+use peersync::net::{cluster_topic, encode_gossip, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse};
+use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
+use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -159,4 +164,115 @@ async fn a_request_flood_is_answered_busy_or_rate_limited_then_cut_off() {
     assert!(h.metrics().requests_shed.get() >= 10, "{} shed", h.metrics().requests_shed.get());
     h.put("r", b"k".to_vec(), b"v".to_vec()).await.unwrap();
     node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_requests_and_gossip_are_dropped_and_the_node_keeps_serving() {
+    common::init_tracing();
+    let (node, _dir) = common::start_node(|_| {}).await;
+    let h = node.handle();
+    let addr = dial_addr(&h).await;
+    // A peer whose own limits let it send far more than the node takes (1 MiB requests, 64 KiB gossip).
+    let big = NetConfig { max_request_bytes: 8 << 20, max_gossip_bytes: 1 << 20, ..raw_config() };
+    let key = Keypair::generate_ed25519();
+    let signer = Signer::new(key.clone());
+    let raw = RawPeer::spawn(key, &big, addr.clone());
+    eventually("the raw peer to see the node's subscription", DEADLINE, || async {
+        if raw.subscribed() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    let mut digest = peersync::net::Digest {
+        cluster: "default".into(),
+        role: Role::Primary,
+        version_vector: Default::default(),
+        state_root: StateRoot([0; 32]),
+        log_floors: Default::default(),
+        snapshots: vec![],
+        snapshot_brief: None,
+        cert: None,
+        members: vec![],
+        revocations: vec![],
+    };
+    digest.members = vec![ByteBuf::from(vec![7u8; 2 << 20])];
+    let answer = raw.request(h.peer_id(), SyncRequest::Digest(digest.clone())).await;
+    assert!(answer.is_err(), "a 2 MiB request was answered: {answer:?}");
+    // A signed batch with a 300 KiB value, well past the gossip limit: never applied.
+    let op = Op {
+        origin: signer.origin(),
+        seq: Seq(1),
+        hlc: peersync::crdt::Hlc::new(1, 0),
+        body: OpBody::RegisterPut { register: "r".into(), key: b"huge".to_vec(), value: vec![1; 300 << 10] },
+    };
+    let bytes = op.encode();
+    let chain = ChainHash::GENESIS.extend(blake3::hash(&bytes).as_bytes());
+    let batch = OpBatch { after: Seq(0), ops: vec![ByteBuf::from(bytes)], head: signer.sign_head(Seq(1), chain) };
+    raw.publish(encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch }));
+
+    // The node still serves: a fresh peer's digest is answered, and writes go through.
+    let fresh = RawPeer::spawn(Keypair::generate_ed25519(), &raw_config(), addr);
+    digest.members.clear();
+    let answer = eventually("a fresh peer's digest to be answered", DEADLINE, || async {
+        match fresh.request(h.peer_id(), SyncRequest::Digest(digest.clone())).await {
+            Ok(a) => Ok(a),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    assert!(matches!(answer, SyncResponse::Digest(_)), "{answer:?}");
+    h.put("r", b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    assert!(h.get("r", b"huge").await.unwrap().is_none(), "an oversize gossip message was applied");
+    assert_eq!(h.store().version_vector().get(&signer.origin()), Seq(0));
+    node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_flood_is_capped_and_members_still_get_in() {
+    common::init_tracing();
+    let (a, _da) = common::start_node(|c| {
+        c.target_peers = 2;
+        c.max_peers = 4;
+        c.net.max_connections = 6;
+    })
+    .await;
+    let ah = a.handle();
+    let addr = dial_addr(&ah).await;
+    let flood: Vec<RawPeer> =
+        (0..40).map(|_| RawPeer::spawn(Keypair::generate_ed25519(), &raw_config(), addr.clone())).collect();
+    // While the flood lands, the node never holds more than its transport allows (the node alone
+    // would close connections only beyond 2 x max_peers = 8).
+    let most = AtomicUsize::new(0);
+    eventually("every dial of the flood to be taken, closed or refused", DEADLINE, || {
+        let (flood, ah, most) = (&flood, &ah, &most);
+        async move {
+            let s = ah.net_status().await.map_err(|e| e.to_string())?;
+            most.fetch_max(s.peers.iter().filter(|p| p.connected).count(), Ordering::SeqCst);
+            let settled = flood.iter().filter(|r| r.settled()).count();
+            if settled == flood.len() {
+                Ok(())
+            } else {
+                Err(format!("{settled} of {} settled", flood.len()))
+            }
+        }
+    })
+    .await;
+    let most = most.into_inner();
+    assert!(most <= 6, "{most} connections at once, above the limit of 6");
+    // A real node still joins through it and syncs.
+    ah.put("r", b"before-b".to_vec(), b"1".to_vec()).await.unwrap();
+    let (b, _db) = common::start_node(|c| c.net.bootstrap = vec![addr.clone()]).await;
+    let bh = b.handle();
+    eventually("B to sync from A through the flood", DEADLINE, || async {
+        match bh.get("r", b"before-b").await {
+            Ok(Some(_)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    drop(flood);
+    a.shutdown().await;
+    b.shutdown().await;
 }

@@ -30,6 +30,8 @@ pub struct Seen {
     pub connected: AtomicBool,
     /// Connections it lost.
     pub closed: AtomicUsize,
+    /// Dials that failed (refused, or closed before the connection was established).
+    pub failed: AtomicUsize,
 }
 
 pub struct RawPeer {
@@ -68,6 +70,9 @@ impl RawPeer {
                         SwarmEvent::ConnectionClosed { num_established: 0, .. } => {
                             s.connected.store(false, Ordering::SeqCst);
                             s.closed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        SwarmEvent::OutgoingConnectionError { .. } => {
+                            s.failed.fetch_add(1, Ordering::SeqCst);
                         }
                         SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => match e {
                             gossipsub::Event::Subscribed { .. } => s.subscribed.store(true, Ordering::SeqCst),
@@ -127,6 +132,11 @@ impl RawPeer {
 
     pub fn connected(&self) -> bool {
         self.seen.connected.load(Ordering::SeqCst)
+    }
+
+    /// Whether its dial has come to something: connected now, or closed or refused.
+    pub fn settled(&self) -> bool {
+        self.connected() || self.seen.closed.load(Ordering::SeqCst) > 0 || self.seen.failed.load(Ordering::SeqCst) > 0
     }
 
     pub fn subscribed(&self) -> bool {
