@@ -16,7 +16,9 @@ use libp2p::identity::Keypair;
 use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
 use peersync::ids::{Role, Seq, StateRoot};
-use peersync::net::{cluster_topic, encode_gossip, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse};
+use peersync::net::{
+    cluster_topic, encode_gossip, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse,
+};
 use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
@@ -275,4 +277,65 @@ async fn a_connection_flood_is_capped_and_members_still_get_in() {
     drop(flood);
     a.shutdown().await;
     b.shutdown().await;
+}
+
+fn from_hex(s: &str) -> Vec<u8> {
+    (0..s.len()).step_by(2).map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap()).collect()
+}
+
+/// The two overflows in fuzz/regressions/README.md, sent by a peer to a debug build (overflow
+/// checks on): a batch whose signed head is at seq u64::MAX, and `GetOps` after u64::MAX. The first
+/// is rejected, the second answered with nothing, and the node goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_head_at_the_last_seq_and_get_ops_after_it_are_refused_without_overflow() {
+    common::init_tracing();
+    let (node, _dir) = common::start_node(|_| {}).await;
+    let h = node.handle();
+    let raw = RawPeer::spawn(Keypair::generate_ed25519(), &raw_config(), dial_addr(&h).await);
+    eventually("the raw peer to see the node's subscription", DEADLINE, || async {
+        if raw.subscribed() {
+            Ok(())
+        } else {
+            Err("not yet".into())
+        }
+    })
+    .await;
+    let last_seq = from_hex(concat!(
+        "010000feffffffffffffffff010138260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf374",
+        "8801b40f6f5cffffffffffffffffff010100010172016b260024080112208a88e3dd7409f195fd52db2d3cba5d72ca67",
+        "09bf1d94121bf3748801b40f6f5cffffffffffffffffff017d334e1e8ffa46d73a52d713acf889f7d87a28a9a26a4da7",
+        "ced4b0de9af3169540153a13d460b171e87403833427711069aeaebd05b0af88541a6bb9ae3bb39b16290126bed19828",
+        "879ad763e804f018f581d2dbac2cc6640dce8190aee3d13f09"
+    ));
+    let GossipMessage::Ops { batch, .. } = peersync::net::decode_gossip(&last_seq, 64 << 10).unwrap() else {
+        panic!("the reproducer is an ops message")
+    };
+    assert_eq!(batch.head.seq, Seq(u64::MAX));
+    let origin = batch.head.origin;
+    let before = h.metrics().gossip_rejected.get();
+    raw.publish(last_seq);
+    eventually("the batch at the last seq to be rejected", DEADLINE, || async {
+        let n = h.metrics().gossip_rejected.get();
+        if n > before {
+            Ok(())
+        } else {
+            Err(format!("{n} rejected"))
+        }
+    })
+    .await;
+    assert_eq!(h.store().version_vector().get(&origin), Seq(0));
+
+    let request = SyncRequest::GetOps { origin, after: Seq(u64::MAX), max_ops: 1, max_bytes: 1 };
+    let answer = eventually("GetOps after u64::MAX to be served", DEADLINE, || async {
+        match raw.request(h.peer_id(), request.clone()).await {
+            // Until identify has told the node the raw peer's cluster.
+            Ok(SyncResponse::Error { code, .. }) if code == "not_in_cluster" => Err(code),
+            Ok(a) => Ok(a),
+            Err(e) => Err(e),
+        }
+    })
+    .await;
+    assert!(matches!(&answer, SyncResponse::Ops(b) if b.is_empty()), "{answer:?}");
+    h.put("r", b"k".to_vec(), b"v".to_vec()).await.unwrap();
+    node.shutdown().await;
 }
