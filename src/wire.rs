@@ -237,6 +237,20 @@ pub enum SyncResponse {
     },
 }
 
+impl SyncResponse {
+    /// The bytes of data it carries (ops, chunks, entries...), not counting framing: what a
+    /// peer's served-bytes budget is charged.
+    pub fn payload_len(&self) -> u64 {
+        let n: usize = match self {
+            SyncResponse::Ops(batches) => batches.iter().flat_map(|b| &b.ops).map(|o| o.len()).sum(),
+            SyncResponse::Manifest(b) | SyncResponse::Chunk(b) | SyncResponse::Buckets(b) => b.len(),
+            SyncResponse::Entries(e) => e.iter().map(|b| b.len()).sum(),
+            SyncResponse::Digest(_) | SyncResponse::Error { .. } => 0,
+        };
+        n as u64
+    }
+}
+
 /// Carries a `StateRoot` as a CBOR byte string instead of an array of 32 integers.
 mod state_root_bytes {
     use serde::{Deserialize, Deserializer, Serialize, Serializer};

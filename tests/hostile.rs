@@ -339,3 +339,35 @@ async fn a_head_at_the_last_seq_and_get_ops_after_it_are_refused_without_overflo
     h.put("r", b"k".to_vec(), b"v".to_vec()).await.unwrap();
     node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_sent_more_than_its_byte_share_is_answered_rate_limited() {
+    common::init_tracing();
+    // 64 KiB/s with a burst of 256 KiB; the log holds about 800 KiB.
+    let (node, _dir) = common::start_node(|c| c.serve_bytes_per_sec = 64 << 10).await;
+    let h = node.handle();
+    for i in 0..20u32 {
+        h.put("r", format!("k{i}").into_bytes(), vec![i as u8; 40 << 10]).await.unwrap();
+    }
+    let raw = RawPeer::spawn(Keypair::generate_ed25519(), &raw_config(), dial_addr(&h).await);
+    let request = SyncRequest::GetOps { origin: h.peer_id(), after: Seq(0), max_ops: 1000, max_bytes: 4 << 20 };
+    let first = eventually("the log to be served", DEADLINE, || async {
+        match raw.request(h.peer_id(), request.clone()).await {
+            Ok(SyncResponse::Ops(b)) if !b.is_empty() => Ok(b),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
+    let served: usize = first.iter().flat_map(|b| &b.ops).map(|o| o.len()).sum();
+    assert!(served > 256 << 10, "only {served} bytes served at once");
+    // Well past its share now: told so, and not cut off (being sent much is no misbehaviour).
+    let answer = raw.request(h.peer_id(), request.clone()).await;
+    assert!(
+        matches!(&answer, Ok(SyncResponse::Error { code, message }) if code == "rate_limited" && message.contains("bytes")),
+        "{answer:?}"
+    );
+    let digest = SyncRequest::GetBuckets;
+    assert!(matches!(raw.request(h.peer_id(), digest).await, Ok(SyncResponse::Error { .. })));
+    assert!(raw.connected());
+    node.shutdown().await;
+}

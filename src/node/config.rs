@@ -102,6 +102,10 @@ pub struct NodeConfig {
     pub max_peers: usize,
     /// Requests of peers served from the store at once; more are answered `busy`. Default 64.
     pub max_serving_requests: usize,
+    /// Payload bytes (ops, chunks, entries) served to one peer per second on average, with a burst
+    /// of four seconds' worth; past it the peer's requests are answered `rate_limited`. Default
+    /// 256 MiB/s, above what one node serves: a share, not a throttle.
+    pub serve_bytes_per_sec: u64,
     /// The cluster's authority and this node's membership certificate (`--authority ID --cert FILE`):
     /// only certified members exchange anything. Default none: open mode.
     pub membership: Option<crate::sync::Membership>,
@@ -143,6 +147,7 @@ impl Default for NodeConfig {
             target_peers: 8,
             max_peers: 24,
             max_serving_requests: 64,
+            serve_bytes_per_sec: 256 << 20,
             serve_alone: false,
             membership: None,
             api_token: None,
@@ -210,6 +215,9 @@ impl NodeConfig {
             .is_some_and(|t| t.is_empty() || t.chars().any(|c| c.is_whitespace() || c.is_control()))
         {
             return Err(ConfigError("the API token must be non-empty, without spaces or control characters".into()));
+        }
+        if self.serve_bytes_per_sec == 0 {
+            return Err(ConfigError("serve_bytes_per_sec must be greater than zero".into()));
         }
         if self.target_peers == 0 || self.max_peers < self.target_peers || self.max_serving_requests == 0 {
             return Err(ConfigError(

@@ -122,6 +122,7 @@ impl Node {
             target_peers: config.target_peers,
             max_peers: config.max_peers,
             max_serving: config.max_serving_requests,
+            serve_bytes_per_sec: config.serve_bytes_per_sec,
             max_applying: config.inbound_queue,
             seed: u64::from_le_bytes(peer_id.to_bytes()[peer_id.to_bytes().len() - 8..].try_into().expect("8 bytes")),
             membership: config.membership.clone(),

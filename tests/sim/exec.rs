@@ -52,9 +52,10 @@ impl Cluster {
                 if self.cfg.liars.contains(&n) {
                     lie(&mut response);
                 }
+                let bytes = response.payload_len();
                 self.respond(n, reply, response);
                 let delay = Duration::from_micros(self.net.rng.gen_range(0..=1_000));
-                self.local(n, delay, Input::Served { reply });
+                self.local(n, delay, Input::Served { reply, bytes });
             }
             Action::Publish { data } => {
                 let id = u64::from_le_bytes(blake3::hash(&data).as_bytes()[..8].try_into().expect("8 bytes"));

@@ -184,8 +184,9 @@ impl EventLoop {
     fn on_command(&mut self, command: Command) {
         let input = match command {
             Command::Respond { reply, response } => {
+                let bytes = response.payload_len();
                 self.respond(reply, response);
-                Input::Served { reply }
+                Input::Served { reply, bytes }
             }
             Command::Applied { ticket, result } => Input::Applied { ticket, result },
             Command::ApplyFailed { origin } => Input::ApplyFailed { origin },

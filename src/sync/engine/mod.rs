@@ -139,8 +139,9 @@ pub enum Input {
     Gossip { id: GossipId, from: PeerId, data: Vec<u8> },
     /// A peer's request.
     Request { peer: PeerId, reply: ReplyId, request: SyncRequest },
-    /// A request handed out by [`Action::Serve`] was answered.
-    Served { reply: ReplyId },
+    /// A request handed out by [`Action::Serve`] was answered with `bytes` of payload
+    /// ([`SyncResponse::payload_len`]).
+    Served { reply: ReplyId, bytes: u64 },
     /// The answer to one of the engine's requests, or why there is none (timeout, disconnect...).
     Response { req: ReqId, result: Result<SyncResponse, String> },
     /// The batches of an [`Action::Apply`] were verified and queued to the writer, or refused.
@@ -269,6 +270,9 @@ pub struct EngineConfig {
     pub max_peers: usize,
     /// Inbound requests served from the store at once; more are answered `busy`.
     pub max_serving: usize,
+    /// Payload bytes served to one peer per second, on average; a peer past it (and past a burst
+    /// of four seconds' worth) is answered `rate_limited` until its budget refills.
+    pub serve_bytes_per_sec: u64,
     /// Apply tickets outstanding at once; gossip beyond it is ignored and left to replay.
     pub max_applying: usize,
     /// Seeds the engine's random choices (the random digest target, whom to dial).
@@ -304,6 +308,7 @@ impl EngineConfig {
             target_peers: 8,
             max_peers: 24,
             max_serving: 64,
+            serve_bytes_per_sec: 256 << 20,
             max_applying: 1024,
             seed: 0,
             membership: None,
@@ -496,11 +501,12 @@ impl Engine {
             Input::Providers { key, peers } => self.on_providers(key, peers),
             Input::Gossip { id, from, data } => self.on_gossip(now, id, from, data, store),
             Input::Request { peer, reply, request } => self.on_request(now, peer, reply, request, store),
-            Input::Served { reply } => {
+            Input::Served { reply, bytes } => {
                 self.serving = self.serving.saturating_sub(1);
                 if let Some(peer) = self.serving_for.remove(&reply) {
                     if let Some(p) = self.peers.map.get_mut(&peer) {
                         p.serving = p.serving.saturating_sub(1);
+                        p.bytes_budget.0 -= bytes as f64;
                     }
                 }
             }

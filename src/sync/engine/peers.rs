@@ -55,6 +55,8 @@ pub(super) struct Peer {
     pub serving: usize,
     /// Request budget: tokens left and when they were last refilled.
     pub budget: (f64, Option<Instant>),
+    /// Served-bytes budget, likewise; charged after each answer, so it can go below zero.
+    pub bytes_budget: (f64, Option<Instant>),
     /// Misbehaviour seen (rejected messages, corrupt chunks, bad answers) in the window that began
     /// at the instant given.
     pub strikes: (u32, Option<Instant>),
@@ -358,18 +360,21 @@ impl Engine {
         self.push(Action::Disconnect { peer });
     }
 
-    /// Takes one request from `peer`'s budget: `false` when it asks faster than a node would.
-    pub(super) fn within_budget(&mut self, now: Instant, peer: PeerId) -> bool {
+    /// Takes one request from `peer`'s budgets. `Err` says which is spent: it asks faster than a
+    /// node would, or it has been sent more bytes than its share lately.
+    pub(super) fn within_budget(&mut self, now: Instant, peer: PeerId) -> Result<(), &'static str> {
+        let bytes_rate = self.cfg.serve_bytes_per_sec as f64;
         let p = self.peers.entry(peer);
-        let (tokens, at) = &mut p.budget;
-        let elapsed = at.map_or(REQUEST_BURST, |t| now.saturating_duration_since(t).as_secs_f64() * REQUESTS_PER_SEC);
-        *tokens = (*tokens + elapsed).min(REQUEST_BURST);
-        *at = Some(now);
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            true
+        refill(&mut p.bytes_budget, now, bytes_rate, bytes_rate * 4.0);
+        if p.bytes_budget.0 < 0.0 {
+            return Err("this peer was sent more bytes than its share lately; slow down");
+        }
+        refill(&mut p.budget, now, REQUESTS_PER_SEC, REQUEST_BURST);
+        if p.budget.0 >= 1.0 {
+            p.budget.0 -= 1.0;
+            Ok(())
         } else {
-            false
+            Err("too many requests from this peer; slow down")
         }
     }
 
@@ -430,6 +435,15 @@ impl Engine {
             super::ProviderKey::Snapshot(cid) => self.on_snapshot_providers(&cid, peers),
         }
     }
+}
+
+/// Refills a token bucket `(tokens, last refill)` at `rate` per second up to `burst`; a new bucket
+/// starts full.
+fn refill(bucket: &mut (f64, Option<Instant>), now: Instant, rate: f64, burst: f64) {
+    let (tokens, at) = bucket;
+    let earned = at.map_or(burst, |t| now.saturating_duration_since(t).as_secs_f64() * rate);
+    *tokens = (*tokens + earned).min(burst);
+    *at = Some(now);
 }
 
 #[cfg(test)]

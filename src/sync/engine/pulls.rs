@@ -61,14 +61,14 @@ impl Engine {
         store: &dyn StoreView,
     ) {
         self.count(Count::RequestsReceived, 1);
-        if !self.within_budget(now, peer) {
+        if let Err(why) = self.within_budget(now, peer) {
             self.count(Count::RequestsShed, 1);
-            let response = SyncResponse::Error {
-                code: "rate_limited".into(),
-                message: "too many requests from this peer; slow down".into(),
-            };
+            let response = SyncResponse::Error { code: "rate_limited".into(), message: why.into() };
             self.push(Action::Reply { reply, response });
-            self.strike(now, peer, "request flood", 1);
+            // Asking too often is a flood; being sent much (a big snapshot) is not misbehaviour.
+            if self.peers.get(&peer).is_some_and(|p| p.budget.0 < 1.0) {
+                self.strike(now, peer, "request flood", 1);
+            }
             return;
         }
         match request {
