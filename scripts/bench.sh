@@ -5,6 +5,7 @@
 #   W3 propagation p50/p99, 5 nodes, 1k w/s   vs Redis primary + 4 replicas (keyspace notifications)
 #   W4 replicated write throughput, 3 nodes   vs redis-benchmark SET against a primary with 2 replicas
 #   W5 1 GiB snapshot transfer, MiB/s         vs iperf3 over loopback (fraction of the ceiling)
+#   W6 write with ack=1 / ack=all p50/p99     vs Redis SET + WAIT 1 / WAIT 2, primary + 2 replicas
 #   W7 RSS idle and holding 1M keys           vs redis-server
 #
 # Usage: scripts/bench.sh [--quick] [--runs N] [--only W1,W3,...] [--out DIR] [--keep-data]

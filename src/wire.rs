@@ -184,6 +184,11 @@ pub struct Digest {
     /// Revocations the sender holds, so a node that missed their gossip learns them.
     #[serde(default)]
     pub revocations: Vec<serde_bytes::ByteBuf>,
+    /// The sender waits for acknowledgements of its own ops up to this seq (`?ack=`): the receiver
+    /// holds its answer until it has durably applied them, or a short while passes. Absent in
+    /// ordinary digests and in those of older builds.
+    #[serde(default)]
+    pub hold_until: Option<crate::ids::Seq>,
 }
 
 /// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
@@ -214,6 +219,9 @@ pub enum SyncRequest {
 }
 
 /// A repair-plane response.
+// A response is moved a few times between the codec and the engine; boxing the digest would cost an
+// allocation per digest for no gain.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum SyncResponse {
     /// The responder's digest.
@@ -300,6 +308,7 @@ mod tests {
             cert: None,
             members: vec![],
             revocations: vec![],
+            hold_until: Some(crate::ids::Seq(4)),
         };
         let bytes = postcard::to_stdvec(&digest).unwrap();
         assert_eq!(postcard::from_bytes::<Digest>(&bytes).unwrap(), digest);

@@ -198,6 +198,7 @@ async fn oversize_requests_and_gossip_are_dropped_and_the_node_keeps_serving() {
         cert: None,
         members: vec![],
         revocations: vec![],
+        hold_until: None,
     };
     digest.members = vec![ByteBuf::from(vec![7u8; 2 << 20])];
     let answer = raw.request(h.peer_id(), SyncRequest::Digest(digest.clone())).await;

@@ -36,6 +36,7 @@ fn digest(role: Role, cert: Option<&Certificate>) -> SyncRequest {
         cert: cert.map(|c| ByteBuf::from(c.encode())),
         members: vec![],
         revocations: vec![],
+        hold_until: None,
     })
 }
 

@@ -300,6 +300,7 @@ async fn liar(honest: NodeHandle, fake_snapshot: bool) -> Liar {
                         cert: None,
                         members: vec![],
                         revocations: vec![],
+                        hold_until: None,
                     })
                 }
                 SyncRequest::GetOps { origin, after, max_ops, .. } => {

@@ -131,15 +131,19 @@ fn converges_under_loss_reordering_and_duplication() {
         let (mut c, mut r) = lossy(seed, 1);
         write_for(&mut c, &mut r, 500..=2_000, 0.3);
         let took = settle(&mut c);
-        (took, c.net_stats().lost, c.net_stats().duplicated, c.total(Count::OpsReplayed), c.inputs)
+        let acks = c.nodes.iter().fold((0, 0), |a, n| (a.0 + n.stats.acks_met, a.1 + n.stats.acks_unmet));
+        (took, c.net_stats().lost, c.net_stats().duplicated, c.total(Count::OpsReplayed), c.inputs, acks)
     });
     let worst = runs.iter().map(|r| r.0).max().unwrap_or_default();
     let (lost, dup, replayed, inputs): (u64, u64, u64, u64) =
         runs.iter().fold((0, 0, 0, 0), |a, r| (a.0 + r.1, a.1 + r.2, a.2 + r.3, a.3 + r.4));
+    let (met, unmet) = runs.iter().fold((0, 0), |a, r| (a.0 + r.5 .0, a.1 + r.5 .1));
     assert!(runs.len() < 20 || (lost > 0 && dup > 0 && replayed > 0), "the runs must really lose and duplicate");
+    // Every ended wait was checked against the stores (exec.rs); both endings must occur.
+    assert!(runs.len() < 20 || (met > 0 && unmet > 0), "acknowledgement waits: {met} met, {unmet} unmet");
     eprintln!(
         "  converged within {worst:?}; {lost} messages lost, {dup} duplicated, {replayed} ops replayed, \
-         {} engine inputs per seed",
+         {met} ack waits met and {unmet} timed out, {} engine inputs per seed",
         inputs / runs.len().max(1) as u64
     );
 }

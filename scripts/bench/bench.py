@@ -34,6 +34,7 @@ from common import (  # noqa: E402
     metric,
     now,
     percentile,
+    resp_command,
     rmtree,
     rss_mib,
     try_resp,
@@ -56,8 +57,10 @@ REDIS_FLAGS = ["--bind", "127.0.0.1", "--protected-mode", "no", "--save", "", "-
                "--repl-backlog-size", "256mb", "--daemonize", "no", "--logfile", ""]
 
 SIZES = {
-    "full": dict(w1_keys=1_000_000, w2_writes=100_000, w3_writes=10_000, w4_ops=300_000, w5_bytes=1 << 30, runs=3),
-    "quick": dict(w1_keys=50_000, w2_writes=10_000, w3_writes=2_000, w4_ops=30_000, w5_bytes=64 << 20, runs=1),
+    "full": dict(w1_keys=1_000_000, w2_writes=100_000, w3_writes=10_000, w4_ops=300_000, w5_bytes=1 << 30,
+                 w6_writes=2_000, runs=3),
+    "quick": dict(w1_keys=50_000, w2_writes=10_000, w3_writes=2_000, w4_ops=30_000, w5_bytes=64 << 20,
+                  w6_writes=300, runs=1),
 }
 
 
@@ -742,6 +745,66 @@ def w4(ctx: Ctx) -> None:
             "peersync fsyncs each group commit.", peersync_runs=ps_detail, redis_runs=r_detail)
 
 
+# ---------------------------------------------------------------- W6: acknowledged writes vs WAIT
+
+
+def w6(ctx: Ctx) -> None:
+    n, runs = ctx.size["w6_writes"], ctx.size["runs"]
+    log(f"W6: acknowledged write latency, 1 primary + 2 replicas, {n} sequential writes per mode ({runs} runs each)")
+    modes = [("1", 1), ("all", 2)]
+    ps: dict[str, list] = {m: [] for m, _ in modes}
+    rd: dict[str, list] = {m: [] for m, _ in modes}
+    for run in range(runs):
+        prim = Node(ctx, "w6-primary", 1).start()
+        reps = [Node(ctx, f"w6-replica{i}", 1 + i, role="replica", bootstrap=prim.addr).start() for i in (1, 2)]
+        nodes = [prim, *reps]
+        wait_peers(nodes)
+        time.sleep(1)
+        for mode, _ in modes:
+            lat = []
+            for i in range(n):
+                t = now()
+                status, data = prim.http.request("PUT", f"/v1/registers/w6/{mode}-{i}?ack={mode}&timeout_ms=5000",
+                                                 b"x" * 100)
+                lat.append((now() - t) * 1000)
+                if status != 200:
+                    raise RuntimeError(f"W6 ack={mode}: {status} {data[:200]!r}")
+            ps[mode].append(dict(p50=percentile(lat, 50), p99=percentile(lat, 99)))
+            log(f"W6 run {run + 1}: peersync ack={mode} p50 {percentile(lat, 50):.2f} ms p99 {percentile(lat, 99):.2f} ms")
+        for nd in nodes:
+            nd.stop()
+
+        rprim = Redis(ctx, "w6-redis-primary", 1).start()
+        rreps = [Redis(ctx, f"w6-redis-replica{i}", 1 + i, replicaof=rprim.port).start() for i in (1, 2)]
+        wait_until(lambda: all(r.linked() for r in rreps), 60, "W6 redis replicas linked")
+        c = rprim.connect()
+        for mode, k in modes:
+            lat = []
+            for i in range(n):
+                t = now()
+                # SET and WAIT pipelined: one round trip, as the HTTP request is.
+                c.sock.sendall(resp_command(("SET", f"{mode}-{i}", "x" * 100)) + resp_command(("WAIT", str(k), "5000")))
+                c.read()
+                got = c.read()
+                lat.append((now() - t) * 1000)
+                if int(got) < k:
+                    raise RuntimeError(f"W6 redis WAIT {k} answered {got}")
+            rd[mode].append(dict(p50=percentile(lat, 50), p99=percentile(lat, 99)))
+            log(f"W6 run {run + 1}: redis WAIT {k} p50 {percentile(lat, 50):.2f} ms p99 {percentile(lat, 99):.2f} ms")
+        c.close()
+        for r in rreps:
+            r.stop()
+        rprim.stop()
+    method = ("one client, sequential 100 B writes to the primary, each answered once the replicas applied it. "
+              "peersync: PUT ?ack=1|all&timeout_ms=5000 on a primary with 2 replicas bootstrapped to it "
+              "(acknowledged = committed to redb on the replica); redis: SET + WAIT 1|2 5000 pipelined on a primary "
+              "with 2 replicas (acknowledged = received by the replica, in memory only)")
+    for mode, k in modes:
+        for q in ("p50", "p99"):
+            ctx.row("W6", f"write with ack={mode} {q}", "ms", "lower", [r[q] for r in ps[mode]],
+                    f"redis 7 SET + WAIT {k}", [r[q] for r in rd[mode]], method)
+
+
 # ---------------------------------------------------------------- W5: snapshot transfer vs iperf3
 
 
@@ -861,14 +924,14 @@ def versions(ctx: Ctx) -> dict:
                 kernel=platform.release(), cpus=os.cpu_count(), python=platform.python_version())
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 run each (smoke run)")
     ap.add_argument("--runs", type=int, default=0, help="runs per system and workload (default 3, 1 with --quick)")
-    ap.add_argument("--only", default="W1,W2,W3,W4,W5,W7", help="comma-separated workloads (W7 comes with W1)")
+    ap.add_argument("--only", default="W1,W2,W3,W4,W5,W6,W7", help="comma-separated workloads (W7 comes with W1)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     ap.add_argument("--tmp", type=Path, default=ROOT / "target" / "bench-tmp")
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "peersync"))

@@ -64,6 +64,9 @@ impl From<NodeError> for ApiError {
             NodeError::Timeout { missing, .. } => {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).with("missing", missing)
             }
+            NodeError::AckTimeout { acked, .. } => {
+                ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).with("acked", acked)
+            }
             NodeError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
             NodeError::Store(e) if matches!(*e, StoreError::DiskFull { .. }) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)

@@ -23,6 +23,7 @@ use super::error::ApiError;
 use crate::crdt::LeaseRequest;
 use crate::ids::Token;
 use crate::node::{NodeError, NodeHandle, SyncState};
+use crate::sync::AckWanted;
 
 /// Default wait for `?after=` when `timeout_ms` is not given.
 const DEFAULT_WAIT_MS: u64 = 5_000;
@@ -147,6 +148,47 @@ fn flag(q: &HashMap<String, String>, name: &str) -> Result<bool, ApiError> {
     }
 }
 
+/// `?ack=N|majority|all&timeout_ms=T` of a write (as Redis `WAIT`). Parsed before the write, so
+/// a bad one writes nothing.
+struct AckParam {
+    wanted: AckWanted,
+    timeout: Duration,
+}
+
+fn ack_param(node: &NodeHandle, q: Params) -> Result<Option<AckParam>, ApiError> {
+    let q = params(q)?;
+    let Some(ack) = q.get("ack") else {
+        if q.contains_key("timeout_ms") {
+            return Err(ApiError::bad_request("invalid_query", "timeout_ms on a write needs ack=N|majority|all"));
+        }
+        return Ok(None);
+    };
+    let wanted = ack.parse::<AckWanted>().map_err(|e| ApiError::bad_request("invalid_query", e))?;
+    let timeout_ms: u64 = number(&q, "timeout_ms")?.unwrap_or(DEFAULT_WAIT_MS);
+    let max = node.config().limits.max_wait_ms;
+    if timeout_ms > max {
+        return Err(ApiError::bad_request("invalid_query", format!("timeout_ms must be at most {max}")));
+    }
+    Ok(Some(AckParam { wanted, timeout: Duration::from_millis(timeout_ms) }))
+}
+
+/// A write's answer: `body`, with `acked` once as many other nodes as asked have applied the write
+/// up to `seq`; 504 `timeout` with `acked` when they have not by the deadline.
+async fn with_acks(
+    node: &NodeHandle,
+    body: impl serde::Serialize,
+    seq: u64,
+    ack: Option<AckParam>,
+) -> Result<Response, ApiError> {
+    let mut body = serde_json::to_value(body)
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    if let Some(a) = ack {
+        let acked = node.wait_for_acks(seq, a.wanted, a.timeout).await?;
+        body["acked"] = acked.into();
+    }
+    Ok(Json(body).into_response())
+}
+
 /// JSON for a stored value: `value` when it is UTF-8, `value_base64` otherwise.
 fn value_json(value: &[u8]) -> (&'static str, String) {
     match std::str::from_utf8(value) {
@@ -158,19 +200,27 @@ fn value_json(value: &[u8]) -> (&'static str, String) {
 async fn put_register(
     State(node): State<NodeHandle>,
     p: Result<Path<(String, String)>, PathRejection>,
+    q: Params,
     b: Body,
 ) -> Result<Response, ApiError> {
     let (reg, key) = path(p)?;
+    let ack = ack_param(&node, q)?;
     let value = body(b)?;
-    Ok(Json(node.put(&reg, key, value.to_vec()).await?).into_response())
+    let receipt = node.put(&reg, key, value.to_vec()).await?;
+    let seq = receipt.seq;
+    with_acks(&node, receipt, seq, ack).await
 }
 
 async fn delete_register(
     State(node): State<NodeHandle>,
     p: Result<Path<(String, String)>, PathRejection>,
+    q: Params,
 ) -> Result<Response, ApiError> {
     let (reg, key) = path(p)?;
-    Ok(Json(node.delete(&reg, key).await?).into_response())
+    let ack = ack_param(&node, q)?;
+    let receipt = node.delete(&reg, key).await?;
+    let seq = receipt.seq;
+    with_acks(&node, receipt, seq, ack).await
 }
 
 async fn get_register(
@@ -224,9 +274,11 @@ struct BatchEntry {
 async fn batch_write(
     State(node): State<NodeHandle>,
     p: Result<Path<String>, PathRejection>,
+    q: Params,
     b: Body,
 ) -> Result<Response, ApiError> {
     let reg = path(p)?;
+    let ack = ack_param(&node, q)?;
     let batch: BatchBody = json_body(b)?;
     let mut entries = Vec::with_capacity(batch.entries.len());
     for (i, e) in batch.entries.into_iter().enumerate() {
@@ -245,7 +297,8 @@ async fn batch_write(
         entries.push((e.key.into_bytes(), value));
     }
     let receipt = node.put_batch(&reg, entries).await?;
-    Ok(Json(receipt).into_response())
+    let seq = receipt.seq;
+    with_acks(&node, receipt, seq, ack).await
 }
 
 async fn list_register(
@@ -280,15 +333,16 @@ struct CounterBody {
 async fn counter_add(
     State(node): State<NodeHandle>,
     p: Result<Path<(String, String)>, PathRejection>,
+    q: Params,
     b: Body,
 ) -> Result<Response, ApiError> {
     let (ctr, key) = path(p)?;
+    let ack = ack_param(&node, q)?;
     let CounterBody { delta } = json_body(b)?;
     let (value, write) = node.counter_add(&ctr, key, delta).await?;
-    Ok(Json(
-        json!({ "value": value, "origin": write.origin, "seq": write.seq, "cid": write.cid, "token": write.token }),
-    )
-    .into_response())
+    let body =
+        json!({ "value": value, "origin": write.origin, "seq": write.seq, "cid": write.cid, "token": write.token });
+    with_acks(&node, body, write.seq, ack).await
 }
 
 async fn counter_get(
@@ -309,9 +363,11 @@ struct LeaseBody {
 async fn lease_verb(
     State(node): State<NodeHandle>,
     p: Result<Path<(String, String, String)>, PathRejection>,
+    q: Params,
     b: Body,
 ) -> Result<Response, ApiError> {
     let (lease, key, verb) = path(p)?;
+    let ack = ack_param(&node, q)?;
     if !matches!(verb.as_str(), "acquire" | "renew" | "release") {
         return Err(ApiError::bad_request(
             "unknown_lease_verb",
@@ -326,13 +382,14 @@ async fn lease_verb(
         _ => LeaseRequest::Release { holder },
     };
     let info = node.lease(&lease, key, request).await?;
-    Ok(Json(json!({
+    let seq = info.write.seq;
+    let body = json!({
         "holder": info.holder,
         "token": info.token,
         "expires_at_ms": info.expires_at_ms,
         "write": info.write,
-    }))
-    .into_response())
+    });
+    with_acks(&node, body, seq, ack).await
 }
 
 async fn lease_get(

@@ -21,6 +21,12 @@ pub enum NodeError {
     Syncing,
     #[error("waited {waited_ms} ms and these writes are still not applied here: {}", .missing.join(", "))]
     Timeout { waited_ms: u64, missing: Vec<String> },
+    /// `?ack=`: fewer other nodes than asked applied the write before the deadline. The write
+    /// itself is durable here and goes on replicating.
+    #[error(
+        "the write is durable here, but only {acked} other nodes applied it before the deadline, of {wanted} asked"
+    )]
+    AckTimeout { acked: usize, wanted: String },
     #[error("storage failure, the write was not committed: {0}")]
     Store(Arc<StoreError>),
     #[error("the node is shutting down")]

@@ -362,6 +362,26 @@ impl NodeHandle {
         Ok(self.inner.writer.merge_entries(entries).await?.changed as u64)
     }
 
+    /// Waits until `ack` other nodes have durably applied this node's writes up to `seq` (a
+    /// receipt's `seq`), as Redis `WAIT` does: `Ok(n)` with how many did. At `timeout` it is
+    /// [`NodeError::AckTimeout`] with how many did by then; the write stays durable here either
+    /// way. The nodes counted are the other certified members in membership mode, the connected
+    /// peers of the cluster in open mode.
+    pub async fn wait_for_acks(
+        &self,
+        seq: u64,
+        ack: crate::sync::AckWanted,
+        timeout: Duration,
+    ) -> Result<usize, NodeError> {
+        let (reply, rx) = oneshot::channel();
+        let command = Command::AwaitAcks { seq: crate::ids::Seq(seq), ack, timeout, reply };
+        self.inner.net.send(command).await.map_err(|_| NodeError::ShuttingDown)?;
+        match rx.await.map_err(|_| NodeError::ShuttingDown)? {
+            (acked, true) => Ok(acked),
+            (acked, false) => Err(NodeError::AckTimeout { acked, wanted: ack.to_string() }),
+        }
+    }
+
     /// The operator's word that this node may serve alone: it becomes active now, without a peer
     /// vouching for its state (for a node whose peers are gone for good).
     pub async fn serve_alone(&self) -> Result<(), NodeError> {

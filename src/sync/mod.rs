@@ -18,8 +18,8 @@ mod snapshot;
 
 pub use engine::MAX_BATCH_OPS;
 pub use engine::{
-    Action, ChunkVerdict, Count, Engine, EngineConfig, Found, GossipId, Input, Membership, ProviderKey, ReplyId, ReqId,
-    StoreView, Ticket, Verdict,
+    AckWanted, Action, ChunkVerdict, Count, Engine, EngineConfig, Found, GossipId, Input, Membership, ProviderKey,
+    ReplyId, ReqId, StoreView, Ticket, Verdict, WaitId, ACK_HOLD_MAX, MAX_ACK_WAITS,
 };
 pub use gap::{Admit, Gap, GapBuffer, GapLimits};
 pub use pace::DigestPace;

@@ -21,10 +21,10 @@ use std::time::{Duration, Instant};
 use libp2p::identity::Keypair;
 use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
-use peersync::ids::{Origin, Role};
+use peersync::ids::{Origin, Role, Seq};
 use peersync::op::{ChainHash, OpBatch, Signer};
 use peersync::store::VersionVector;
-use peersync::sync::{Count, Engine, EngineConfig, GossipId, Input, Phase, ReplyId, ReqId, Ticket};
+use peersync::sync::{AckWanted, Count, Engine, EngineConfig, GossipId, Input, Phase, ReplyId, ReqId, Ticket, WaitId};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
@@ -111,6 +111,9 @@ pub struct NodeStats {
     /// Times a (re)started node's first digest was ahead of it.
     pub behind_at_join: u64,
     pub became_active: u64,
+    /// Waits for acknowledgements (`Input::AwaitAcks`) that ended met, and unmet.
+    pub acks_met: u64,
+    pub acks_unmet: u64,
 }
 
 impl NodeStats {
@@ -163,6 +166,8 @@ pub struct Live {
     /// Whether the input being handled is a tick (a digest round, when it sends digests).
     pub(crate) in_tick: bool,
     pub(crate) tick_digests: u64,
+    /// Waits for acknowledgements not ended yet: the seq each waits for.
+    pub(crate) ack_waits: BTreeMap<WaitId, Seq>,
 }
 
 pub struct Node {
@@ -318,6 +323,7 @@ impl Cluster {
             gossip_blocked: BTreeSet::new(),
             in_tick: false,
             tick_digests: 0,
+            ack_waits: BTreeMap::new(),
         });
         // The swarm dials the bootstrap peers itself; the engine redials them later.
         for b in self.nodes[n].bootstrap.clone() {
@@ -396,7 +402,21 @@ impl Cluster {
         let node = &mut self.nodes[n];
         let batch = node.store.write_local(&node.signer, &ops, wall_ms);
         self.written.entry(node.peer).or_default().extend(ops);
+        let seq = batch.head.seq;
         self.feed(n, Input::Committed { batches: vec![Arc::new(batch)] });
+        // A third of the writes wait for acknowledgements, as `?ack=` does.
+        if self.net.rng.gen_range(0..3) == 0 {
+            let ack = match self.net.rng.gen_range(0..4) {
+                0 => AckWanted::Majority,
+                1 => AckWanted::All,
+                _ => AckWanted::Peers(self.net.rng.gen_range(1..=3)),
+            };
+            let timeout = Duration::from_millis(self.net.rng.gen_range(5..=3_000));
+            // Seqs are unique per node: one names the wait.
+            let wait = WaitId(seq.0);
+            self.nodes[n].live.as_mut().expect("up").ack_waits.insert(wait, seq);
+            self.feed(n, Input::AwaitAcks { wait, seq, ack, timeout });
+        }
     }
 
     /// Node `n` makes a snapshot, tells its engine, and compacts its log down to `retain` ops.

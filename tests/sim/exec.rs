@@ -147,6 +147,28 @@ impl Cluster {
                     .collect();
             }
             Action::PersistRevocations { all } => self.nodes[n].revocations = all,
+            Action::Acked { wait, acked, met } => {
+                let live = self.nodes[n].live.as_mut().expect("up");
+                let Some(seq) = live.ack_waits.remove(&wait) else {
+                    panic!("seed {}: node {n} ended wait {wait:?} twice, or one it was never given", self.seed)
+                };
+                // An acknowledgement is a promise: that many other stores hold the ops now.
+                let origin = self.nodes[n].peer;
+                let holders = (0..self.nodes.len())
+                    .filter(|i| *i != n && self.nodes[*i].store.version_vector().get(&origin) >= seq)
+                    .count();
+                assert!(
+                    holders >= acked,
+                    "seed {}: node {n} counted {acked} acknowledgements of its seq {seq}, but {holders} other stores hold it",
+                    self.seed
+                );
+                let stats = &mut self.nodes[n].stats;
+                if met {
+                    stats.acks_met += 1;
+                } else {
+                    stats.acks_unmet += 1;
+                }
+            }
             Action::Count { what, n: k } => {
                 if what == Count::DigestsReceived {
                     self.nodes[n].stats.digests_received += k;

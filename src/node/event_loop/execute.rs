@@ -126,6 +126,11 @@ impl EventLoop {
             Action::Disconnect { peer } => {
                 let _ = self.swarm.disconnect_peer_id(peer);
             }
+            Action::Acked { wait, acked, met } => {
+                if let Some(reply) = self.ack_waits.remove(&wait) {
+                    let _ = reply.send((acked, met));
+                }
+            }
             Action::Gossip { peer, allow } => {
                 let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
                 if allow {

@@ -29,7 +29,7 @@ use super::metrics::Metrics;
 use crate::ids::Origin;
 use crate::net::{cluster_provider_key, on_identify, parse_agent_version, Behaviour, BehaviourEvent};
 use crate::store::{CommitEvent, Store, WriteHandle};
-use crate::sync::{ChunkVerdict, Engine, Found, GossipId, Input, Phase, ProviderKey, ReplyId, ReqId, Ticket};
+use crate::sync::{ChunkVerdict, Engine, Found, GossipId, Input, Phase, ProviderKey, ReplyId, ReqId, Ticket, WaitId};
 use crate::wire::{SyncRequest, SyncResponse};
 
 /// Requests to the event loop.
@@ -70,6 +70,14 @@ pub(crate) enum Command {
     /// The operator hands in a revocation.
     Revoke {
         revocation: crate::cert::Revocation,
+    },
+    /// Wait until `ack` other nodes hold this node's ops up to `seq`, or `timeout`; the answer
+    /// is how many do, and whether that is enough.
+    AwaitAcks {
+        seq: crate::ids::Seq,
+        ack: crate::sync::AckWanted,
+        timeout: std::time::Duration,
+        reply: oneshot::Sender<(usize, bool)>,
     },
     Status {
         reply: oneshot::Sender<NetStatus>,
@@ -118,6 +126,9 @@ pub(crate) struct EventLoop {
     /// Gossip messages awaiting their verdict.
     gossip: HashMap<GossipId, (MessageId, PeerId)>,
     next_gossip: u64,
+    /// Callers waiting for acknowledgements of their writes.
+    ack_waits: HashMap<WaitId, oneshot::Sender<(usize, bool)>>,
+    next_wait: u64,
 }
 
 impl EventLoop {
@@ -141,6 +152,8 @@ impl EventLoop {
             next_reply: 0,
             gossip: HashMap::new(),
             next_gossip: 0,
+            ack_waits: HashMap::new(),
+            next_wait: 0,
         }
     }
 
@@ -195,6 +208,12 @@ impl EventLoop {
             Command::Merged => Input::Merged,
             Command::SnapshotCreated { cid } => Input::SnapshotCreated { cid },
             Command::ServeAlone => Input::ServeAlone,
+            Command::AwaitAcks { seq, ack, timeout, reply } => {
+                self.next_wait += 1;
+                let wait = WaitId(self.next_wait);
+                self.ack_waits.insert(wait, reply);
+                Input::AwaitAcks { wait, seq, ack, timeout }
+            }
             Command::Revoke { revocation } => Input::Revoke { revocation },
             Command::Status { reply } => {
                 let _ = reply.send(self.status());

@@ -19,6 +19,7 @@
 //!
 //! Must never depend on: the network's I/O, the store's internals, the node, a clock or a runtime.
 
+mod acks;
 mod apply;
 mod members;
 mod peers;
@@ -42,6 +43,7 @@ use crate::snapshot::{ChunkRef, SignedManifest, SnapshotBrief, StateEntry};
 use crate::store::{OriginProgress, VersionVector};
 use crate::wire::{SyncRequest, SyncResponse};
 
+pub use acks::{AckWanted, WaitId, ACK_HOLD_MAX, MAX_ACK_WAITS};
 pub use apply::MAX_BATCH_OPS;
 pub use members::{AttestationStatus, MemberStatus, MembersStatus, Membership, MEMBERSHIP_GRACE};
 pub use peers::fanout;
@@ -139,6 +141,9 @@ pub enum Input {
     Gossip { id: GossipId, from: PeerId, data: Vec<u8> },
     /// A peer's request.
     Request { peer: PeerId, reply: ReplyId, request: SyncRequest },
+    /// Wait until `ack` other nodes have durably applied this node's ops up to `seq`, or
+    /// `timeout` passes; the end comes as [`Action::Acked`].
+    AwaitAcks { wait: WaitId, seq: Seq, ack: AckWanted, timeout: Duration },
     /// A request handed out by [`Action::Serve`] was answered with `bytes` of payload
     /// ([`SyncResponse::payload_len`]).
     Served { reply: ReplyId, bytes: u64 },
@@ -195,6 +200,9 @@ pub enum Action {
     Dial { peer: Option<PeerId>, addr: Option<Multiaddr> },
     /// Close every connection to a peer.
     Disconnect { peer: PeerId },
+    /// A wait of [`Input::AwaitAcks`] ended: `acked` other nodes hold the ops, and `met` says
+    /// whether that is as many as asked (otherwise its timeout passed).
+    Acked { wait: WaitId, acked: usize, met: bool },
     /// Let gossip flow to and from a peer, or stop it (a peer without a membership certificate).
     Gossip { peer: PeerId, allow: bool },
     /// Announce this node as a provider of a key.
@@ -400,6 +408,8 @@ pub struct Engine {
     revoked: BTreeMap<PeerId, crate::cert::Revocation>,
     /// The latest attestation of each peer: vector, root, and when it came (wall ms).
     attestations: BTreeMap<PeerId, (VersionVector, StateRoot, u64)>,
+    /// Waits for acknowledgements, and digest answers held for peers' waits.
+    acks: acks::Acks,
 }
 
 impl Engine {
@@ -455,6 +465,7 @@ impl Engine {
             started: now,
             members: BTreeMap::new(),
             attestations: BTreeMap::new(),
+            acks: acks::Acks::default(),
             revoked: BTreeMap::new(),
             cfg,
         };
@@ -537,7 +548,12 @@ impl Engine {
                 self.readiness.force_active();
                 self.check_ready(now, store);
             }
+            Input::AwaitAcks { wait, seq, ack, timeout } => self.on_await_acks(now, wait, seq, ack, timeout, store),
         }
+        // Any input may be the one after which the store holds what a held digest waits for, or
+        // after which an acknowledgement's deadline has passed.
+        self.release_held(now, store);
+        self.settle_acks(now);
     }
 
     /// The next action to carry out, oldest first.
@@ -560,6 +576,9 @@ impl Engine {
             at = at.min(self.last_now + self.cfg.digest_min);
         }
         if let Some(t) = self.requests.values().map(|(_, sent)| *sent + self.cfg.request_timeout).min() {
+            at = at.min(t);
+        }
+        if let Some(t) = self.acks.deadline() {
             at = at.min(t);
         }
         Some(at)

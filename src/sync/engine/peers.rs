@@ -263,12 +263,24 @@ impl Engine {
 
     /// Sends this node's digest to `peer`, unless one is already on its way.
     pub(super) fn send_digest(&mut self, now: Instant, peer: PeerId, store: &dyn StoreView) {
+        self.send_digest_holding(now, peer, None, store);
+    }
+
+    /// Sends this node's digest to `peer`, unless one is already on its way; with `hold_until`,
+    /// the peer holds its answer until it holds this node's ops up to that seq (see `acks`).
+    pub(super) fn send_digest_holding(
+        &mut self,
+        now: Instant,
+        peer: PeerId,
+        hold_until: Option<crate::ids::Seq>,
+        store: &dyn StoreView,
+    ) {
         let Some(info) = self.peers.map.get_mut(&peer) else { return };
         if info.digest_pending {
             return;
         }
         info.digest_pending = true;
-        let digest = self.my_digest(store);
+        let digest = Digest { hold_until, ..self.my_digest(store) };
         self.send(now, peer, SyncRequest::Digest(digest), Pending::Digest { peer });
         self.count(super::Count::DigestsSent, 1);
     }

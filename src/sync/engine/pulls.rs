@@ -18,6 +18,7 @@ impl Engine {
             cert,
             members,
             revocations,
+            hold_until: None,
             cluster: self.cfg.cluster.clone(),
             role: self.cfg.role,
             version_vector,
@@ -83,8 +84,11 @@ impl Engine {
                     self.peers.entry(peer).banned_until = Some(now + super::peers::BAN);
                     return;
                 }
-                let mine = self.my_digest(store);
-                self.push(Action::Reply { reply, response: SyncResponse::Digest(mine) });
+                let held = theirs.hold_until.is_some_and(|seq| self.hold_digest(now, peer, reply, seq, store));
+                if !held {
+                    let mine = self.my_digest(store);
+                    self.push(Action::Reply { reply, response: SyncResponse::Digest(mine) });
+                }
                 self.record_digest(now, peer, theirs, store);
             }
             other => {
@@ -211,6 +215,8 @@ impl Engine {
         entry.digest_at = Some(now);
         self.check_ready(now, store);
         self.plan_pulls(now, store);
+        self.settle_acks(now);
+        self.ask_acks(now, store);
     }
 
     /// Re-evaluates the phase; announces an attestation on becoming active.
