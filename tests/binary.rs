@@ -521,3 +521,36 @@ fn the_api_token_file_protects_the_api_and_the_cli_sends_the_token() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("api-token-file"), "{out:?}");
 }
+
+#[test]
+fn log_format_json_writes_one_object_per_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("n");
+    let node = NodeProc::start(&data, &["--log-format", "json"]);
+    let (ok, _, err) = cli(&["put", "docs", "readme", "hello", "--api", &node.api]);
+    assert!(ok, "{err}");
+    common::wait_sync("the phase change to be logged", std::time::Duration::from_secs(30), || {
+        let log = node.log();
+        if log.contains("phase changed") {
+            Ok(())
+        } else {
+            Err(log)
+        }
+    });
+    let log_file = node.data_dir.with_extension("log");
+    assert!(node.terminate().success());
+    let log = std::fs::read_to_string(log_file).unwrap();
+    let lines: Vec<Value> = log
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}")))
+        .collect();
+    for l in &lines {
+        // (Some of libp2p's events carry fields and no message.)
+        assert!(l["level"].is_string() && l["timestamp"].is_string() && l["target"].is_string(), "{l}");
+    }
+    let phase = lines.iter().find(|l| l["message"] == "phase changed").expect("a phase change");
+    assert_eq!(phase["to"], "Active", "{phase}");
+    let (ok, _, err) = cli(&["node", "--log-format", "xml"]);
+    assert!(!ok && err.contains("xml"), "{err}");
+}

@@ -192,6 +192,13 @@ impl ApiArg {
     }
 }
 
+/// How the node writes its log lines.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Args)]
 struct NodeArgs {
     #[arg(long, default_value = "./peersync-data")]
@@ -205,6 +212,10 @@ struct NodeArgs {
     /// Address of the HTTP API (port 0 picks a free port).
     #[arg(long, value_name = "HOST:PORT", default_value = "127.0.0.1:7700")]
     api: SocketAddr,
+    /// Log lines as text, or as one JSON object per line (timestamp, level, target, message and
+    /// the event's fields: peer, reason...). `RUST_LOG` filters either.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// primary or replica [default: primary, or the certificate's role with --cert].
     #[arg(long)]
     role: Option<Role>,
@@ -477,11 +488,13 @@ fn print_json(body: Vec<u8>) -> anyhow::Result<()> {
 }
 
 async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
+    let logs = tracing_subscriber::fmt()
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| DEFAULT_LOG.into()))
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::stderr().is_terminal())
-        .init();
+        .with_writer(std::io::stderr);
+    match args.log_format {
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+        LogFormat::Json => logs.json().flatten_event(true).with_current_span(false).init(),
+    }
     let mut config = NodeConfig { data_dir: args.data_dir, api_addr: args.api, ..Default::default() };
     config.net.listen = args.listen;
     config.net.bootstrap = args.bootstrap;

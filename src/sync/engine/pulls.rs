@@ -222,6 +222,7 @@ impl Engine {
     /// Re-evaluates the phase; announces an attestation on becoming active.
     pub(super) fn check_ready(&mut self, now: Instant, store: &dyn StoreView) {
         let (root, vv) = store.state_root();
+        let ops = vv.total();
         let before = self.readiness.phase();
         let transition = self.readiness.check(&vv, root, now);
         if before != Phase::Verifying && self.readiness.phase() == Phase::Verifying {
@@ -243,6 +244,7 @@ impl Engine {
         }
         let phase = self.readiness.phase();
         if phase != self.announced {
+            tracing::info!(from = ?self.announced, to = ?phase, ops, %root, "phase changed");
             self.announced = phase;
             self.push(Action::Phase { phase });
         }
