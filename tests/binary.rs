@@ -554,3 +554,53 @@ fn log_format_json_writes_one_object_per_line() {
     let (ok, _, err) = cli(&["node", "--log-format", "xml"]);
     assert!(!ok && err.contains("xml"), "{err}");
 }
+
+#[test]
+fn config_file_sets_flags_the_command_line_overrides_and_bad_keys_stop_the_node() {
+    let dir = tempfile::tempdir().unwrap();
+    // The example, every line with a default uncommented, is a valid file.
+    let (ok, example, err) = cli(&["config", "example"]);
+    assert!(ok, "{err}");
+    let full: String = example
+        .lines()
+        .map(|l| match l.strip_prefix("# ") {
+            Some(kv) if kv.contains(" = ") && !kv.contains("# no default") => format!("{kv}\n"),
+            _ => format!("{l}\n"),
+        })
+        .collect();
+    assert!(full.contains("\nmax-value-bytes = 1048576\n"), "{full}");
+    let cfg = dir.path().join("full.toml");
+    // Its data dir, API and listen addresses are overridden below; the cluster comes from the file.
+    std::fs::write(&cfg, full.replace("cluster = \"default\"", "cluster = \"blue\"")).unwrap();
+    let data = dir.path().join("a");
+    let node = NodeProc::start(&data, &["--config", cfg.to_str().unwrap(), "--role", "replica"]);
+    let s = status(&node.api);
+    assert_eq!((s["cluster"].as_str(), s["role"].as_str()), (Some("blue"), Some("replica")), "{s}");
+    drop(node);
+
+    // A file's role, overridden on the command line; its value limit applies.
+    let cfg = dir.path().join("small.toml");
+    std::fs::write(&cfg, "role = \"replica\"\nmax-value-bytes = 8\nno-mdns = true\n").unwrap();
+    let node = NodeProc::start(&dir.path().join("b"), &["--config", cfg.to_str().unwrap(), "--role", "primary"]);
+    assert_eq!(status(&node.api)["role"], "primary");
+    let (ok, _, err) = cli(&["put", "r", "k", "more than eight bytes", "--api", &node.api]);
+    assert!(!ok && err.contains("value_too_large"), "{err}");
+    drop(node);
+
+    // Unknown keys and bad values stop the node, naming them.
+    for (text, named) in [
+        ("max-value-byte = 8\n", "max-value-byte"),
+        ("max-value-bytes = \"lots\"\n", "max-value-bytes"),
+        ("no-mdns = \"yes\"\n", "no-mdns"),
+        ("listen = 4001\n", "listen"),
+        ("role = [\"primary\"]\n", "role"),
+        ("not toml at all", "not valid TOML"),
+    ] {
+        std::fs::write(&cfg, text).unwrap();
+        let data = dir.path().join("c");
+        let (ok, _, err) = cli(&["node", "--data-dir", data.to_str().unwrap(), "--config", cfg.to_str().unwrap()]);
+        assert!(!ok && err.contains(named), "{text:?}: {err}");
+    }
+    let (ok, _, err) = cli(&["node", "--config", "/nonexistent/peersync.toml"]);
+    assert!(!ok && err.contains("/nonexistent/peersync.toml"), "{err}");
+}

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use peersync::api::client::{segment, Client, ClientError};
 use peersync::node::{Node, NodeConfig, Role};
 use peersync::store::Store;
@@ -34,6 +34,8 @@ fn disable_transparent_huge_pages() {
     }
 }
 
+mod config_file;
+
 #[derive(Parser)]
 #[command(name = "peersync", version, about = "Peer-to-peer sync node: replicated registers, counters and leases")]
 struct Cli {
@@ -45,6 +47,9 @@ struct Cli {
 enum Command {
     /// Run a node.
     Node(Box<NodeArgs>),
+    /// Configuration files of `peersync node --config FILE`.
+    #[command(subcommand)]
+    Config(ConfigCommand),
     /// Print the node's PeerId, creating its identity if missing.
     Id {
         #[arg(long, default_value = "./peersync-data")]
@@ -127,6 +132,12 @@ enum Command {
 }
 
 #[derive(Subcommand)]
+enum ConfigCommand {
+    /// Print a commented configuration file with every key and its default.
+    Example,
+}
+
+#[derive(Subcommand)]
 enum ClusterCommand {
     /// Make a new authority key (never overwrites one) and print the authority's id.
     Init {
@@ -201,6 +212,11 @@ enum LogFormat {
 
 #[derive(Args)]
 struct NodeArgs {
+    /// A TOML file of these flags, keys named as the flags without their -- (`peersync config
+    /// example` prints one); a flag given on the command line overrides the file.
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Where the node keeps its identity key and database.
     #[arg(long, default_value = "./peersync-data")]
     data_dir: PathBuf,
     /// Multiaddr to listen on (repeatable).
@@ -225,6 +241,7 @@ struct NodeArgs {
     /// This node's membership certificate (from `peersync cluster admit`).
     #[arg(long, value_name = "FILE", requires = "authority")]
     cert: Option<PathBuf>,
+    /// The cluster to join: nodes sync only with nodes of the same cluster.
     #[arg(long, default_value = "default")]
     cluster: String,
     /// Turn off mDNS discovery on the LAN.
@@ -294,7 +311,23 @@ struct NodeArgs {
 
 fn main() -> ExitCode {
     disable_transparent_huge_pages();
-    let cli = Cli::parse();
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let cli = match config_file::expand(&Cli::command(), argv.clone()) {
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(2);
+        }
+        Ok(expanded) if expanded == argv => Cli::parse_from(argv),
+        Ok(expanded) => match Cli::try_parse_from(&expanded) {
+            Ok(cli) => cli,
+            // The command line alone is fine: the file's flags are at fault.
+            Err(e) if Cli::try_parse_from(&argv).is_ok() => {
+                eprintln!("error: in the --config file: {e}");
+                return ExitCode::from(2);
+            }
+            Err(e) => e.exit(),
+        },
+    };
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -308,6 +341,10 @@ fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Node(args) => run_node(*args).await,
+        Command::Config(ConfigCommand::Example) => {
+            print!("{}", config_file::example(&Cli::command()));
+            Ok(())
+        }
         Command::Cluster(ClusterCommand::Revoke { key, peer_id, api }) => {
             let authority = peersync::cert::load_authority_key(&key)?;
             let client = api.client()?;
