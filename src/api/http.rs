@@ -445,6 +445,5 @@ async fn status(State(node): State<NodeHandle>) -> Result<Response, ApiError> {
 }
 
 async fn metrics(State(node): State<NodeHandle>) -> Response {
-    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], node.metrics().render())
-        .into_response()
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], node.metrics().render()).into_response()
 }

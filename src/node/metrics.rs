@@ -23,6 +23,19 @@ impl Metrics {
     }
 }
 
+/// Label of the per-origin gauges.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OriginLabel {
+    pub origin: String,
+}
+
+/// Label of the peer gauge: role (or `unknown` before identify) and state.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PeerLabel {
+    pub role: &'static str,
+    pub state: &'static str,
+}
+
 /// Label of the request counters: what kind of request.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -85,6 +98,23 @@ pub struct Metrics {
     pub requests_shed: Counter,
     /// Gossip messages neither accepted nor rejected because the apply pipeline was full.
     pub gossip_ignored: Counter,
+    /// Per origin, how many ops the most advanced peer holds beyond this node.
+    pub lag_ops: Family<OriginLabel, Gauge>,
+    /// Known peers by role and state (`connected` or `known`).
+    pub peers: Family<PeerLabel, Gauge>,
+    /// Ops buffered behind gaps in origins' logs.
+    pub gap_buffer_ops: Gauge,
+    /// This node's requests to peers awaiting an answer.
+    pub requests_in_flight: Gauge,
+    /// Peers' requests being served from the store.
+    pub requests_serving: Gauge,
+    /// Batches handed to the applier and not yet settled.
+    pub applies_in_flight: Gauge,
+    /// Replay pulls in flight.
+    pub replay_pulls: Gauge,
+    /// The snapshot being pulled: bytes held and bytes in all (0 when none).
+    pub snapshot_pull_bytes_have: Gauge,
+    pub snapshot_pull_bytes_wanted: Gauge,
 }
 
 impl Default for Metrics {
@@ -114,6 +144,15 @@ impl Default for Metrics {
             requests_in: Family::default(),
             requests_shed: Counter::default(),
             gossip_ignored: Counter::default(),
+            lag_ops: Family::default(),
+            peers: Family::default(),
+            gap_buffer_ops: Gauge::default(),
+            requests_in_flight: Gauge::default(),
+            requests_serving: Gauge::default(),
+            applies_in_flight: Gauge::default(),
+            replay_pulls: Gauge::default(),
+            snapshot_pull_bytes_have: Gauge::default(),
+            snapshot_pull_bytes_wanted: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("ops_local", "Ops created by this node and committed", m.ops_local.clone());
@@ -159,15 +198,86 @@ impl Default for Metrics {
             m.gossip_ignored.clone(),
         );
         registry.register("bytes_sent", "Bytes sent, by protocol", m.bytes_out.clone());
+        registry.register(
+            "lag_ops",
+            "Per origin, ops the most advanced peer holds beyond this node",
+            m.lag_ops.clone(),
+        );
+        registry.register("peers", "Known peers by role and state", m.peers.clone());
+        registry.register("gap_buffer_ops", "Ops buffered behind gaps in origins' logs", m.gap_buffer_ops.clone());
+        registry.register("requests_in_flight", "Requests to peers awaiting an answer", m.requests_in_flight.clone());
+        registry.register("requests_serving", "Peers' requests being served now", m.requests_serving.clone());
+        registry.register(
+            "applies_in_flight",
+            "Batches handed to the applier, not yet settled",
+            m.applies_in_flight.clone(),
+        );
+        registry.register("replay_pulls", "Replay pulls in flight", m.replay_pulls.clone());
+        registry.register(
+            "snapshot_pull_bytes_have",
+            "Bytes held of the snapshot being pulled (0 when none)",
+            m.snapshot_pull_bytes_have.clone(),
+        );
+        registry.register(
+            "snapshot_pull_bytes_wanted",
+            "Bytes in all of the snapshot being pulled (0 when none)",
+            m.snapshot_pull_bytes_wanted.clone(),
+        );
         Metrics { registry, ..m }
     }
 }
 
 impl Metrics {
     /// The OpenMetrics text exposition.
+    /// The metrics in Prometheus's text format (0.0.4), which every scraper and `promtool check
+    /// metrics` read. The encoder writes OpenMetrics, where a counter's HELP and TYPE name the
+    /// family (`x`) and its sample is `x_total`; the text format wants them to name the sample.
     pub fn render(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
+        let mut open = String::new();
+        encode(&mut open, &self.registry).expect("writing to a String cannot fail");
+        to_text_format(&open)
+    }
+}
+
+/// OpenMetrics text to Prometheus's text format: counters' HELP and TYPE renamed to their
+/// `_total` samples, and no `# EOF`.
+fn to_text_format(open: &str) -> String {
+    let counters: std::collections::HashSet<&str> = open
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter"))
+        .filter(|name| !name.ends_with("_total"))
+        .collect();
+    let mut out = String::with_capacity(open.len() + 8 * counters.len());
+    for line in open.lines().filter(|l| *l != "# EOF") {
+        let meta = ["# HELP ", "# TYPE "].iter().find_map(|kind| Some((*kind, line.strip_prefix(kind)?)));
+        match meta {
+            Some((kind, rest)) => {
+                let (name, tail) = rest.split_once(' ').unwrap_or((rest, ""));
+                let suffix = if counters.contains(name) { "_total" } else { "" };
+                out.push_str(&format!("{kind}{name}{suffix} {tail}"));
+            }
+            None => out.push_str(line),
+        }
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_the_text_format_counters_named_by_their_samples() {
+        let m = Metrics::default();
+        m.ops_local.inc();
+        m.count_in("gossip", 10);
+        let text = m.render();
+        assert!(text.contains("# HELP peersync_ops_local_total Ops created"), "{text}");
+        assert!(text.contains("# TYPE peersync_ops_local_total counter\npeersync_ops_local_total 1\n"), "{text}");
+        assert!(text.contains("# TYPE peersync_bytes_received_total counter"), "{text}");
+        assert!(text.contains("peersync_bytes_received_total{protocol=\"gossip\"} 10"), "{text}");
+        assert!(text.contains("# TYPE peersync_connected_peers gauge"), "{text}");
+        assert!(!text.contains("# EOF"));
     }
 }

@@ -182,6 +182,7 @@ impl EventLoop {
                 _ = &mut timer => {
                     self.metrics.sync_rounds.inc();
                     self.feed(Input::Tick);
+                    self.update_gauges();
                 }
             }
         }

@@ -42,4 +42,38 @@ impl EventLoop {
             members: self.engine.members_status(&self.store),
         }
     }
+
+    /// Sets the gauges of `/metrics` from the engine's view (at every tick).
+    pub(super) fn update_gauges(&self) {
+        use crate::node::metrics::{OriginLabel, PeerLabel};
+        let s = self.engine.status(Instant::now(), &self.store);
+        let m = &self.metrics;
+        m.lag_ops.clear();
+        // Every origin this node holds ops of, 0 when no peer is ahead, and those only peers hold.
+        let held = crate::sync::StoreView::version_vector(&self.store);
+        m.applied_total.set(held.total() as i64);
+        for origin in held.0.keys().map(|o| o.to_string()).chain(s.lag_ops.keys().cloned()) {
+            let lag = s.lag_ops.get(&origin).copied().unwrap_or(0);
+            m.lag_ops.get_or_create(&OriginLabel { origin }).set(lag as i64);
+        }
+        m.peers.clear();
+        for p in &s.peers {
+            let role = match p.role {
+                Some(crate::ids::Role::Primary) => "primary",
+                Some(crate::ids::Role::Replica) => "replica",
+                None => "unknown",
+            };
+            let state = if p.connected { "connected" } else { "known" };
+            m.peers.get_or_create(&PeerLabel { role, state }).inc();
+        }
+        let (requests, serving, applies) = self.engine.queue_sizes();
+        m.requests_in_flight.set(requests as i64);
+        m.requests_serving.set(serving as i64);
+        m.applies_in_flight.set(applies as i64);
+        m.gap_buffer_ops.set(s.buffered_ops as i64);
+        m.replay_pulls.set(s.pulls.len() as i64);
+        let (have, total) = s.snapshot.as_ref().map_or((0, 0), |p| (p.progress.bytes_have, p.progress.bytes_total));
+        m.snapshot_pull_bytes_have.set(have as i64);
+        m.snapshot_pull_bytes_wanted.set(total as i64);
+    }
 }
