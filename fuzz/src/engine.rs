@@ -659,6 +659,7 @@ fn make_digest(from: PeerId, spec: &DigestSpec) -> Digest {
         cert,
         members,
         revocations,
+        hold_until: None,
     }
 }
 
@@ -769,7 +770,8 @@ impl Harness<'_> {
                 | Action::Phase { .. }
                 | Action::RememberPeers { .. }
                 | Action::PersistRevocations { .. }
-                | Action::Count { .. } => {}
+                | Action::Count { .. }
+                | Action::Acked { .. } => {}
             }
         }
         // Bound the executor's own bookkeeping.
@@ -1084,7 +1086,7 @@ impl Harness<'_> {
                 } else {
                     self.serving.remove(*which as usize % self.serving.len())
                 };
-                self.feed(Input::Served { reply });
+                self.feed(Input::Served { reply, bytes: 0 });
             }
             Step::Respond { which, response } => {
                 if self.sent.is_empty() {
