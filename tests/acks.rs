@@ -7,8 +7,8 @@ mod common;
 
 use std::time::Duration;
 
-use common::{dial_addr, eventually};
-use peersync::node::{Node, NodeConfig, NodeHandle, Role};
+use common::{dial_addr, eventually, holds};
+use peersync::node::{Node, NodeConfig, Role};
 use peersync::sync::AckWanted;
 use reqwest::{Client, StatusCode};
 use serde_json::Value;
@@ -51,10 +51,6 @@ async fn call(method: reqwest::Method, url: String, body: &str) -> (StatusCode, 
     let resp = Client::new().request(method, url).body(body.to_owned()).send().await.unwrap();
     let status = resp.status();
     (status, resp.json().await.unwrap())
-}
-
-async fn holds(node: &NodeHandle, key: &[u8]) -> bool {
-    node.get("r", key).await.unwrap().is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

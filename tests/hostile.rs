@@ -8,18 +8,16 @@ mod common;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::raw::{raw_config, RawPeer};
+use common::raw::{bare_digest, one_op_gossip, raw_config, rejected_after, RawPeer};
 use common::{dial_addr, eventually};
 use futures::StreamExt;
 use libp2p::gossipsub;
 use libp2p::identity::Keypair;
 use libp2p::request_response;
 use libp2p::swarm::SwarmEvent;
-use peersync::ids::{Role, Seq, StateRoot};
-use peersync::net::{
-    cluster_topic, encode_gossip, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse,
-};
-use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
+use peersync::ids::{Role, Seq};
+use peersync::net::{cluster_topic, BehaviourEvent, GossipMessage, NetConfig, SyncRequest, SyncResponse};
+use peersync::op::{ChainHash, OpBody, Signer};
 use serde_bytes::ByteBuf;
 use tokio::sync::mpsc;
 
@@ -179,41 +177,14 @@ async fn oversize_requests_and_gossip_are_dropped_and_the_node_keeps_serving() {
     let key = Keypair::generate_ed25519();
     let signer = Signer::new(key.clone());
     let raw = RawPeer::spawn(key, &big, addr.clone());
-    eventually("the raw peer to see the node's subscription", DEADLINE, || async {
-        if raw.subscribed() {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
-    .await;
-    let mut digest = peersync::net::Digest {
-        cluster: "default".into(),
-        role: Role::Primary,
-        version_vector: Default::default(),
-        state_root: StateRoot([0; 32]),
-        log_floors: Default::default(),
-        snapshots: vec![],
-        snapshot_brief: None,
-        cert: None,
-        members: vec![],
-        revocations: vec![],
-        hold_until: None,
-    };
+    raw.wait_subscribed().await;
+    let mut digest = bare_digest(Role::Primary);
     digest.members = vec![ByteBuf::from(vec![7u8; 2 << 20])];
     let answer = raw.request(h.peer_id(), SyncRequest::Digest(digest.clone())).await;
     assert!(answer.is_err(), "a 2 MiB request was answered: {answer:?}");
     // A signed batch with a 300 KiB value, well past the gossip limit: never applied.
-    let op = Op {
-        origin: signer.origin(),
-        seq: Seq(1),
-        hlc: peersync::crdt::Hlc::new(1, 0),
-        body: OpBody::RegisterPut { register: "r".into(), key: b"huge".to_vec(), value: vec![1; 300 << 10] },
-    };
-    let bytes = op.encode();
-    let chain = ChainHash::GENESIS.extend(blake3::hash(&bytes).as_bytes());
-    let batch = OpBatch { after: Seq(0), ops: vec![ByteBuf::from(bytes)], head: signer.sign_head(Seq(1), chain) };
-    raw.publish(encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch }));
+    let body = OpBody::RegisterPut { register: "r".into(), key: b"huge".to_vec(), value: vec![1; 300 << 10] };
+    raw.publish(one_op_gossip(&signer, 1, ChainHash::GENESIS, 1, body).0);
 
     // The node still serves: a fresh peer's digest is answered, and writes go through.
     let fresh = RawPeer::spawn(Keypair::generate_ed25519(), &raw_config(), addr);
@@ -293,14 +264,7 @@ async fn a_head_at_the_last_seq_and_get_ops_after_it_are_refused_without_overflo
     let (node, _dir) = common::start_node(|_| {}).await;
     let h = node.handle();
     let raw = RawPeer::spawn(Keypair::generate_ed25519(), &raw_config(), dial_addr(&h).await);
-    eventually("the raw peer to see the node's subscription", DEADLINE, || async {
-        if raw.subscribed() {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
-    .await;
+    raw.wait_subscribed().await;
     let last_seq = from_hex(concat!(
         "010000feffffffffffffffff010138260024080112208a88e3dd7409f195fd52db2d3cba5d72ca6709bf1d94121bf374",
         "8801b40f6f5cffffffffffffffffff010100010172016b260024080112208a88e3dd7409f195fd52db2d3cba5d72ca67",
@@ -315,15 +279,7 @@ async fn a_head_at_the_last_seq_and_get_ops_after_it_are_refused_without_overflo
     let origin = batch.head.origin;
     let before = h.metrics().gossip_rejected.get();
     raw.publish(last_seq);
-    eventually("the batch at the last seq to be rejected", DEADLINE, || async {
-        let n = h.metrics().gossip_rejected.get();
-        if n > before {
-            Ok(())
-        } else {
-            Err(format!("{n} rejected"))
-        }
-    })
-    .await;
+    rejected_after(&h, before, "the batch at the last seq to be rejected").await;
     assert_eq!(h.store().version_vector().get(&origin), Seq(0));
 
     let request = SyncRequest::GetOps { origin, after: Seq(u64::MAX), max_ops: 1, max_bytes: 1 };

@@ -9,15 +9,14 @@ mod common;
 use std::time::Duration;
 
 use common::members::{node, now_ms, Authority};
-use common::raw::{raw_config, RawPeer};
-use common::{dial_addr, eventually};
+use common::raw::{bare_digest, one_op_gossip, raw_config, rejected_after, RawPeer};
+use common::{dial_addr, eventually, holds, wait_holds};
 use libp2p::identity::Keypair;
 use peersync::cert::Certificate;
-use peersync::crdt::Hlc;
-use peersync::ids::{Role, Seq, StateRoot};
-use peersync::net::{encode_gossip, Digest, GossipMessage, SyncRequest, SyncResponse};
+use peersync::ids::{Role, Seq};
+use peersync::net::{Digest, SyncRequest, SyncResponse};
 use peersync::node::NodeHandle;
-use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
+use peersync::op::{ChainHash, OpBody, Signer};
 use serde_bytes::ByteBuf;
 
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -25,65 +24,20 @@ const YEAR: Duration = Duration::from_secs(365 * 86_400);
 
 /// A digest request as a node with nothing would send it, showing `cert`.
 fn digest(role: Role, cert: Option<&Certificate>) -> SyncRequest {
-    SyncRequest::Digest(Digest {
-        cluster: "default".into(),
-        role,
-        version_vector: Default::default(),
-        state_root: StateRoot([0; 32]),
-        log_floors: Default::default(),
-        snapshots: vec![],
-        snapshot_brief: None,
-        cert: cert.map(|c| ByteBuf::from(c.encode())),
-        members: vec![],
-        revocations: vec![],
-        hold_until: None,
-    })
+    SyncRequest::Digest(Digest { cert: cert.map(|c| ByteBuf::from(c.encode())), ..bare_digest(role) })
 }
 
 /// A register write of `key` at seq `seq` of `signer`'s log (after `chain`), stamped `wall_ms`,
 /// as the gossip message its origin publishes; and the chain hash after it.
 fn put(signer: &Signer, seq: u64, chain: ChainHash, wall_ms: u64, key: &[u8]) -> (Vec<u8>, ChainHash) {
-    let op = Op {
-        origin: signer.origin(),
-        seq: Seq(seq),
-        hlc: Hlc::new(wall_ms, 0),
-        body: OpBody::RegisterPut { register: "r".into(), key: key.to_vec(), value: b"evil".to_vec() },
-    };
-    let bytes = op.encode();
-    let chain = chain.extend(blake3::hash(&bytes).as_bytes());
-    let batch =
-        OpBatch { after: Seq(seq - 1), ops: vec![ByteBuf::from(bytes)], head: signer.sign_head(Seq(seq), chain) };
-    (encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch }), chain)
-}
-
-async fn holds(node: &NodeHandle, key: &[u8]) -> bool {
-    node.get("r", key).await.unwrap().is_some()
-}
-
-/// Waits until `node` has rejected more than `before` gossip messages.
-async fn rejected_after(node: &NodeHandle, before: u64, what: &str) {
-    eventually(what, DEADLINE, || async {
-        let n = node.metrics().gossip_rejected.get();
-        if n > before {
-            Ok(())
-        } else {
-            Err(format!("{n} rejected"))
-        }
-    })
-    .await;
+    let body = OpBody::RegisterPut { register: "r".into(), key: key.to_vec(), value: b"evil".to_vec() };
+    one_op_gossip(signer, seq, chain, wall_ms, body)
 }
 
 /// Connects a raw peer to `node`; returns once it has seen the node's subscription.
 async fn raw_peer(key: Keypair, node: &NodeHandle) -> RawPeer {
     let raw = RawPeer::spawn(key, &raw_config(), dial_addr(node).await);
-    eventually("the raw peer to see the node's subscription", DEADLINE, || async {
-        if raw.subscribed() {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
-    .await;
+    raw.wait_subscribed().await;
     raw
 }
 
@@ -114,14 +68,7 @@ async fn a_stranger_gets_no_gossip_and_is_refused_ops_snapshots_and_digests() {
     for i in 0..20u32 {
         ah.put("r", format!("k{i}").into_bytes(), b"v".to_vec()).await.unwrap();
     }
-    eventually("B to hold A's writes", DEADLINE, || async {
-        if holds(&bh, b"k19").await {
-            Ok(())
-        } else {
-            Err(format!("{:?}", bh.store().version_vector()))
-        }
-    })
-    .await;
+    wait_holds(&bh, b"k19", "B to hold A's writes").await;
     let ops = SyncRequest::GetOps { origin: ah.peer_id(), after: Seq(0), max_ops: 100, max_bytes: 1 << 20 };
     let cid = peersync::op::raw_cid(b"any snapshot");
     for request in [ops, SyncRequest::GetManifest { cid }, SyncRequest::GetChunk { cid }, SyncRequest::GetBuckets] {
@@ -183,28 +130,14 @@ async fn forged_misattributed_and_far_future_ops_of_members_are_refused() {
     // ...then writes one op of its own, which members take, and one stamped an hour ahead.
     let (now_op, chain) = put(&primary, 1, ChainHash::GENESIS, now_ms(), b"by-primary");
     raw_primary.publish(now_op);
-    eventually("the certified primary's op to reach B", DEADLINE, || async {
-        if holds(&bh, b"by-primary").await {
-            Ok(())
-        } else {
-            Err(format!("{:?}", bh.store().version_vector()))
-        }
-    })
-    .await;
+    wait_holds(&bh, b"by-primary", "the certified primary's op to reach B").await;
     let before = ah.metrics().gossip_rejected.get();
     raw_primary.publish(put(&primary, 2, chain, now_ms() + 3_600_000, b"from-the-future").0);
     rejected_after(&ah, before, "the far-future op to be rejected").await;
 
     // Members still sync with each other, and nothing wrongful is anywhere.
     ah.put("r", b"after".to_vec(), b"1".to_vec()).await.unwrap();
-    eventually("B to hold A's later write", DEADLINE, || async {
-        if holds(&bh, b"after").await {
-            Ok(())
-        } else {
-            Err("not yet".into())
-        }
-    })
-    .await;
+    wait_holds(&bh, b"after", "B to hold A's later write").await;
     for n in [&ah, &bh] {
         for key in [&b"by-replica"[..], b"forged-for-b", b"from-the-future"] {
             assert!(!holds(n, key).await, "{} applied on a member", String::from_utf8_lossy(key));

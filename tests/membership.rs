@@ -6,20 +6,17 @@ mod common;
 
 use std::time::Duration;
 
+use common::holds;
 use common::members::{node, Authority};
 use common::{dial_addr, eventually};
 use libp2p::PeerId;
-use peersync::node::{Node, NodeConfig, NodeHandle, Role};
+use peersync::node::{Node, NodeConfig, Role};
 use peersync::sync::Membership;
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
 fn connected_to(status: &peersync::node::NetStatus, peer: &PeerId) -> bool {
     status.peers.iter().any(|p| p.peer_id == peer.to_string() && p.connected)
-}
-
-async fn holds(node: &NodeHandle, key: &[u8]) -> bool {
-    node.get("r", key).await.unwrap().is_some()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -68,3 +68,20 @@ pub fn wait_sync(what: &str, deadline: Duration, mut check: impl FnMut() -> Resu
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Whether `node` holds `key` in register `r`.
+pub async fn holds(node: &peersync::node::NodeHandle, key: &[u8]) -> bool {
+    node.get("r", key).await.unwrap().is_some()
+}
+
+/// Waits (with a deadline) until `node` holds `key` in register `r`.
+pub async fn wait_holds(node: &peersync::node::NodeHandle, key: &[u8], what: &str) {
+    eventually(what, Duration::from_secs(30), || async {
+        if holds(node, key).await {
+            Ok(())
+        } else {
+            Err(format!("{:?}", node.store().version_vector()))
+        }
+    })
+    .await;
+}

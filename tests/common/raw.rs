@@ -11,8 +11,17 @@ use futures::StreamExt;
 use libp2p::identity::Keypair;
 use libp2p::swarm::SwarmEvent;
 use libp2p::{gossipsub, request_response, Multiaddr, PeerId};
-use peersync::net::{cluster_topic, BehaviourEvent, NetConfig, SyncRequest, SyncResponse};
+use peersync::crdt::Hlc;
+use peersync::ids::{Role, Seq, StateRoot};
+use peersync::net::{
+    cluster_topic, encode_gossip, BehaviourEvent, Digest, GossipMessage, NetConfig, SyncRequest, SyncResponse,
+};
+use peersync::node::NodeHandle;
+use peersync::op::{ChainHash, Op, OpBatch, OpBody, Signer};
+use serde_bytes::ByteBuf;
 use tokio::sync::{mpsc, oneshot};
+
+const DEADLINE: Duration = Duration::from_secs(30);
 
 enum Cmd {
     Publish(Vec<u8>),
@@ -142,4 +151,58 @@ impl RawPeer {
     pub fn subscribed(&self) -> bool {
         self.seen.subscribed.load(Ordering::SeqCst)
     }
+
+    /// Waits (with a deadline) until a peer's subscription to the topic reached it, so what it
+    /// publishes has somewhere to go.
+    pub async fn wait_subscribed(&self) {
+        super::eventually("the raw peer to see the node's subscription", DEADLINE, || async {
+            if self.subscribed() {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        })
+        .await;
+    }
+}
+
+/// The digest a node holding nothing sends, of the `default` cluster, showing no certificate.
+pub fn bare_digest(role: Role) -> Digest {
+    Digest {
+        cluster: "default".into(),
+        role,
+        version_vector: Default::default(),
+        state_root: StateRoot([0; 32]),
+        log_floors: Default::default(),
+        snapshots: vec![],
+        snapshot_brief: None,
+        cert: None,
+        members: vec![],
+        revocations: vec![],
+        hold_until: None,
+    }
+}
+
+/// One op `body` at seq `seq` of `signer`'s log (after `chain`), stamped `wall_ms`, as the gossip
+/// message its origin publishes (claiming to be a primary); and the chain hash after it.
+pub fn one_op_gossip(signer: &Signer, seq: u64, chain: ChainHash, wall_ms: u64, body: OpBody) -> (Vec<u8>, ChainHash) {
+    let op = Op { origin: signer.origin(), seq: Seq(seq), hlc: Hlc::new(wall_ms, 0), body };
+    let bytes = op.encode();
+    let chain = chain.extend(blake3::hash(&bytes).as_bytes());
+    let head = signer.sign_head(Seq(seq), chain);
+    let batch = OpBatch { after: Seq(seq - 1), ops: vec![ByteBuf::from(bytes)], head };
+    (encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch }), chain)
+}
+
+/// Waits (with a deadline) until `node` has rejected more than `before` gossip messages.
+pub async fn rejected_after(node: &NodeHandle, before: u64, what: &str) {
+    super::eventually(what, DEADLINE, || async {
+        let n = node.metrics().gossip_rejected.get();
+        if n > before {
+            Ok(())
+        } else {
+            Err(format!("{n} rejected"))
+        }
+    })
+    .await;
 }
