@@ -9,6 +9,7 @@ Run it through scripts/chaos.sh (root: it creates and removes network namespaces
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import random
@@ -18,8 +19,6 @@ import sys
 import threading
 import time
 from pathlib import Path
-
-import http.client
 
 BRIDGE, NET = "pschaos0", "10.77.0"
 API_PORT, P2P_PORT = 7700, 4001
@@ -160,7 +159,7 @@ class Log:
         self.reads_checked = 0
 
 
-def client(c: int, nodes: list[Node], primaries: list[Node], log_: Log, stop: threading.Event, seed: int) -> None:
+def client(c: int, primaries: list[Node], log_: Log, stop: threading.Event, seed: int) -> None:
     rnd = random.Random(seed)
     n = 0
     while not stop.is_set():
@@ -340,7 +339,7 @@ def main() -> int:
             time.sleep(0.2)
         log("cluster active; clients and faults start")
         primaries = [nd for nd in nodes if nd.role == "primary"]
-        threads = [threading.Thread(target=client, args=(c, nodes, primaries, log_, stop, rnd.random()), daemon=True)
+        threads = [threading.Thread(target=client, args=(c, primaries, log_, stop, rnd.random()), daemon=True)
                    for c in range(3)]
         threads.append(threading.Thread(target=faults, args=(args, net, nodes, log_, stop, counts, rnd), daemon=True))
         t0 = time.time()

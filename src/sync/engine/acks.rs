@@ -203,9 +203,12 @@ impl Engine {
             .into_iter()
             .partition(|h| vv.get(&h.peer) >= h.seq || now >= h.until || !self.peers.is_connected(&h.peer));
         self.acks.held = kept;
+        if done.is_empty() {
+            return;
+        }
+        let mine = self.my_digest(store);
         for h in done {
-            let response = SyncResponse::Digest(self.my_digest(store));
-            self.push(Action::Reply { reply: h.reply, response });
+            self.push(Action::Reply { reply: h.reply, response: SyncResponse::Digest(mine.clone()) });
         }
     }
 }

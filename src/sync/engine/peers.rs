@@ -372,21 +372,20 @@ impl Engine {
         self.push(Action::Disconnect { peer });
     }
 
-    /// Takes one request from `peer`'s budgets. `Err` says which is spent: it asks faster than a
-    /// node would, or it has been sent more bytes than its share lately.
-    pub(super) fn within_budget(&mut self, now: Instant, peer: PeerId) -> Result<(), &'static str> {
+    /// Takes one request from `peer`'s budgets; `Err` says which is spent.
+    pub(super) fn within_budget(&mut self, now: Instant, peer: PeerId) -> Result<(), Spent> {
         let bytes_rate = self.cfg.serve_bytes_per_sec as f64;
         let p = self.peers.entry(peer);
         refill(&mut p.bytes_budget, now, bytes_rate, bytes_rate * 4.0);
         if p.bytes_budget.0 < 0.0 {
-            return Err("this peer was sent more bytes than its share lately; slow down");
+            return Err(Spent::Bytes);
         }
         refill(&mut p.budget, now, REQUESTS_PER_SEC, REQUEST_BURST);
         if p.budget.0 >= 1.0 {
             p.budget.0 -= 1.0;
             Ok(())
         } else {
-            Err("too many requests from this peer; slow down")
+            Err(Spent::Requests)
         }
     }
 
@@ -445,6 +444,24 @@ impl Engine {
         match key {
             super::ProviderKey::Cluster => self.on_cluster_providers(peers),
             super::ProviderKey::Snapshot(cid) => self.on_snapshot_providers(&cid, peers),
+        }
+    }
+}
+
+/// Which of a peer's budgets a refused request found spent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Spent {
+    /// It asks faster than a node would: a flood.
+    Requests,
+    /// It has been sent more bytes than its share lately (a big snapshot, say): no misbehaviour.
+    Bytes,
+}
+
+impl Spent {
+    pub fn message(self) -> &'static str {
+        match self {
+            Spent::Requests => "too many requests from this peer; slow down",
+            Spent::Bytes => "this peer was sent more bytes than its share lately; slow down",
         }
     }
 }

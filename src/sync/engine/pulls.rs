@@ -62,12 +62,11 @@ impl Engine {
         store: &dyn StoreView,
     ) {
         self.count(Count::RequestsReceived, 1);
-        if let Err(why) = self.within_budget(now, peer) {
+        if let Err(spent) = self.within_budget(now, peer) {
             self.count(Count::RequestsShed, 1);
-            let response = SyncResponse::Error { code: "rate_limited".into(), message: why.into() };
+            let response = SyncResponse::Error { code: "rate_limited".into(), message: spent.message().into() };
             self.push(Action::Reply { reply, response });
-            // Asking too often is a flood; being sent much (a big snapshot) is not misbehaviour.
-            if self.peers.get(&peer).is_some_and(|p| p.budget.0 < 1.0) {
+            if spent == super::peers::Spent::Requests {
                 self.strike(now, peer, "request flood", 1);
             }
             return;
