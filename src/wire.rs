@@ -189,6 +189,10 @@ pub struct Digest {
     /// ordinary digests and in those of older builds.
     #[serde(default)]
     pub hold_until: Option<crate::ids::Seq>,
+    /// The lease group the sender votes in (its founder's Raft id; see `sync::leases`), so a
+    /// primary that is in none yet knows whom to ask to join. Absent in digests of older builds.
+    #[serde(default)]
+    pub lease_group: Option<u64>,
 }
 
 /// A repair-plane request. Requests are stateless so an interrupted transfer resumes by simply
@@ -216,6 +220,33 @@ pub enum SyncRequest {
     GetBuckets,
     /// Every state entry in these buckets.
     GetEntries { buckets: Vec<u32> },
+    /// The lease service: a Raft message between the primaries of a lease group, or a primary
+    /// asking to join one.
+    Lease(LeaseMessage),
+}
+
+/// What the primaries of a lease group say to each other (see `sync::leases`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LeaseMessage {
+    /// A Raft message (protobuf `eraftpb::Message`) of group `group`.
+    Raft {
+        group: u64,
+        #[serde(with = "serde_bytes")]
+        msg: Vec<u8>,
+    },
+    /// "Add me to group `group` as a voter."
+    Join { group: u64 },
+}
+
+/// The answer to a [`LeaseMessage`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseAnswer {
+    /// The responder's group (0: none yet).
+    pub group: u64,
+    /// The group's leader as the responder knows it (peer id bytes), so a joiner asks it next.
+    pub leader: Option<serde_bytes::ByteBuf>,
+    /// A join was taken up (proposed, or the asker already votes).
+    pub accepted: bool,
 }
 
 /// A repair-plane response.
@@ -236,6 +267,8 @@ pub enum SyncResponse {
     Buckets(#[serde(with = "serde_bytes")] Vec<u8>),
     /// Encoded state entries answering `GetEntries`.
     Entries(Vec<serde_bytes::ByteBuf>),
+    /// Answers a [`SyncRequest::Lease`].
+    Lease(LeaseAnswer),
     /// The request could not be served.
     Error {
         /// Stable machine-readable reason, e.g. `wrong_cluster` or `compacted`.
@@ -253,7 +286,7 @@ impl SyncResponse {
             SyncResponse::Ops(batches) => batches.iter().flat_map(|b| &b.ops).map(|o| o.len()).sum(),
             SyncResponse::Manifest(b) | SyncResponse::Chunk(b) | SyncResponse::Buckets(b) => b.len(),
             SyncResponse::Entries(e) => e.iter().map(|b| b.len()).sum(),
-            SyncResponse::Digest(_) | SyncResponse::Error { .. } => 0,
+            SyncResponse::Digest(_) | SyncResponse::Lease(_) | SyncResponse::Error { .. } => 0,
         };
         n as u64
     }
@@ -309,6 +342,7 @@ mod tests {
             members: vec![],
             revocations: vec![],
             hold_until: Some(crate::ids::Seq(4)),
+            lease_group: Some(9),
         };
         let bytes = postcard::to_stdvec(&digest).unwrap();
         assert_eq!(postcard::from_bytes::<Digest>(&bytes).unwrap(), digest);

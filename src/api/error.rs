@@ -68,6 +68,7 @@ impl From<NodeError> for ApiError {
                 ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message).with("acked", acked)
             }
             NodeError::ShuttingDown => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "shutting_down", message),
+            NodeError::NoQuorum(_) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "no_quorum", message),
             NodeError::Store(e) if matches!(*e, StoreError::DiskFull { .. }) => {
                 ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "disk_full", message)
             }

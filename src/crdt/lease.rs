@@ -54,7 +54,7 @@ impl LeaseState {
 }
 
 /// What a client asks of a lease.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum LeaseRequest {
     Acquire { holder: String, ttl_ms: u64 },
     Renew { holder: String, ttl_ms: u64 },
@@ -78,8 +78,30 @@ pub enum LeaseError {
     NotHolder { holder: String },
 }
 
-/// Decides a request against the current state at `now_ms`. Pure: the caller writes the grant.
-pub fn decide(current: Option<&LeaseState>, request: &LeaseRequest, now_ms: u64) -> Result<LeaseGrant, LeaseError> {
+/// The part of a lease's state a decision reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseView<'a> {
+    pub holder: Option<&'a str>,
+    pub token: u64,
+    pub expires_at_ms: u64,
+}
+
+impl<'a> LeaseView<'a> {
+    fn live_holder(&self, now_ms: u64) -> Option<&'a str> {
+        self.holder.filter(|_| now_ms < self.expires_at_ms)
+    }
+}
+
+impl LeaseState {
+    pub fn view(&self) -> LeaseView<'_> {
+        LeaseView { holder: self.holder.as_deref(), token: self.token, expires_at_ms: self.expires_at_ms }
+    }
+}
+
+/// Decides a request against the current state at `now_ms`. Pure: the caller writes the grant. A
+/// new holder's token is one above the last; the lease service replaces it with its own (see
+/// `sync::leases`), which is larger still.
+pub fn decide(current: Option<LeaseView<'_>>, request: &LeaseRequest, now_ms: u64) -> Result<LeaseGrant, LeaseError> {
     let last_token = current.map_or(0, |s| s.token);
     let live = current.and_then(|s| s.live_holder(now_ms));
     match request {
@@ -99,7 +121,7 @@ pub fn decide(current: Option<&LeaseState>, request: &LeaseRequest, now_ms: u64)
         },
         LeaseRequest::Renew { holder, ttl_ms } => match current {
             // An expired lease that nobody took since is still the holder's to renew with its token.
-            Some(s) if s.holder.as_deref() == Some(holder.as_str()) => Ok(LeaseGrant {
+            Some(s) if s.holder == Some(holder.as_str()) => Ok(LeaseGrant {
                 holder: Some(holder.clone()),
                 token: s.token,
                 expires_at_ms: now_ms.saturating_add(*ttl_ms),
@@ -110,7 +132,7 @@ pub fn decide(current: Option<&LeaseState>, request: &LeaseRequest, now_ms: u64)
             },
         },
         LeaseRequest::Release { holder } => match current {
-            Some(s) if s.holder.as_deref() == Some(holder.as_str()) => {
+            Some(s) if s.holder == Some(holder.as_str()) => {
                 Ok(LeaseGrant { holder: None, token: s.token, expires_at_ms: now_ms })
             }
             _ => Err(LeaseError::NotHolder { holder: holder.clone() }),
@@ -118,7 +140,7 @@ pub fn decide(current: Option<&LeaseState>, request: &LeaseRequest, now_ms: u64)
     }
 }
 
-fn held(current: Option<&LeaseState>, holder: &str) -> LeaseError {
+fn held(current: Option<LeaseView<'_>>, holder: &str) -> LeaseError {
     let s = current.expect("a live holder implies a state");
     LeaseError::Held { holder: holder.to_owned(), token: s.token, until_ms: s.expires_at_ms }
 }
@@ -146,29 +168,29 @@ mod tests {
         let g = decide(None, &acquire("a"), 1_000).unwrap();
         assert_eq!(g, LeaseGrant { holder: Some("a".into()), token: 1, expires_at_ms: 1_100 });
         let released = state(None, 4, 10);
-        assert_eq!(decide(Some(&released), &acquire("b"), 1_000).unwrap().token, 5);
+        assert_eq!(decide(Some(released.view()), &acquire("b"), 1_000).unwrap().token, 5);
     }
 
     #[test]
     fn held_lease_refuses_another_holder_until_expiry() {
         let s = state(Some("a"), 3, 2_000);
         assert_eq!(
-            decide(Some(&s), &acquire("b"), 1_999),
+            decide(Some(s.view()), &acquire("b"), 1_999),
             Err(LeaseError::Held { holder: "a".into(), token: 3, until_ms: 2_000 })
         );
-        assert_eq!(decide(Some(&s), &acquire("b"), 2_000).unwrap().token, 4);
-        assert_eq!(decide(Some(&s), &acquire("a"), 1_500).unwrap().token, 3);
+        assert_eq!(decide(Some(s.view()), &acquire("b"), 2_000).unwrap().token, 4);
+        assert_eq!(decide(Some(s.view()), &acquire("a"), 1_500).unwrap().token, 3);
     }
 
     #[test]
     fn renew_and_release_need_the_holder() {
         let s = state(Some("a"), 3, 2_000);
         let renew = |h: &str| LeaseRequest::Renew { holder: h.into(), ttl_ms: 500 };
-        assert_eq!(decide(Some(&s), &renew("a"), 1_900).unwrap().expires_at_ms, 2_400);
-        assert!(matches!(decide(Some(&s), &renew("b"), 1_900), Err(LeaseError::Held { .. })));
+        assert_eq!(decide(Some(s.view()), &renew("a"), 1_900).unwrap().expires_at_ms, 2_400);
+        assert!(matches!(decide(Some(s.view()), &renew("b"), 1_900), Err(LeaseError::Held { .. })));
         assert!(matches!(decide(None, &renew("b"), 1_900), Err(LeaseError::NotHolder { .. })));
-        let rel = decide(Some(&s), &LeaseRequest::Release { holder: "a".into() }, 1_000).unwrap();
+        let rel = decide(Some(s.view()), &LeaseRequest::Release { holder: "a".into() }, 1_000).unwrap();
         assert_eq!(rel, LeaseGrant { holder: None, token: 3, expires_at_ms: 1_000 });
-        assert!(decide(Some(&s), &LeaseRequest::Release { holder: "b".into() }, 1_000).is_err());
+        assert!(decide(Some(s.view()), &LeaseRequest::Release { holder: "b".into() }, 1_000).is_err());
     }
 }

@@ -11,5 +11,5 @@ mod register;
 
 pub use counter::{Contribution, PnCounter};
 pub use hlc::{Hlc, HlcClock, MAX_CLOCK_AHEAD_MS};
-pub use lease::{decide as decide_lease, LeaseError, LeaseGrant, LeaseRequest, LeaseState};
+pub use lease::{decide as decide_lease, LeaseError, LeaseGrant, LeaseRequest, LeaseState, LeaseView};
 pub use register::RegisterValue;

@@ -63,6 +63,15 @@ pub struct NodeConfig {
     /// this time after start calls itself active on its own (it may be the first node of its
     /// cluster). A node with bootstrap addresses waits for its peers. Default 5 s.
     pub join_grace: Duration,
+    /// The lease service's Raft tick: heartbeats every 2 ticks, elections after 10 to 20 ticks
+    /// without a leader. Default 100 ms.
+    pub lease_tick: Duration,
+    /// A primary that finds no lease group among its peers waits this long after start before it
+    /// may found one (the lowest-id primary of those connected does). Default 3 s.
+    pub lease_found_after: Duration,
+    /// How long a lease request waits for the lease group's quorum before it is answered
+    /// `no_quorum`. Default 5 s.
+    pub lease_timeout: Duration,
     /// How often to consider making a snapshot. Default 60 s.
     pub snapshot_interval: Duration,
     /// Ops applied since the last snapshot before a periodic one is made. Default 100 000.
@@ -131,6 +140,9 @@ impl Default for NodeConfig {
             digest_interval_min: Duration::from_millis(250),
             digest_interval_max: Duration::from_secs(10),
             join_grace: Duration::from_secs(5),
+            lease_tick: Duration::from_millis(100),
+            lease_found_after: Duration::from_secs(3),
+            lease_timeout: Duration::from_secs(5),
             snapshot_interval: Duration::from_secs(60),
             snapshot_min_ops: 100_000,
             snapshot_chunk_bytes: 4 << 20,
@@ -174,6 +186,8 @@ impl NodeConfig {
         c.digest_interval_min = Duration::from_millis(100);
         c.digest_interval_max = Duration::from_millis(500);
         c.join_grace = Duration::from_secs(2);
+        c.lease_tick = Duration::from_millis(50);
+        c.lease_found_after = Duration::from_millis(500);
         c
     }
 
@@ -189,6 +203,9 @@ impl NodeConfig {
                 "max_body_bytes ({}) must be at least max_value_bytes ({})",
                 l.max_body_bytes, l.max_value_bytes
             )));
+        }
+        if self.lease_tick.is_zero() || self.lease_timeout.is_zero() {
+            return Err(ConfigError("lease_tick and lease_timeout must be greater than zero".into()));
         }
         let w = &self.writer;
         if w.queue == 0 || w.max_group_ops == 0 || w.batch_max_ops == 0 || w.batch_max_bytes == 0 {

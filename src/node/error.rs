@@ -27,6 +27,9 @@ pub enum NodeError {
         "the write is durable here, but only {acked} other nodes applied it before the deadline, of {wanted} asked"
     )]
     AckTimeout { acked: usize, wanted: String },
+    /// A lease request: no quorum of the lease group's primaries answered in time.
+    #[error("{0}")]
+    NoQuorum(String),
     #[error("storage failure, the write was not committed: {0}")]
     Store(Arc<StoreError>),
     #[error("the node is shutting down")]
@@ -47,13 +50,28 @@ impl From<StoreError> for NodeError {
     }
 }
 
+impl From<LeaseError> for NodeError {
+    fn from(e: LeaseError) -> Self {
+        match e {
+            LeaseError::Held { holder, token, until_ms } => NodeError::LeaseHeld { holder, token, until_ms },
+            LeaseError::NotHolder { holder } => NodeError::NotHolder { holder },
+        }
+    }
+}
+
+impl From<crate::sync::leases::LeaseFailure> for NodeError {
+    fn from(e: crate::sync::leases::LeaseFailure) -> Self {
+        match e {
+            crate::sync::leases::LeaseFailure::Refused(e) => e.into(),
+            crate::sync::leases::LeaseFailure::NoQuorum(reason) => NodeError::NoQuorum(reason),
+        }
+    }
+}
+
 impl From<WriterError> for NodeError {
     fn from(e: WriterError) -> Self {
         match e {
-            WriterError::Lease(LeaseError::Held { holder, token, until_ms }) => {
-                NodeError::LeaseHeld { holder, token, until_ms }
-            }
-            WriterError::Lease(LeaseError::NotHolder { holder }) => NodeError::NotHolder { holder },
+            WriterError::Lease(e) => e.into(),
             WriterError::Store(e) => NodeError::Store(e),
             WriterError::Closed => NodeError::ShuttingDown,
         }

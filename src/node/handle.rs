@@ -227,8 +227,11 @@ impl NodeHandle {
         Ok(self.inner.store.counter(counter, key)?)
     }
 
-    /// Acquires, renews or releases a lease. A lease held by another holder answers
-    /// [`NodeError::LeaseHeld`] naming the holder and the expiry.
+    /// Acquires, renews or releases a lease. The primaries' lease group decides (see
+    /// [`crate::sync::leases`]): the answer comes once a quorum of them committed it, and the grant
+    /// is then written as the lease's replicated state. A lease held by another holder answers
+    /// [`NodeError::LeaseHeld`] naming the holder and the expiry; a group without a reachable
+    /// quorum answers [`NodeError::NoQuorum`].
     pub async fn lease(
         &self,
         lease: &str,
@@ -246,15 +249,20 @@ impl NodeHandle {
             }
             LeaseRequest::Release { holder } => validate::holder(holder)?,
         }
-        let applied = self.write(vec![LocalIntent::Lease { lease: lease.to_owned(), key, request }]).await?;
+        self.refuse_on_replica().await?;
+        let (reply, rx) = oneshot::channel();
+        let timeout = self.inner.config.lease_timeout;
+        let command = Command::Lease { lease: lease.to_owned(), key: key.clone(), request, timeout, reply };
+        self.inner.net.send(command).await.map_err(|_| NodeError::ShuttingDown)?;
+        let grant = rx.await.map_err(|_| NodeError::ShuttingDown)??;
+        let applied =
+            self.write(vec![LocalIntent::Lease { lease: lease.to_owned(), key, grant: grant.clone() }]).await?;
         let write = WriteReceipt::new(&self.inner.origin, &applied[0]);
         match &applied[0].effect {
-            Effect::Lease { state, .. } => Ok(LeaseInfo {
-                holder: state.holder.clone(),
-                token: state.token,
-                expires_at_ms: state.expires_at_ms,
-                write,
-            }),
+            // The grant is the group's answer, whatever a concurrent op did to the replicated view.
+            Effect::Lease { .. } => {
+                Ok(LeaseInfo { holder: grant.holder, token: grant.token, expires_at_ms: grant.expires_at_ms, write })
+            }
             other => unreachable!("a lease op had effect {other:?}"),
         }
     }
@@ -431,11 +439,18 @@ impl NodeHandle {
                 "buffered_ops": net.buffered_ops,
                 "rejected_messages": rejected,
                 "snapshot": net.snapshot,
+                "leases": net.leases,
             }),
         })
     }
 
     async fn write(&self, intents: Vec<LocalIntent>) -> Result<Vec<AppliedOp>, NodeError> {
+        self.refuse_on_replica().await?;
+        Ok(self.inner.writer.local(intents).await?)
+    }
+
+    /// Replicas take no writes: the error names the primaries this node knows.
+    async fn refuse_on_replica(&self) -> Result<(), NodeError> {
         if self.inner.config.net.role == Role::Replica {
             let peers = self.net_status().await.map(|n| n.peers).unwrap_or_default();
             let primaries = peers
@@ -448,6 +463,6 @@ impl NodeHandle {
                 .collect();
             return Err(NodeError::ReadOnlyReplica { primaries });
         }
-        Ok(self.inner.writer.local(intents).await?)
+        Ok(())
     }
 }

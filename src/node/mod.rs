@@ -11,6 +11,7 @@ mod events;
 mod handle;
 pub mod identity;
 mod known_peers;
+mod lease_log;
 mod metrics;
 mod revocations;
 mod store_view;
@@ -35,6 +36,8 @@ pub use metrics::Metrics;
 
 /// File name of the database inside the data dir.
 pub const DATABASE_FILE: &str = "state.redb";
+/// File name of the lease service's Raft log inside the data dir.
+pub const LEASE_LOG_FILE: &str = "leases.redb";
 
 /// Why a node could not start.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +88,15 @@ impl Node {
             .await
             .expect("store open task")?;
         store.set_disk_reserve(config.disk_reserve_bytes);
+        let lease_path = config.data_dir.join(LEASE_LOG_FILE);
+        let (lease_log, lease_boot) = tokio::task::spawn_blocking(move || {
+            let log = crate::store::LeaseLog::open(&lease_path)?;
+            let boot = log.load()?;
+            Ok::<_, crate::store::StoreError>((log, boot))
+        })
+        .await
+        .expect("lease log open task")?;
+        crate::sync::leases::LeaseGroup::check_boot(&lease_boot).map_err(|e| ConfigError(e.to_string()))?;
         let signer = Signer::new(keypair.clone());
         let peer_id = signer.origin();
         let writer_signer = signer.clone();
@@ -128,6 +140,9 @@ impl Node {
             membership: config.membership.clone(),
             revocations: revocations::load(&config.data_dir),
             wall_ms_at_start: wall_ms(),
+            lease_boot,
+            lease_tick: config.lease_tick,
+            lease_found_after: config.lease_found_after,
         };
         let engine = crate::sync::Engine::new(signer.clone(), engine_config, &store, Instant::now());
         let (phase_tx, phase) = watch::channel(engine.phase());
@@ -144,6 +159,7 @@ impl Node {
             metrics: metrics.clone(),
             phase: phase_tx,
             writer: writer.clone(),
+            lease_log: lease_log::LeaseLogWriter::spawn(lease_log, net_tx.clone()),
         });
         let tasks = vec![
             tokio::spawn(flush_peers_ops(writer.clone())),

@@ -76,10 +76,6 @@ impl<'t> Tables<'t> {
         })
     }
 
-    pub fn lease(&self, lease: &str, key: &[u8]) -> Result<Option<LeaseState>, StoreError> {
-        self.leases.get((lease, key))?.map(|g| decode(g.value(), "lease")).transpose()
-    }
-
     /// Writes one signed batch's ops of `origin` (the chain hash after each, and its bytes) as one
     /// log row, and its head's signature.
     pub fn log_batch<'a>(

@@ -11,6 +11,7 @@
 mod apply;
 mod disk;
 mod error;
+mod lease_log;
 mod log;
 mod read;
 pub mod root;
@@ -35,6 +36,7 @@ use tables::*;
 pub use apply::Effect;
 pub use disk::{available_bytes, DEFAULT_DISK_RESERVE};
 pub use error::{SnapshotError, StoreError};
+pub use lease_log::{LeaseLog, LeaseLogBoot, LeaseLogWrite};
 pub use read::{ListPage, LogRead, LogReport};
 pub use root::Buckets;
 pub use snapshots::{PruneOutcome, SnapshotInfo, StoredSnapshot};

@@ -101,3 +101,13 @@ pub(crate) const STAGE_BUCKETS: &str = "buckets";
 pub(crate) const STAGE_COUNTS: &str = "counts";
 /// The greatest HLC of a staged register or lease (not ahead of the wall clock), 12 bytes as `META_HLC`.
 pub(crate) const STAGE_HLC: &str = "hlc";
+
+/// The lease service's Raft log, in its own database (`leases.redb`, see `lease_log.rs`). Key: log
+/// index. Value: a protobuf `eraftpb::Entry`. Holds the indexes after `RAFT_META`'s snapshot,
+/// contiguous.
+pub(crate) const RAFT_ENTRIES: TableDefinition<u64, &[u8]> = TableDefinition::new("raft_entries_v1");
+
+/// The lease service's Raft hard state and snapshot. Key: `"hard_state"` (protobuf
+/// `eraftpb::HardState`) or `"snapshot"` (protobuf `eraftpb::Snapshot`, whose data is the lease
+/// table at its index).
+pub(crate) const RAFT_META: TableDefinition<&str, &[u8]> = TableDefinition::new("raft_meta_v1");

@@ -26,7 +26,7 @@ pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
 use super::apply::{Effect, Tables};
 use super::tables::*;
 use super::{encode_hlc, encode_progress, load_mirror, Mirror, Store, StoreError};
-use crate::crdt::{HlcClock, LeaseError, LeaseRequest, LeaseState};
+use crate::crdt::{HlcClock, LeaseError, LeaseGrant, LeaseState};
 use crate::ids::{Origin, Seq, Token};
 use crate::op::{OpBatch, Signer, VerifiedBatch};
 
@@ -52,10 +52,27 @@ impl Default for WriterConfig {
 /// A local mutation asked for by a client.
 #[derive(Debug, Clone)]
 pub enum LocalIntent {
-    Put { register: String, key: Vec<u8>, value: Vec<u8> },
-    Delete { register: String, key: Vec<u8> },
-    CounterAdd { counter: String, key: Vec<u8>, delta: i64 },
-    Lease { lease: String, key: Vec<u8>, request: LeaseRequest },
+    Put {
+        register: String,
+        key: Vec<u8>,
+        value: Vec<u8>,
+    },
+    Delete {
+        register: String,
+        key: Vec<u8>,
+    },
+    CounterAdd {
+        counter: String,
+        key: Vec<u8>,
+        delta: i64,
+    },
+    /// A lease grant the lease service decided (see `sync::leases`): written as the lease's
+    /// replicated state, so every node can read who holds it.
+    Lease {
+        lease: String,
+        key: Vec<u8>,
+        grant: LeaseGrant,
+    },
 }
 
 /// A local op once committed.
@@ -425,10 +442,6 @@ impl Writer {
                     Ok(applied) => {
                         touched.insert(me);
                         pending.push(Pending::Local(reply, Ok(applied)));
-                        None
-                    }
-                    Err(LocalFailure::Refused(e)) => {
-                        pending.push(Pending::Local(reply, Err(e.into())));
                         None
                     }
                     Err(LocalFailure::Store(e)) => {

@@ -8,6 +8,7 @@
 
 pub mod engine;
 mod gap;
+pub mod leases;
 mod pace;
 mod pause;
 mod readiness;

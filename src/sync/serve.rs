@@ -49,6 +49,7 @@ pub fn serve(store: &dyn ServeStore, request: SyncRequest) -> SyncResponse {
             }
         }
         SyncRequest::Digest(_) => error("internal", "digests are not read from the store".into()),
+        SyncRequest::Lease(_) => error("internal", "lease messages are not read from the store".into()),
         SyncRequest::GetManifest { cid } => match store.manifest(&cid) {
             Ok(Some(m)) => SyncResponse::Manifest(m.encode()),
             Ok(None) => error("not_found", format!("no snapshot {cid} here")),

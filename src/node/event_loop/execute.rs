@@ -13,7 +13,7 @@ use crate::node::applier::ApplyJob;
 use crate::node::known_peers;
 use crate::store::StoreError;
 use crate::sync::{Action, ChunkVerdict, Count, Input, ProviderKey, ReplyId, Verdict};
-use crate::wire::SyncResponse;
+use crate::wire::{SyncRequest, SyncResponse};
 
 impl EventLoop {
     /// Carries out every queued action, feeding back the inputs some of them produce at once.
@@ -25,6 +25,28 @@ impl EventLoop {
         }
     }
 
+    fn send_request(&mut self, peer: libp2p::PeerId, req: crate::sync::ReqId, request: SyncRequest) {
+        let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
+        self.requests.insert(id, req);
+    }
+
+    /// The lease log writes up to `seq` are durable: the lease messages waiting for them leave.
+    pub(super) fn lease_persisted(&mut self, seq: u64) {
+        self.lease_outbox.durable = self.lease_outbox.durable.max(seq);
+        while self.lease_outbox.held.front().is_some_and(|(after, ..)| *after <= self.lease_outbox.durable) {
+            let (_, peer, req, request) = self.lease_outbox.held.pop_front().expect("front exists");
+            self.send_request(peer, req, request);
+        }
+    }
+
+    /// The lease log failed: nothing it held may leave, and the engine stops the group.
+    pub(super) fn lease_log_failed(&mut self, error: String) -> Input {
+        tracing::error!(%error, "lease log write failed");
+        self.lease_outbox.broken = true;
+        self.lease_outbox.held.clear();
+        Input::LeaseLogFailed { error }
+    }
+
     fn key(&self, key: &ProviderKey) -> RecordKey {
         match key {
             ProviderKey::Cluster => cluster_provider_key(&self.cluster),
@@ -34,9 +56,32 @@ impl EventLoop {
 
     fn execute(&mut self, action: Action) -> Option<Input> {
         match action {
-            Action::Send { peer, req, request } => {
-                let id = self.swarm.behaviour_mut().sync.send_request(&peer, request);
-                self.requests.insert(id, req);
+            Action::Send { peer, req, request: request @ SyncRequest::Lease(_) } => {
+                let o = &mut self.lease_outbox;
+                if o.broken {
+                    return Some(Input::Response { req, result: Err("the lease log failed".into()) });
+                }
+                if o.held.is_empty() && o.durable == o.issued {
+                    self.send_request(peer, req, request);
+                } else {
+                    o.held.push_back((o.issued, peer, req, request));
+                }
+            }
+            Action::Send { peer, req, request } => self.send_request(peer, req, request),
+            Action::PersistLeaseLog { write } => {
+                let o = &mut self.lease_outbox;
+                if o.broken {
+                    return None;
+                }
+                o.issued += 1;
+                if let Err(error) = self.lease_log.write(o.issued, write) {
+                    return Some(self.lease_log_failed(error));
+                }
+            }
+            Action::LeaseDone { wait, result } => {
+                if let Some(reply) = self.lease_waits.remove(&wait) {
+                    let _ = reply.send(result);
+                }
             }
             Action::Reply { reply, response } => self.respond(reply, response),
             Action::Serve { reply, request, .. } => {

@@ -29,6 +29,7 @@ use super::metrics::Metrics;
 use crate::ids::Origin;
 use crate::net::{cluster_provider_key, on_identify, parse_agent_version, Behaviour, BehaviourEvent};
 use crate::store::{CommitEvent, Store, WriteHandle};
+use crate::sync::leases::{LeaseFailure, LeaseWait};
 use crate::sync::{ChunkVerdict, Engine, Found, GossipId, Input, Phase, ProviderKey, ReplyId, ReqId, Ticket, WaitId};
 use crate::wire::{SyncRequest, SyncResponse};
 
@@ -79,6 +80,19 @@ pub(crate) enum Command {
         timeout: std::time::Duration,
         reply: oneshot::Sender<(usize, bool)>,
     },
+    /// Ask the lease group; the answer is the grant or why there is none.
+    Lease {
+        lease: String,
+        key: Vec<u8>,
+        request: crate::crdt::LeaseRequest,
+        timeout: std::time::Duration,
+        reply: oneshot::Sender<Result<crate::crdt::LeaseGrant, crate::sync::leases::LeaseFailure>>,
+    },
+    /// The lease log writer committed the writes up to `seq`, or failed to.
+    LeasePersisted {
+        seq: u64,
+        result: Result<(), String>,
+    },
     Status {
         reply: oneshot::Sender<NetStatus>,
     },
@@ -99,6 +113,18 @@ pub(crate) struct Parts {
     pub metrics: Arc<Metrics>,
     pub phase: watch::Sender<Phase>,
     pub writer: WriteHandle,
+    pub lease_log: crate::node::lease_log::LeaseLogWriter,
+}
+
+/// Lease messages held until the lease log write before them is durable.
+struct LeaseOutbox {
+    /// Writes handed to the lease log writer, and the last of them reported durable.
+    issued: u64,
+    durable: u64,
+    /// Messages in order, each with the write it must wait for.
+    held: std::collections::VecDeque<(u64, PeerId, ReqId, SyncRequest)>,
+    /// The lease log failed: no lease message leaves any more.
+    broken: bool,
 }
 
 pub(crate) struct EventLoop {
@@ -129,6 +155,10 @@ pub(crate) struct EventLoop {
     /// Callers waiting for acknowledgements of their writes.
     ack_waits: HashMap<WaitId, oneshot::Sender<(usize, bool)>>,
     next_wait: u64,
+    /// Callers waiting for the lease group's answer.
+    lease_waits: HashMap<LeaseWait, oneshot::Sender<Result<crate::crdt::LeaseGrant, LeaseFailure>>>,
+    lease_log: crate::node::lease_log::LeaseLogWriter,
+    lease_outbox: LeaseOutbox,
 }
 
 impl EventLoop {
@@ -154,6 +184,9 @@ impl EventLoop {
             next_gossip: 0,
             ack_waits: HashMap::new(),
             next_wait: 0,
+            lease_waits: HashMap::new(),
+            lease_log: p.lease_log,
+            lease_outbox: LeaseOutbox { issued: 0, durable: 0, held: Default::default(), broken: false },
         }
     }
 
@@ -216,6 +249,19 @@ impl EventLoop {
                 Input::AwaitAcks { wait, seq, ack, timeout }
             }
             Command::Revoke { revocation } => Input::Revoke { revocation },
+            Command::Lease { lease, key, request, timeout, reply } => {
+                self.next_wait += 1;
+                let wait = LeaseWait(self.next_wait);
+                self.lease_waits.insert(wait, reply);
+                Input::Lease { wait, lease, key, request, timeout }
+            }
+            Command::LeasePersisted { seq, result } => match result {
+                Ok(()) => {
+                    self.lease_persisted(seq);
+                    return;
+                }
+                Err(error) => self.lease_log_failed(error),
+            },
             Command::Status { reply } => {
                 let _ = reply.send(self.status());
                 return;

@@ -26,6 +26,8 @@ pub struct NetStatus {
     pub buffered_ops: usize,
     /// The member registry; `None` in open mode.
     pub members: Option<crate::sync::engine::MembersStatus>,
+    /// The lease group as this primary sees it; `None` on replicas.
+    pub leases: Option<crate::sync::leases::LeaseGroupStatus>,
 }
 
 impl EventLoop {
@@ -40,6 +42,7 @@ impl EventLoop {
             gaps: s.gaps,
             buffered_ops: s.buffered_ops,
             members: self.engine.members_status(&self.store),
+            leases: self.engine.lease_status(),
         }
     }
 

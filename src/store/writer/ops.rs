@@ -6,7 +6,6 @@ use std::sync::Arc;
 use serde_bytes::ByteBuf;
 
 use super::{now_ms, AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, Writer, MAX_CLOCK_AHEAD_MS};
-use crate::crdt::{decide_lease, LeaseError};
 use crate::ids::{Origin, Seq};
 use crate::op::{cid_from_digest, ChainHash, Op, OpBatch, OpBody, VerifiedBatch};
 use crate::store::apply::{Effect, Tables};
@@ -23,8 +22,7 @@ pub(super) struct OpenBatch {
 }
 
 impl Writer {
-    /// Turns intents into ops of this node and applies them. Lease requests are decided first, so a
-    /// refused request writes nothing.
+    /// Turns intents into ops of this node and applies them.
     pub(super) fn apply_local(
         &mut self,
         tables: &mut Tables,
@@ -39,17 +37,13 @@ impl Writer {
                 LocalIntent::Put { register, key, value } => OpBody::RegisterPut { register, key, value },
                 LocalIntent::Delete { register, key } => OpBody::RegisterDelete { register, key },
                 LocalIntent::CounterAdd { counter, key, delta } => OpBody::CounterAdd { counter, key, delta },
-                LocalIntent::Lease { lease, key, request } => {
-                    let current = tables.lease(&lease, &key)?;
-                    let grant = decide_lease(current.as_ref(), &request, now).map_err(LocalFailure::Refused)?;
-                    OpBody::LeaseSet {
-                        lease,
-                        key,
-                        holder: grant.holder,
-                        token: grant.token,
-                        expires_at_ms: grant.expires_at_ms,
-                    }
-                }
+                LocalIntent::Lease { lease, key, grant } => OpBody::LeaseSet {
+                    lease,
+                    key,
+                    holder: grant.holder,
+                    token: grant.token,
+                    expires_at_ms: grant.expires_at_ms,
+                },
             });
         }
         let me = self.signer.origin();
@@ -139,7 +133,6 @@ impl Writer {
 }
 
 pub(super) enum LocalFailure {
-    Refused(LeaseError),
     Store(StoreError),
 }
 

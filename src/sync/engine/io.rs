@@ -8,10 +8,12 @@ use cid::Cid;
 use libp2p::{Multiaddr, PeerId};
 
 use super::{AckWanted, Membership, WaitId};
+use crate::crdt::{LeaseGrant, LeaseRequest};
 use crate::ids::{Origin, Role, Seq, StateRoot};
 use crate::op::{ChainHash, OpBatch};
 use crate::snapshot::{ChunkRef, SignedManifest, SnapshotBrief, StateEntry};
-use crate::store::{OriginProgress, VersionVector};
+use crate::store::{LeaseLogBoot, LeaseLogWrite, OriginProgress, VersionVector};
+use crate::sync::leases::{LeaseFailure, LeaseWait};
 use crate::sync::{GapLimits, Phase};
 use crate::wire::{SyncRequest, SyncResponse};
 
@@ -133,6 +135,10 @@ pub enum Input {
     ServeAlone,
     /// The operator hands in a revocation signed by the cluster's authority.
     Revoke { revocation: crate::cert::Revocation },
+    /// A client's lease request; the answer comes as [`Action::LeaseDone`] within `timeout`.
+    Lease { wait: LeaseWait, lease: String, key: Vec<u8>, request: LeaseRequest, timeout: Duration },
+    /// An [`Action::PersistLeaseLog`] failed: the lease group must stop on this node.
+    LeaseLogFailed { error: String },
 }
 
 /// Something for the executor to carry out.
@@ -183,6 +189,12 @@ pub enum Action {
     PersistRevocations { all: Vec<crate::cert::Revocation> },
     /// Something worth counting happened.
     Count { what: Count, n: u64 },
+    /// Persist this change of the lease service's Raft log durably. Lease messages
+    /// ([`SyncRequest::Lease`]) the engine asks to send after it must not leave before it is
+    /// durable; on failure report [`Input::LeaseLogFailed`].
+    PersistLeaseLog { write: LeaseLogWrite },
+    /// A lease request of [`Input::Lease`] ended.
+    LeaseDone { wait: LeaseWait, result: Result<LeaseGrant, LeaseFailure> },
 }
 
 /// What [`Action::Count`] counts.
@@ -259,6 +271,13 @@ pub struct EngineConfig {
     /// The wall clock (ms since the Unix epoch) at the `now` given to [`Engine::new`]; certificate
     /// validity is judged against it plus the monotonic time since.
     pub wall_ms_at_start: u64,
+    /// The lease service's Raft log as persisted by an earlier run (empty for a new node).
+    pub lease_boot: LeaseLogBoot,
+    /// Raft's clock: heartbeats every 2 ticks, elections after 10 to 20.
+    pub lease_tick: Duration,
+    /// A primary that finds no lease group waits this long after it starts before it founds one
+    /// (see `sync::leases`).
+    pub lease_found_after: Duration,
 }
 
 impl EngineConfig {
@@ -288,6 +307,9 @@ impl EngineConfig {
             membership: None,
             revocations: Vec::new(),
             wall_ms_at_start: 0,
+            lease_boot: LeaseLogBoot::default(),
+            lease_tick: Duration::from_millis(100),
+            lease_found_after: Duration::from_secs(3),
         }
     }
 }

@@ -24,6 +24,7 @@
 mod acks;
 mod apply;
 mod io;
+mod leases;
 mod members;
 mod peers;
 mod pulls;
@@ -73,6 +74,7 @@ enum Pending {
     Chunk { peer: PeerId, index: usize, cid: Cid },
     Buckets { peer: PeerId },
     Entries { peer: PeerId },
+    Lease { peer: PeerId },
 }
 
 impl Pending {
@@ -83,7 +85,8 @@ impl Pending {
             | Pending::Manifest { peer }
             | Pending::Chunk { peer, .. }
             | Pending::Buckets { peer }
-            | Pending::Entries { peer } => *peer,
+            | Pending::Entries { peer }
+            | Pending::Lease { peer } => *peer,
         }
     }
 }
@@ -140,6 +143,8 @@ pub struct Engine {
     attestations: BTreeMap<PeerId, (VersionVector, StateRoot, u64)>,
     /// Waits for acknowledgements, and digest answers held for peers' waits.
     acks: acks::Acks,
+    /// The lease service's Raft group and what the engine keeps beside it.
+    leases: leases::Leases,
 }
 
 impl Engine {
@@ -168,7 +173,12 @@ impl Engine {
             .filter(|(_, peer)| !cfg.bootstrap.iter().any(|(_, p)| *p == Some(*peer)))
             .map(|(a, p)| (a.clone(), Some(*p)))
             .collect();
+        let group = (cfg.role == crate::ids::Role::Primary).then(|| {
+            crate::sync::leases::LeaseGroup::new(me, &cfg.lease_boot, cfg.seed)
+                .expect("the node checks the lease log (LeaseGroup::check_boot) before it starts")
+        });
         let mut engine = Engine {
+            leases: leases::Leases::new(group, now),
             me,
             signer,
             rng: StdRng::seed_from_u64(cfg.seed),
@@ -236,7 +246,10 @@ impl Engine {
             Input::Tick => self.on_tick(now, store),
             Input::Connected { peer, dialed } => self.on_connected(now, peer, dialed, store),
             Input::Disconnected { peer, remaining } => self.on_disconnected(now, peer, remaining, store),
-            Input::Identified { peer, agent, listen_addrs } => self.on_identified(peer, agent, listen_addrs),
+            Input::Identified { peer, agent, listen_addrs } => {
+                self.lease_learn_peer(peer);
+                self.on_identified(peer, agent, listen_addrs)
+            }
             Input::Rtt { peer, rtt } => self.peers.entry(peer).rtt = Some(rtt),
             Input::Discovered { via, peers } => self.on_discovered(via, peers),
             Input::Providers { key, peers } => self.on_providers(key, peers),
@@ -279,7 +292,12 @@ impl Engine {
                 self.check_ready(now, store);
             }
             Input::AwaitAcks { wait, seq, ack, timeout } => self.on_await_acks(now, wait, seq, ack, timeout, store),
+            Input::Lease { wait, lease, key, request, timeout } => {
+                self.on_lease_ask(now, wait, lease, key, request, timeout)
+            }
+            Input::LeaseLogFailed { error } => self.lease_log_failed(error),
         }
+        self.drain_leases(now);
         // Any input may be the one after which the store holds what a held digest waits for, or
         // after which an acknowledgement's deadline has passed.
         self.release_held(now, store);
@@ -310,6 +328,12 @@ impl Engine {
         }
         if let Some(t) = self.acks.deadline() {
             at = at.min(t);
+        }
+        if let Some(g) = &self.leases.group {
+            at = at.min(self.leases.next_tick);
+            if let Some(t) = g.deadline() {
+                at = at.min(t);
+            }
         }
         Some(at)
     }
@@ -362,6 +386,7 @@ impl Engine {
         }
         self.drive_snapshot(now, store);
         self.check_ready(now, store);
+        self.lease_round(now);
     }
 
     /// Discovery: announce the provider record once someone can store it, and look for more peers
@@ -406,6 +431,11 @@ impl Engine {
     /// Ops held in the gap buffer now.
     pub fn buffered_ops(&self) -> usize {
         self.apply.buffered_ops()
+    }
+
+    /// The lease group's status (primaries only).
+    pub fn lease_status(&self) -> Option<crate::sync::leases::LeaseGroupStatus> {
+        self.leases.group.as_ref().map(|g| g.status())
     }
 
     /// Outbound requests in flight, inbound requests being served, apply tickets outstanding: each

@@ -19,6 +19,7 @@ impl Engine {
             members,
             revocations,
             hold_until: None,
+            lease_group: self.leases.group_id(),
             cluster: self.cfg.cluster.clone(),
             role: self.cfg.role,
             version_vector,
@@ -91,7 +92,12 @@ impl Engine {
                 self.record_digest(now, peer, theirs, store);
             }
             other => {
-                if !self.peers.get(&peer).is_some_and(|p| p.in_cluster(&self.cfg.cluster)) {
+                let in_cluster = self.peers.get(&peer).is_some_and(|p| p.in_cluster(&self.cfg.cluster));
+                if let (true, SyncRequest::Lease(msg)) = (in_cluster, &other) {
+                    self.on_lease_message(peer, reply, msg.clone());
+                    return;
+                }
+                if !in_cluster {
                     let response = if self.gated() {
                         SyncResponse::Error {
                             code: "not_a_member".into(),
@@ -146,6 +152,7 @@ impl Engine {
             }
         };
         match (pending, response) {
+            (Pending::Lease { peer }, r) => self.on_lease_answer(peer, r),
             (Pending::Digest { peer }, r) => {
                 if let Some(p) = self.peers.map.get_mut(&peer) {
                     p.digest_pending = false;
