@@ -42,7 +42,7 @@ fn sigterm_stops_cleanly_and_restart_keeps_data_and_peer_id() {
     let (ok, out, err) =
         cli(&["lease", "acquire", "locks", "db", "--holder", "w1", "--ttl-ms", "60000", "--api", &node.api]);
     assert!(ok, "{err}");
-    assert_eq!(serde_json::from_str::<Value>(&out).unwrap()["token"], 1);
+    assert!(serde_json::from_str::<Value>(&out).unwrap()["token"].as_u64().is_some_and(|t| t > 0), "{out}");
     let (ok, _, err) = cli(&["lease", "acquire", "locks", "db", "--holder", "w2", "--api", &node.api]);
     assert!(!ok);
     assert!(err.contains("lease_held") && err.contains("w1"), "{err}");

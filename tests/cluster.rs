@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use common::{dial_addr, eventually};
 use peersync::crdt::LeaseRequest;
-use peersync::node::{Node, NodeConfig, NodeEvent, NodeHandle, Role};
+use peersync::node::{Node, NodeConfig, NodeHandle, Role};
 
 const DEADLINE: Duration = Duration::from_secs(30);
 
@@ -122,39 +122,53 @@ async fn concurrent_writes_on_every_primary_converge_everywhere() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_lease_grants_end_with_one_holder_and_the_loser_is_told() {
-    let cluster = chain(&[Role::Primary; 2], |_| {}).await;
+async fn racing_lease_acquires_on_three_primaries_grant_one_holder_and_a_minority_refuses() {
+    let cluster = chain(&[Role::Primary; 3], |c| c.lease_timeout = Duration::from_secs(2)).await;
     let nodes = cluster.handles();
-    connected(&nodes, 1).await;
-    let mut events: Vec<_> = nodes.iter().map(|n| n.events()).collect();
-    // Both primaries grant the free lease before hearing of the other's grant.
+    connected(&nodes, 2).await;
     let acquire = |h: &str| LeaseRequest::Acquire { holder: h.into(), ttl_ms: 60_000 };
-    let (a, b) =
-        tokio::join!(nodes[0].lease("locks", "db", acquire("alice")), nodes[1].lease("locks", "db", acquire("bob")));
-    let (a, b) = (a.unwrap(), b.unwrap());
-    assert_eq!((a.token, b.token), (1, 1), "both granted token 1 concurrently");
-    converged(&nodes).await;
-    let winner = nodes[0].lease_state("locks", b"db").await.unwrap().unwrap();
-    assert_eq!(nodes[1].lease_state("locks", b"db").await.unwrap().unwrap(), winner, "one holder everywhere");
-    let loser_node = if winner.holder.as_deref() == Some("alice") { 1 } else { 0 };
-    let loser = if loser_node == 0 { "alice" } else { "bob" };
-    let told = tokio::time::timeout(DEADLINE, async {
-        loop {
-            match events[loser_node].recv().await.unwrap() {
-                NodeEvent::LeaseLost { holder, winner: w, .. } => return (holder, w),
-                _ => continue,
-            }
-        }
+    // The lease group forms (one primary founds it, the others join): then a grant is possible.
+    eventually("a first grant through the lease group", DEADLINE, || async {
+        nodes[2].lease("warmup", "k", acquire("w")).await.map(|_| ()).map_err(|e| e.to_string())
     })
-    .await
-    .expect("the losing node reports the lost grant");
-    assert_eq!(told.0, loser);
-    assert_eq!(told.1, winner);
-    // Afterwards the loser's holder is refused on every node.
-    for n in &nodes {
-        assert!(n.lease("locks", "db", acquire(loser)).await.is_err());
+    .await;
+    // Three primaries asked at once for the same free lease, by three holders.
+    let (a, b, c) = tokio::join!(
+        nodes[0].lease("locks", "db", acquire("alice")),
+        nodes[1].lease("locks", "db", acquire("bob")),
+        nodes[2].lease("locks", "db", acquire("cy"))
+    );
+    let results = [a, b, c];
+    let granted: Vec<_> = results.iter().filter_map(|r| r.as_ref().ok()).collect();
+    assert_eq!(granted.len(), 1, "exactly one holder is granted the lease: {results:?}");
+    let winner = granted[0];
+    for r in &results {
+        match r {
+            Ok(_) => {}
+            Err(peersync::node::NodeError::LeaseHeld { holder, token, .. }) => {
+                assert_eq!((Some(holder.as_str()), *token), (winner.holder.as_deref(), winner.token));
+            }
+            Err(e) => panic!("a losing acquire should name the holder, got {e}"),
+        }
     }
-    cluster.shutdown().await;
+    // Released, it goes to the next holder with a larger fencing token.
+    let holder = winner.holder.clone().unwrap();
+    let i = ["alice", "bob", "cy"].iter().position(|h| *h == holder).unwrap();
+    nodes[i].lease("locks", "db", LeaseRequest::Release { holder: holder.clone() }).await.unwrap();
+    let next = nodes[(i + 1) % 3].lease("locks", "db", acquire("dan")).await.unwrap();
+    assert!(next.token > winner.token, "tokens grow: {} then {}", winner.token, next.token);
+
+    // Two of the three primaries stop: the one left is a minority and refuses rather than grant.
+    let mut rest = cluster.nodes.into_iter();
+    let first = rest.next().unwrap();
+    for n in rest {
+        n.shutdown().await;
+    }
+    match first.handle().lease("locks", "other", acquire("eve")).await {
+        Err(e @ peersync::node::NodeError::NoQuorum(_)) => assert!(e.to_string().contains("no quorum"), "{e}"),
+        other => panic!("a primary without a quorum must answer NoQuorum, got {other:?}"),
+    }
+    first.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -356,6 +356,7 @@ async fn digest_exchange_over_quic() {
         members: vec![],
         revocations: vec![],
         hold_until: None,
+        lease_group: None,
     };
     let mine = digest(net::Role::Replica, nodes[B].id(), 3, 1);
     let theirs = digest(net::Role::Primary, a, 9, 2);

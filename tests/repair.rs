@@ -301,6 +301,7 @@ async fn liar(honest: NodeHandle, fake_snapshot: bool) -> Liar {
                         members: vec![],
                         revocations: vec![],
                         hold_until: None,
+                        lease_group: None,
                     })
                 }
                 SyncRequest::GetOps { origin, after, max_ops, .. } => {

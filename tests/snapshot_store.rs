@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::thread::JoinHandle;
 
-use peersync::crdt::LeaseRequest;
+use peersync::crdt::LeaseGrant;
 use peersync::ids::{Origin, Seq};
 use peersync::op::{raw_cid, Signer};
 use peersync::snapshot::{
@@ -59,7 +59,7 @@ async fn write(node: &Node, tag: u8, rounds: u8) {
             LocalIntent::Lease {
                 lease: "lk".into(),
                 key: b"shared".to_vec(),
-                request: LeaseRequest::Acquire { holder: format!("h{tag}"), ttl_ms: 0 },
+                grant: LeaseGrant { holder: Some(format!("h{tag}")), token: i as u64 + 1, expires_at_ms: 0 },
             },
         ];
         if i % 3 == 2 {
@@ -69,7 +69,7 @@ async fn write(node: &Node, tag: u8, rounds: u8) {
             intents.push(LocalIntent::Lease {
                 lease: "lk".into(),
                 key: vec![tag],
-                request: LeaseRequest::Acquire { holder: format!("h{tag}"), ttl_ms: 3_600_000 },
+                grant: LeaseGrant { holder: Some(format!("h{tag}")), token: 1, expires_at_ms: u64::MAX },
             });
         }
         node.writer.local(intents).await.unwrap();

@@ -660,6 +660,7 @@ fn make_digest(from: PeerId, spec: &DigestSpec) -> Digest {
         members,
         revocations,
         hold_until: None,
+        lease_group: None,
     }
 }
 
@@ -771,7 +772,9 @@ impl Harness<'_> {
                 | Action::RememberPeers { .. }
                 | Action::PersistRevocations { .. }
                 | Action::Count { .. }
-                | Action::Acked { .. } => {}
+                | Action::Acked { .. }
+                | Action::PersistLeaseLog { .. }
+                | Action::LeaseDone { .. } => {}
             }
         }
         // Bound the executor's own bookkeeping.

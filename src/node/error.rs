@@ -28,7 +28,7 @@ pub enum NodeError {
     )]
     AckTimeout { acked: usize, wanted: String },
     /// A lease request: no quorum of the lease group's primaries answered in time.
-    #[error("{0}")]
+    #[error("no quorum of the lease group's primaries: {0}")]
     NoQuorum(String),
     #[error("storage failure, the write was not committed: {0}")]
     Store(Arc<StoreError>),

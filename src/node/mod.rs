@@ -136,7 +136,9 @@ impl Node {
             max_serving: config.max_serving_requests,
             serve_bytes_per_sec: config.serve_bytes_per_sec,
             max_applying: config.inbound_queue,
-            seed: u64::from_le_bytes(peer_id.to_bytes()[peer_id.to_bytes().len() - 8..].try_into().expect("8 bytes")),
+            // New on every start: election timeouts, and the ids of lease proposals, must not
+            // repeat those of an earlier life.
+            seed: rand::random(),
             membership: config.membership.clone(),
             revocations: revocations::load(&config.data_dir),
             wall_ms_at_start: wall_ms(),

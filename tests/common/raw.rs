@@ -180,6 +180,7 @@ pub fn bare_digest(role: Role) -> Digest {
         members: vec![],
         revocations: vec![],
         hold_until: None,
+        lease_group: None,
     }
 }
 

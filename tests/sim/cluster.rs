@@ -168,6 +168,8 @@ pub struct Live {
     pub(crate) tick_digests: u64,
     /// Waits for acknowledgements not ended yet: the seq each waits for.
     pub(crate) ack_waits: BTreeMap<WaitId, Seq>,
+    /// Lease requests not answered yet.
+    pub(crate) lease_waits: BTreeMap<peersync::sync::leases::LeaseWait, crate::leases::Ask>,
 }
 
 pub struct Node {
@@ -181,6 +183,9 @@ pub struct Node {
     pub(crate) remembered: Vec<(Multiaddr, PeerId)>,
     /// Revocations the engine asked to persist (`Action::PersistRevocations`): kept too.
     pub(crate) revocations: Vec<peersync::cert::Revocation>,
+    /// The lease group's Raft log as the engine asked to persist it (`Action::PersistLeaseLog`):
+    /// durable, so kept across crashes.
+    pub(crate) lease_log: peersync::store::LeaseLogBoot,
     pub clock: Clock,
     pub live: Option<Live>,
     /// Incarnation: events of an earlier life are dropped.
@@ -206,6 +211,8 @@ pub struct Cluster {
     pub(crate) trace: blake3::Hasher,
     /// Inputs handed to engines.
     pub inputs: u64,
+    /// Lease outcomes, checked as they come (see `leases.rs`).
+    pub leases: crate::leases::LeaseBook,
     /// `SIM_TRACE=1`: print every input and action (for replaying one seed).
     pub(crate) tracing: bool,
 }
@@ -242,6 +249,7 @@ impl Cluster {
                     bootstrap,
                     remembered: Vec::new(),
                     revocations: Vec::new(),
+                    lease_log: Default::default(),
                     clock: Clock { base, offset, drift_ppm },
                     live: None,
                     life: 0,
@@ -268,6 +276,7 @@ impl Cluster {
             next_id: 0,
             trace: blake3::Hasher::new(),
             inputs: 0,
+            leases: Default::default(),
             tracing: std::env::var("SIM_TRACE").is_ok_and(|v| v == "1"),
         };
         for n in 0..c.nodes.len() {
@@ -300,6 +309,8 @@ impl Cluster {
         cfg.remembered = node.remembered.clone();
         cfg.revocations = node.revocations.clone();
         cfg.seed = self.seed ^ ((n as u64) << 32) ^ (node.life << 48);
+        cfg.lease_boot = node.lease_log.clone();
+        cfg.wall_ms_at_start = self.wall_ms(n, self.net.now);
         cfg
     }
 
@@ -324,6 +335,7 @@ impl Cluster {
             in_tick: false,
             tick_digests: 0,
             ack_waits: BTreeMap::new(),
+            lease_waits: BTreeMap::new(),
         });
         // The swarm dials the bootstrap peers itself; the engine redials them later.
         for b in self.nodes[n].bootstrap.clone() {
@@ -341,6 +353,7 @@ impl Cluster {
         }
         self.nodes[n].life += 1;
         self.nodes[n].store.crash();
+        self.forget_lease_asks(n);
         for (p, _) in self.net.peers(n) {
             self.net.close(n, p);
             self.local(p, Duration::ZERO, Input::Disconnected { peer: self.nodes[n].peer, remaining: 0 });
@@ -481,7 +494,9 @@ impl Cluster {
         let e = &live.engine;
         let (out, serving, applying) = e.queue_sizes();
         let ec = e.config();
-        let out_bound = ec.max_peers * (1 + ec.chunks_per_source) + cfg.primaries + 24;
+        let out_bound = ec.max_peers * (1 + ec.chunks_per_source)
+            + cfg.primaries * (1 + peersync::sync::leases::MAX_MESSAGES_IN_FLIGHT)
+            + 24;
         let apply_bound = ec.max_applying + ec.gap.max_ops + cfg.primaries + 1;
         assert!(
             out <= out_bound && serving <= ec.max_serving && applying <= apply_bound,

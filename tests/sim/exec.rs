@@ -147,6 +147,9 @@ impl Cluster {
                     .collect();
             }
             Action::PersistRevocations { all } => self.nodes[n].revocations = all,
+            // Durable at once: the lease messages the engine asks to send after it leave after it.
+            Action::PersistLeaseLog { write } => self.nodes[n].lease_log.apply(&write),
+            Action::LeaseDone { wait, result } => self.on_lease_done(n, wait, result),
             Action::Acked { wait, acked, met } => {
                 let live = self.nodes[n].live.as_mut().expect("up");
                 let Some(seq) = live.ack_waits.remove(&wait) else {

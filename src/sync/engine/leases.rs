@@ -10,11 +10,11 @@ use libp2p::PeerId;
 use super::{Action, Engine, Pending};
 use crate::crdt::LeaseRequest;
 use crate::ids::Role;
-use crate::sync::leases::{raft_id, GroupOut, LeaseFailure, LeaseGroup, LeaseWait, ELECTION_TICKS};
+use crate::sync::leases::{
+    raft_id, GroupOut, LeaseAsk, LeaseFailure, LeaseGroup, LeaseWait, ELECTION_TICKS, MAX_MESSAGES_IN_FLIGHT,
+};
 use crate::wire::{LeaseAnswer, LeaseMessage, SyncRequest, SyncResponse};
 
-/// Raft messages in flight to one peer at most; more are dropped (Raft sends again).
-const MAX_RAFT_IN_FLIGHT: usize = 32;
 /// A primary outside a group asks to join this often.
 const JOIN_EVERY: Duration = Duration::from_secs(1);
 /// How long a primary waits for its bootstrap peers before it may found a group without them,
@@ -31,11 +31,15 @@ pub(super) struct Leases {
     leader_hint: Option<PeerId>,
     /// Raft messages in flight per peer.
     in_flight: BTreeMap<PeerId, usize>,
+    /// A group some primary reported (by digest or answer) while this node was in none: once a
+    /// group is known to exist, this node only ever joins it, however long it is cut off from
+    /// its members. Founding a second group would let two groups grant the same lease.
+    heard_of: Option<u64>,
 }
 
 impl Leases {
     pub fn new(group: Option<LeaseGroup>, now: Instant) -> Self {
-        Leases { group, next_tick: now, next_join: now, leader_hint: None, in_flight: BTreeMap::new() }
+        Leases { group, next_tick: now, next_join: now, leader_hint: None, in_flight: BTreeMap::new(), heard_of: None }
     }
 
     pub fn group_id(&self) -> Option<u64> {
@@ -56,7 +60,7 @@ impl Engine {
     ) {
         let wall = self.wall_ms(now);
         match self.leases.group.as_mut() {
-            Some(g) => g.ask(now, wall, wait, lease, key, request, timeout),
+            Some(g) => g.ask(now, wall, wait, LeaseAsk { lease, key, request }, timeout),
             None => {
                 let reason = "this node is a replica: leases are granted by the primaries".to_owned();
                 self.push(Action::LeaseDone { wait, result: Err(LeaseFailure::NoQuorum(reason)) });
@@ -91,6 +95,9 @@ impl Engine {
             *n = n.saturating_sub(1);
         }
         if let Ok(SyncResponse::Lease(a)) = answer {
+            if a.group != 0 && self.leases.group_id().is_none() {
+                self.leases.heard_of = Some(a.group);
+            }
             if let Some(leader) = a.leader.and_then(|b| PeerId::from_bytes(&b).ok()) {
                 if leader != self.me {
                     self.leases.leader_hint = Some(leader);
@@ -103,15 +110,17 @@ impl Engine {
     pub(super) fn lease_round(&mut self, now: Instant) {
         let Some(group) = self.leases.group.as_mut() else { return };
         let tick = self.cfg.lease_tick;
+        // After a pause (SIGSTOP, a stalled machine) time jumps: ticks beyond two election
+        // timeouts change nothing more.
+        group.expire_waits(now);
         let mut ticks = 0;
-        while now >= self.leases.next_tick {
-            // After a pause (SIGSTOP, a stalled machine), time jumps: ticks beyond an election
-            // timeout change nothing more.
-            if ticks <= 2 * ELECTION_TICKS {
-                group.tick(now);
-            }
+        while now >= self.leases.next_tick && ticks < 2 * ELECTION_TICKS {
+            group.tick(now);
             ticks += 1;
             self.leases.next_tick += tick;
+        }
+        if now >= self.leases.next_tick {
+            self.leases.next_tick = now + tick;
         }
         if group.group_id().is_none() {
             self.join_or_found(now);
@@ -135,6 +144,7 @@ impl Engine {
             .map(|(id, p)| (*id, p.digest.as_ref().and_then(|d| d.lease_group), p.digest.is_some()))
             .collect();
         if let Some((peer, group)) = connected_primaries.iter().find_map(|(id, g, _)| g.map(|g| (*id, g))) {
+            self.leases.heard_of = Some(group);
             if now < self.leases.next_join {
                 return;
             }
@@ -144,6 +154,9 @@ impl Engine {
             tracing::debug!(%target, group, "asking to join the lease group");
             self.send_lease(now, target, LeaseMessage::Join { group });
             return;
+        }
+        if self.leases.heard_of.is_some() {
+            return; // wait to reach one of its members again
         }
         let waited = now.saturating_duration_since(self.started);
         if waited < self.cfg.lease_found_after {
@@ -171,7 +184,7 @@ impl Engine {
 
     fn send_lease(&mut self, now: Instant, peer: PeerId, msg: LeaseMessage) {
         let n = self.leases.in_flight.entry(peer).or_default();
-        if *n >= MAX_RAFT_IN_FLIGHT {
+        if *n >= MAX_MESSAGES_IN_FLIGHT {
             return;
         }
         *n += 1;

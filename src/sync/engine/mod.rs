@@ -60,6 +60,9 @@ pub use status::{PeerStatus, SnapshotStatus, SyncStatus};
 /// Discovery period while a node has fewer peers than it wants, when the configured one is longer.
 const SHORT_OF_PEERS_DISCOVERY: Duration = Duration::from_secs(5);
 
+/// A lease message not answered in this time is given up (see [`Engine::timeout_of`]).
+const LEASE_MESSAGE_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// Ops asked for in one pull at most.
 pub const PULL_MAX_OPS: u32 = 16_384;
 /// Op bytes asked for in one pull at most (the response limit is higher, to fit framing).
@@ -323,7 +326,7 @@ impl Engine {
             // Chunk requests paused on a source resume on a tick.
             at = at.min(self.last_now + self.cfg.digest_min);
         }
-        if let Some(t) = self.requests.values().map(|(_, sent)| *sent + self.cfg.request_timeout).min() {
+        if let Some(t) = self.requests.values().map(|(p, sent)| *sent + self.timeout_of(p)).min() {
             at = at.min(t);
         }
         if let Some(t) = self.acks.deadline() {
@@ -336,6 +339,16 @@ impl Engine {
             }
         }
         Some(at)
+    }
+
+    /// How long a request may go unanswered. Lease messages are Raft's: it sends again on its own
+    /// schedule, so one not answered soon is given up (and stops counting against the peer's
+    /// messages in flight) rather than held for the transport's timeout.
+    fn timeout_of(&self, pending: &Pending) -> Duration {
+        match pending {
+            Pending::Lease { .. } => self.cfg.request_timeout.min(LEASE_MESSAGE_TIMEOUT),
+            _ => self.cfg.request_timeout,
+        }
     }
 
     fn push(&mut self, action: Action) {
@@ -367,7 +380,7 @@ impl Engine {
         let expired: Vec<ReqId> = self
             .requests
             .iter()
-            .filter(|(_, (_, sent))| now.duration_since(*sent) >= self.cfg.request_timeout)
+            .filter(|(_, (pending, sent))| now.duration_since(*sent) >= self.timeout_of(pending))
             .map(|(r, _)| *r)
             .collect();
         for req in expired {

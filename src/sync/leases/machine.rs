@@ -83,6 +83,11 @@ impl Table {
         let new_holder = grant.holder.is_some() && current.is_none_or(|r| r.token != grant.token);
         if new_holder {
             grant.token = index;
+        } else if let Some(r) = current.filter(|r| grant.holder.is_some() && r.holder == grant.holder) {
+            // The holder renews or acquires again: its lease is extended, never shortened. A
+            // shorter TTL, or a proposer whose clock is behind, must not end the lease before the
+            // holder hears of it, while the holder still acts on the expiry it was told before.
+            grant.expires_at_ms = grant.expires_at_ms.max(r.expires_at_ms);
         }
         let record = Record { holder: grant.holder.clone(), token: grant.token, expires_at_ms: grant.expires_at_ms };
         if record.holder.is_none() {
@@ -154,6 +159,21 @@ mod tests {
         assert_eq!(t.apply(13, &cmd(acquire("b", 1_000), 6_500)).unwrap().token, 12);
         let renew = LeaseRequest::Renew { holder: "b".into(), ttl_ms: 1_000 };
         assert_eq!(t.apply(14, &cmd(renew, 6_600)).unwrap().token, 12);
+    }
+
+    #[test]
+    fn a_renewal_extends_but_never_shortens() {
+        let mut t = Table::new(7);
+        let a = t.apply(1, &cmd(acquire("a", 2_000), 1_000)).unwrap();
+        assert_eq!(a.expires_at_ms, 3_000);
+        // A shorter TTL, or a proposer whose clock is behind, keeps the expiry already told.
+        assert_eq!(t.apply(2, &cmd(acquire("a", 200), 1_100)).unwrap().expires_at_ms, 3_000);
+        let renew = LeaseRequest::Renew { holder: "a".into(), ttl_ms: 100 };
+        assert_eq!(t.apply(3, &cmd(renew, 900)).unwrap().expires_at_ms, 3_000);
+        // So another holder still waits for the first expiry plus the drift bound.
+        let early = t.apply(4, &cmd(acquire("b", 100), 3_000 + LEASE_CLOCK_DRIFT_MS - 1));
+        assert!(matches!(early, Err(LeaseError::Held { .. })));
+        assert_eq!(t.apply(5, &cmd(acquire("a", 5_000), 2_000)).unwrap().expires_at_ms, 7_000);
     }
 
     #[test]

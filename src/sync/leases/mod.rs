@@ -44,6 +44,16 @@ use crate::wire::LeaseAnswer;
 /// Raft ticks: heartbeats every 2 ticks, elections after 10 to 20 ticks without a leader.
 pub const HEARTBEAT_TICKS: usize = 2;
 pub const ELECTION_TICKS: usize = 10;
+/// Lease messages in flight to one peer at most; more are dropped (Raft sends again).
+pub const MAX_MESSAGES_IN_FLIGHT: usize = 16;
+
+/// A client's lease request: which lease, the key it guards and what is asked.
+#[derive(Debug, Clone)]
+pub struct LeaseAsk {
+    pub lease: String,
+    pub key: Vec<u8>,
+    pub request: LeaseRequest,
+}
 /// Lease requests waiting for their command to be applied, at most; more are refused.
 pub const MAX_LEASE_WAITS: usize = 1024;
 /// A snapshot of the table replaces the log every this many applied entries.
@@ -168,14 +178,19 @@ impl LeaseGroup {
         let applied = storage.snapshot_index();
         let raw =
             RawNode::new(&config(me, applied), storage, &logger()).expect("the lease log's configuration is valid");
+        let mut rng = StdRng::seed_from_u64(seed ^ me);
+        // A proposal is recognised by (proposer, id) when it commits, possibly long after: ids
+        // start at a random point in each life, so a command an earlier life proposed is never
+        // taken for the answer to a request of this one.
+        let next_id = rng.gen::<u64>() & !0xffff_ffff;
         let mut group = LeaseGroup {
             me,
             peer,
             raw,
             table,
-            rng: StdRng::seed_from_u64(seed ^ me),
+            rng,
             timeout: 0,
-            next_id: 0,
+            next_id,
             waits: BTreeMap::new(),
             peers: BTreeMap::new(),
             out: VecDeque::new(),
@@ -262,6 +277,12 @@ impl LeaseGroup {
         self.drive();
     }
 
+    /// Ends the waits whose deadline passed, between Raft's ticks too: a deadline is the
+    /// caller's, not a multiple of the tick.
+    pub fn expire_waits(&mut self, now: Instant) {
+        self.expire(now);
+    }
+
     /// A Raft message from `from`, for group `group`.
     pub fn on_message(&mut self, from: PeerId, group: u64, bytes: &[u8]) -> LeaseAnswer {
         let mine = self.table.group;
@@ -334,22 +355,14 @@ impl LeaseGroup {
     }
 
     /// Asks the group to decide a lease request; the answer comes as [`GroupOut::Done`].
-    pub fn ask(
-        &mut self,
-        now: Instant,
-        wall_ms: u64,
-        wait: LeaseWait,
-        lease: String,
-        key: Vec<u8>,
-        request: LeaseRequest,
-        timeout: Duration,
-    ) {
+    pub fn ask(&mut self, now: Instant, wall_ms: u64, wait: LeaseWait, ask: LeaseAsk, timeout: Duration) {
         if self.waits.len() >= MAX_LEASE_WAITS {
             let reason = format!("{MAX_LEASE_WAITS} lease requests are waiting already; try again later");
             self.out.push_back(GroupOut::Done { wait, result: Err(LeaseFailure::NoQuorum(reason)) });
             return;
         }
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
+        let LeaseAsk { lease, key, request } = ask;
         let cmd = Command { proposer: self.me, id: self.next_id, lease, key, request, at_ms: wall_ms };
         self.waits.insert(self.next_id, Waiting { wait, deadline: now + timeout, unproposed: Some(cmd) });
         self.propose_waiting();
@@ -402,9 +415,9 @@ impl LeaseGroup {
         for id in late {
             let w = self.waits.remove(&id).expect("listed");
             let reason = if w.unproposed.is_some() {
-                "no leader of the lease group could be reached; nothing was proposed".to_owned()
+                "no leader of the lease group could be reached in time; nothing was proposed".to_owned()
             } else {
-                "the request was proposed but not committed in time; it may still take effect".to_owned()
+                "the request was proposed but a quorum did not commit it in time; it may still take effect".to_owned()
             };
             self.out.push_back(GroupOut::Done { wait: w.wait, result: Err(LeaseFailure::NoQuorum(reason)) });
         }
