@@ -7,13 +7,15 @@
 #   W5 1 GiB snapshot transfer, MiB/s         vs iperf3 over loopback (fraction of the ceiling)
 #   W6 write with ack=1 / ack=all p50/p99     vs Redis SET + WAIT 1 / WAIT 2, primary + 2 replicas
 #   W7 RSS idle and holding 1M keys           vs redis-server
+#   W8 lease acquire p50/p99, 3 primaries     vs etcd lease grant + put, 3 members (Redis SET NX + WAIT 2 without etcd)
 #
 # Usage: scripts/bench.sh [--quick] [--runs N] [--only W1,W3,...] [--out DIR] [--keep-data]
-#   --quick   small sizes (50k keys, 10k missed writes, 2k latency writes, 30k ops, 64 MiB), 1 run each
+#   --quick   small sizes (50k keys, 10k missed writes, 2k latency writes, 30k ops, 64 MiB, 300 acquires),
+#             1 run each; W5 is skipped (not failed) when its filesystem lacks the room it needs
 # Prints a table of medians and the ratio peersync/anchor, writes bench-results/bench.json and draws
-# bench-results/bench.png. Installs redis-server and iperf3 with apt-get when missing, and matplotlib
-# into a venv under target/bench-venv (gnuplot from apt if pip cannot). Temporary data, logs and pid
-# files live in target/bench-tmp; every process started is stopped by its pid on exit.
+# bench-results/bench.png. Installs redis-server, iperf3 and etcd-server with apt-get when missing, and
+# matplotlib into a venv under target/bench-venv (gnuplot from apt if pip cannot). Temporary data, logs and
+# pid files live in target/bench-tmp; every process started is stopped by its pid on exit.
 # Methods: scripts/bench/README.md.
 set -euo pipefail
 
@@ -26,7 +28,7 @@ args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
     case "${args[$i]}" in
         -h | --help)
-            sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         --out) out=$(realpath -m "${args[$((i + 1))]}") ;;
@@ -56,7 +58,10 @@ if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/nu
     apt_install redis-server redis-tools
 fi
 command -v iperf3 >/dev/null || apt_install iperf3
-# The Debian package may start a redis service on 6379; the benchmark never touches it (ports 18xxx).
+# W8's anchor; without it bench.py falls back to Redis SET NX PX + WAIT 2.
+command -v etcd >/dev/null || apt_install etcd-server || say "no etcd: W8 compares with Redis SET NX + WAIT 2"
+# The Debian packages may start a redis service on 6379 and an etcd on 2379; the benchmark never touches
+# them (ports 18xxx/19xxx).
 
 # --- chart: matplotlib in a venv under target/, or gnuplot from apt
 chart=none
@@ -92,7 +97,7 @@ cleanup() {
     shopt -s nullglob
     for f in "$tmp"/pids/*.pid; do
         read -r pid name <"$f" || continue
-        if kill -0 "$pid" 2>/dev/null && grep -qaE 'peersync|redis|iperf3' "/proc/$pid/cmdline" 2>/dev/null; then
+        if kill -0 "$pid" 2>/dev/null && grep -qaE 'peersync|redis|iperf3|etcd' "/proc/$pid/cmdline" 2>/dev/null; then
             say "stopping leftover $name (pid $pid)"
             kill -CONT "$pid" 2>/dev/null || true
             kill -TERM "$pid" 2>/dev/null || true

@@ -5,10 +5,12 @@
 # faults heal a checker verifies: convergence (version vector and state root), every acknowledged write
 # on every node with its value, counters within acknowledged..acknowledged+indeterminate, no 404 on an
 # active node for a key acknowledged before it started, no node crashed; lease grants are checked for
-# shared tokens and overlapping holders (a failure only with --strict-leases, see README).
+# shared tokens, overlapping holders and a new holder's token not above earlier ones (leases run on a
+# Raft quorum of the primaries: a violation fails the run unless --no-strict-leases). A 503 no_quorum
+# answer to a lease request counts as refused (lease_no_quorum in the summary).
 #
 # Usage: scripts/chaos.sh [--duration SECONDS (default 600)] [--fault-every S] [--seed N]
-#                         [--strict-leases] [--out FILE.json]
+#                         [--no-strict-leases] [--out FILE.json]
 # Needs root (ip netns, a bridge); creates pschaos0..5 and removes them on exit. Builds the release
 # binary if missing. Data and logs go to target/chaos.
 set -euo pipefail

@@ -1,6 +1,6 @@
-"""peersync side by side with its anchors (Redis 7 replication, iperf3 over loopback).
+"""peersync side by side with its anchors (Redis 7 replication, iperf3 over loopback, an etcd cluster).
 
-Run through scripts/bench.sh, which builds the release binary and installs redis-server, iperf3 and
+Run through scripts/bench.sh, which builds the release binary and installs redis-server, iperf3, etcd and
 matplotlib first. Python standard library only. See scripts/bench/README.md for the methods.
 """
 
@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -45,8 +46,10 @@ from common import (  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 
-# Ports: peersync API 181xx, peersync p2p 182xx, redis 183xx, iperf3 18400 (defaults are 7700/4001/6379/5201).
+# Ports: peersync API 181xx, peersync p2p 182xx, redis 183xx, iperf3 18400, etcd client 185xx and peer 195xx
+# (defaults are 7700/4001/6379/5201/2379/2380).
 PS_API, PS_P2P, REDIS_PORT, IPERF_PORT = 18100, 18200, 18300, 18400
+ETCD_CLIENT, ETCD_PEER = 18500, 19500
 
 # Flags of every peersync node: cluster.sh's local-cluster tuning, and no periodic snapshot during a
 # measurement (W1-W4 measure op-log replication; W5 makes its snapshot explicitly).
@@ -58,10 +61,22 @@ REDIS_FLAGS = ["--bind", "127.0.0.1", "--protected-mode", "no", "--save", "", "-
 
 SIZES = {
     "full": dict(w1_keys=1_000_000, w2_writes=100_000, w3_writes=10_000, w4_ops=300_000, w5_bytes=1 << 30,
-                 w6_writes=2_000, runs=3),
+                 w6_writes=2_000, w8_acquires=2_000, runs=3),
     "quick": dict(w1_keys=50_000, w2_writes=10_000, w3_writes=2_000, w4_ops=30_000, w5_bytes=64 << 20,
-                  w6_writes=300, runs=1),
+                  w6_writes=300, w8_acquires=300, runs=1),
 }
+
+# A node refuses a write that would leave less than --disk-reserve-mb free on its filesystem (507
+# disk_full); the default is 64 MiB (DEFAULT_DISK_RESERVE in src/store/disk.rs, `peersync node --help`).
+PS_DISK_RESERVE = 64 << 20
+# W5's data set is on disk ~6 times at once (the primary's op log, state and snapshot chunks; the replica's
+# chunks, staging tables and state), and redb's pages add about half again (the full run's primary:
+# state.redb 3.35 GB for 1 GiB of values and their log): a generous estimate.
+W5_DISK_COPIES = 9
+
+
+class Skip(Exception):
+    """A workload that cannot run on this machine: reported and kept in the JSON, not a failure."""
 
 
 class Ctx:
@@ -835,10 +850,23 @@ def iperf3(ctx: Ctx, seconds: int) -> float:
     raise RuntimeError(f"iperf3 failed: {errors}")
 
 
+def mount_point(path: Path) -> str:
+    path = path.resolve()
+    while not os.path.ismount(path):
+        path = path.parent
+    return str(path)
+
+
 def w5(ctx: Ctx) -> None:
     total, runs = ctx.size["w5_bytes"], ctx.size["runs"]
     n = total // 1024
     log(f"W5: snapshot transfer, {n} keys x 1 KiB ({total / 2**20:.0f} MiB) ({runs} runs each)")
+    # Enough room, or the node's own disk guard answers 507 disk_full midway: skip rather than fail.
+    free, need = shutil.disk_usage(ctx.tmp).free, total * W5_DISK_COPIES + PS_DISK_RESERVE
+    if free < need:
+        raise Skip(f"{free / 2**20:,.0f} MiB free on {mount_point(ctx.tmp)}, needs {need / 2**20:,.0f} MiB "
+                   f"({total / 2**20:,.0f} MiB data set x {W5_DISK_COPIES} copies + {PS_DISK_RESERVE >> 20} MiB "
+                   f"node disk reserve)")
     prim = Node(ctx, "w5-primary", 1, extra=["--log-retention-ops", "1", "--log-retention-bytes", "1"]).start()
     load = ps_load([prim.api], "w5", n, "v1k", threads_per_port=3)
     log(f"W5: loaded {n} keys in {load:.1f} s")
@@ -892,6 +920,195 @@ def w5(ctx: Ctx) -> None:
     ctx.row("W5", "snapshot path: replica start -> active", "s", "lower", t_active, "-", [], method)
 
 
+# ---------------------------------------------------------------- W8: lease acquire latency vs etcd
+
+
+LEASE_BODY = b'{"holder":"h","ttl_ms":10000}'
+W8_WHO = ("node 1", "node 2")
+
+
+def error_code(data: bytes) -> str | None:
+    try:
+        return json.loads(data).get("error")
+    except (ValueError, AttributeError):
+        return None
+
+
+def ps_acquire(nd: Node, key: str) -> tuple[int, bytes]:
+    return nd.http.request("POST", f"/v1/leases/bench/{key}/acquire", LEASE_BODY)
+
+
+def ps_lease_ready(nd: Node, key: str, timeout: float = 30) -> dict:
+    """Acquires `key` on `nd`, retrying a 503 (no_quorum until the primaries' Raft group has a leader) for up
+    to `timeout` s; returns how long that took and the 503s answered first, by error code."""
+    t0, refused = now(), {}
+    while True:
+        st, data = ps_acquire(nd, key)
+        if st == 200:
+            return dict(wait_s=round(now() - t0, 3), refused_503=refused)
+        if st != 503:
+            raise RuntimeError(f"W8 first acquire on {nd.name}: {st} {data[:200]!r}")
+        code = error_code(data) or "?"
+        refused[code] = refused.get(code, 0) + 1
+        if now() - t0 > timeout:
+            raise TimeoutError(f"W8: {nd.name} granted no lease within {timeout:.0f} s ({refused}, last answer "
+                               f"{data[:200]!r})")
+        time.sleep(0.05)
+
+
+def sequential_ms(n: int, one) -> dict:
+    """Runs one(i) for i in 0..n, one after another; p50/p99 of their durations in ms."""
+    lat = []
+    for i in range(n):
+        t = now()
+        one(i)
+        lat.append((now() - t) * 1000)
+    return dict(p50=percentile(lat, 50), p99=percentile(lat, 99))
+
+
+class Etcd:
+    """One member of a 3-member etcd cluster on 127.0.0.1, with etcd's defaults otherwise (fsync on)."""
+
+    def __init__(self, ctx: Ctx, name: str, idx: int, cluster: str):
+        self.ctx, self.name, self.cluster = ctx, name, cluster
+        self.client, self.peer = ETCD_CLIENT + idx, ETCD_PEER + idx
+        self.dir = ctx.tmp / name
+        self.http = Http(self.client, timeout=30)
+        self.proc = None
+
+    def start(self) -> "Etcd":
+        rmtree(self.dir)
+        client, peer = f"http://127.0.0.1:{self.client}", f"http://127.0.0.1:{self.peer}"
+        argv = ["etcd", "--name", self.name, "--data-dir", str(self.dir),
+                "--listen-client-urls", client, "--advertise-client-urls", client,
+                "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
+                "--initial-cluster", self.cluster, "--initial-cluster-state", "new",
+                "--initial-cluster-token", "bench-w8", "--logger", "zap", "--log-outputs", "stderr"]
+        self.proc = self.ctx.procs.spawn(f"etcd-{self.name}", argv, self.ctx.tmp / f"{self.name}.log")
+        return self
+
+    def healthy(self) -> bool:
+        try:
+            st, data = self.http.request("GET", "/health")
+            return st == 200 and json.loads(data).get("health") == "true"
+        except (OSError, ValueError):
+            return False
+
+    def acquire(self, key: str) -> None:
+        """A lease grant, then a put attached to it (etcd's lock with a TTL): two Raft commits."""
+        lease = self.http.json("POST", "/v3/lease/grant", b'{"TTL":10}')
+        put = {"key": base64.b64encode(key.encode()).decode(), "value": "aA==", "lease": lease["ID"]}
+        self.http.json("POST", "/v3/kv/put", json.dumps(put).encode())
+
+    def try_acquire(self, key: str) -> bool:
+        try:
+            self.acquire(key)
+            return True
+        except (OSError, RuntimeError, ValueError, KeyError):
+            return False
+
+    def is_leader(self) -> bool:
+        st = self.http.json("POST", "/v3/maintenance/status", b"{}")
+        return st["leader"] == st["header"]["member_id"]
+
+    def stop(self) -> None:
+        self.http.close()
+        if self.proc is not None:
+            self.ctx.procs.stop(self.proc)
+        if not self.ctx.args.keep_data:
+            rmtree(self.dir)
+
+
+def etcd_version() -> str:
+    out = subprocess.run(["etcd", "--version"], capture_output=True, text=True).stdout.split()
+    return out[2] if out[:2] == ["etcd", "Version:"] else "?"
+
+
+def w8(ctx: Ctx) -> None:
+    n, runs = ctx.size["w8_acquires"], ctx.size["runs"]
+    use_etcd = shutil.which("etcd") is not None
+    anchor = f"etcd {etcd_version()}, 3 members" if use_etcd else "redis 7 SET NX PX + WAIT 2"
+    log(f"W8: lease acquire latency, 3 primaries, {n} sequential acquires on node 1 then node 2, vs {anchor} "
+        f"({runs} runs each)")
+    ps: dict[str, list] = {w: [] for w in W8_WHO}
+    an: dict[str, list] = {w: [] for w in W8_WHO}
+    ps_ready, etcd_leaders = [], []
+    for run in range(runs):
+        nodes = [Node(ctx, f"w8-node{i}", i) for i in (1, 2, 3)]
+        for nd in nodes:
+            nd.prepare()
+        for nd in nodes:
+            nd.extra = [a for o in nodes if o is not nd for a in ("--bootstrap", o.addr)]
+            nd.spawn()
+        for nd in nodes:
+            wait_until(lambda: try_status(nd.http), 30, f"{nd.name} API", proc=nd.proc)
+        for nd in nodes:
+            nd.wait_active(60)
+        ps_ready.append({nd.name: ps_lease_ready(nd, f"ready-{nd.name}") for nd in nodes[:2]})
+        log(f"W8 run {run + 1}: first acquire granted (503s retried first): {ps_ready[-1]}")
+        for w, nd in zip(W8_WHO, nodes):
+            def acquire(i: int) -> None:
+                st, data = ps_acquire(nd, f"r{run}-{nd.name}-{i}")
+                if st != 200:
+                    raise RuntimeError(f"W8 acquire {i} on {nd.name}: {st} {data[:200]!r}")
+            ps[w].append(sequential_ms(n, acquire))
+            log(f"W8 run {run + 1}: peersync {w} p50 {ps[w][-1]['p50']:.2f} ms p99 {ps[w][-1]['p99']:.2f} ms")
+        for nd in nodes:
+            nd.stop()
+
+        if use_etcd:
+            cluster = ",".join(f"w8-etcd{i}=http://127.0.0.1:{ETCD_PEER + i}" for i in (1, 2, 3))
+            members = [Etcd(ctx, f"w8-etcd{i}", i, cluster).start() for i in (1, 2, 3)]
+            for e in members:
+                wait_until(e.healthy, 60, f"{e.name} healthy", interval=0.05, proc=e.proc)
+            for e in members[:2]:
+                wait_until(lambda: e.try_acquire(f"ready-{e.name}"), 30, f"{e.name} first lease", interval=0.05)
+            etcd_leaders.append([e.name for e in members if e.is_leader()])
+            for w, e in zip(W8_WHO, members):
+                an[w].append(sequential_ms(n, lambda i: e.acquire(f"bench/r{run}-{e.name}-{i}")))
+                log(f"W8 run {run + 1}: etcd member {w[-1]} p50 {an[w][-1]['p50']:.2f} ms "
+                    f"p99 {an[w][-1]['p99']:.2f} ms (leader {etcd_leaders[-1]})")
+            for e in members:
+                e.stop()
+        else:
+            prim = Redis(ctx, "w8-redis-primary", 1).start()
+            reps = [Redis(ctx, f"w8-redis-replica{i}", 1 + i, replicaof=prim.port).start() for i in (1, 2)]
+            wait_until(lambda: all(r.linked() for r in reps), 60, "W8 redis replicas linked")
+            redis_settle(prim, reps)
+            c = prim.connect()
+            for w in W8_WHO:
+                def acquire(i: int) -> None:
+                    # SET NX and WAIT pipelined: one round trip, as the HTTP request is.
+                    c.sock.sendall(resp_command(("SET", f"bench:{w[-1]}-{i}", "h", "NX", "PX", "10000"))
+                                   + resp_command(("WAIT", "2", "1000")))
+                    ok, got = c.read(), c.read()
+                    if ok != "OK" or int(got) < 2:
+                        raise RuntimeError(f"W8 redis SET NX answered {ok!r}, WAIT 2 answered {got!r}")
+                an[w].append(sequential_ms(n, acquire))
+                log(f"W8 run {run + 1}: redis ({w}) p50 {an[w][-1]['p50']:.2f} ms p99 {an[w][-1]['p99']:.2f} ms")
+            for r in reps:
+                r.stop()
+            prim.stop()
+    method = ("one client, N sequential lease acquires on distinct keys over one keep-alive connection, to node 1 "
+              "then node 2. peersync: 3 primaries, each bootstrapped to the other two, all active, then one "
+              "acquire on node 1 and one on node 2 retried while they answer 503 (no_quorum: the primaries' Raft "
+              "group has no leader yet; up to 30 s); POST /v1/leases/bench/KEY/acquire "
+              '{"holder":"h","ttl_ms":10000}. ')
+    if use_etcd:
+        method += ("etcd: 3 members on 127.0.0.1 with fsync (etcd's default), node 1/2 = member 1/2 (leader or "
+                   "follower as elected); one acquire = POST /v3/lease/grant {\"TTL\":10} then POST /v3/kv/put "
+                   "of the key attached to that lease, through the HTTP/JSON gateway (two Raft commits).")
+    else:
+        method += ("redis (etcd not installed): SET KEY h NX PX 10000 + WAIT 2 1000 pipelined on a primary with 2 "
+                   "replicas, both rows against the primary (acknowledged = received by both replicas, in memory "
+                   "only).")
+    for w in W8_WHO:
+        for q in ("p50", "p99"):
+            details = dict(first_acquire=ps_ready, etcd_leader=etcd_leaders) if (w, q) == (W8_WHO[0], "p50") else {}
+            ctx.row("W8", f"lease acquire {q}, 3 primaries, {w}", "ms", "lower", [r[q] for r in ps[w]], anchor,
+                    [r[q] for r in an[w]], method, **details)
+
+
 # ---------------------------------------------------------------- output
 
 
@@ -921,17 +1138,18 @@ def versions(ctx: Ctx) -> dict:
     return dict(peersync_commit=run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]),
                 peersync_dirty=bool(run(["git", "-C", str(ROOT), "status", "--porcelain", "--", "src", "Cargo.toml"])),
                 redis=run(["redis-server", "--version"]), iperf3=run(["iperf3", "--version"]),
+                etcd=run(["etcd", "--version"]),
                 kernel=platform.release(), cpus=os.cpu_count(), python=platform.python_version())
 
 
-WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6}
+WORKLOADS = {"W1": w1, "W2": w2, "W3": w3, "W4": w4, "W5": w5, "W6": w6, "W8": w8}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small sizes, 1 run each (smoke run)")
     ap.add_argument("--runs", type=int, default=0, help="runs per system and workload (default 3, 1 with --quick)")
-    ap.add_argument("--only", default="W1,W2,W3,W4,W5,W6,W7", help="comma-separated workloads (W7 comes with W1)")
+    ap.add_argument("--only", default="W1,W2,W3,W4,W5,W6,W7,W8", help="comma-separated workloads (W7 comes with W1)")
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     ap.add_argument("--tmp", type=Path, default=ROOT / "target" / "bench-tmp")
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "peersync"))
@@ -956,6 +1174,7 @@ def main() -> int:
     t0 = now()
     timings = {}
     failures: dict[str, str] = {}
+    skipped: dict[str, str] = {}
     try:
         for name, fn in WORKLOADS.items():
             if name in args.only or (name == "W1" and "W7" in args.only):
@@ -964,6 +1183,10 @@ def main() -> int:
                     fn(ctx)
                 except (KeyboardInterrupt, SystemExit):
                     raise
+                except Skip as e:
+                    skipped[name] = str(e)
+                    log(f"{name} SKIPPED: {e}")
+                    ctx.procs.stop_all()
                 except Exception as e:  # noqa: BLE001 - report it, stop its processes, go on
                     import traceback
                     traceback.print_exc()
@@ -979,6 +1202,7 @@ def main() -> int:
         started=time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)), elapsed_s=elapsed,
         workload_s=timings, mode="quick" if args.quick else "full", runs=ctx.size["runs"], sizes=ctx.size,
         versions=versions(ctx), peersync_flags=PS_FLAGS, redis_flags=REDIS_FLAGS, rows=ctx.rows, failures=failures,
+        skipped=skipped,
         notes=["medians over alternating runs (peersync, anchor, peersync, ...); ratio = peersync median / anchor "
                "median; 'better' says which direction is good for the metric",
                "all processes on one 2-core machine over 127.0.0.1; load generators share the cores"])
@@ -987,6 +1211,8 @@ def main() -> int:
     print(f"peersync vs anchors ({result['mode']}, {ctx.size['runs']} run(s) each, medians; "
           f"{elapsed:.0f} s in total)")
     print(table(ctx.rows))
+    for name, why in skipped.items():
+        print(f"{name} SKIPPED: {why}")
     for name, err in failures.items():
         print(f"{name} FAILED: {err}")
     print(f"\nJSON: {args.out / 'bench.json'}")
