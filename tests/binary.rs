@@ -200,6 +200,56 @@ fn three_processes_in_a_chain_replicate_writes() {
     }
 }
 
+/// Two primaries form the lease group; with one of them down the other cannot reach a majority
+/// and answers 503 `no_quorum` instead of granting; restarted, the group (persisted in
+/// `leases.redb`) grants again, with a larger fencing token.
+#[test]
+fn leases_need_a_majority_of_the_primaries_and_survive_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let a_addr = bootstrap_addr(&a);
+    let b_args = [&fast[..], &["--bootstrap", &a_addr]].concat();
+    let b = NodeProc::start(&dir.path().join("b"), &b_args);
+    let voters = |node: &NodeProc| status(&node.api)["sync"]["leases"]["voters"].as_array().map_or(0, Vec::len);
+    common::wait_sync("both primaries vote in the lease group", std::time::Duration::from_secs(60), || {
+        if voters(&a) == 2 && voters(&b) == 2 {
+            Ok(())
+        } else {
+            Err(format!("{} and {}", status(&a.api)["sync"]["leases"], status(&b.api)["sync"]["leases"]))
+        }
+    });
+    let acquire = |node: &NodeProc, key: &str, holder: &str| {
+        cli(&["lease", "acquire", "locks", key, "--holder", holder, "--ttl-ms", "60000", "--api", &node.api])
+    };
+    let (ok, out, err) = acquire(&b, "db", "w1");
+    assert!(ok, "{err}");
+    let first = serde_json::from_str::<Value>(&out).unwrap()["token"].as_u64().unwrap();
+
+    let b_data = dir.path().join("b");
+    assert!(b.terminate().success());
+    let (ok, _, err) = acquire(&a, "cache", "w2");
+    assert!(!ok && err.contains("no_quorum"), "one primary of two is no majority: {err}");
+
+    let b = NodeProc::start(&b_data, &b_args);
+    let mut second = 0;
+    common::wait_sync("a grant once the group has its majority again", std::time::Duration::from_secs(60), || {
+        let (ok, out, err) = acquire(&a, "cache", "w2");
+        if !ok {
+            return Err(err);
+        }
+        second = serde_json::from_str::<Value>(&out).unwrap()["token"].as_u64().unwrap();
+        Ok(())
+    });
+    assert!(second > first, "fencing tokens grow: {first} then {second}");
+    // The first grant survived both restarts: another holder is still refused.
+    let (ok, _, err) = acquire(&a, "db", "w3");
+    assert!(!ok && err.contains("lease_held") && err.contains("w1"), "{err}");
+    for node in [a, b] {
+        assert!(node.terminate().success());
+    }
+}
+
 fn wait_active(node: &NodeProc) {
     common::wait_sync("the node to become active", std::time::Duration::from_secs(60), || {
         let s = status(&node.api);

@@ -86,6 +86,20 @@ fn handover_moves_a_provider_without_losing_a_write_and_cuts_the_old_one_off() {
     let old = start(&dold, &admit(&key, &dold, &authority), Some(&a_addr));
     let new = start(&dnew, &admit(&key, &dnew, &authority), Some(&a_addr));
 
+    // The certified primaries are the lease group's voters.
+    let voters = |node: &NodeProc| -> Vec<String> {
+        let v = status(&node.api)["sync"]["leases"]["voters"].clone();
+        v.as_array().map(|a| a.iter().filter_map(|p| p.as_str().map(str::to_owned)).collect()).unwrap_or_default()
+    };
+    common::wait_sync("three voters in the lease group", DEADLINE, || {
+        let v = voters(&a);
+        if v.len() == 3 && v.contains(&old.peer_id) {
+            Ok(())
+        } else {
+            Err(format!("{v:?}"))
+        }
+    });
+
     let mut written = Vec::new();
     for i in 0..20 {
         let k = format!("old-{i}");
@@ -144,6 +158,20 @@ fn handover_moves_a_provider_without_losing_a_write_and_cuts_the_old_one_off() {
             }
         });
     }
+    // Revoked, OLD is no longer a voter; the two left are a majority and grant leases.
+    for node in [&a, &new] {
+        common::wait_sync("OLD removed from the lease group's voters", DEADLINE, || {
+            let v = voters(node);
+            if v.len() == 2 && !v.contains(&old.peer_id) {
+                Ok(())
+            } else {
+                Err(format!("{v:?}"))
+            }
+        });
+    }
+    let (ok, out, err) = cli(&["lease", "acquire", "locks", "db", "--holder", "w1", "--api", &new.api]);
+    assert!(ok, "the remaining voters grant: {err}");
+    assert!(out.contains("\"token\""), "{out}");
     put(&old, "after-revocation");
     // Let the cluster run: NEW writes, and A must apply NEW's write but never OLD's.
     put(&new, "marker");

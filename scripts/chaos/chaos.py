@@ -118,9 +118,9 @@ class Node:
         if self.alive():
             os.kill(self.proc.pid, sig)
 
-    def request(self, method: str, path: str, body: bytes | None = None) -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None = None, timeout: float = 2.0) -> tuple[int, bytes]:
         """One request on a fresh connection (a node may have been killed since the last)."""
-        conn = http.client.HTTPConnection(self.ip, API_PORT, timeout=2.0)
+        conn = http.client.HTTPConnection(self.ip, API_PORT, timeout=timeout)
         try:
             headers = {"Content-Type": "application/json"} if body is not None else {}
             conn.request(method, path, body=body, headers=headers)
@@ -195,8 +195,10 @@ def client(c: int, primaries: list[Node], log_: Log, stop: threading.Event, seed
                 shard = f"shard{rnd.randrange(3)}"
                 holder = f"client{c}"
                 asked = now_ms()
+                # Longer than the node's lease timeout (5 s): a primary without a quorum answers
+                # 503 no_quorum by then, which is a refusal, not an indeterminate outcome.
                 st, data = node.request("POST", f"/v1/leases/chaos/{shard}/acquire",
-                                        json.dumps({"holder": holder, "ttl_ms": 2000}).encode())
+                                        json.dumps({"holder": holder, "ttl_ms": 2000}).encode(), timeout=7.0)
                 with log_.lock:
                     if st == 200:
                         g = json.loads(data)

@@ -17,9 +17,6 @@ use crate::wire::{LeaseAnswer, LeaseMessage, SyncRequest, SyncResponse};
 
 /// A primary outside a group asks to join this often.
 const JOIN_EVERY: Duration = Duration::from_secs(1);
-/// How long a primary waits for its bootstrap peers before it may found a group without them,
-/// in multiples of `lease_found_after`.
-const FOUND_WITHOUT_BOOTSTRAP: u32 = 10;
 
 /// The engine's lease state besides the group itself.
 pub(super) struct Leases {
@@ -35,11 +32,22 @@ pub(super) struct Leases {
     /// group is known to exist, this node only ever joins it, however long it is cut off from
     /// its members. Founding a second group would let two groups grant the same lease.
     heard_of: Option<u64>,
+    /// A primary of the cluster with a lower Raft id was seen: this node leaves founding to it
+    /// (or to another), for good. Only a primary that never saw a lower one founds.
+    saw_lower: bool,
 }
 
 impl Leases {
     pub fn new(group: Option<LeaseGroup>, now: Instant) -> Self {
-        Leases { group, next_tick: now, next_join: now, leader_hint: None, in_flight: BTreeMap::new(), heard_of: None }
+        Leases {
+            group,
+            next_tick: now,
+            next_join: now,
+            leader_hint: None,
+            in_flight: BTreeMap::new(),
+            heard_of: None,
+            saw_lower: false,
+        }
     }
 
     pub fn group_id(&self) -> Option<u64> {
@@ -143,6 +151,13 @@ impl Engine {
             .filter(|(_, p)| p.connected() && p.in_cluster(&cluster) && p.role() == Some(Role::Primary))
             .map(|(id, p)| (*id, p.digest.as_ref().and_then(|d| d.lease_group), p.digest.is_some()))
             .collect();
+        let me = raft_id(&self.me);
+        let lower_primary = self
+            .peers
+            .map
+            .iter()
+            .any(|(id, p)| p.in_cluster(&cluster) && p.role() == Some(Role::Primary) && raft_id(id) < me);
+        self.leases.saw_lower |= lower_primary;
         if let Some((peer, group)) = connected_primaries.iter().find_map(|(id, g, _)| g.map(|g| (*id, g))) {
             self.leases.heard_of = Some(group);
             if now < self.leases.next_join {
@@ -155,8 +170,8 @@ impl Engine {
             self.send_lease(now, target, LeaseMessage::Join { group });
             return;
         }
-        if self.leases.heard_of.is_some() {
-            return; // wait to reach one of its members again
+        if self.leases.heard_of.is_some() || self.leases.saw_lower {
+            return; // wait to reach a member of the group, or for the lower one to found it
         }
         let waited = now.saturating_duration_since(self.started);
         if waited < self.cfg.lease_found_after {
@@ -168,13 +183,13 @@ impl Engine {
             .iter()
             .filter_map(|(_, p)| *p)
             .all(|p| p == self.me || self.peers.get(&p).is_some_and(|x| x.connected()));
-        if !bootstrap_up && waited < self.cfg.lease_found_after * FOUND_WITHOUT_BOOTSTRAP {
+        // Never without them, however long they stay away: two primaries cut off from each other
+        // would each found a group, and two groups can grant the same lease.
+        if !bootstrap_up {
             return;
         }
-        // Every connected primary must have told us (by digest) that it is in no group, and none
-        // may have a lower id: that one founds.
-        let me = raft_id(&self.me);
-        let defer = connected_primaries.iter().any(|(id, _, seen)| !seen || raft_id(id) < me);
+        // Every connected primary must have told us (by digest) that it is in no group.
+        let defer = connected_primaries.iter().any(|(_, _, seen)| !seen);
         if !defer {
             if let Some(g) = self.leases.group.as_mut() {
                 g.found();
@@ -201,7 +216,18 @@ impl Engine {
                     self.send_lease(now, to, LeaseMessage::Raft { group, msg });
                 }
                 GroupOut::Persist(write) => self.push(Action::PersistLeaseLog { write }),
-                GroupOut::Done { wait, result } => self.push(Action::LeaseDone { wait, result }),
+                GroupOut::Done { wait, mut result } => {
+                    // A node that learns late of its own command's commit (it was cut off from the
+                    // leader) may find the lease it granted already over: it is not handed to the
+                    // client as a grant, which the client would take as current.
+                    let wall = self.wall_ms(now);
+                    if result.as_ref().is_ok_and(|g| g.holder.is_some() && g.expires_at_ms <= wall) {
+                        let reason = "the grant was committed, but this node learned of it only after the lease had \
+                                      expired; ask again";
+                        result = Err(LeaseFailure::NoQuorum(reason.to_owned()));
+                    }
+                    self.push(Action::LeaseDone { wait, result });
+                }
             }
         }
     }

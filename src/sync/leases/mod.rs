@@ -8,9 +8,10 @@
 //!
 //! How a group forms (the rule in open mode and in membership mode alike):
 //! - A primary with no lease log of its own asks to join a group a peer reports in its digest.
-//! - When no peer reports one, the primary with the lowest Raft id among the cluster's primaries it
-//!   is connected to founds the group, once it has waited `lease_found_after` since it started and
-//!   its bootstrap peers are connected (or ten times that passed).
+//! - Only a primary that has never seen a lower Raft id among the cluster's primaries, and never
+//!   heard of a group (a digest or an answer named one), founds the group: once it has waited
+//!   `lease_found_after` since it started, every one of its bootstrap peers is connected (never
+//!   without them) and every connected primary's digest says it is in no group.
 //! - The leader adds a joining primary as a voter (in membership mode only a certified primary)
 //!   and removes revoked members.
 //!
