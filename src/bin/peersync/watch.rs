@@ -230,7 +230,7 @@ fn peers(lines: &mut Vec<String>, s: &Value, size: Size, paint: Paint) {
     let peers = s["peers"].as_array().unwrap_or(&empty);
     lines.push(String::new());
     lines.push(
-        paint.bold(&format!("{:<16} {:<9} {:<8} {:>8} {:>8}  lag behind it", "peer", "role", "link", "rtt", "digest")),
+        paint.bold(&format!("{:<16} {:<9} {:<8} {:>8} {:>9}  lag behind it", "peer", "role", "link", "rtt", "digest")),
     );
     let have = s["version_vector"].as_object();
     let room = size.rows.saturating_sub(lines.len());
@@ -264,7 +264,7 @@ fn peers(lines: &mut Vec<String>, s: &Value, size: Size, paint: Paint) {
         let rtt = p["rtt_ms"].as_f64().map_or("-".into(), |ms| format!("{ms:.1}ms"));
         let digest = p["digest_age_ms"].as_u64().map_or("-".into(), |ms| duration(Duration::from_millis(ms)) + " ago");
         lines.push(format!(
-            "{:<16} {:<9} {link} {rtt:>8} {digest:>8}  {lag}",
+            "{:<16} {:<9} {link} {rtt:>8} {digest:>9}  {lag}",
             short(&text(&p["peer_id"])),
             text(&p["role"]),
         ));
@@ -545,7 +545,7 @@ mod tests {
         assert!(frame.contains("(no peers known)") && !frame.contains("leases") && !frame.contains('['), "{frame}");
         let peer = json!({"peers": [{"peer_id": "p"}]});
         let (frame, _) = render(Ok(&peer), "A", Some(&sample), Instant::now(), WIDE, false);
-        assert!(line(&frame, "p ").ends_with("down            -        -  -"), "{frame}");
+        assert!(line(&frame, "p ").ends_with("down            -         -  -"), "{frame}");
     }
 
     #[test]
