@@ -419,7 +419,8 @@ impl NodeHandle {
         let net = self.net_status().await?;
         let (root, vv) = self.inner.store.state_root();
         let busy = !(net.pulls.is_empty() && net.gaps.is_empty() && net.lag_ops.values().all(|l| *l == 0));
-        let rejected = self.inner.metrics.gossip_rejected.get() + self.inner.metrics.replay_rejected.get();
+        let m = &self.inner.metrics;
+        let rejected = m.gossip_rejected.get() + m.replay_rejected.get();
         Ok(Status {
             peer_id: self.inner.peer_id.to_string(),
             role: self.inner.config.net.role,
@@ -440,6 +441,11 @@ impl NodeHandle {
                 "rejected_messages": rejected,
                 "snapshot": net.snapshot,
                 "leases": net.leases,
+                "bytes_in": m.bytes_in_total(),
+                "bytes_out": m.bytes_out_total(),
+                "gossip_unsent": m.gossip_unsent.get(),
+                "gossip_ignored": m.gossip_ignored.get(),
+                "gap_overflows": m.gap_overflows.get(),
             }),
         })
     }

@@ -13,13 +13,28 @@ pub struct ProtocolLabel {
     pub protocol: &'static str,
 }
 
+/// Every protocol the byte counters are labelled with; the totals in status sum these.
+pub const PROTOCOLS: [&str; 3] = ["gossip", "replay", "snapshot"];
+
 impl Metrics {
     pub fn count_in(&self, protocol: &'static str, bytes: usize) {
+        debug_assert!(PROTOCOLS.contains(&protocol), "unlisted protocol {protocol}");
         self.bytes_in.get_or_create(&ProtocolLabel { protocol }).inc_by(bytes as u64);
     }
 
     pub fn count_out(&self, protocol: &'static str, bytes: usize) {
+        debug_assert!(PROTOCOLS.contains(&protocol), "unlisted protocol {protocol}");
         self.bytes_out.get_or_create(&ProtocolLabel { protocol }).inc_by(bytes as u64);
+    }
+
+    /// Bytes received over all protocols.
+    pub fn bytes_in_total(&self) -> u64 {
+        PROTOCOLS.iter().filter_map(|&protocol| self.bytes_in.get(&ProtocolLabel { protocol }).map(|c| c.get())).sum()
+    }
+
+    /// Bytes sent over all protocols.
+    pub fn bytes_out_total(&self) -> u64 {
+        PROTOCOLS.iter().filter_map(|&protocol| self.bytes_out.get(&ProtocolLabel { protocol }).map(|c| c.get())).sum()
     }
 }
 

@@ -36,6 +36,8 @@ fn disable_transparent_huge_pages() {
 
 mod cluster;
 mod config_file;
+mod live;
+mod watch;
 
 #[derive(Parser)]
 #[command(name = "peersync", version, about = "Peer-to-peer sync node: replicated registers, counters and leases")]
@@ -122,11 +124,18 @@ enum Command {
     /// The cluster authority: make its key, admit members.
     #[command(subcommand)]
     Cluster(cluster::ClusterCommand),
-    /// Print the node's status.
+    /// Print the node's status as JSON, or watch it live.
     Status {
-        /// Print it again every second.
+        /// Show a live view, redrawn in place: phase, snapshot and replay progress with rate and
+        /// ETA, traffic, leases and peers (with --json: print the JSON again at every interval).
         #[arg(long)]
         watch: bool,
+        /// With --watch: pretty JSON at every interval instead of the view.
+        #[arg(long)]
+        json: bool,
+        /// With --watch: time between polls.
+        #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u64).range(100..))]
+        interval_ms: u64,
         #[command(flatten)]
         api: ApiArg,
     },
@@ -346,15 +355,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let method = if action == "create" { Method::POST } else { Method::GET };
             print_json(api.client()?.call(method, "/v1/snapshots", None).await?)
         }
-        Command::Status { watch, api } => {
+        Command::Status { watch, json, interval_ms, api } => {
             let client = api.client()?;
+            let interval = Duration::from_millis(interval_ms);
+            if watch && !json {
+                return live::run(&client, &api.api, interval).await;
+            }
             loop {
                 print_json(client.call(Method::GET, "/v1/status", None).await?)?;
                 if !watch {
                     return Ok(());
                 }
                 tokio::select! {
-                    _ = tokio::time::sleep(std::time::Duration::from_secs(1)) => {}
+                    _ = tokio::time::sleep(interval) => {}
                     _ = tokio::signal::ctrl_c() => return Ok(()),
                 }
             }

@@ -23,6 +23,9 @@ pub struct PeerStatus {
     pub rtt_ms: Option<f64>,
     /// The version vector of the peer's last digest.
     pub version_vector: Option<BTreeMap<String, u64>>,
+    /// How long ago that digest came, in ms: a peer whose digests stop is not telling this node
+    /// what it misses.
+    pub digest_age_ms: Option<u64>,
 }
 
 /// Snapshot progress for status: the snapshot's CID and how far its pull has come.
@@ -75,6 +78,7 @@ pub(super) fn status(engine: &Engine, now: Instant, store: &dyn StoreView) -> Sy
                 cluster: p.meta.as_ref().map(|(_, c)| c.clone()).or(p.digest.as_ref().map(|d| d.cluster.clone())),
                 rtt_ms: p.rtt.map(|r| r.as_secs_f64() * 1000.0),
                 version_vector: p.digest.as_ref().map(|d| vv_json(&d.version_vector)),
+                digest_age_ms: p.digest_at.map(|at| now.saturating_duration_since(at).as_millis() as u64),
             }
         })
         .collect();
