@@ -6,6 +6,7 @@
 #
 # Usage: scripts/prometheus.sh [--keep]   (--keep leaves Prometheus and the nodes running)
 # Ports: nodes' APIs 7861-7863 (p2p 7961-7963), Prometheus 19090. Data in target/prometheus.
+# PEERSYNC_BIN: run that binary instead of building target/release/peersync.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 dir=$root/target/prometheus
@@ -24,7 +25,12 @@ if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
     fi
 fi
 # The package starts a system service on 9090; this script runs its own.
-(cd "$root" && cargo build --release --bin peersync) >&2
+# PEERSYNC_BIN (an executable peersync, passed on to cluster.sh) skips the build.
+if [ -n "${PEERSYNC_BIN:-}" ] && [ -x "$PEERSYNC_BIN" ]; then
+    say "using $PEERSYNC_BIN"
+else
+    (cd "$root" && cargo build --release --bin peersync) >&2
+fi
 
 rm -rf "$dir"
 mkdir -p "$dir"
