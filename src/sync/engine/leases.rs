@@ -144,12 +144,17 @@ impl Engine {
 
     fn join_or_found(&mut self, now: Instant) {
         let cluster = self.cfg.cluster.clone();
+        // A digest counts only if it came on the current connection: one kept from before (when
+        // the peer was in no group yet) says nothing of now. And every connected peer must be
+        // known, as a primary or not, before this node may found.
+        let fresh = |p: &super::peers::Peer| matches!((p.digest_at, p.connected_at), (Some(d), Some(c)) if d >= c);
+        let unknown = self.peers.map.values().any(|p| p.connected() && p.meta.is_none() && !fresh(p));
         let connected_primaries: Vec<(PeerId, Option<u64>, bool)> = self
             .peers
             .map
             .iter()
             .filter(|(_, p)| p.connected() && p.in_cluster(&cluster) && p.role() == Some(Role::Primary))
-            .map(|(id, p)| (*id, p.digest.as_ref().and_then(|d| d.lease_group), p.digest.is_some()))
+            .map(|(id, p)| (*id, p.digest.as_ref().and_then(|d| d.lease_group), fresh(p)))
             .collect();
         let me = raft_id(&self.me);
         let lower_primary = self
@@ -188,8 +193,9 @@ impl Engine {
         if !bootstrap_up {
             return;
         }
-        // Every connected primary must have told us (by digest) that it is in no group.
-        let defer = connected_primaries.iter().any(|(_, _, seen)| !seen);
+        // Every connected primary must have told us (by a digest on this connection) that it is
+        // in no group.
+        let defer = unknown || connected_primaries.iter().any(|(_, _, seen)| !seen);
         if !defer {
             if let Some(g) = self.leases.group.as_mut() {
                 g.found();

@@ -12,7 +12,7 @@
 //! view therefore ends before its grantors' view does, as in Chubby, as long as no two clocks of
 //! the cluster are further apart than the bound.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 
 use libp2p::PeerId;
 use serde::{Deserialize, Serialize};
@@ -56,15 +56,41 @@ pub struct Table {
     /// The voters' peer ids by Raft id (the Raft configuration names them by number only).
     pub voters: BTreeMap<u64, Vec<u8>>,
     leases: BTreeMap<(String, Vec<u8>), Record>,
+    /// The last [`RECENT_COMMANDS`] commands applied, by (proposer, id), oldest first: a proposer
+    /// proposes again a command it has not seen commit (a lost forward to the leader), and the
+    /// copy that commits second must change nothing.
+    recent: VecDeque<(u64, u64)>,
+    #[serde(skip)]
+    recent_set: BTreeSet<(u64, u64)>,
 }
+
+/// How many applied commands the table remembers to drop duplicates: far more than are proposed
+/// within a request's timeout.
+pub const RECENT_COMMANDS: usize = 4096;
 
 impl Table {
     pub fn new(group: u64) -> Self {
         Table { group, ..Table::default() }
     }
 
-    /// Applies a committed command at log `index`; the answer its proposer gives its client.
-    pub fn apply(&mut self, index: u64, cmd: &Command) -> Result<LeaseGrant, LeaseError> {
+    /// Applies a committed command at log `index`; the answer its proposer gives its client, or
+    /// `None` for a second copy of a command already applied (it changes nothing).
+    pub fn apply(&mut self, index: u64, cmd: &Command) -> Option<Result<LeaseGrant, LeaseError>> {
+        let id = (cmd.proposer, cmd.id);
+        if self.recent_set.contains(&id) {
+            return None;
+        }
+        self.recent.push_back(id);
+        self.recent_set.insert(id);
+        if self.recent.len() > RECENT_COMMANDS {
+            if let Some(old) = self.recent.pop_front() {
+                self.recent_set.remove(&old);
+            }
+        }
+        Some(self.decide(index, cmd))
+    }
+
+    fn decide(&mut self, index: u64, cmd: &Command) -> Result<LeaseGrant, LeaseError> {
         let slot = (cmd.lease.clone(), cmd.key.clone());
         let current = self.leases.get(&slot);
         let view =
@@ -129,7 +155,9 @@ impl Table {
     }
 
     pub fn decode(bytes: &[u8]) -> Result<Table, postcard::Error> {
-        postcard::from_bytes(bytes)
+        let mut t: Table = postcard::from_bytes(bytes)?;
+        t.recent_set = t.recent.iter().copied().collect();
+        Ok(t)
     }
 }
 
@@ -137,8 +165,37 @@ impl Table {
 mod tests {
     use super::*;
 
+    /// A command with an id of its own (the table drops a second copy of one id).
     fn cmd(request: LeaseRequest, at_ms: u64) -> Command {
-        Command { proposer: 1, id: 1, lease: "l".into(), key: b"k".to_vec(), request, at_ms }
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Command {
+            proposer: 1,
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            lease: "l".into(),
+            key: b"k".to_vec(),
+            request,
+            at_ms,
+        }
+    }
+
+    /// Applies a command that is no duplicate.
+    fn apply(t: &mut Table, index: u64, c: &Command) -> Result<LeaseGrant, LeaseError> {
+        t.apply(index, c).expect("not a duplicate")
+    }
+
+    #[test]
+    fn a_second_copy_of_a_command_changes_nothing() {
+        let mut t = Table::new(7);
+        let a = cmd(acquire("a", 1_000), 100);
+        assert_eq!(apply(&mut t, 3, &a).unwrap().token, 3);
+        apply(&mut t, 4, &cmd(LeaseRequest::Release { holder: "a".into() }, 200)).unwrap();
+        // The retried acquire commits again after the release: it must not grant "a" the lease anew.
+        assert!(t.apply(5, &a).is_none());
+        assert!(t.is_empty());
+        // The memory of applied commands survives the snapshot's encoding.
+        let t2 = Table::decode(&t.encode()).unwrap();
+        assert!(t2.clone().apply(6, &a).is_none());
     }
 
     fn acquire(holder: &str, ttl_ms: u64) -> LeaseRequest {
@@ -148,49 +205,49 @@ mod tests {
     #[test]
     fn tokens_are_log_indexes_and_holders_never_overlap() {
         let mut t = Table::new(7);
-        let a = t.apply(10, &cmd(acquire("a", 1_000), 5_000)).unwrap();
+        let a = apply(&mut t, 10, &cmd(acquire("a", 1_000), 5_000)).unwrap();
         assert_eq!((a.token, a.expires_at_ms), (10, 6_000));
         // The holder's view ends at 6 000; the grantors refuse another holder until 6 000 + drift.
-        let refused = t.apply(11, &cmd(acquire("b", 1_000), 6_000 + LEASE_CLOCK_DRIFT_MS - 1));
+        let refused = apply(&mut t, 11, &cmd(acquire("b", 1_000), 6_000 + LEASE_CLOCK_DRIFT_MS - 1));
         assert!(matches!(refused, Err(LeaseError::Held { .. })));
-        let b = t.apply(12, &cmd(acquire("b", 1_000), 6_000 + LEASE_CLOCK_DRIFT_MS)).unwrap();
+        let b = apply(&mut t, 12, &cmd(acquire("b", 1_000), 6_000 + LEASE_CLOCK_DRIFT_MS)).unwrap();
         assert_eq!(b.token, 12);
         // Re-acquiring and renewing keep the token.
-        assert_eq!(t.apply(13, &cmd(acquire("b", 1_000), 6_500)).unwrap().token, 12);
+        assert_eq!(apply(&mut t, 13, &cmd(acquire("b", 1_000), 6_500)).unwrap().token, 12);
         let renew = LeaseRequest::Renew { holder: "b".into(), ttl_ms: 1_000 };
-        assert_eq!(t.apply(14, &cmd(renew, 6_600)).unwrap().token, 12);
+        assert_eq!(apply(&mut t, 14, &cmd(renew, 6_600)).unwrap().token, 12);
     }
 
     #[test]
     fn a_renewal_extends_but_never_shortens() {
         let mut t = Table::new(7);
-        let a = t.apply(1, &cmd(acquire("a", 2_000), 1_000)).unwrap();
+        let a = apply(&mut t, 1, &cmd(acquire("a", 2_000), 1_000)).unwrap();
         assert_eq!(a.expires_at_ms, 3_000);
         // A shorter TTL, or a proposer whose clock is behind, keeps the expiry already told.
-        assert_eq!(t.apply(2, &cmd(acquire("a", 200), 1_100)).unwrap().expires_at_ms, 3_000);
+        assert_eq!(apply(&mut t, 2, &cmd(acquire("a", 200), 1_100)).unwrap().expires_at_ms, 3_000);
         let renew = LeaseRequest::Renew { holder: "a".into(), ttl_ms: 100 };
-        assert_eq!(t.apply(3, &cmd(renew, 900)).unwrap().expires_at_ms, 3_000);
+        assert_eq!(apply(&mut t, 3, &cmd(renew, 900)).unwrap().expires_at_ms, 3_000);
         // So another holder still waits for the first expiry plus the drift bound.
-        let early = t.apply(4, &cmd(acquire("b", 100), 3_000 + LEASE_CLOCK_DRIFT_MS - 1));
+        let early = apply(&mut t, 4, &cmd(acquire("b", 100), 3_000 + LEASE_CLOCK_DRIFT_MS - 1));
         assert!(matches!(early, Err(LeaseError::Held { .. })));
-        assert_eq!(t.apply(5, &cmd(acquire("a", 5_000), 2_000)).unwrap().expires_at_ms, 7_000);
+        assert_eq!(apply(&mut t, 5, &cmd(acquire("a", 5_000), 2_000)).unwrap().expires_at_ms, 7_000);
     }
 
     #[test]
     fn released_leases_are_forgotten_and_the_next_token_is_still_larger() {
         let mut t = Table::new(7);
-        t.apply(3, &cmd(acquire("a", 1_000), 100)).unwrap();
-        let rel = t.apply(4, &cmd(LeaseRequest::Release { holder: "a".into() }, 200)).unwrap();
+        apply(&mut t, 3, &cmd(acquire("a", 1_000), 100)).unwrap();
+        let rel = apply(&mut t, 4, &cmd(LeaseRequest::Release { holder: "a".into() }, 200)).unwrap();
         assert_eq!(rel.holder, None);
         assert!(t.is_empty());
-        assert_eq!(t.apply(9, &cmd(acquire("c", 1_000), 300)).unwrap().token, 9);
+        assert_eq!(apply(&mut t, 9, &cmd(acquire("c", 1_000), 300)).unwrap().token, 9);
     }
 
     #[test]
     fn the_table_round_trips() {
         let mut t = Table::new(3);
         t.voters.insert(3, PeerId::random().to_bytes());
-        t.apply(2, &cmd(acquire("a", 10), 1)).unwrap();
+        apply(&mut t, 2, &cmd(acquire("a", 10), 1)).unwrap();
         assert_eq!(Table::decode(&t.encode()).unwrap(), t);
     }
 }

@@ -113,9 +113,16 @@ pub struct LeaseGroupStatus {
 struct Waiting {
     wait: LeaseWait,
     deadline: Instant,
-    /// The command until it is handed to Raft (it needs a leader first).
-    unproposed: Option<Command>,
+    cmd: Command,
+    /// Raft ticks since the command was last handed to Raft; `None` until it first is (that needs
+    /// a leader). A proposal a follower forwards to the leader can be lost on the way, and Raft
+    /// does not send it again: it is proposed again every [`REPROPOSE_TICKS`] until it commits
+    /// (the table drops a second copy).
+    proposed: Option<usize>,
 }
+
+/// Ticks after which a command not yet committed is proposed again.
+const REPROPOSE_TICKS: usize = ELECTION_TICKS;
 
 pub struct LeaseGroup {
     me: u64,
@@ -273,6 +280,11 @@ impl LeaseGroup {
     /// Advances Raft's clock by one tick.
     pub fn tick(&mut self, now: Instant) {
         self.raw.tick();
+        for w in self.waits.values_mut() {
+            if let Some(ticks) = w.proposed.as_mut() {
+                *ticks += 1;
+            }
+        }
         self.expire(now);
         self.propose_waiting();
         self.drive();
@@ -365,7 +377,7 @@ impl LeaseGroup {
         self.next_id = self.next_id.wrapping_add(1);
         let LeaseAsk { lease, key, request } = ask;
         let cmd = Command { proposer: self.me, id: self.next_id, lease, key, request, at_ms: wall_ms };
-        self.waits.insert(self.next_id, Waiting { wait, deadline: now + timeout, unproposed: Some(cmd) });
+        self.waits.insert(self.next_id, Waiting { wait, deadline: now + timeout, cmd, proposed: None });
         self.propose_waiting();
         self.drive();
     }
@@ -415,7 +427,7 @@ impl LeaseGroup {
         let late: Vec<u64> = self.waits.iter().filter(|(_, w)| w.deadline <= now).map(|(id, _)| *id).collect();
         for id in late {
             let w = self.waits.remove(&id).expect("listed");
-            let reason = if w.unproposed.is_some() {
+            let reason = if w.proposed.is_none() {
                 "no leader of the lease group could be reached in time; nothing was proposed".to_owned()
             } else {
                 "the request was proposed but a quorum did not commit it in time; it may still take effect".to_owned()
@@ -430,12 +442,14 @@ impl LeaseGroup {
             return;
         }
         for w in self.waits.values_mut() {
-            let Some(cmd) = w.unproposed.take() else { continue };
-            let data = postcard::to_stdvec(&cmd).expect("commands encode");
+            if w.proposed.is_some_and(|ticks| ticks < REPROPOSE_TICKS) {
+                continue;
+            }
+            let data = postcard::to_stdvec(&w.cmd).expect("commands encode");
             if self.raw.propose(vec![], data).is_err() {
-                w.unproposed = Some(cmd);
                 return;
             }
+            w.proposed = Some(0);
         }
     }
 
@@ -519,7 +533,7 @@ impl LeaseGroup {
                     if e.index % COMPACT_EVERY == 0 {
                         self.table.forget_expired(cmd.at_ms.saturating_sub(60_000));
                     }
-                    if cmd.proposer == self.me {
+                    if let Some(result) = result.filter(|_| cmd.proposer == self.me) {
                         if let Some(w) = self.waits.remove(&cmd.id) {
                             self.out.push_back(GroupOut::Done { wait: w.wait, result: result.map_err(Into::into) });
                         }
