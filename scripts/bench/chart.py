@@ -16,6 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 def main(src: str, dst: str) -> None:
     data = json.load(open(src))
     rows = [r for r in data["rows"] if r["peersync"]["median"] is not None]
+    if not rows:
+        print(f"chart.py: no measured rows in {src} (every workload failed or was skipped); no chart drawn",
+              file=sys.stderr)
+        return
     cols = 3
     nrows = (len(rows) + cols - 1) // cols
     fig, axes = plt.subplots(nrows, cols, figsize=(5.2 * cols, 3.6 * nrows), squeeze=False)
