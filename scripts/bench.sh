@@ -39,21 +39,8 @@ done
 say() { printf '[bench.sh] %s\n' "$*" >&2; }
 
 # --- tools: redis-server/redis-cli/redis-benchmark and iperf3 from Debian's packages
-apt_updated=0
-apt_install() {
-    if ! command -v apt-get >/dev/null; then
-        say "missing $*, and no apt-get to install it"
-        return 1
-    fi
-    local sudo=()
-    if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
-    if [ $apt_updated = 0 ]; then
-        "${sudo[@]}" apt-get update -qq >&2
-        apt_updated=1
-    fi
-    say "installing $* with apt-get"
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >&2
-}
+# shellcheck source=lib/apt.sh
+. "$root/scripts/lib/apt.sh"
 if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/null || ! command -v redis-cli >/dev/null; then
     apt_install redis-server redis-tools
 fi

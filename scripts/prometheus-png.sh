@@ -28,28 +28,11 @@ done
 
 say() { printf '[prometheus-png.sh] %s\n' "$*" >&2; }
 
-apt_updated=0
-apt_install() {
-    if ! command -v apt-get >/dev/null; then
-        say "missing $*, and no apt-get to install it"
-        return 1
-    fi
-    local sudo=()
-    if [ "$(id -u)" != 0 ]; then sudo=(sudo); fi
-    if [ $apt_updated = 0 ]; then
-        "${sudo[@]}" apt-get update -qq >&2
-        apt_updated=1
-    fi
-    say "installing $* with apt-get"
-    DEBIAN_FRONTEND=noninteractive "${sudo[@]}" apt-get install -y -qq --no-install-recommends "$@" >&2
-}
+# shellcheck source=lib/apt.sh
+. "$root/scripts/lib/apt.sh"
 # Debian's package also starts a system service on 9090 where systemd runs; this script runs its own.
 command -v prometheus >/dev/null || apt_install prometheus
-chromium=$(command -v chromium || command -v chromium-browser || true)
-if [ -z "$chromium" ]; then
-    apt_install chromium fonts-dejavu-core
-    chromium=$(command -v chromium)
-fi
+chromium=$(find_chromium)
 
 if [ -n "${PEERSYNC_BIN:-}" ] && [ -x "$PEERSYNC_BIN" ]; then
     say "using $PEERSYNC_BIN"
