@@ -5,15 +5,9 @@ mod common;
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
-use common::process::{cli, NodeProc};
+use common::process::{bootstrap_addr, cli, fill_random, status, NodeProc};
 use peersync::store::Store;
 use serde_json::Value;
-
-fn status(api: &str) -> Value {
-    let (ok, out, err) = cli(&["status", "--api", api]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap()
-}
 
 #[test]
 fn id_is_stable_and_matches_the_node() {
@@ -152,16 +146,6 @@ fn invalid_flags_exit_non_zero_naming_the_flag() {
 }
 
 /// The address a peer can bootstrap from, read from the node's status.
-fn bootstrap_addr(node: &NodeProc) -> String {
-    let mut addr = None;
-    common::wait_sync("a listen address in status", std::time::Duration::from_secs(30), || {
-        let s = status(&node.api);
-        addr = s["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_owned);
-        addr.as_ref().map(|_| ()).ok_or_else(|| s.to_string())
-    });
-    format!("{}/p2p/{}", addr.unwrap(), node.peer_id)
-}
-
 #[test]
 fn three_processes_in_a_chain_replicate_writes() {
     let dir = tempfile::tempdir().unwrap();
@@ -341,27 +325,9 @@ fn a_snapshot_pull_resumes_after_sigkill_without_refetching() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300", "--digest-min-ms", "100"];
     let small = ["--snapshot-chunk-bytes", "4096", "--log-retention-ops", "10", "--log-retention-bytes", "1"];
     let a = NodeProc::start(&dir.path().join("a"), &[&fast[..], &small[..]].concat());
+    fill_random(&a.api, 4);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let http = reqwest::Client::new();
-    let mut x = 0x2545f4914f6cdd1du64;
-    for chunk in 0..4 {
-        let entries: Vec<Value> = (0..500)
-            .map(|i| {
-                let value: String = (0..1000)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        (b'a' + (x % 26) as u8) as char
-                    })
-                    .collect();
-                serde_json::json!({"key": format!("k{chunk}-{i}"), "value": value})
-            })
-            .collect();
-        let body = serde_json::json!({ "entries": entries }).to_string();
-        let resp = rt.block_on(http.post(format!("{}/v1/registers/data", a.api)).body(body).send()).unwrap();
-        assert_eq!(resp.status(), 200);
-    }
     let snap: Value =
         rt.block_on(async { http.post(format!("{}/v1/snapshots", a.api)).send().await.unwrap().json().await.unwrap() });
     let total = snap["bytes"].as_u64().unwrap();

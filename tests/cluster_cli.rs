@@ -7,26 +7,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::process::{cli, NodeProc};
+use common::process::{bootstrap_addr, cli, status, NodeProc};
 use serde_json::Value;
 
 const DEADLINE: Duration = Duration::from_secs(60);
-
-fn status(api: &str) -> Value {
-    let (ok, out, err) = cli(&["status", "--api", api]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-fn bootstrap_addr(node: &NodeProc) -> String {
-    let mut addr = None;
-    common::wait_sync("a listen address in status", DEADLINE, || {
-        let s = status(&node.api);
-        addr = s["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_owned);
-        addr.as_ref().map(|_| ()).ok_or_else(|| s.to_string())
-    });
-    format!("{}/p2p/{}", addr.unwrap(), node.peer_id)
-}
 
 /// Makes the node's identity and a primary certificate for it; returns the node's flags.
 fn admit(key: &Path, data: &Path, authority: &str) -> Vec<String> {

@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use common::process::{cli, NodeProc, BIN};
+use common::process::{bootstrap_addr, cli, fill_random, NodeProc, BIN};
 use serde_json::Value;
 
 /// A tmux server of its own (a private socket) running one detached session; killed when dropped,
@@ -86,49 +86,6 @@ impl Drop for Tmux {
     }
 }
 
-fn status(api: &str) -> Value {
-    let (ok, out, err) = cli(&["status", "--api", api]);
-    assert!(ok, "status failed: {err}");
-    serde_json::from_str(&out).unwrap()
-}
-
-/// The address a peer can bootstrap from, read from the node's status.
-fn bootstrap_addr(node: &NodeProc) -> String {
-    let mut addr = None;
-    common::wait_sync("a listen address in status", Duration::from_secs(30), || {
-        let s = status(&node.api);
-        addr = s["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_owned);
-        addr.as_ref().map(|_| ()).ok_or_else(|| s.to_string())
-    });
-    format!("{}/p2p/{}", addr.unwrap(), node.peer_id)
-}
-
-/// `batches` batches of 500 values of 1000 pseudo-random letters (incompressible enough that the
-/// snapshot's bytes are about the values').
-fn fill(api: &str, batches: usize) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let http = reqwest::Client::new();
-    let mut x = 0x2545f4914f6cdd1du64;
-    for batch in 0..batches {
-        let entries: Vec<Value> = (0..500)
-            .map(|i| {
-                let value: String = (0..1000)
-                    .map(|_| {
-                        x ^= x << 13;
-                        x ^= x >> 7;
-                        x ^= x << 17;
-                        (b'a' + (x % 26) as u8) as char
-                    })
-                    .collect();
-                serde_json::json!({"key": format!("k{batch}-{i}"), "value": value})
-            })
-            .collect();
-        let body = serde_json::json!({ "entries": entries }).to_string();
-        let resp = rt.block_on(http.post(format!("{api}/v1/registers/data")).body(body).send()).unwrap();
-        assert_eq!(resp.status(), 200);
-    }
-}
-
 /// `12D3..x7Yq9z`: how the view shortens a peer id.
 fn short(id: &str) -> String {
     format!("{}..{}", &id[..4], &id[id.len() - 6..])
@@ -144,7 +101,7 @@ fn the_live_view_shows_a_snapshot_pull_with_its_progress_then_the_node_active() 
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300", "--digest-min-ms", "100"];
     let small = ["--snapshot-chunk-bytes", "4096", "--log-retention-ops", "10", "--log-retention-bytes", "1"];
     let a = NodeProc::start(&dir.path().join("a"), &[&fast[..], &small[..]].concat());
-    fill(&a.api, 8);
+    fill_random(&a.api, 8);
     let (ok, out, err) = cli(&["snapshot", "create", "--api", &a.api]);
     assert!(ok, "{err}");
     let snap: Value = serde_json::from_str(&out).unwrap();

@@ -104,3 +104,47 @@ pub fn cli(args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// `GET /v1/status` through the CLI, parsed.
+pub fn status(api: &str) -> serde_json::Value {
+    let (ok, out, err) = cli(&["status", "--api", api]);
+    assert!(ok, "status failed: {err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+/// The address a peer can bootstrap from, read from the node's status.
+pub fn bootstrap_addr(node: &NodeProc) -> String {
+    let mut addr = None;
+    super::wait_sync("a listen address in status", Duration::from_secs(60), || {
+        let s = status(&node.api);
+        addr = s["listen_addrs"].as_array().and_then(|a| a.first()).and_then(|a| a.as_str()).map(str::to_owned);
+        addr.as_ref().map(|_| ()).ok_or_else(|| s.to_string())
+    });
+    format!("{}/p2p/{}", addr.unwrap(), node.peer_id)
+}
+
+/// Writes `batches` batches of 500 values of 1000 pseudo-random letters into register `data`
+/// (keys `k{batch}-{i}`): incompressible enough that a snapshot's bytes are about the values'.
+pub fn fill_random(api: &str, batches: usize) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    let mut x = 0x2545f4914f6cdd1du64;
+    for batch in 0..batches {
+        let entries: Vec<serde_json::Value> = (0..500)
+            .map(|i| {
+                let value: String = (0..1000)
+                    .map(|_| {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        (b'a' + (x % 26) as u8) as char
+                    })
+                    .collect();
+                serde_json::json!({"key": format!("k{batch}-{i}"), "value": value})
+            })
+            .collect();
+        let body = serde_json::json!({ "entries": entries }).to_string();
+        let resp = rt.block_on(http.post(format!("{api}/v1/registers/data")).body(body).send()).unwrap();
+        assert_eq!(resp.status(), 200);
+    }
+}
