@@ -118,12 +118,12 @@ impl Engine {
     pub(super) fn lease_round(&mut self, now: Instant) {
         let Some(group) = self.leases.group.as_mut() else { return };
         let tick = self.cfg.lease_tick;
+        group.expire_waits(now);
         // After a pause (SIGSTOP, a stalled machine) time jumps: ticks beyond two election
         // timeouts change nothing more.
-        group.expire_waits(now);
         let mut ticks = 0;
         while now >= self.leases.next_tick && ticks < 2 * ELECTION_TICKS {
-            group.tick(now);
+            group.tick();
             ticks += 1;
             self.leases.next_tick += tick;
         }

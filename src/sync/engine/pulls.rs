@@ -67,8 +67,8 @@ impl Engine {
         // fast as leases are asked for (each voter keeps at most MAX_MESSAGES_IN_FLIGHT of them
         // unanswered): they are not charged to the budget meant for store reads, which would
         // otherwise strike a busy voter out of the group for a request flood.
-        let voter_message = matches!(request, SyncRequest::Lease(_))
-            && self.leases.group.as_ref().is_some_and(|g| g.voters().contains(&peer));
+        let voter_message =
+            matches!(request, SyncRequest::Lease(_)) && self.leases.group.as_ref().is_some_and(|g| g.is_voter(&peer));
         let budget = if voter_message { Ok(()) } else { self.within_budget(now, peer) };
         if let Err(spent) = budget {
             self.count(Count::RequestsShed, 1);

@@ -48,13 +48,6 @@ pub const ELECTION_TICKS: usize = 10;
 /// Lease messages in flight to one peer at most; more are dropped (Raft sends again).
 pub const MAX_MESSAGES_IN_FLIGHT: usize = 16;
 
-/// A client's lease request: which lease, the key it guards and what is asked.
-#[derive(Debug, Clone)]
-pub struct LeaseAsk {
-    pub lease: String,
-    pub key: Vec<u8>,
-    pub request: LeaseRequest,
-}
 /// Lease requests waiting for their command to be applied, at most; more are refused.
 pub const MAX_LEASE_WAITS: usize = 1024;
 /// A snapshot of the table replaces the log every this many applied entries.
@@ -108,6 +101,14 @@ pub struct LeaseGroupStatus {
     pub applied: u64,
     pub leases: usize,
     pub waiting: usize,
+}
+
+/// A client's lease request: which lease, the key it guards and what is asked.
+#[derive(Debug, Clone)]
+pub struct LeaseAsk {
+    pub lease: String,
+    pub key: Vec<u8>,
+    pub request: LeaseRequest,
 }
 
 struct Waiting {
@@ -239,6 +240,12 @@ impl LeaseGroup {
         self.table.voter_peers().map(|(_, p)| p).collect()
     }
 
+    /// Whether `peer` votes in the group (without decoding every voter's peer id).
+    pub fn is_voter(&self, peer: &PeerId) -> bool {
+        let bytes = peer.to_bytes();
+        self.table.voters.values().any(|v| *v == bytes)
+    }
+
     /// Remembers how to reach a peer that may be (or become) a voter.
     pub fn learn_peer(&mut self, peer: PeerId) {
         self.peers.insert(raft_id(&peer), peer);
@@ -278,22 +285,15 @@ impl LeaseGroup {
     }
 
     /// Advances Raft's clock by one tick.
-    pub fn tick(&mut self, now: Instant) {
+    pub fn tick(&mut self) {
         self.raw.tick();
         for w in self.waits.values_mut() {
             if let Some(ticks) = w.proposed.as_mut() {
                 *ticks += 1;
             }
         }
-        self.expire(now);
         self.propose_waiting();
         self.drive();
-    }
-
-    /// Ends the waits whose deadline passed, between Raft's ticks too: a deadline is the
-    /// caller's, not a multiple of the tick.
-    pub fn expire_waits(&mut self, now: Instant) {
-        self.expire(now);
     }
 
     /// A Raft message from `from`, for group `group`.
@@ -422,8 +422,9 @@ impl LeaseGroup {
         }
     }
 
-    /// Ends the waits whose deadline passed.
-    fn expire(&mut self, now: Instant) {
+    /// Ends the waits whose deadline passed. Called on every engine tick, not only on Raft's: a
+    /// deadline is the caller's, not a multiple of Raft's tick.
+    pub fn expire_waits(&mut self, now: Instant) {
         let late: Vec<u64> = self.waits.iter().filter(|(_, w)| w.deadline <= now).map(|(id, _)| *id).collect();
         for id in late {
             let w = self.waits.remove(&id).expect("listed");
