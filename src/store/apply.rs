@@ -2,7 +2,7 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::root::{entry_hash, identity_hash, Buckets, EntryKind, BUCKETS};
+use super::root::{identity_hash, Buckets, EntryKind, BUCKETS};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -12,6 +12,7 @@ use crate::snapshot::{Kind, StateEntry};
 
 type StateTable<'t> = Table<'t, (&'static str, &'static [u8]), &'static [u8]>;
 type LogTable<'t> = Table<'t, (&'static [u8], u64), &'static [u8]>;
+type TombstoneTable<'t> = Table<'t, (u64, u32, &'static str, &'static [u8]), ()>;
 
 /// What applying an op did to the state.
 // Short-lived (returned once per op and consumed at once): boxing the lease would only add an
@@ -59,6 +60,7 @@ pub(crate) struct Tables<'t> {
     registers: StateTable<'t>,
     counters: StateTable<'t>,
     leases: StateTable<'t>,
+    tombstones: TombstoneTable<'t>,
     /// Buckets touched in this transaction, to persist at commit.
     pub dirty: DirtyBuckets,
 }
@@ -72,6 +74,7 @@ impl<'t> Tables<'t> {
             registers: txn.open_table(REGISTERS)?,
             counters: txn.open_table(COUNTERS)?,
             leases: txn.open_table(LEASES)?,
+            tombstones: txn.open_table(TOMBSTONES)?,
             dirty: DirtyBuckets::default(),
         })
     }
@@ -112,7 +115,7 @@ impl<'t> Tables<'t> {
                 };
                 value.add(op.origin, *delta);
                 let new = encode(&value);
-                self.replace(buckets, &id, old.as_deref(), &new);
+                self.replace(buckets, EntryKind::Counter, &id, old.as_deref(), &new);
                 self.counters.insert((counter.as_str(), key.as_slice()), new.as_slice())?;
                 Ok(Effect::Counter { value: value.value() })
             }
@@ -133,7 +136,7 @@ impl<'t> Tables<'t> {
                     }
                 }
                 let bytes = encode(&new);
-                self.replace(buckets, &id, old.as_deref(), &bytes);
+                self.replace(buckets, EntryKind::Lease, &id, old.as_deref(), &bytes);
                 self.leases.insert((lease.as_str(), key.as_slice()), bytes.as_slice())?;
                 Ok(Effect::Lease { state: new, won: true, displaced: current.map(Box::new) })
             }
@@ -153,26 +156,52 @@ impl<'t> Tables<'t> {
         let bytes = encode_register(&new, origin_bytes);
         let old = self.registers.insert((register, key), bytes.as_slice())?.map(|g| g.value().to_vec());
         let mut replaced_other_origin = false;
+        let mut current = None;
         if let Some(old_bytes) = &old {
-            let current: RegisterValue = decode(old_bytes, "register")?;
-            if !new.wins_over(&current) {
+            let value: RegisterValue = decode(old_bytes, "register")?;
+            if !new.wins_over(&value) {
                 self.registers.insert((register, key), old_bytes.as_slice())?;
                 return Ok(Effect::Register { won: false, replaced_other_origin: false });
             }
-            replaced_other_origin = current.origin != new.origin;
+            replaced_other_origin = value.origin != new.origin;
+            current = Some(value);
         }
+        self.index_tombstone(register, key, current.as_ref(), &new)?;
         let id = identity_hash(EntryKind::Register, register, key);
-        self.replace(buckets, &id, old.as_deref(), &bytes);
+        self.replace(buckets, EntryKind::Register, &id, old.as_deref(), &bytes);
         Ok(Effect::Register { won: true, replaced_other_origin })
+    }
+
+    /// Keeps the tombstone index in step when `new` replaces `old` as a register key's value.
+    fn index_tombstone(
+        &mut self,
+        register: &str,
+        key: &[u8],
+        old: Option<&RegisterValue>,
+        new: &RegisterValue,
+    ) -> Result<(), StoreError> {
+        if let Some(old) = old.filter(|o| o.is_tombstone()) {
+            self.tombstones.remove((old.hlc.wall_ms, old.hlc.logical, register, key))?;
+        }
+        if new.is_tombstone() {
+            self.tombstones.insert((new.hlc.wall_ms, new.hlc.logical, register, key), ())?;
+        }
+        Ok(())
     }
 
     /// Merges a state entry (from a snapshot or a repair) into the state with its kind's CRDT merge.
     /// An entry whose value does not decode canonically is refused as entry `index`.
+    ///
+    /// A register entry stamped at or before `collected` (the tombstones this node collected) for a
+    /// key this node does not hold is dropped: this node has applied every write that old, so the
+    /// key's absence means a delete that was collected, and the entry is a stale copy of what it
+    /// deleted (from a node that was away; see `Store::collect_tombstones`).
     pub fn merge_entry(
         &mut self,
         buckets: &mut Buckets,
         index: u64,
         entry: &StateEntry,
+        collected: Hlc,
     ) -> Result<MergeEffect, StoreError> {
         let refuse = |reason: String| StoreError::from(SnapshotError::Entry { index, reason });
         let table = match entry.kind {
@@ -181,12 +210,22 @@ impl<'t> Tables<'t> {
             Kind::Lease => &mut self.leases,
         };
         let old = table.get((entry.collection.as_str(), entry.key.as_slice()))?.map(|g| g.value().to_vec());
+        let mut reindex = None;
         let (new, hlc, lease) = match entry.kind {
             Kind::Register => {
                 let (incoming, current) = decode_pair::<RegisterValue>(&entry.value, old.as_deref(), "register")
                     .map_err(|e| e.map_refused(refuse))?;
                 let hlc = incoming.hlc;
-                (encode(&current.map_or(incoming.clone(), |c| c.merge(incoming))), Some(hlc), None)
+                if current.is_none() && hlc <= collected {
+                    return Ok(MergeEffect { changed: false, hlc: None, lease: None });
+                }
+                let merged = match &current {
+                    Some(c) => c.clone().merge(incoming),
+                    None => incoming,
+                };
+                let bytes = encode(&merged);
+                reindex = Some((current, merged));
+                (bytes, Some(hlc), None)
             }
             Kind::Counter => {
                 let (incoming, current) = decode_pair::<PnCounter>(&entry.value, old.as_deref(), "counter")
@@ -205,16 +244,17 @@ impl<'t> Tables<'t> {
             return Ok(MergeEffect { changed: false, hlc, lease: None });
         }
         table.insert((entry.collection.as_str(), entry.key.as_slice()), new.as_slice())?;
-        let id = identity_hash(entry_kind(entry.kind), &entry.collection, &entry.key);
-        self.replace(buckets, &id, old.as_deref(), &new);
+        if let Some((current, merged)) = reindex {
+            self.index_tombstone(&entry.collection, &entry.key, current.as_ref(), &merged)?;
+        }
+        let kind = entry_kind(entry.kind);
+        let id = identity_hash(kind, &entry.collection, &entry.key);
+        self.replace(buckets, kind, &id, old.as_deref(), &new);
         Ok(MergeEffect { changed: true, hlc, lease })
     }
 
-    fn replace(&mut self, buckets: &mut Buckets, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
-        if let Some(old) = old {
-            buckets.toggle(id, &entry_hash(id, old));
-        }
-        let b = buckets.toggle(id, &entry_hash(id, new));
+    fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
+        let b = buckets.replace(kind, id, old, new);
         self.dirty.insert(b);
     }
 }

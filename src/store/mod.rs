@@ -18,6 +18,7 @@ pub mod root;
 mod snapshots;
 mod staging;
 mod tables;
+mod tombstones;
 mod vv;
 mod writer;
 
@@ -101,6 +102,8 @@ pub struct Mirror {
     pub progress: BTreeMap<Origin, OriginProgress>,
     pub buckets: Buckets,
     pub hlc: Hlc,
+    /// Tombstones stamped up to here were collected (see `tombstones.rs`).
+    pub collected: Hlc,
 }
 
 impl Mirror {
@@ -149,6 +152,7 @@ impl Store {
         };
         let db = open(path, cache_bytes)?;
         let txn = db.begin_write()?;
+        let mut migrate_v1 = false;
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(META_FORMAT)?.map(|v| be_u64(v.value()));
@@ -157,6 +161,7 @@ impl Store {
                     meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
                 }
                 Some(Ok(v)) if v == FORMAT_VERSION => {}
+                Some(Ok(1)) => migrate_v1 = true,
                 Some(v) => return Err(StoreError::Format { path: path.to_owned(), found: v.ok() }),
             }
             txn.open_table(OPLOG)?;
@@ -170,8 +175,14 @@ impl Store {
             txn.open_table(BUCKETS)?;
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(SNAPSHOT_ORDER)?;
+            txn.open_table(TOMBSTONES)?;
         }
         log::migrate_v1(&txn)?;
+        if migrate_v1 {
+            let moved = tombstones::migrate_v1(&txn)?;
+            txn.open_table(META)?.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
+            tracing::info!(path = %path.display(), tombstones = moved, "migrated the data dir from format 1 to 2: tombstones left the state root; snapshots held were dropped");
+        }
         let chunks = open(&chunks_path(path), CHUNKS_CACHE_BYTES)?;
         move_chunks_out(&txn, &chunks)?;
         txn.commit()?;
@@ -249,6 +260,22 @@ impl Store {
         (m.buckets.root(), m.version_vector())
     }
 
+    /// The greatest HLC this node issued or observed, as of the last commit: every op it writes
+    /// later is stamped after it. Read it before the version vector to pair the two safely.
+    pub fn clock(&self) -> Hlc {
+        self.mirror.read().expect("mirror lock").hlc
+    }
+
+    /// The stamp up to which tombstones were collected here.
+    pub fn tombstones_collected(&self) -> Hlc {
+        self.mirror.read().expect("mirror lock").collected
+    }
+
+    /// Register tombstones held now.
+    pub fn tombstones(&self) -> Result<u64, StoreError> {
+        tombstones::count(&self.db.begin_read()?)
+    }
+
     /// Follows the version vector: changes after each commit that applied ops.
     pub fn watch_version_vector(&self) -> watch::Receiver<VersionVector> {
         self.vv_watch.subscribe()
@@ -275,6 +302,9 @@ fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
     mirror.buckets = snapshots::read_buckets(&txn.open_table(BUCKETS)?)?;
     if let Some(v) = txn.open_table(META)?.get(META_HLC)? {
         mirror.hlc = decode_hlc(v.value())?;
+    }
+    if let Some(v) = txn.open_table(META)?.get(META_COLLECTED)? {
+        mirror.collected = decode_hlc(v.value())?;
     }
     Ok(mirror)
 }

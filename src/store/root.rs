@@ -5,6 +5,10 @@
 //! its entries' hashes, so replacing a value is `bucket ^= old ^ new`, and the result depends only on
 //! the set of entries, not on the order writes arrived in. The root is blake3 over all bucket hashes:
 //! O(buckets) to compute, and two nodes that disagree can compare buckets to find where.
+//!
+//! A register tombstone is not part of the root: the root digests the state a reader sees, and a
+//! tombstone reads as "absent" whether or not it is still held. Tombstones are collected at different
+//! times on different nodes (see `Store::collect_tombstones`), and their states stay equal.
 
 use crate::ids::StateRoot;
 
@@ -43,6 +47,41 @@ pub fn entry_hash(identity: &[u8; 32], value: &[u8]) -> [u8; 32] {
     *h.finalize().as_bytes()
 }
 
+/// What an entry adds to its bucket: its entry hash, or nothing for a register tombstone.
+pub fn root_hash(kind: EntryKind, identity: &[u8; 32], value: &[u8]) -> Option<[u8; 32]> {
+    if kind == EntryKind::Register && register_is_tombstone(value) {
+        return None;
+    }
+    Some(entry_hash(identity, value))
+}
+
+/// Whether postcard bytes of a `RegisterValue` hold a tombstone (`value: None`), read without
+/// decoding: varint wall ms, varint logical, length-prefixed origin, then the option's tag. Bytes
+/// that do not parse count as a value (they are refused elsewhere).
+pub fn register_is_tombstone(bytes: &[u8]) -> bool {
+    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
+        let mut n = 0u64;
+        for shift in (0..64).step_by(7) {
+            let b = *bytes.get(*at)?;
+            *at += 1;
+            n |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Some(n);
+            }
+        }
+        None
+    }
+    let mut at = 0;
+    let parsed = (|| {
+        varint(bytes, &mut at)?;
+        varint(bytes, &mut at)?;
+        let origin = usize::try_from(varint(bytes, &mut at)?).ok()?;
+        at = at.checked_add(origin)?;
+        bytes.get(at).copied()
+    })();
+    parsed == Some(0) && at + 1 == bytes.len()
+}
+
 /// The bucket hashes of a state.
 #[derive(Clone, PartialEq, Eq)]
 pub struct Buckets(pub Vec<[u8; 32]>);
@@ -67,6 +106,18 @@ impl Buckets {
             *x ^= y;
         }
         b
+    }
+
+    /// Replaces an entry's old value (if any) by its new one in the buckets, as [`root_hash`] counts
+    /// them. Returns the bucket, for the caller to persist.
+    pub fn replace(&mut self, kind: EntryKind, identity: &[u8; 32], old: Option<&[u8]>, new: &[u8]) -> usize {
+        if let Some(h) = old.and_then(|old| root_hash(kind, identity, old)) {
+            self.toggle(identity, &h);
+        }
+        if let Some(h) = root_hash(kind, identity, new) {
+            self.toggle(identity, &h);
+        }
+        bucket_of(identity)
     }
 
     pub fn root(&self) -> StateRoot {

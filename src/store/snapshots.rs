@@ -12,7 +12,7 @@ use cid::Cid;
 use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::apply::entry_kind;
-use super::root::{entry_hash, identity_hash, Buckets};
+use super::root::{identity_hash, Buckets};
 use super::staging;
 use super::tables::*;
 use super::{decode_progress, origin_from_bytes, SnapshotError, Store, StoreError, VersionVector};
@@ -105,8 +105,9 @@ impl Store {
                     key: key.to_vec(),
                     value: v.value().to_vec(),
                 };
-                let id = identity_hash(entry_kind(kind), collection, key);
-                recomputed.toggle(&id, &entry_hash(&id, &entry.value));
+                let kind_id = entry_kind(kind);
+                let id = identity_hash(kind_id, collection, key);
+                recomputed.replace(kind_id, &id, None, &entry.value);
                 match counts.get_mut(&(kind, entry.collection.clone())) {
                     Some(n) => *n += 1,
                     None => drop(counts.insert((kind, entry.collection.clone()), 1)),

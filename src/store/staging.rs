@@ -15,7 +15,7 @@ use cid::Cid;
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::apply::{decode_canonical, encode, entry_kind};
-use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
+use super::root::{identity_hash, root_hash, Buckets, BUCKETS as BUCKET_COUNT};
 use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -25,7 +25,7 @@ use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
 /// outside any transaction (it is the CPU-heavy part), so chunks are prepared in parallel.
 pub(crate) struct PreparedChunk {
     pub cid: Cid,
-    entries: Vec<(StateEntry, [u8; 32], [u8; 32])>,
+    entries: Vec<(StateEntry, [u8; 32], Option<[u8; 32]>)>,
     /// Greatest HLC among the registers and leases not ahead of `horizon_ms`.
     hlc: Option<Hlc>,
 }
@@ -44,8 +44,9 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
         if let Some(h) = stamp.filter(|h| h.wall_ms <= horizon_ms) {
             hlc = Some(hlc.map_or(h, |m| m.max(h)));
         }
-        let id = identity_hash(entry_kind(entry.kind), &entry.collection, &entry.key);
-        let hash = entry_hash(&id, &entry.value);
+        let kind = entry_kind(entry.kind);
+        let id = identity_hash(kind, &entry.collection, &entry.key);
+        let hash = root_hash(kind, &id, &entry.value);
         entries.push((entry, id, hash));
     }
     Ok(PreparedChunk { cid: r.cid, entries, hlc })
@@ -160,7 +161,9 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
             }
             .into());
         }
-        staged.buckets.toggle(id, hash);
+        if let Some(hash) = hash {
+            staged.buckets.toggle(id, hash);
+        }
         match staged.counts.get_mut(&(entry.kind, entry.collection.clone())) {
             Some(n) => *n += 1,
             None => drop(staged.counts.insert((entry.kind, entry.collection.clone()), 1)),
@@ -194,7 +197,7 @@ pub(crate) fn adopt(txn: &WriteTransaction) -> Result<(), StoreError> {
         txn.delete_table(live)?;
         txn.rename_table(stage, live)?;
     }
-    Ok(())
+    super::tombstones::rebuild_index(txn)
 }
 
 /// Calls `f` with every staged entry, kind by kind.

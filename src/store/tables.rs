@@ -39,6 +39,10 @@ pub(crate) const VERSION_VECTOR: TableDefinition<&[u8], &[u8]> = TableDefinition
 /// Log floors. Key: origin peer id bytes. Value: highest seq compacted out of `OPLOG` (0 = none).
 pub(crate) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new("log_floors_v1");
 
+/// Index of register tombstones by stamp, so collecting those up to a stamp is a range scan. Key:
+/// (HLC wall ms, HLC logical, register name, key bytes) of each tombstone in `REGISTERS`. Value: none.
+pub(crate) const TOMBSTONES: TableDefinition<(u64, u32, &str, &[u8]), ()> = TableDefinition::new("tombstones_v1");
+
 /// State-root buckets. Key: bucket index. Value: 32-byte XOR of the entry hashes in the bucket.
 pub(crate) const BUCKETS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
 
@@ -64,8 +68,13 @@ pub(crate) const META_FORMAT: &str = "format_version";
 /// across restarts even if the wall clock went back.
 pub(crate) const META_HLC: &str = "hlc";
 
-/// Format version written by this build; a database with another version is refused.
-pub(crate) const FORMAT_VERSION: u64 = 1;
+/// The greatest stamp up to which this node collected tombstones (12 bytes as `META_HLC`); absent
+/// before the first collection.
+pub(crate) const META_COLLECTED: &str = "tombstones_collected";
+
+/// Format version written by this build. Version 1 (register tombstones counted in the state root,
+/// no tombstone index) is migrated at open; any other version is refused.
+pub(crate) const FORMAT_VERSION: u64 = 2;
 
 /// A state table's definition: (collection name, key bytes) -> postcard value.
 pub(crate) type StateTableDef = TableDefinition<'static, (&'static str, &'static [u8]), &'static [u8]>;

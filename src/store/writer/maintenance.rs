@@ -12,7 +12,7 @@ use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{now_ms, CommitEvent, Request, WriteHandle, Writer, WriterError, MAX_CLOCK_AHEAD_MS};
-use crate::crdt::HlcClock;
+use crate::crdt::{Hlc, HlcClock};
 use crate::ids::{Origin, Seq};
 use crate::snapshot::{Kind, Manifest, SignedManifest, StateEntry};
 use crate::store::apply::Tables;
@@ -27,6 +27,7 @@ pub(in crate::store) enum Task {
     Install { manifest: Box<SignedManifest>, reply: oneshot::Sender<Result<InstallOutcome, WriterError>> },
     Merge { entries: Vec<StateEntry>, reply: oneshot::Sender<Result<MergeOutcome, WriterError>> },
     Compact { keep_ops: u64, keep_bytes: u64, reply: oneshot::Sender<Result<CompactOutcome, WriterError>> },
+    CollectTombstones { through: Hlc, reply: oneshot::Sender<Result<u64, WriterError>> },
 }
 
 impl Task {
@@ -40,6 +41,7 @@ impl Task {
             Task::Install { reply, .. } => drop(reply.send(Err(e))),
             Task::Merge { reply, .. } => drop(reply.send(Err(e))),
             Task::Compact { reply, .. } => drop(reply.send(Err(e))),
+            Task::CollectTombstones { reply, .. } => drop(reply.send(Err(e))),
         }
     }
 }
@@ -97,6 +99,15 @@ impl WriteHandle {
         rx.await.map_err(|_| WriterError::Closed)?
     }
 
+    /// Drops the register tombstones stamped at or before `through`, in transactions of a bounded
+    /// size. Returns how many went. Which stamp is safe is the sync engine's decision.
+    pub async fn collect_tombstones(&self, through: Hlc) -> Result<u64, WriterError> {
+        let (reply, rx) = oneshot::channel();
+        let task = Task::CollectTombstones { through, reply };
+        self.tx.send(Request::Maintenance(task)).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)?
+    }
+
     /// Per origin, deletes the log older than its newest `keep_ops` ops and newest `keep_bytes` op
     /// bytes (whichever keeps more), but never past what the latest held snapshot covers, and raises
     /// the log floors. Without a snapshot nothing is compacted.
@@ -145,8 +156,9 @@ impl Writer {
     }
 
     fn run_task(&mut self, task: Task) {
-        // Installs and merges write the state; compaction only frees space, so it always runs.
-        if !matches!(task, Task::Compact { .. }) {
+        // Installs and merges write the state; compaction and collection only free space, so they
+        // always run.
+        if !matches!(task, Task::Compact { .. } | Task::CollectTombstones { .. }) {
             if let Err(e) = self.store.check_disk(0) {
                 return task.refuse(store_err(e));
             }
@@ -164,6 +176,26 @@ impl Writer {
                     Ok(MergeOutcome { entries: entries.len() as u64, changed })
                 });
                 drop(reply.send(r));
+            }
+            Task::CollectTombstones { through, reply } => {
+                let mut total = 0;
+                let result = loop {
+                    let step = self.transact(|txn, work| {
+                        let (n, more) = crate::store::tombstones::collect(txn, through)?;
+                        work.mirror.collected = work.mirror.collected.max(through);
+                        Ok((n, more))
+                    });
+                    match step {
+                        Ok((n, more)) => {
+                            total += n;
+                            if !more {
+                                break Ok(total);
+                            }
+                        }
+                        Err(e) => break Err(e),
+                    }
+                };
+                drop(reply.send(result));
             }
             Task::Compact { keep_ops, keep_bytes, reply } => {
                 drop(reply.send(self.transact(|txn, work| compact(txn, &work.mirror, keep_ops, keep_bytes))));
@@ -231,7 +263,7 @@ impl Writer {
 /// Merges one entry, keeping the working mirror's buckets and clock in step. Returns whether it
 /// changed the state.
 fn merge_one(tables: &mut Tables, work: &mut Work, index: u64, entry: &StateEntry) -> Result<bool, StoreError> {
-    let effect = tables.merge_entry(&mut work.mirror.buckets, index, entry)?;
+    let effect = tables.merge_entry(&mut work.mirror.buckets, index, entry, work.mirror.collected)?;
     // A stamp far ahead of the wall clock is merged, but the clock does not follow it.
     if let Some(hlc) = effect.hlc.filter(|h| h.wall_ms <= now_ms().saturating_add(MAX_CLOCK_AHEAD_MS)) {
         work.clock.observe(hlc);
