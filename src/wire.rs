@@ -12,6 +12,7 @@
 use cid::Cid;
 use serde::{Deserialize, Serialize};
 
+use crate::crdt::Hlc;
 use crate::ids::{Origin, Seq, StateRoot};
 pub use crate::ids::{ParseRoleError, Role};
 use crate::op::{public_key_of, AuthError, OpBatch, Signer};
@@ -37,7 +38,9 @@ pub enum GossipMessage {
 }
 
 /// A node's signed statement that its state at `version_vector` has root `state_root`. Peers that
-/// reach the same vector use it to prove their own state before calling themselves active.
+/// reach the same vector use it to prove their own state before calling themselves active. An active
+/// node repeats it periodically; `clock` (its HLC, read before the vector) tells the others that
+/// every op it writes from now on is stamped after it, which is what lets tombstones be collected.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Attestation {
     pub peer: Origin,
@@ -45,29 +48,39 @@ pub struct Attestation {
     pub version_vector: VersionVector,
     #[serde(with = "state_root_bytes")]
     pub state_root: StateRoot,
+    pub clock: Hlc,
     #[serde(with = "serde_bytes")]
     pub signature: Vec<u8>,
 }
 
-const ATTESTATION_DOMAIN: &[u8] = b"peersync/attestation/v1";
+const ATTESTATION_DOMAIN: &[u8] = b"peersync/attestation/v2";
+
+/// What an attestation states, before it is signed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Attested {
+    pub version_vector: VersionVector,
+    pub state_root: StateRoot,
+    pub clock: Hlc,
+}
 
 impl Attestation {
-    fn payload(peer: &Origin, cluster: &str, vv: &VersionVector, root: &StateRoot) -> Vec<u8> {
-        postcard::to_stdvec(&(peer, cluster, vv, root.0)).expect("attestations encode")
+    fn payload(peer: &Origin, cluster: &str, vv: &VersionVector, root: &StateRoot, clock: Hlc) -> Vec<u8> {
+        postcard::to_stdvec(&(peer, cluster, vv, root.0, clock)).expect("attestations encode")
     }
 
-    pub fn sign(signer: &Signer, cluster: &str, version_vector: VersionVector, state_root: StateRoot) -> Attestation {
+    pub fn sign(signer: &Signer, cluster: &str, what: Attested) -> Attestation {
         let peer = signer.origin();
-        let signature =
-            signer.sign_in_domain(ATTESTATION_DOMAIN, &Self::payload(&peer, cluster, &version_vector, &state_root));
-        Attestation { peer, cluster: cluster.to_owned(), version_vector, state_root, signature }
+        let Attested { version_vector, state_root, clock } = what;
+        let payload = Self::payload(&peer, cluster, &version_vector, &state_root, clock);
+        let signature = signer.sign_in_domain(ATTESTATION_DOMAIN, &payload);
+        Attestation { peer, cluster: cluster.to_owned(), version_vector, state_root, clock, signature }
     }
 
     /// Checks the signature against the key inlined in `peer`.
     pub fn verify(&self) -> Result<(), AuthError> {
         let key = public_key_of(&self.peer)?;
         let mut message = ATTESTATION_DOMAIN.to_vec();
-        message.extend(Self::payload(&self.peer, &self.cluster, &self.version_vector, &self.state_root));
+        message.extend(Self::payload(&self.peer, &self.cluster, &self.version_vector, &self.state_root, self.clock));
         if key.verify(&message, &self.signature) {
             Ok(())
         } else {

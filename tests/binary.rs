@@ -620,3 +620,165 @@ fn config_file_sets_flags_the_command_line_overrides_and_bad_keys_stop_the_node(
     let (ok, _, err) = cli(&["node", "--config", "/nonexistent/peersync.toml"]);
     assert!(!ok && err.contains("/nonexistent/peersync.toml"), "{err}");
 }
+
+/// Posts one batch of register writes (`Some(value)`) and deletes (`None`) of `keys` to `node`.
+fn write_batch(node: &NodeProc, keys: impl Iterator<Item = u32>, value: Option<&str>) {
+    let entries: Vec<Value> = keys
+        .map(|i| match value {
+            Some(v) => serde_json::json!({"key": format!("k{i}"), "value": v}),
+            None => serde_json::json!({"key": format!("k{i}"), "delete": true}),
+        })
+        .collect();
+    let body = serde_json::json!({ "entries": entries }).to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let resp =
+        rt.block_on(reqwest::Client::new().post(format!("{}/v1/registers/gc", node.api)).body(body).send()).unwrap();
+    let code = resp.status();
+    assert_eq!(code, 200, "{}", rt.block_on(resp.text()).unwrap());
+}
+
+/// Waits until every node holds the same version vector (of `ops` ops) and state root, and holds no
+/// tombstone: every delete was collected.
+fn wait_collected_everywhere(nodes: &[&NodeProc], ops: u64, deadline: std::time::Duration) {
+    common::wait_sync("equal vectors and roots, and no tombstone left", deadline, || {
+        let s: Vec<Value> = nodes.iter().map(|n| status(&n.api)).collect();
+        let total =
+            |s: &Value| s["version_vector"].as_object().unwrap().values().filter_map(Value::as_u64).sum::<u64>();
+        let summary = || {
+            s.iter()
+                .map(|s| {
+                    format!(
+                        "{} ops, {} tombstones, root {}, held back: {}",
+                        total(s),
+                        s["tombstones"],
+                        s["state_root"],
+                        s["sync"]["tombstone_holdback"]
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let equal = s.windows(2).all(|w| w[0]["version_vector"] == w[1]["version_vector"]);
+        let roots = s.windows(2).all(|w| w[0]["state_root"] == w[1]["state_root"]);
+        if equal && roots && total(&s[0]) == ops && s.iter().all(|s| s["tombstones"] == 0) {
+            Ok(())
+        } else {
+            Err(summary())
+        }
+    });
+}
+
+/// The number of live keys in register `gc` on `node` (up to 100).
+fn live_keys(node: &NodeProc) -> usize {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let page: Value = rt
+        .block_on(async { reqwest::get(format!("{}/v1/registers/gc?limit=100", node.api)).await.unwrap().json().await })
+        .unwrap();
+    page["entries"].as_array().unwrap().len()
+}
+
+/// 100,000 keys written, then deleted on two primaries: every node collects every tombstone, and the
+/// three roots stay equal throughout the collection.
+#[test]
+fn tombstones_of_100k_deletes_are_collected_on_every_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = [
+        "--gossip-heartbeat-ms",
+        "100",
+        "--discovery-interval-ms",
+        "300",
+        "--attest-interval-ms",
+        "200",
+        "--tombstone-horizon-ms",
+        "600000",
+    ];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let a_addr = bootstrap_addr(&a);
+    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
+    let c =
+        NodeProc::start(&dir.path().join("c"), &[&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat());
+    wait_active(&c);
+    const KEYS: u32 = 100_000;
+    const BATCH: u32 = 10_000;
+    for start in (0..KEYS).step_by(BATCH as usize) {
+        write_batch(&a, start..start + BATCH, Some("v"));
+    }
+    // Deletes on B stamp after the writes only once B holds them.
+    common::wait_sync("B holds A's writes", std::time::Duration::from_secs(120), || {
+        let (sa, sb) = (status(&a.api), status(&b.api));
+        if sa["version_vector"] == sb["version_vector"] {
+            Ok(())
+        } else {
+            Err(format!("{} against {}", sa["version_vector"], sb["version_vector"]))
+        }
+    });
+    let started = std::time::Instant::now();
+    for start in (0..KEYS).step_by(BATCH as usize) {
+        let node = if start % (2 * BATCH) == 0 { &a } else { &b };
+        write_batch(node, start..start + BATCH, None);
+    }
+    wait_collected_everywhere(&[&a, &b, &c], 2 * KEYS as u64, std::time::Duration::from_secs(180));
+    println!("100k deletes collected on 3 nodes {:.1} s after the first delete", started.elapsed().as_secs_f64());
+    for node in [&a, &b, &c] {
+        assert_eq!(live_keys(node), 0);
+        let s = status(&node.api);
+        assert_ne!(s["sync"]["tombstones_collected_through"], "0.0", "{s}");
+        // The gauge follows the store on the node's next tick.
+        common::wait_sync("peersync_tombstones at 0", std::time::Duration::from_secs(30), || {
+            match metric_value(&node.api, "peersync_tombstones ") {
+                0 => Ok(()),
+                n => Err(n.to_string()),
+            }
+        });
+    }
+    for node in [a, b, c] {
+        assert!(node.terminate().success());
+    }
+}
+
+/// A primary away for longer than the tombstone horizon while keys were deleted and collected comes
+/// back: the deletes reach it, no deleted key comes back anywhere, its own write survives, and the
+/// three roots agree with no tombstone left.
+#[test]
+fn a_node_back_after_the_horizon_brings_no_deleted_key_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = [
+        "--gossip-heartbeat-ms",
+        "100",
+        "--discovery-interval-ms",
+        "300",
+        "--attest-interval-ms",
+        "200",
+        "--tombstone-horizon-ms",
+        "2000",
+    ];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let a_addr = bootstrap_addr(&a);
+    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
+    let c_dir = dir.path().join("c");
+    let c_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr]].concat();
+    let c = NodeProc::start(&c_dir, &c_args);
+    wait_active(&c);
+    write_batch(&a, 0..1_000, Some("v"));
+    write_batch(&c, 5_000..5_001, Some("c's own"));
+    wait_collected_everywhere(&[&a, &b, &c], 1_001, std::time::Duration::from_secs(60));
+
+    assert!(c.terminate().success());
+    write_batch(&a, 0..500, None);
+    // A and B collect without C once C has been silent for the horizon.
+    wait_collected_everywhere(&[&a, &b], 1_501, std::time::Duration::from_secs(60));
+
+    let c = NodeProc::start(&c_dir, &c_args);
+    wait_collected_everywhere(&[&a, &b, &c], 1_501, std::time::Duration::from_secs(60));
+    for node in [&a, &b, &c] {
+        let (ok, _, err) = cli(&["get", "gc", "k0", "--api", &node.api]);
+        assert!(!ok && err.contains("not_found"), "a deleted key came back on {}: {err}", node.api);
+        let (ok, out, err) = cli(&["get", "gc", "k999", "--api", &node.api]);
+        assert!(ok && out == "v\n", "{err}");
+        let (ok, out, err) = cli(&["get", "gc", "k5000", "--api", &node.api]);
+        assert!(ok && out == "c's own\n", "{err}");
+    }
+    for node in [a, b, c] {
+        assert!(node.terminate().success());
+    }
+}

@@ -153,6 +153,44 @@ async fn a_stale_copy_of_a_collected_delete_is_not_merged_back() {
     }
 }
 
+/// A node away while keys were deleted and collected, which catches up by a snapshot merged into its
+/// state, drops its stale copies of them: the snapshot covers their origin, so their absence there
+/// is a collected delete. An entry of an origin the snapshot does not cover as far is kept.
+#[tokio::test]
+async fn a_snapshot_merged_into_a_stale_state_drops_the_collected_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    let away = open(&dir, "away.redb");
+    put(&a, 0..10).await;
+    replay(&a.store, &away, &a.origin()).await;
+    // `away` writes keys of its own that `a` never sees.
+    put(&away, 100..103).await;
+    delete(&a, 0..5).await;
+    a.writer.collect_tombstones(a.store.clock()).await.unwrap();
+    let info = a.store.create_snapshot(&a.signer, "test", 256).unwrap();
+
+    let signed = a.store.snapshot_manifest(&info.cid).unwrap().unwrap();
+    let manifest = signed.verify().unwrap();
+    for c in away.store.missing_chunks(&manifest).unwrap() {
+        assert!(away.store.put_chunk(&c, &a.store.snapshot_chunk(&c).unwrap().unwrap()).unwrap());
+    }
+    let outcome = away.writer.install_snapshot(signed).await.unwrap();
+    assert!(matches!(outcome, peersync::store::InstallOutcome::Installed { .. }), "{outcome:?}");
+    for i in 0..5 {
+        assert_eq!(away.store.register("r", &key(i)).unwrap(), None, "key {i} came back");
+    }
+    for i in (5..10).chain(100..103) {
+        assert!(away.store.register("r", &key(i)).unwrap().and_then(|v| v.value).is_some(), "key {i} lost");
+    }
+    assert_eq!(live(&away.store), 8);
+    // Its own three keys are the only difference from `a`: once `a` has them the roots agree.
+    replay(&away.store, &a, &away.origin()).await;
+    assert_eq!(a.store.state_root().0, away.store.state_root().0);
+    for n in [a, away] {
+        n.close().await;
+    }
+}
+
 #[tokio::test]
 async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
     use peersync::store::root::{entry_hash, identity_hash, EntryKind, BUCKETS};

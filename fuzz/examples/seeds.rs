@@ -9,11 +9,12 @@
 use std::path::{Path, PathBuf};
 
 use peersync::cert::Revocation;
+use peersync::crdt::Hlc;
 use peersync::ids::{Role, Seq, StateRoot};
 use peersync::op::raw_cid;
 use peersync::snapshot::{Kind, SnapshotBrief, StateEntry};
 use peersync::store::VersionVector;
-use peersync::wire::{encode_gossip, Attestation, Digest, GossipMessage, SyncRequest, SyncResponse};
+use peersync::wire::{encode_gossip, Attestation, Attested, Digest, GossipMessage, SyncRequest, SyncResponse};
 use peersync_fuzz::fixtures::{self, Chain, Snapshot};
 use peersync_fuzz::{write_request, write_response};
 use serde_bytes::ByteBuf;
@@ -35,7 +36,11 @@ fn main() {
 
     // Gossip.
     let vv = VersionVector([(peer, Seq(12)), (other.origin(), Seq(4))].into_iter().collect());
-    let attestation = Attestation::sign(me, "default", vv.clone(), StateRoot([7; 32]));
+    let attestation = Attestation::sign(
+        me,
+        "default",
+        Attested { version_vector: vv.clone(), state_root: StateRoot([7; 32]), clock: Hlc::default() },
+    );
     let cert = fixtures::cert(peer, Role::Primary, 1_000, 2_000_000_000_000, 7);
     let revocation = Revocation::issue(peersync_fuzz::authority_key(), other.origin(), Seq(3), 1_234);
     let gossip = [

@@ -11,6 +11,7 @@ use cid::Cid;
 use libfuzzer_sys::arbitrary::{self, Arbitrary};
 use libp2p::{Multiaddr, PeerId};
 use peersync::cert::{Certificate, Revocation};
+use peersync::crdt::Hlc;
 use peersync::ids::{Origin, Role, Seq, StateRoot};
 use peersync::op::{OpBatch, Signer};
 use peersync::snapshot::{ChunkRef, SignedManifest, SnapshotBrief, StateEntry};
@@ -19,7 +20,7 @@ use peersync::sync::{
     Action, ChunkVerdict, Engine, EngineConfig, Found, GapLimits, GossipId, Input, Membership, ProviderKey, ReplyId,
     ReqId, StoreView, Ticket,
 };
-use peersync::wire::{Attestation, Digest, GossipMessage, SyncRequest, SyncResponse};
+use peersync::wire::{Attestation, Attested, Digest, GossipMessage, SyncRequest, SyncResponse};
 use serde_bytes::ByteBuf;
 
 const CLUSTER: &str = "c";
@@ -479,6 +480,14 @@ impl StoreView for MemStore {
 
     fn has_chunk(&self, cid: &Cid) -> bool {
         self.chunks.contains(cid)
+    }
+
+    fn clock(&self) -> Hlc {
+        Hlc::default()
+    }
+
+    fn tombstones_collected(&self) -> Hlc {
+        Hlc::default()
     }
 
     fn bucket_hashes(&self) -> Vec<[u8; 32]> {
@@ -1041,7 +1050,11 @@ impl Harness<'_> {
                     root.0[2] ^= b | 1;
                 }
                 let cluster = if att.other_cluster { "other" } else { CLUSTER };
-                let mut a = Attestation::sign(signer, cluster, vv, root);
+                let mut a = Attestation::sign(
+                    signer,
+                    cluster,
+                    Attested { version_vector: vv, state_root: root, clock: Hlc::default() },
+                );
                 if att.bad_signature {
                     a.signature[0] ^= 1;
                 }

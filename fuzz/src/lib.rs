@@ -18,11 +18,12 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::Codec as _;
 use libp2p::PeerId;
 use peersync::cert::{Certificate, Revocation};
+use peersync::crdt::Hlc;
 use peersync::ids::Seq;
 use peersync::op::{ChainHash, OpBatch, Signer};
 use peersync::snapshot::{Manifest, SignedManifest, StateEntry};
 use peersync::sync::MAX_BATCH_OPS;
-use peersync::wire::{Attestation, Digest, GossipMessage, SyncRequest, SyncResponse};
+use peersync::wire::{Attestation, Attested, Digest, GossipMessage, SyncRequest, SyncResponse};
 
 /// The codec of the repair plane, as `net::behaviour` builds it.
 pub type SyncCodec = libp2p::request_response::cbor::codec::Codec<SyncRequest, SyncResponse>;
@@ -131,7 +132,11 @@ fn resigned_batch_verifies(batch: &OpBatch) {
 pub fn check_attestation(a: &Attestation) {
     let _ = a.verify();
     if a.peer == signer().origin() {
-        let resigned = Attestation::sign(signer(), &a.cluster, a.version_vector.clone(), a.state_root);
+        let resigned = Attestation::sign(
+            signer(),
+            &a.cluster,
+            Attested { version_vector: a.version_vector.clone(), state_root: a.state_root, clock: a.clock },
+        );
         assert!(resigned.verify().is_ok(), "a freshly signed attestation does not verify");
     }
 }

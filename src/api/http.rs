@@ -269,6 +269,9 @@ struct BatchEntry {
     key: String,
     value: Option<String>,
     value_base64: Option<String>,
+    /// `true`: delete the key (with neither value field).
+    #[serde(default)]
+    delete: bool,
 }
 
 async fn batch_write(
@@ -282,21 +285,24 @@ async fn batch_write(
     let batch: BatchBody = json_body(b)?;
     let mut entries = Vec::with_capacity(batch.entries.len());
     for (i, e) in batch.entries.into_iter().enumerate() {
-        let value = match (e.value, e.value_base64) {
-            (Some(v), None) => v.into_bytes(),
-            (None, Some(b64)) => base64::engine::general_purpose::STANDARD
-                .decode(b64)
-                .map_err(|err| ApiError::bad_request("invalid_json", format!("entries[{i}].value_base64: {err}")))?,
+        let value = match (e.value, e.value_base64, e.delete) {
+            (Some(v), None, false) => Some(v.into_bytes()),
+            (None, Some(b64), false) => {
+                Some(base64::engine::general_purpose::STANDARD.decode(b64).map_err(|err| {
+                    ApiError::bad_request("invalid_json", format!("entries[{i}].value_base64: {err}"))
+                })?)
+            }
+            (None, None, true) => None,
             _ => {
                 return Err(ApiError::bad_request(
                     "invalid_json",
-                    format!("entries[{i}] needs exactly one of value and value_base64"),
+                    format!("entries[{i}] needs exactly one of value, value_base64 and \"delete\": true"),
                 ))
             }
         };
         entries.push((e.key.into_bytes(), value));
     }
-    let receipt = node.put_batch(&reg, entries).await?;
+    let receipt = node.write_batch(&reg, entries).await?;
     let seq = receipt.seq;
     with_acks(&node, receipt, seq, ack).await
 }

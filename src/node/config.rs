@@ -69,6 +69,12 @@ pub struct NodeConfig {
     /// A primary that finds no lease group among its peers waits this long after start before it
     /// may found one (the lowest-id primary of those connected does). Default 3 s.
     pub lease_found_after: Duration,
+    /// How often an active node repeats its attestation (vector, state root, clock), from which
+    /// every node learns how far the others have come. Default 10 s.
+    pub attest_interval: Duration,
+    /// A member not heard from for this long no longer holds tombstone collection back; if it
+    /// returns, its stale copies of collected deletes are discarded. Default 1 hour.
+    pub tombstone_horizon: Duration,
     /// How long a lease request waits for the lease group's quorum before it is answered
     /// `no_quorum`. Default 5 s.
     pub lease_timeout: Duration,
@@ -142,6 +148,8 @@ impl Default for NodeConfig {
             join_grace: Duration::from_secs(5),
             lease_tick: Duration::from_millis(100),
             lease_found_after: Duration::from_secs(3),
+            attest_interval: crate::sync::engine::DEFAULT_ATTEST_INTERVAL,
+            tombstone_horizon: crate::sync::engine::DEFAULT_TOMBSTONE_HORIZON,
             lease_timeout: Duration::from_secs(5),
             snapshot_interval: Duration::from_secs(60),
             snapshot_min_ops: 100_000,
@@ -188,6 +196,7 @@ impl NodeConfig {
         c.join_grace = Duration::from_secs(2);
         c.lease_tick = Duration::from_millis(50);
         c.lease_found_after = Duration::from_millis(500);
+        c.attest_interval = Duration::from_millis(500);
         c
     }
 
@@ -202,6 +211,17 @@ impl NodeConfig {
             return Err(ConfigError(format!(
                 "max_body_bytes ({}) must be at least max_value_bytes ({})",
                 l.max_body_bytes, l.max_value_bytes
+            )));
+        }
+        if self.attest_interval.is_zero() {
+            return Err(ConfigError("attest_interval must be greater than zero".into()));
+        }
+        if self.tombstone_horizon < self.attest_interval * 3 {
+            return Err(ConfigError(format!(
+                "tombstone_horizon ({:?}) must be at least 3 attest intervals ({:?}): members would count as away \
+                 between their attestations",
+                self.tombstone_horizon,
+                self.attest_interval * 3
             )));
         }
         if self.lease_tick.is_zero() || self.lease_timeout.is_zero() {

@@ -86,6 +86,8 @@ pub struct Status {
     pub version_vector: BTreeMap<String, u64>,
     pub state_root: String,
     pub log_ops: u64,
+    /// Register tombstones held (deletes not yet collected).
+    pub tombstones: u64,
     pub peers: Vec<PeerStatus>,
     pub sync: serde_json::Value,
 }
@@ -154,6 +156,16 @@ impl NodeHandle {
 
     /// Writes every entry atomically (all or none, one transaction) and returns the last write's receipt.
     pub async fn put_batch(&self, register: &str, entries: Vec<(Vec<u8>, Vec<u8>)>) -> Result<WriteReceipt, NodeError> {
+        self.write_batch(register, entries.into_iter().map(|(k, v)| (k, Some(v))).collect()).await
+    }
+
+    /// Puts (`Some(value)`) and deletes (`None`) in one transaction, all or none, in order; returns
+    /// the last write's receipt.
+    pub async fn write_batch(
+        &self,
+        register: &str,
+        entries: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    ) -> Result<WriteReceipt, NodeError> {
         let l = &self.inner.config.limits;
         validate::name("register", register)?;
         if entries.is_empty() || entries.len() > l.max_batch_entries {
@@ -161,11 +173,17 @@ impl NodeHandle {
         }
         for (k, v) in &entries {
             validate::key(k, l.max_key_bytes)?;
-            validate::value(v, l.max_value_bytes)?;
+            if let Some(v) = v {
+                validate::value(v, l.max_value_bytes)?;
+            }
         }
+        let register = register.to_owned();
         let intents = entries
             .into_iter()
-            .map(|(key, value)| LocalIntent::Put { register: register.to_owned(), key, value })
+            .map(|(key, value)| match value {
+                Some(value) => LocalIntent::Put { register: register.clone(), key, value },
+                None => LocalIntent::Delete { register: register.clone(), key },
+            })
             .collect();
         let applied = self.write(intents).await?;
         Ok(WriteReceipt::new(&self.inner.origin, applied.last().expect("one op per entry")))
@@ -430,6 +448,7 @@ impl NodeHandle {
             version_vector: vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
             state_root: root.to_string(),
             log_ops: self.inner.store.log_len()?,
+            tombstones: self.inner.store.tombstones()?,
             peers: net.peers,
             sync: serde_json::json!({
                 "phase": self.phase(),
@@ -441,6 +460,8 @@ impl NodeHandle {
                 "rejected_messages": rejected,
                 "snapshot": net.snapshot,
                 "leases": net.leases,
+                "tombstones_collected_through": self.inner.store.tombstones_collected().to_string(),
+                "tombstone_holdback": net.tombstone_holdback,
                 "bytes_in": m.bytes_in_total(),
                 "bytes_out": m.bytes_out_total(),
                 "gossip_unsent": m.gossip_unsent.get(),

@@ -130,6 +130,8 @@ pub struct Metrics {
     /// The snapshot being pulled: bytes held and bytes in all (0 when none).
     pub snapshot_pull_bytes_have: Gauge,
     pub snapshot_pull_bytes_wanted: Gauge,
+    /// Register tombstones held (deletes not yet collected).
+    pub tombstones: Gauge,
 }
 
 impl Default for Metrics {
@@ -168,6 +170,7 @@ impl Default for Metrics {
             replay_pulls: Gauge::default(),
             snapshot_pull_bytes_have: Gauge::default(),
             snapshot_pull_bytes_wanted: Gauge::default(),
+            tombstones: Gauge::default(),
             registry: Registry::default(),
         };
         registry.register("ops_local", "Ops created by this node and committed", m.ops_local.clone());
@@ -238,6 +241,7 @@ impl Default for Metrics {
             "Bytes in all of the snapshot being pulled (0 when none)",
             m.snapshot_pull_bytes_wanted.clone(),
         );
+        registry.register("tombstones", "Register tombstones held (deletes not yet collected)", m.tombstones.clone());
         Metrics { registry, ..m }
     }
 }

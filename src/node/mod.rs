@@ -145,6 +145,8 @@ impl Node {
             lease_boot,
             lease_tick: config.lease_tick,
             lease_found_after: config.lease_found_after,
+            attest_interval: config.attest_interval,
+            tombstone_horizon: config.tombstone_horizon,
         };
         let engine = crate::sync::Engine::new(signer.clone(), engine_config, &store, Instant::now());
         let (phase_tx, phase) = watch::channel(engine.phase());

@@ -38,6 +38,14 @@ impl StoreView for Store {
     fn bucket_hashes(&self) -> Vec<[u8; 32]> {
         Store::bucket_hashes(self)
     }
+
+    fn clock(&self) -> crate::crdt::Hlc {
+        Store::clock(self)
+    }
+
+    fn tombstones_collected(&self) -> crate::crdt::Hlc {
+        Store::tombstones_collected(self)
+    }
 }
 
 impl ServeStore for Store {

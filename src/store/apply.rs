@@ -253,6 +253,43 @@ impl<'t> Tables<'t> {
         Ok(MergeEffect { changed: true, hlc, lease })
     }
 
+    /// After a snapshot was merged into a non-empty state: drops each local register entry the
+    /// snapshot does not hold (`staged` is its register table) when the snapshot covers the
+    /// entry's origin as far as this node did before (`covered`). Every write of that origin this
+    /// node holds was then seen where the snapshot was made, so the entry is missing there only
+    /// because it was deleted and its tombstone collected: kept here, it would bring the key back.
+    /// Returns how many entries went.
+    pub fn drop_collected_registers(
+        &mut self,
+        buckets: &mut Buckets,
+        staged: &impl ReadableTable<(&'static str, &'static [u8]), &'static [u8]>,
+        covered: impl Fn(&crate::ids::Origin) -> bool,
+    ) -> Result<u64, StoreError> {
+        let mut gone = Vec::new();
+        for row in self.registers.iter()? {
+            let (k, v) = row?;
+            let (register, key) = k.value();
+            if staged.get((register, key))?.is_some() {
+                continue;
+            }
+            let Ok(value) = postcard::from_bytes::<RegisterValue>(v.value()) else { continue };
+            if covered(&value.origin) {
+                gone.push((register.to_owned(), key.to_vec(), v.value().to_vec(), value));
+            }
+        }
+        for (register, key, bytes, value) in &gone {
+            self.registers.remove((register.as_str(), key.as_slice()))?;
+            if value.is_tombstone() {
+                self.tombstones.remove((value.hlc.wall_ms, value.hlc.logical, register.as_str(), key.as_slice()))?;
+            }
+            let id = identity_hash(EntryKind::Register, register, key);
+            if let Some(h) = super::root::root_hash(EntryKind::Register, &id, bytes) {
+                self.dirty.insert(buckets.toggle(&id, &h));
+            }
+        }
+        Ok(gone.len() as u64)
+    }
+
     fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
         let b = buckets.replace(kind, id, old, new);
         self.dirty.insert(b);

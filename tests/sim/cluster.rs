@@ -69,6 +69,7 @@ impl Config {
         engine.discovery = Duration::from_secs(1);
         engine.digest_min = Duration::from_millis(250);
         engine.digest_max = Duration::from_secs(2);
+        engine.attest_interval = Duration::from_secs(1);
         engine.request_timeout = Duration::from_secs(2);
         engine.chunks_per_source = 2;
         Config {
@@ -114,6 +115,8 @@ pub struct NodeStats {
     /// Waits for acknowledgements (`Input::AwaitAcks`) that ended met, and unmet.
     pub acks_met: u64,
     pub acks_unmet: u64,
+    /// Tombstone collections the engine asked for (each checked safe when asked).
+    pub collections: u64,
 }
 
 impl NodeStats {

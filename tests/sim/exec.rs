@@ -90,6 +90,7 @@ impl Cluster {
                 self.local(n, Duration::from_millis(1), Input::Merged);
             }
             Action::CollectChunks { keep } => self.nodes[n].store.collect_chunks(&keep),
+            Action::CollectTombstones { through } => self.collect_tombstones(n, through),
             Action::Dial { peer, addr } => {
                 let target = peer
                     .and_then(|p| self.index.get(&p).copied())
@@ -203,6 +204,26 @@ impl Cluster {
                 self.net.transmit(n, p, conn, Msg::Gossip { from: n, data: data.clone(), id, copy: false });
             }
         }
+    }
+
+    /// Node `n` asks to collect the tombstones stamped up to `through`. That is safe only if no write
+    /// stamped that early can still reach it: every op of an origin it knows, held by any node of
+    /// the simulation (crashed and cut-off ones too), stamped at or before `through`, must already be
+    /// applied at `n`. (Origins it has never heard of are outside what the engine can promise.)
+    fn collect_tombstones(&mut self, n: usize, through: peersync::crdt::Hlc) {
+        let vv = self.nodes[n].store.version_vector();
+        for (m, other) in self.nodes.iter().enumerate() {
+            if let Some((origin, seq, hlc)) = other.store.ops_beyond(&vv, through).first() {
+                panic!(
+                    "seed {}: node {n} collects tombstones up to {through}, but node {m} holds op {seq} of \
+                     {origin} stamped {hlc}, which node {n} has not applied (it holds {})",
+                    self.seed,
+                    vv.get(origin).0
+                );
+            }
+        }
+        self.nodes[n].store.collect_tombstones(through);
+        self.nodes[n].stats.collections += 1;
     }
 
     fn on_verdict(&mut self, n: usize, id: GossipId, verdict: Verdict) {

@@ -17,7 +17,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::{BTreeMap, BTreeSet};
 
 use cid::Cid;
-use peersync::crdt::Hlc;
+use peersync::crdt::{Hlc, HlcClock};
 use peersync::ids::{Origin, Seq, StateRoot};
 use peersync::op::{ChainHash, Op, OpBatch, OpBody, SignedHead, Signer, VerifiedBatch};
 use peersync::snapshot::{
@@ -127,6 +127,11 @@ pub struct MemStore {
     chunks: BTreeMap<Cid, Vec<u8>>,
     /// Chunks kept without a durable commit since the last durable one: lost in a crash.
     undurable: Vec<Cid>,
+    /// The node's HLC, as the store keeps it: every local op is stamped after every op seen.
+    clock: HlcClock,
+    /// Where the engine last asked tombstones to be collected up to (the simulated state has
+    /// none; the simulator checks that the stamp was safe).
+    collected: Hlc,
 }
 
 fn encode_counter(c: &Counter) -> Vec<u8> {
@@ -190,6 +195,7 @@ impl MemStore {
 
     fn apply_op(&mut self, op: &Op) {
         let OpBody::CounterAdd { key, delta, .. } = &op.body else { panic!("the simulator writes counter ops only") };
+        self.clock.observe(op.hlc);
         let mut c = self.state.get(key).cloned().unwrap_or_default();
         let e = c.entry(op.origin).or_insert((0, 0));
         *e = (op.seq.0, e.1 + delta);
@@ -200,6 +206,7 @@ impl MemStore {
     /// writer's local path. Returns the batch to publish.
     pub fn write_local(&mut self, signer: &Signer, ops: &[(Vec<u8>, i64)], wall_ms: u64) -> OpBatch {
         let origin = signer.origin();
+        let stamps: Vec<Hlc> = ops.iter().map(|_| self.clock.now(wall_ms)).collect();
         let log = self.logs.entry(origin).or_default();
         let after = log.progress.seq;
         let mut chain = log.progress.chain;
@@ -209,7 +216,7 @@ impl MemStore {
             let op = Op {
                 origin,
                 seq: Seq(after.0 + 1 + i as u64),
-                hlc: Hlc::new(wall_ms, i as u32),
+                hlc: stamps[i],
                 body: OpBody::CounterAdd { counter: COLLECTION.into(), key: key.clone(), delta: *delta },
             };
             let bytes = op.encode();
@@ -469,6 +476,39 @@ impl StoreView for MemStore {
 
     fn bucket_hashes(&self) -> Vec<[u8; 32]> {
         self.buckets.0.clone()
+    }
+
+    fn clock(&self) -> Hlc {
+        self.clock.last()
+    }
+
+    fn tombstones_collected(&self) -> Hlc {
+        self.collected
+    }
+}
+
+impl MemStore {
+    /// Records a collection the engine asked for.
+    pub fn collect_tombstones(&mut self, through: Hlc) {
+        self.collected = self.collected.max(through);
+    }
+
+    /// Ops this store's log holds beyond `vv` (for origins `vv` names) stamped at or before
+    /// `through`: (origin, seq, stamp).
+    pub fn ops_beyond(&self, vv: &VersionVector, through: Hlc) -> Vec<(Origin, Seq, Hlc)> {
+        let mut found = Vec::new();
+        for (origin, have) in &vv.0 {
+            let Some(log) = self.logs.get(origin) else { continue };
+            for row in log.rows.range(Seq(have.0 + 1)..).map(|(_, r)| r) {
+                for (_, bytes) in &row.ops {
+                    let op = Op::decode(bytes).expect("the simulated log holds valid ops");
+                    if op.seq > *have && op.hlc <= through {
+                        found.push((*origin, op.seq, op.hlc));
+                    }
+                }
+            }
+        }
+        found
     }
 }
 

@@ -245,6 +245,14 @@ struct NodeArgs {
     digest_min_ms: u64,
     #[arg(long, default_value_t = 10_000, hide = true)]
     digest_max_ms: u64,
+    /// How often an active node repeats its signed attestation (vector, state root, clock), in ms.
+    #[arg(long, default_value_t = 10_000, hide = true)]
+    attest_interval_ms: u64,
+    /// A member not heard from for this long, in ms, no longer holds back the collection of
+    /// tombstones (deletes every member has seen); if it returns, its stale copies of collected
+    /// deletes are discarded.
+    #[arg(long, default_value_t = 3_600_000)]
+    tombstone_horizon_ms: u64,
     /// How often to consider a periodic snapshot, in ms, and how many new ops make one.
     #[arg(long, default_value_t = 60_000, hide = true)]
     snapshot_interval_ms: u64,
@@ -434,6 +442,8 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.discovery_interval = Duration::from_millis(args.discovery_interval_ms);
     config.digest_interval_min = Duration::from_millis(args.digest_min_ms);
     config.digest_interval_max = Duration::from_millis(args.digest_max_ms);
+    config.attest_interval = Duration::from_millis(args.attest_interval_ms);
+    config.tombstone_horizon = Duration::from_millis(args.tombstone_horizon_ms);
     config.snapshot_interval = Duration::from_millis(args.snapshot_interval_ms);
     config.snapshot_min_ops = args.snapshot_min_ops;
     config.snapshot_chunk_bytes = args.snapshot_chunk_bytes;

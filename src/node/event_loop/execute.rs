@@ -159,6 +159,16 @@ impl EventLoop {
                     let _ = commands.send(Command::Merged).await;
                 });
             }
+            Action::CollectTombstones { through } => {
+                let writer = self.writer.clone();
+                tokio::spawn(async move {
+                    match writer.collect_tombstones(through).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(tombstones = n, %through, "collected tombstones every member has seen"),
+                        Err(e) => tracing::warn!(error = %e, %through, "collecting tombstones failed"),
+                    }
+                });
+            }
             Action::CollectChunks { keep } => {
                 let store = self.store.clone();
                 tokio::task::spawn_blocking(move || match store.collect_chunks(&keep) {

@@ -28,6 +28,8 @@ pub struct NetStatus {
     pub members: Option<crate::sync::engine::MembersStatus>,
     /// The lease group as this primary sees it; `None` on replicas.
     pub leases: Option<crate::sync::leases::LeaseGroupStatus>,
+    /// Why tombstone collection is held back, when it is.
+    pub tombstone_holdback: Option<String>,
 }
 
 impl EventLoop {
@@ -43,6 +45,7 @@ impl EventLoop {
             buffered_ops: s.buffered_ops,
             members: self.engine.members_status(&self.store),
             leases: self.engine.lease_status(),
+            tombstone_holdback: self.engine.tombstone_holdback(),
         }
     }
 
@@ -78,5 +81,8 @@ impl EventLoop {
         let (have, total) = s.snapshot.as_ref().map_or((0, 0), |p| (p.progress.bytes_have, p.progress.bytes_total));
         m.snapshot_pull_bytes_have.set(have as i64);
         m.snapshot_pull_bytes_wanted.set(total as i64);
+        if let Ok(n) = self.store.tombstones() {
+            m.tombstones.set(n as i64);
+        }
     }
 }

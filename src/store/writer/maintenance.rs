@@ -360,6 +360,18 @@ fn install_staged(
             index += 1;
             Ok(())
         })?;
+        // The logs have not advanced yet: `progress` is what this node held before the snapshot.
+        let progress = &work.mirror.progress;
+        let covered = |origin: &Origin| {
+            let have = progress.get(origin).map_or(Seq::ZERO, |p| p.seq);
+            manifest.version_vector.get(origin) >= have
+        };
+        let staged = txn.open_table(STAGE_REGISTERS)?;
+        let dropped = tables.drop_collected_registers(&mut work.mirror.buckets, &staged, covered)?;
+        if dropped > 0 {
+            tracing::info!(dropped, "dropped local entries the snapshot shows deleted and collected");
+        }
+        changed += dropped;
         persist_buckets(txn, &mut tables, &work.mirror)?;
         changed
     };

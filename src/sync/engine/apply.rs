@@ -133,7 +133,20 @@ impl Engine {
                 }
                 a.verify().map_err(|e| Some(e.to_string()))?;
                 self.note_attestation(now, &a);
-                if a.peer != self.me {
+                if a.peer == self.me {
+                    return Ok(None);
+                }
+                if self.readiness.is_active() {
+                    // Only this attestation is new: compare it alone rather than every peer's
+                    // latest (members attest every `attest_interval`, so a full check per
+                    // attestation would cost O(members) each, O(members²) per interval).
+                    let (root, vv) = store.state_root();
+                    let diverges = a.version_vector == vv && a.state_root != root;
+                    self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
+                    if diverges {
+                        self.start_repair(now, a.peer, store);
+                    }
+                } else {
                     self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
                     self.check_ready(now, store);
                 }

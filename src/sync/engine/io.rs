@@ -8,7 +8,7 @@ use cid::Cid;
 use libp2p::{Multiaddr, PeerId};
 
 use super::{AckWanted, Membership, WaitId};
-use crate::crdt::{LeaseGrant, LeaseRequest};
+use crate::crdt::{Hlc, LeaseGrant, LeaseRequest};
 use crate::ids::{Origin, Role, Seq, StateRoot};
 use crate::op::{ChainHash, OpBatch};
 use crate::snapshot::{ChunkRef, SignedManifest, SnapshotBrief, StateEntry};
@@ -32,6 +32,11 @@ pub trait StoreView {
     fn has_chunk(&self, cid: &Cid) -> bool;
     /// The state root's bucket hashes, in bucket order.
     fn bucket_hashes(&self) -> Vec<[u8; 32]>;
+    /// The greatest HLC this node issued or observed: every op it writes later is stamped after
+    /// it. Read before the version vector when the two are paired.
+    fn clock(&self) -> Hlc;
+    /// The stamp up to which tombstones were collected.
+    fn tombstones_collected(&self) -> Hlc;
 }
 
 /// Names an outbound request the engine made; the executor maps it to its transport's id.
@@ -166,6 +171,9 @@ pub enum Action {
     Install { manifest: SignedManifest },
     /// Merge a peer's state entries with the CRDT joins.
     Merge { peer: PeerId, entries: Vec<StateEntry> },
+    /// Drop the register tombstones stamped at or before `through`: no write they could still win
+    /// over can arrive (see `engine::tombstones`).
+    CollectTombstones { through: Hlc },
     /// Delete held chunks that are not in `keep` (left by abandoned pulls).
     CollectChunks { keep: Vec<Cid> },
     /// Dial a peer (by id, through known addresses) or an address.
@@ -278,7 +286,16 @@ pub struct EngineConfig {
     /// A primary that finds no lease group waits this long after it starts before it founds one
     /// (see `sync::leases`).
     pub lease_found_after: Duration,
+    /// How often an active node repeats its attestation (vector, root, clock).
+    pub attest_interval: Duration,
+    /// A member not heard from for this long no longer holds tombstone collection back.
+    pub tombstone_horizon: Duration,
 }
+
+/// Default of [`EngineConfig::attest_interval`].
+pub const DEFAULT_ATTEST_INTERVAL: Duration = Duration::from_secs(10);
+/// Default of [`EngineConfig::tombstone_horizon`].
+pub const DEFAULT_TOMBSTONE_HORIZON: Duration = Duration::from_secs(3600);
 
 impl EngineConfig {
     pub fn new(role: Role, cluster: impl Into<String>) -> Self {
@@ -310,6 +327,8 @@ impl EngineConfig {
             lease_boot: LeaseLogBoot::default(),
             lease_tick: Duration::from_millis(100),
             lease_found_after: Duration::from_secs(3),
+            attest_interval: DEFAULT_ATTEST_INTERVAL,
+            tombstone_horizon: DEFAULT_TOMBSTONE_HORIZON,
         }
     }
 }

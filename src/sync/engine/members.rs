@@ -161,12 +161,12 @@ impl Engine {
             None => Err(format!("manifest made by {creator}, which is not a member")),
             Some(Role::Primary) => Ok(()),
             Some(role) => {
-                let confirmed = self.attestations.iter().any(|(peer, (vv, root, _))| {
+                let confirmed = self.attestations.iter().any(|(peer, heard)| {
                     *peer != creator
                         && *peer != self.me
                         && self.certified_role(peer, now).is_some()
-                        && *vv == manifest.version_vector
-                        && *root == manifest.state_root
+                        && heard.vv == manifest.version_vector
+                        && heard.root == manifest.state_root
                 });
                 if confirmed {
                     Ok(())
@@ -262,7 +262,9 @@ impl Engine {
         if self.attestations.len() >= MAX_MEMBERS && !self.attestations.contains_key(&a.peer) {
             return;
         }
-        self.attestations.insert(a.peer, (a.version_vector.clone(), a.state_root, at));
+        let heard =
+            super::tombstones::Heard { vv: a.version_vector.clone(), root: a.state_root, clock: a.clock, at_ms: at };
+        self.attestations.insert(a.peer, heard);
     }
 
     /// The member registry (membership mode), `None` in open mode.
@@ -283,12 +285,13 @@ impl Engine {
             .members
             .values()
             .map(|c| {
-                let attestation = self.attestations.get(&c.peer).map(|(v, r, at)| AttestationStatus {
-                    version_vector: v.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
-                    state_root: r.to_string(),
-                    at_ms: *at,
-                    agrees: (*v == vv).then_some(*r == root),
-                });
+                let attestation =
+                    self.attestations.get(&c.peer).filter(|_| c.peer != self.me).map(|h| AttestationStatus {
+                        version_vector: h.vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
+                        state_root: h.root.to_string(),
+                        at_ms: h.at_ms,
+                        agrees: (h.vv == vv).then_some(h.root == root),
+                    });
                 MemberStatus {
                     peer_id: c.peer.to_string(),
                     role: c.role,
@@ -348,6 +351,12 @@ mod tests {
         }
         fn latest_snapshot(&self) -> Option<(Cid, SnapshotBrief)> {
             None
+        }
+        fn clock(&self) -> crate::crdt::Hlc {
+            crate::crdt::Hlc::default()
+        }
+        fn tombstones_collected(&self) -> crate::crdt::Hlc {
+            crate::crdt::Hlc::default()
         }
         fn has_chunk(&self, _: &Cid) -> bool {
             false
@@ -424,7 +433,15 @@ mod tests {
         // A replica's snapshot: refused until another member attests the same root at that vector.
         assert!(e.check_manifest_creator(&manifest(&replica, 1), now).is_err());
         let attest = |signer: &Signer, root: u8| {
-            let a = crate::wire::Attestation::sign(signer, "c", vv.clone(), StateRoot([root; 32]));
+            let a = crate::wire::Attestation::sign(
+                signer,
+                "c",
+                crate::wire::Attested {
+                    version_vector: vv.clone(),
+                    state_root: StateRoot([root; 32]),
+                    clock: crate::crdt::Hlc::default(),
+                },
+            );
             encode_gossip(&GossipMessage::Attestation(a))
         };
         // Its own attestation vouches for nothing, nor does another member's of another root.

@@ -31,6 +31,7 @@ mod pulls;
 mod repair;
 mod snapshot;
 mod status;
+mod tombstones;
 
 use std::collections::{BTreeMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -41,7 +42,7 @@ use rand::rngs::StdRng;
 use rand::SeedableRng;
 
 use super::{DigestPace, Phase, Readiness, Redial, ReplayPlanner};
-use crate::ids::{Origin, Seq, StateRoot};
+use crate::ids::{Origin, Seq};
 use crate::op::{OpBatch, Signer};
 use crate::snapshot::SnapshotBrief;
 use crate::store::VersionVector;
@@ -53,6 +54,7 @@ pub use io::{
     Action, ChunkVerdict, Count, EngineConfig, Found, GossipId, Input, ProviderKey, ReplyId, ReqId, StoreView, Ticket,
     Verdict,
 };
+pub use io::{DEFAULT_ATTEST_INTERVAL, DEFAULT_TOMBSTONE_HORIZON};
 pub use members::{AttestationStatus, MemberStatus, MembersStatus, Membership, MEMBERSHIP_GRACE};
 pub use peers::fanout;
 pub use status::{PeerStatus, SnapshotStatus, SyncStatus};
@@ -143,7 +145,13 @@ pub struct Engine {
     /// Revoked members by peer.
     revoked: BTreeMap<PeerId, crate::cert::Revocation>,
     /// The latest attestation of each peer: vector, root, and when it came (wall ms).
-    attestations: BTreeMap<PeerId, (VersionVector, StateRoot, u64)>,
+    attestations: BTreeMap<PeerId, tombstones::Heard>,
+    /// When this node repeats its attestation next (while active).
+    next_attest: Instant,
+    /// The greatest stamp this engine asked to collect tombstones up to.
+    collect_asked: crate::crdt::Hlc,
+    /// Why collection was held back at the last try, if it was.
+    holdback: Option<tombstones::Holdback>,
     /// Waits for acknowledgements, and digest answers held for peers' waits.
     acks: acks::Acks,
     /// The lease service's Raft group and what the engine keeps beside it.
@@ -208,6 +216,9 @@ impl Engine {
             started: now,
             members: BTreeMap::new(),
             attestations: BTreeMap::new(),
+            next_attest: now,
+            collect_asked: crate::crdt::Hlc::ZERO,
+            holdback: None,
             acks: acks::Acks::default(),
             revoked: BTreeMap::new(),
             cfg,
@@ -400,6 +411,7 @@ impl Engine {
         self.drive_snapshot(now, store);
         self.check_ready(now, store);
         self.lease_round(now);
+        self.tombstone_round(now, store);
     }
 
     /// Discovery: announce the provider record once someone can store it, and look for more peers

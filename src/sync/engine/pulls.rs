@@ -8,7 +8,7 @@ use libp2p::PeerId;
 use super::{Action, Count, Engine, Pending, ReplyId, ReqId, StoreView, PULL_MAX_BYTES, PULL_MAX_OPS};
 use crate::store::VersionVector;
 use crate::sync::{PeerView, Phase, Pull, Transition};
-use crate::wire::{encode_gossip, Attestation, Digest, GossipMessage, SyncRequest, SyncResponse};
+use crate::wire::{Digest, SyncRequest, SyncResponse};
 
 impl Engine {
     pub(super) fn my_digest(&self, store: &dyn StoreView) -> Digest {
@@ -250,8 +250,7 @@ impl Engine {
             Transition::None => {}
             Transition::BecameActive { proven_by } => {
                 tracing::info!(?proven_by, ops = vv.total(), %root, "caught up and verified; node is active");
-                let attestation = Attestation::sign(&self.signer, &self.cfg.cluster, vv, root);
-                self.push(Action::Publish { data: encode_gossip(&GossipMessage::Attestation(attestation)) });
+                self.attest(now, store);
             }
             Transition::Divergence { peer } => self.start_repair(now, peer, store),
         }
