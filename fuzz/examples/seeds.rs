@@ -85,6 +85,8 @@ fn main() {
         cert: Some(ByteBuf::from(cert.encode())),
         members: vec![ByteBuf::from(fixtures::cert(other.origin(), Role::Replica, 0, u64::MAX, 8).encode())],
         revocations: vec![ByteBuf::from(revocation.encode())],
+        hold_until: Some(Seq(12)),
+        lease_group: Some(1),
     };
     let requests = [
         ("digest", SyncRequest::Digest(digest.clone())),

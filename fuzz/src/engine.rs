@@ -783,7 +783,8 @@ impl Harness<'_> {
                 | Action::Count { .. }
                 | Action::Acked { .. }
                 | Action::PersistLeaseLog { .. }
-                | Action::LeaseDone { .. } => {}
+                | Action::LeaseDone { .. }
+                | Action::CollectTombstones { .. } => {}
             }
         }
         // Bound the executor's own bookkeeping.
@@ -956,6 +957,10 @@ impl Harness<'_> {
             }
             SyncRequest::GetEntries { .. } => {
                 SyncResponse::Entries(w.entries.iter().take(t as usize % 5).cloned().collect())
+            }
+            // This node is no voter of the fixture's lease group.
+            SyncRequest::Lease(_) => {
+                SyncResponse::Error { code: "not_a_voter".into(), message: "no lease group here".into() }
             }
         })
     }

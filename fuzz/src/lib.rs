@@ -18,7 +18,6 @@ use libp2p::identity::Keypair;
 use libp2p::request_response::Codec as _;
 use libp2p::PeerId;
 use peersync::cert::{Certificate, Revocation};
-use peersync::crdt::Hlc;
 use peersync::ids::Seq;
 use peersync::op::{ChainHash, OpBatch, Signer};
 use peersync::snapshot::{Manifest, SignedManifest, StateEntry};
@@ -244,7 +243,7 @@ pub fn check_response(response: &SyncResponse) {
         SyncResponse::Chunk(bytes) => {
             let _ = peersync::snapshot::verify_chunk_cid(&peersync::op::raw_cid(bytes), bytes);
         }
-        SyncResponse::Buckets(_) | SyncResponse::Error { .. } => {}
+        SyncResponse::Buckets(_) | SyncResponse::Error { .. } | SyncResponse::Lease(_) => {}
         SyncResponse::Entries(entries) => check_entries(entries),
     }
 }
