@@ -113,6 +113,36 @@ def fmt(x, digits=3):
     return str(x)
 
 
+class CpuMeter:
+    """CPU time (user + system) each process spends from now on; `fresh` ones start at zero (started
+    inside the window). `per_op_us` divides each process's share by the ops of the window."""
+
+    def __init__(self, procs: list, fresh: list | None = None):
+        self.start = {p.pid: cpu_seconds(p.pid) for p in procs}
+        self.start.update({p.pid: 0.0 for p in fresh or []})
+
+    def add_fresh(self, proc) -> None:
+        self.start[proc.pid] = 0.0
+
+    def per_op_us(self, ops: int) -> list[float]:
+        return [round((cpu_seconds(pid) - c) * 1e6 / max(ops, 1), 2) for pid, c in self.start.items()]
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs)
+
+
+CPU_METHOD = ("CPU-µs per op per node: user + system CPU time (/proc/PID/stat) each server process spent over the "
+              "measured window, divided by the ops of the window, averaged over the nodes taking part (per node in "
+              "the details); load generators are not counted. ")
+
+
+def cpu_row(ctx: Ctx, workload: str, what: str, ps_runs: list[list[float]], anchor: str,
+            r_runs: list[list[float]], method: str) -> None:
+    ctx.row(workload, f"CPU per op per node, {what}", "µs", "lower", [mean(r) for r in ps_runs], anchor,
+            [mean(r) for r in r_runs], CPU_METHOD + method, peersync_per_node=ps_runs, redis_per_node=r_runs)
+
+
 # ---------------------------------------------------------------- peersync nodes
 
 
@@ -356,29 +386,35 @@ def w1(ctx: Ctx) -> None:
     target_vv = prim.vv()
     assert vv_total(target_vv) >= n, target_vv
     assert rprim.connect().cmd("DBSIZE") == n
-    def join(what: str, extra: list[str] | None = None) -> tuple[float, Node]:
+    def join(what: str, extra: list[str] | None = None) -> tuple[float, Node, list[float]]:
         """Starts a new replica of the primary and waits until it is active with the primary's version
-        vector; returns the time that took and the replica, still running."""
+        vector; returns the time that took, the replica, still running, and the CPU-µs per op of the
+        primary and the replica over the join."""
         rep = Node(ctx, "w1-replica", 2, role="replica", bootstrap=prim.addr, extra=extra)
         rep.prepare()
+        cpu = CpuMeter([prim.proc])
         t0 = now()
         rep.spawn()
+        cpu.add_fresh(rep.proc)
         wait_until(lambda: (s := try_status(rep.http)) and s["state"] == "active" and s["version_vector"] == target_vv,
                    1800, what, interval=0.01, proc=rep.proc)
-        return now() - t0, rep
+        return now() - t0, rep, cpu.per_op_us(n)
 
-    ps_t, r_t, ps_rep_rss, r_rep_rss = [], [], [], []
+    ps_t, r_t, ps_rep_rss, r_rep_rss, ps_cpu, r_cpu = [], [], [], [], [], []
     for run in range(runs):
-        elapsed, rep = join("W1 peersync replica caught up")
+        elapsed, rep, cpu = join("W1 peersync replica caught up")
         ps_t.append(elapsed)
+        ps_cpu.append(cpu)
         ps_rep_rss.append(rep.rss())
         log(f"W1 run {run + 1}: peersync replica active with the primary's version vector after {ps_t[-1]:.2f} s")
         rep.stop()
 
         rrep = Redis(ctx, "w1-redis-replica", 2, replicaof=rprim.port)
         rrep.prepare()
+        cpu = CpuMeter([rprim.proc])
         t0 = now()
         rrep.spawn()
+        cpu.add_fresh(rrep.proc)
 
         def redis_synced():
             try:
@@ -387,6 +423,7 @@ def w1(ctx: Ctx) -> None:
                 return False
         wait_until(redis_synced, 1800, "W1 redis replica synced", interval=0.01, proc=rrep.proc)
         r_t.append(now() - t0)
+        r_cpu.append(cpu.per_op_us(n))
         r_rep_rss.append(rrep.rss())
         log(f"W1 run {run + 1}: redis replica synced after {r_t[-1]:.2f} s")
         rrep.stop()
@@ -399,7 +436,7 @@ def w1(ctx: Ctx) -> None:
     # The default minimum saving (100 000 ops) is the full run's; --quick loads fewer keys.
     min_saving = ["--snapshot-min-saving-ops", str(min(100_000, n // 2))]
     for run in range(runs):
-        elapsed, rep = join("W1 peersync replica caught up from a snapshot", min_saving)
+        elapsed, rep, _ = join("W1 peersync replica caught up from a snapshot", min_saving)
         snap_t.append(elapsed)
         wait_until(lambda: (metric(rep.http, "peersync_snapshots_installed_total") or 0) >= 1, 10,
                    "W1 replica took the snapshot path", proc=rep.proc)
@@ -423,6 +460,8 @@ def w1(ctx: Ctx) -> None:
                 "Redis primary: repl-diskless-sync yes, delay 0; replica loads the RDB from disk (default).",
                 load_s_peersync=load_ps, load_s_redis=load_r, replica_rss_mib_peersync=ps_rep_rss,
                 replica_rss_mib_redis=r_rep_rss, primary_disk_mib_peersync=disk)
+        cpu_row(ctx, "W1", "initial sync", ps_cpu, "redis 7 replica", r_cpu,
+                "Window: replica start -> synced (as W1's time); nodes: [primary, replica]; ops: the N keys.")
     ctx.row("W7", "RSS idle (empty node)", "MiB", "lower", [rss_idle_ps], "redis-server", [rss_idle_r],
             "VmRSS of the node process 2 s after start, no data")
     ctx.row("W7", f"RSS holding {n:,} keys x 100 B", "MiB", "lower", [rss_loaded_ps], "redis-server",
@@ -436,7 +475,7 @@ def w1(ctx: Ctx) -> None:
 def w2(ctx: Ctx) -> None:
     n, runs = ctx.size["w2_writes"], ctx.size["runs"]
     log(f"W2: catch-up after {n} missed writes ({runs} runs each)")
-    ps_t, r_t, ps_write, r_write = [], [], [], []
+    ps_t, r_t, ps_write, r_write, ps_cpu, r_cpu = [], [], [], [], [], []
     for run in range(runs):
         prim = Node(ctx, "w2-primary", 1).start()
         rep = Node(ctx, "w2-replica", 2, role="replica", bootstrap=prim.addr).start()
@@ -446,11 +485,13 @@ def w2(ctx: Ctx) -> None:
         ctx.procs.sigstop(rep.proc)
         ps_write.append(ps_load([prim.api], "w2", n, "v100", threads_per_port=2, seed=run + 7))
         target = prim.vv()
+        cpu = CpuMeter([prim.proc, rep.proc])
         t0 = now()
         ctx.procs.sigcont(rep.proc)
         wait_until(lambda: (s := try_status(rep.http)) and s["version_vector"] == target, 600,
                    "W2 peersync replica caught up", interval=0.01, proc=rep.proc)
         ps_t.append(now() - t0)
+        ps_cpu.append(cpu.per_op_us(n))
         log(f"W2 run {run + 1}: peersync replica caught up {n} ops {ps_t[-1]:.3f} s after SIGCONT "
             f"(writes took {ps_write[-1]:.2f} s)")
         rep.stop()
@@ -466,11 +507,13 @@ def w2(ctx: Ctx) -> None:
         redis_benchmark_set(rprim.port, n, clients=8, pipeline=16, keyspace=100_000_000)
         r_write.append(now() - t0)
         target_off = int(rprim.info()["master_repl_offset"])
+        cpu = CpuMeter([rprim.proc, rrep.proc])
         t0 = now()
         ctx.procs.sigcont(rrep.proc)
         wait_until(lambda: int(rrep.info().get("slave_repl_offset", -1)) >= target_off, 600,
                    "W2 redis replica caught up", interval=0.01, proc=rrep.proc)
         r_t.append(now() - t0)
+        r_cpu.append(cpu.per_op_us(n))
         log(f"W2 run {run + 1}: redis replica caught up {r_t[-1]:.3f} s after SIGCONT")
         rrep.stop()
         rprim.stop()
@@ -479,6 +522,8 @@ def w2(ctx: Ctx) -> None:
             "redis-benchmark -t set -P 16 -c 8), SIGCONT -> peersync: replica version vector == primary's; redis: "
             "replica slave_repl_offset >= primary master_repl_offset (polled every 10 ms)",
             write_s_peersync=ps_write, write_s_redis=r_write)
+    cpu_row(ctx, "W2", "catch-up", ps_cpu, "redis 7 replica", r_cpu,
+            "Window: SIGCONT -> caught up (as W2's time); nodes: [primary, replica]; ops: the N missed writes.")
 
 
 # ---------------------------------------------------------------- W3: propagation latency
@@ -649,6 +694,7 @@ def w3(ctx: Ctx) -> None:
         res["gossip_unsent"] = [int((metric(nd.http, "peersync_gossip_unsent_total") or 0) - u)
                                 for nd, u in zip(nodes, unsent0)]
         res["node_cpu_util"] = [round((cpu_seconds(nd.proc.pid) - c) / (now() - t), 3) for nd, c in zip(nodes, cpu0)]
+        res["cpu_us_per_op"] = [round((cpu_seconds(nd.proc.pid) - c) * 1e6 / count, 2) for nd, c in zip(nodes, cpu0)]
         res["peers_per_node"] = [len(nd.status()["peers"]) for nd in nodes]
         ps_res.append(res)
         log(f"W3 run {run + 1}: peersync p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms max {res['max']:.1f} ms "
@@ -668,6 +714,7 @@ def w3(ctx: Ctx) -> None:
         cpu0, t = [cpu_seconds(sv.proc.pid) for sv in servers], now()
         res = asyncio.run(redis_latency(ctx, servers, count, rate))
         res["node_cpu_util"] = [round((cpu_seconds(sv.proc.pid) - c) / (now() - t), 3) for sv, c in zip(servers, cpu0)]
+        res["cpu_us_per_op"] = [round((cpu_seconds(sv.proc.pid) - c) * 1e6 / count, 2) for sv, c in zip(servers, cpu0)]
         r_res.append(res)
         log(f"W3 run {run + 1}: redis p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms max {res['max']:.1f} ms "
             f"(rate {res['achieved_rate']:.0f}/s)")
@@ -686,6 +733,9 @@ def w3(ctx: Ctx) -> None:
             redis_runs=r_res)
     ctx.row("W3", f"propagation p99, {nn} nodes, 1k writes/s", "ms", "lower", [r["p99"] for r in ps_res],
             "redis 7, 1 primary + 4 replicas", [r["p99"] for r in r_res], method)
+    cpu_row(ctx, "W3", f"{nn} nodes, 1k single writes/s", [r["cpu_us_per_op"] for r in ps_res],
+            "redis 7, 1 primary + 4 replicas", [r["cpu_us_per_op"] for r in r_res],
+            "Window: the paced writes and their propagation (as W3's); nodes: all 5, the writer's node first.")
 
 
 # ---------------------------------------------------------------- W4: replicated write throughput
@@ -694,7 +744,7 @@ def w3(ctx: Ctx) -> None:
 def w4(ctx: Ctx) -> None:
     n, runs = ctx.size["w4_ops"], ctx.size["runs"]
     log(f"W4: replicated write throughput, 3 nodes, {n} ops of 100 B ({runs} runs each)")
-    ps_ops, r_ops, ps_detail, r_detail = [], [], [], []
+    ps_ops, r_ops, ps_detail, r_detail, ps_cpu, r_cpu = [], [], [], [], [], []
     bench_flags = None
     for run in range(runs):
         nodes: list[Node] = []
@@ -706,6 +756,7 @@ def w4(ctx: Ctx) -> None:
         base = vv_total(nodes[0].vv())
         per = n // 3
         results: list = [None] * 3
+        cpu = CpuMeter([nd.proc for nd in nodes])
         t0 = now()
 
         def write(i: int):
@@ -727,6 +778,7 @@ def w4(ctx: Ctx) -> None:
                 vvs[0]["version_vector"] == vvs[1]["version_vector"] == vvs[2]["version_vector"]
         wait_until(converged, 600, "W4 peersync converged", interval=0.01)
         dt = now() - t0
+        ps_cpu.append(cpu.per_op_us(3 * per))
         ps_ops.append(3 * per / dt)
         ps_detail.append(dict(write_s=t_write, converged_s=dt))
         log(f"W4 run {run + 1}: peersync {3 * per / dt:,.0f} ops/s (written in {t_write:.2f} s, converged {dt:.2f} s)")
@@ -738,6 +790,7 @@ def w4(ctx: Ctx) -> None:
         wait_until(lambda: all(r.linked() for r in reps), 60, "W4 redis replicas linked")
         redis_settle(prim, reps)
         time.sleep(0.5)
+        cpu = CpuMeter([prim.proc, *[r.proc for r in reps]])
         t0 = now()
         bench_flags, rps = redis_benchmark_set(prim.port, 3 * per, clients=50, pipeline=16, keyspace=100_000_000)
         t_write = now() - t0
@@ -745,6 +798,7 @@ def w4(ctx: Ctx) -> None:
         wait_until(lambda: all(int(r.info()["slave_repl_offset"]) >= off for r in reps), 600,
                    "W4 redis replicas caught up", interval=0.005)
         dt = now() - t0
+        r_cpu.append(cpu.per_op_us(3 * per))
         r_ops.append(3 * per / dt)
         r_detail.append(dict(write_s=t_write, converged_s=dt, redis_benchmark_rps=rps))
         log(f"W4 run {run + 1}: redis {3 * per / dt:,.0f} ops/s (redis-benchmark {rps:,.0f} rps, caught up {dt:.2f} s)")
@@ -758,6 +812,9 @@ def w4(ctx: Ctx) -> None:
             "ops; redis: " + " ".join(bench_flags or []) + " against the primary, converged = both replicas' "
             "slave_repl_offset >= primary offset. Redis keeps data in memory only (save '', appendonly no); "
             "peersync fsyncs each group commit.", peersync_runs=ps_detail, redis_runs=r_detail)
+    cpu_row(ctx, "W4", "replicated writes, 3 nodes", ps_cpu, "redis 7, 1 primary + 2 replicas", r_cpu,
+            "Window: first write sent -> converged (as W4's); nodes: all 3 (peersync: 3 primaries each taking a "
+            "third of the writes; redis: the primary first).")
 
 
 # ---------------------------------------------------------------- W6: acknowledged writes vs WAIT
