@@ -64,6 +64,52 @@ async fn batches_read_from_a_log_verify_and_replay_elsewhere() {
     assert_eq!(c.version_vector().total(), 0);
 }
 
+/// Signed batches that continue one another join into one batch under the last head (as the node
+/// publishes commits that queued up): it verifies with one signature check and replays elsewhere to
+/// the same root. Batches that do not continue one another do not join.
+#[tokio::test]
+async fn continuing_batches_join_into_one_that_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_writer, a_signer) = open(&dir, "a.redb", WriterConfig { batch_max_ops: 2, ..Default::default() });
+    let origin = a_signer.origin();
+    for i in 0..4u8 {
+        let intents =
+            (0..3u8).map(|j| LocalIntent::Put { register: "r".into(), key: vec![i, j], value: vec![i; 20] }).collect();
+        a_writer.local(intents).await.unwrap();
+    }
+    let batches = a.read_batches(&origin, Seq(0), 1000, usize::MAX).unwrap();
+    assert!(batches.len() >= 4, "{} batches", batches.len());
+
+    let mut joined = batches[0].clone();
+    // A batch that skips one does not continue it.
+    assert!(!joined.append(&batches[2]));
+    assert_eq!(joined, batches[0]);
+    for b in &batches[1..] {
+        assert!(joined.append(b));
+    }
+    assert_eq!((joined.after, joined.head.seq, joined.ops.len()), (Seq(0), Seq(12), 12));
+    // Another origin's batch does not continue it either.
+    let (o, o_writer, o_signer) = open(&dir, "o.redb", WriterConfig::default());
+    o_writer
+        .local(vec![LocalIntent::Put { register: "r".into(), key: b"x".to_vec(), value: b"y".to_vec() }])
+        .await
+        .unwrap();
+    let other = o.read_batches(&o_signer.origin(), Seq(0), 10, usize::MAX).unwrap().remove(0);
+    assert!(!joined.clone().append(&other));
+
+    let (b, b_writer, _) = open(&dir, "b.redb", WriterConfig::default());
+    let verified = joined.clone().verify(b.chain_at(&origin, Seq(0)).unwrap().unwrap(), 1000).unwrap();
+    assert!(matches!(b_writer.remote(verified).await.unwrap(), RemoteOutcome::Applied { .. }));
+    assert_eq!(b.version_vector(), a.version_vector());
+    assert_eq!(b.state_root(), a.state_root());
+
+    // A joined batch with a batch left out of its middle does not verify.
+    let mut holed = batches[0].clone();
+    holed.ops.extend(batches[2].ops.iter().cloned());
+    holed.head = batches[2].head.clone();
+    assert!(holed.verify(a.chain_at(&origin, Seq(0)).unwrap().unwrap(), 1000).is_err());
+}
+
 /// Peers' ops are committed without fsync (visible at once) and made durable by `flush` or a clean
 /// close; local writes are durable before they are acknowledged; the log always matches the version
 /// vector. (A SIGKILL of a replica before a flush is exercised by the stale-rejoin process test: the

@@ -399,27 +399,33 @@ impl Cluster {
     }
 
     /// Primary `n` writes a batch of 1..=5 ops to random keys, commits it, and hands it to its
-    /// engine to publish. The write is acknowledged once committed.
+    /// engine to publish. A quarter of the time it is two or three batches handed over together, as
+    /// the node's loop does with commits that queued up while it was busy (the engine joins them).
+    /// The write is acknowledged once committed.
     pub fn write(&mut self, n: usize) {
         if self.nodes[n].live.is_none() || self.nodes[n].role != Role::Primary {
             return;
         }
-        let count = self.net.rng.gen_range(1..=5);
-        let keys = self.cfg.keys;
-        let ops: Vec<(Vec<u8>, i64)> = (0..count)
-            .map(|_| {
-                (
-                    vec![self.net.rng.gen_range(0..keys)],
-                    self.net.rng.gen_range(1..=9) * [-1, 1][self.net.rng.gen_range(0..2)],
-                )
-            })
-            .collect();
-        let wall_ms = self.net.now.as_millis() as u64;
-        let node = &mut self.nodes[n];
-        let batch = node.store.write_local(&node.signer, &ops, wall_ms);
-        self.written.entry(node.peer).or_default().extend(ops);
-        let seq = batch.head.seq;
-        self.feed(n, Input::Committed { batches: vec![Arc::new(batch)] });
+        let parts = if self.net.rng.gen_range(0..4) == 0 { self.net.rng.gen_range(2..=3) } else { 1 };
+        let mut batches = Vec::with_capacity(parts);
+        for _ in 0..parts {
+            let count = self.net.rng.gen_range(1..=5);
+            let keys = self.cfg.keys;
+            let ops: Vec<(Vec<u8>, i64)> = (0..count)
+                .map(|_| {
+                    (
+                        vec![self.net.rng.gen_range(0..keys)],
+                        self.net.rng.gen_range(1..=9) * [-1, 1][self.net.rng.gen_range(0..2)],
+                    )
+                })
+                .collect();
+            let wall_ms = self.net.now.as_millis() as u64;
+            let node = &mut self.nodes[n];
+            batches.push(Arc::new(node.store.write_local(&node.signer, &ops, wall_ms)));
+            self.written.entry(node.peer).or_default().extend(ops);
+        }
+        let seq = batches.last().expect("one batch at least").head.seq;
+        self.feed(n, Input::Committed { batches });
         // A third of the writes wait for acknowledgements, as `?ack=` does.
         if self.net.rng.gen_range(0..3) == 0 {
             let ack = match self.net.rng.gen_range(0..4) {

@@ -33,6 +33,9 @@ use crate::sync::leases::{LeaseFailure, LeaseWait};
 use crate::sync::{ChunkVerdict, Engine, Found, GossipId, Input, Phase, ProviderKey, ReplyId, ReqId, Ticket, WaitId};
 use crate::wire::{SyncRequest, SyncResponse};
 
+/// Commit events queued behind the one received that the loop takes with it in one go.
+const MAX_COMMITS_JOINED: usize = 64;
+
 /// Requests to the event loop.
 pub(crate) enum Command {
     /// The answer to a peer's request, read from the store on a blocking task.
@@ -205,7 +208,21 @@ impl EventLoop {
                     Some(c) => self.on_command(c),
                 },
                 commit = self.commits.recv() => match commit {
-                    Ok(c) => self.feed(Input::Committed { batches: c.local_batches.clone() }),
+                    Ok(c) => {
+                        // Commits that queued up while the loop was busy are published together.
+                        let mut batches = c.local_batches.clone();
+                        for _ in 0..MAX_COMMITS_JOINED {
+                            match self.commits.try_recv() {
+                                Ok(more) => batches.extend(more.local_batches.iter().cloned()),
+                                Err(broadcast::error::TryRecvError::Lagged(n)) => {
+                                    tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
+                                    self.metrics.events_lagged.inc_by(n);
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        self.feed(Input::Committed { batches });
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
                         self.metrics.events_lagged.inc_by(n);

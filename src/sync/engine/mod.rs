@@ -433,9 +433,28 @@ impl Engine {
         }
     }
 
+    /// Publishes the ops committed here. Batches that continue one another (commits that queued up
+    /// while the loop was busy) go out as one message, up to the gossip size limit and
+    /// `MAX_BATCH_OPS`: under load there are fewer, larger messages rather than more of them.
     fn on_committed(&mut self, now: Instant, batches: Vec<std::sync::Arc<OpBatch>>, store: &dyn StoreView) {
+        // Room for the message's envelope, role and signed head around the ops.
+        let budget = self.cfg.max_gossip_bytes.saturating_sub(1024);
+        let mut joined: Vec<(OpBatch, usize)> = Vec::new();
         for batch in batches {
-            let message = crate::wire::GossipMessage::Ops { role: self.cfg.role, batch: (*batch).clone() };
+            let size = batch.ops_bytes();
+            if let Some((last, last_size)) = joined.last_mut() {
+                if *last_size + size <= budget
+                    && last.ops.len() + batch.ops.len() <= MAX_BATCH_OPS
+                    && last.append(&batch)
+                {
+                    *last_size += size;
+                    continue;
+                }
+            }
+            joined.push(((*batch).clone(), size));
+        }
+        for (batch, _) in joined {
+            let message = crate::wire::GossipMessage::Ops { role: self.cfg.role, batch };
             self.push(Action::Publish { data: crate::wire::encode_gossip(&message) });
         }
         if !self.readiness.is_active() {
