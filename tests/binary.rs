@@ -621,6 +621,20 @@ fn config_file_sets_flags_the_command_line_overrides_and_bad_keys_stop_the_node(
     assert!(!ok && err.contains("/nonexistent/peersync.toml"), "{err}");
 }
 
+/// Short gossip, discovery and attestation intervals, and the tombstone horizon given (ms).
+fn gc_flags(horizon_ms: &str) -> [&str; 8] {
+    [
+        "--gossip-heartbeat-ms",
+        "100",
+        "--discovery-interval-ms",
+        "300",
+        "--attest-interval-ms",
+        "200",
+        "--tombstone-horizon-ms",
+        horizon_ms,
+    ]
+}
+
 /// Posts one batch of register writes (`Some(value)`) and deletes (`None`) of `keys` to `node`.
 fn write_batch(node: &NodeProc, keys: impl Iterator<Item = u32>, value: Option<&str>) {
     let entries: Vec<Value> = keys
@@ -682,16 +696,7 @@ fn live_keys(node: &NodeProc) -> usize {
 #[test]
 fn tombstones_of_100k_deletes_are_collected_on_every_node() {
     let dir = tempfile::tempdir().unwrap();
-    let fast = [
-        "--gossip-heartbeat-ms",
-        "100",
-        "--discovery-interval-ms",
-        "300",
-        "--attest-interval-ms",
-        "200",
-        "--tombstone-horizon-ms",
-        "600000",
-    ];
+    let fast = gc_flags("600000");
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
     let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
@@ -742,16 +747,7 @@ fn tombstones_of_100k_deletes_are_collected_on_every_node() {
 #[test]
 fn a_node_back_after_the_horizon_brings_no_deleted_key_back() {
     let dir = tempfile::tempdir().unwrap();
-    let fast = [
-        "--gossip-heartbeat-ms",
-        "100",
-        "--discovery-interval-ms",
-        "300",
-        "--attest-interval-ms",
-        "200",
-        "--tombstone-horizon-ms",
-        "2000",
-    ];
+    let fast = gc_flags("2000");
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
     let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());

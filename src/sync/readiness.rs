@@ -99,6 +99,16 @@ impl Readiness {
         }
     }
 
+    /// For an active node, whether `peer`'s latest known state (as recorded) is at this node's
+    /// vector `vv` with another root: the one-peer form of [`Readiness::check`]'s divergence test,
+    /// for when only that peer's state is new.
+    pub fn check_peer(&self, peer: &PeerId, vv: &VersionVector, root: StateRoot) -> Transition {
+        match self.latest.get(peer) {
+            Some((v, r)) if self.is_active() && v == vv && *r != root => Transition::Divergence { peer: *peer },
+            _ => Transition::None,
+        }
+    }
+
     /// The operator's word that this node may serve alone: active now.
     pub fn force_active(&mut self) {
         self.phase = Phase::Active;

@@ -214,19 +214,13 @@ impl EventLoop {
                         for _ in 0..MAX_COMMITS_JOINED {
                             match self.commits.try_recv() {
                                 Ok(more) => batches.extend(more.local_batches.iter().cloned()),
-                                Err(broadcast::error::TryRecvError::Lagged(n)) => {
-                                    tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
-                                    self.metrics.events_lagged.inc_by(n);
-                                }
+                                Err(broadcast::error::TryRecvError::Lagged(n)) => self.commits_lagged(n),
                                 Err(_) => break,
                             }
                         }
                         self.feed(Input::Committed { batches });
                     }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
-                        self.metrics.events_lagged.inc_by(n);
-                    }
+                    Err(broadcast::error::RecvError::Lagged(n)) => self.commits_lagged(n),
                     Err(broadcast::error::RecvError::Closed) => break,
                 },
                 _ = &mut timer => {
@@ -237,6 +231,12 @@ impl EventLoop {
             }
         }
         tracing::debug!("event loop stopped");
+    }
+
+    /// The writer's commit events overflowed this loop's queue: `n` were lost.
+    fn commits_lagged(&mut self, n: u64) {
+        tracing::warn!(missed = n, "publisher fell behind the writer; peers will pull the missed ops");
+        self.metrics.events_lagged.inc_by(n);
     }
 
     /// Hands an input to the engine and carries out what it decided.

@@ -12,7 +12,7 @@ use super::{Action, Count, Engine, GossipId, StoreView, Ticket, Verdict};
 use crate::ids::{Origin, Role, Seq};
 use crate::op::OpBatch;
 use crate::store::OriginProgress;
-use crate::sync::{Admit, GapBuffer, GapLimits};
+use crate::sync::{Admit, GapBuffer, GapLimits, Transition};
 use crate::wire::{decode_gossip, GossipMessage};
 
 /// Ops in one received batch at most.
@@ -136,18 +136,16 @@ impl Engine {
                 if a.peer == self.me {
                     return Ok(None);
                 }
+                self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
                 if self.readiness.is_active() {
                     // Only this attestation is new: compare it alone rather than every peer's
                     // latest (members attest every `attest_interval`, so a full check per
                     // attestation would cost O(members) each, O(members²) per interval).
                     let (root, vv) = store.state_root();
-                    let diverges = a.version_vector == vv && a.state_root != root;
-                    self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
-                    if diverges {
-                        self.start_repair(now, a.peer, store);
+                    if let Transition::Divergence { peer } = self.readiness.check_peer(&a.peer, &vv, root) {
+                        self.start_repair(now, peer, store);
                     }
                 } else {
-                    self.readiness.on_attestation(a.peer, a.version_vector, a.state_root);
                     self.check_ready(now, store);
                 }
                 return Ok(None);

@@ -257,8 +257,12 @@ pub struct MembersStatus {
 
 impl Engine {
     /// Records a verified attestation of `peer` for the member registry.
+    /// This node's own is not kept: what it holds is read from its store.
     pub(super) fn note_attestation(&mut self, now: Instant, a: &crate::wire::Attestation) {
         let at = self.wall_ms(now);
+        if a.peer == self.me {
+            return;
+        }
         if self.attestations.len() >= MAX_MEMBERS && !self.attestations.contains_key(&a.peer) {
             return;
         }
@@ -285,13 +289,12 @@ impl Engine {
             .members
             .values()
             .map(|c| {
-                let attestation =
-                    self.attestations.get(&c.peer).filter(|_| c.peer != self.me).map(|h| AttestationStatus {
-                        version_vector: h.vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
-                        state_root: h.root.to_string(),
-                        at_ms: h.at_ms,
-                        agrees: (h.vv == vv).then_some(h.root == root),
-                    });
+                let attestation = self.attestations.get(&c.peer).map(|h| AttestationStatus {
+                    version_vector: h.vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
+                    state_root: h.root.to_string(),
+                    at_ms: h.at_ms,
+                    agrees: (h.vv == vv).then_some(h.root == root),
+                });
                 MemberStatus {
                     peer_id: c.peer.to_string(),
                     role: c.role,

@@ -60,7 +60,6 @@ impl Engine {
         let (root, vv) = store.state_root();
         let what = Attested { version_vector: vv, state_root: root, clock };
         let attestation = Attestation::sign(&self.signer, &self.cfg.cluster, what);
-        self.note_attestation(now, &attestation);
         self.push(Action::Publish { data: encode_gossip(&GossipMessage::Attestation(attestation)) });
         self.next_attest = now + self.cfg.attest_interval;
     }
