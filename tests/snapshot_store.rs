@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::thread::JoinHandle;
 
 use peersync::crdt::LeaseGrant;
-use peersync::ids::{Origin, Seq};
+use peersync::ids::{Origin, Seq, Token};
 use peersync::op::{raw_cid, Signer};
 use peersync::snapshot::{
     ChunkBuilder, ChunkError, ChunkRef, Kind, Manifest, ManifestError, SignedManifest, StateEntry,
@@ -142,7 +142,15 @@ async fn snapshot_installs_on_an_empty_store_and_replay_continues_after_it() {
     let manifest = signed.verify().unwrap();
     assert_eq!(manifest.cluster, "test");
     assert_eq!(manifest.entries(), info.entries);
+    // A caller waiting for an op the snapshot covers is woken by the install.
+    let covered = Token { origin: a.origin(), seq: info.version_vector.get(&a.origin()) };
+    let waiter = tokio::spawn({
+        let store = b.store.clone();
+        async move { store.applied(&covered).await }
+    });
     let outcome = b.writer.install_snapshot(signed.clone()).await.unwrap();
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(30), waiter).await;
+    assert_eq!(woken.expect("the install wakes the waiter").unwrap(), Ok(()));
     let InstallOutcome::Installed { cid, entries, changed, advanced } = outcome else { panic!("{outcome:?}") };
     assert_eq!((cid, entries, changed, advanced.len()), (info.cid, info.entries, info.entries, 2));
     assert_eq!(b.store.state_root(), a.store.state_root());
@@ -164,9 +172,19 @@ async fn snapshot_installs_on_an_empty_store_and_replay_continues_after_it() {
     write(&a, 1, 9).await;
     write(&p, 2, 6).await;
     replay(&p.store, &a, &p.origin(), usize::MAX).await;
+    // A caller waiting for a replayed op is woken by the commit that applies it, not before.
+    let last = Token { origin: a.origin(), seq: a.store.progress(&a.origin()).seq };
+    let mut waiter = tokio::spawn({
+        let store = b.store.clone();
+        async move { store.applied(&last).await }
+    });
+    let early = tokio::time::timeout(std::time::Duration::from_millis(50), &mut waiter).await;
+    assert!(early.is_err(), "woken before the op was applied: {early:?}");
     for origin in [a.origin(), p.origin()] {
         replay(&a.store, &b, &origin, usize::MAX).await;
     }
+    let woken = tokio::time::timeout(std::time::Duration::from_secs(30), waiter).await;
+    assert_eq!(woken.expect("the replay wakes the waiter").unwrap(), Ok(()));
     assert_eq!(b.store.state_root(), a.store.state_root());
     assert_sound(&b.store);
     // B's own writes continue after the snapshot too.

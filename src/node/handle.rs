@@ -293,11 +293,20 @@ impl NodeHandle {
 
     /// Waits until every write named by `tokens` is applied here, or `timeout` passes.
     pub async fn wait_applied(&self, tokens: &[Token], timeout: Duration) -> Result<(), NodeError> {
-        let mut rx = self.inner.store.watch_version_vector();
-        let waited = tokio::time::timeout(timeout, rx.wait_for(|vv| tokens.iter().all(|t| vv.covers(t)))).await;
-        match waited {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(_)) => Err(NodeError::ShuttingDown),
+        let store = &self.inner.store;
+        // Each wait is woken only by the commit that applies its op, not by every commit.
+        let all = async {
+            for token in tokens {
+                if store.applied(token).await.is_err() {
+                    // More waiters than the store keeps: follow the version vector instead.
+                    let mut rx = store.watch_version_vector();
+                    rx.wait_for(|vv| vv.covers(token)).await.map_err(|_| NodeError::ShuttingDown)?;
+                }
+            }
+            Ok(())
+        };
+        match tokio::time::timeout(timeout, all).await {
+            Ok(result) => result,
             Err(_) => {
                 let vv = self.inner.store.version_vector();
                 let missing = tokens.iter().filter(|t| !vv.covers(t)).map(|t| t.to_string()).collect();

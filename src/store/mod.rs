@@ -13,6 +13,7 @@ mod disk;
 mod error;
 mod lease_log;
 mod log;
+mod publish;
 mod read;
 pub mod root;
 mod snapshots;
@@ -38,6 +39,7 @@ pub use apply::Effect;
 pub use disk::{available_bytes, DEFAULT_DISK_RESERVE};
 pub use error::{SnapshotError, StoreError};
 pub use lease_log::{LeaseLog, LeaseLogBoot, LeaseLogWrite};
+pub use publish::{WaitRefused, MAX_WAITERS};
 pub use read::{ListPage, LogRead, LogReport};
 pub use root::Buckets;
 pub use snapshots::{PruneOutcome, SnapshotInfo, StoredSnapshot};
@@ -122,8 +124,10 @@ pub struct Store {
     chunks: Arc<Database>,
     /// Serializes making and pruning snapshots, which write both databases.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
-    /// The state as of the last commit; written only by the writer thread.
-    mirror: Arc<RwLock<Mirror>>,
+    /// The state as of the last commit; written only by the writer thread (see `publish`).
+    mirror: Arc<RwLock<publish::Published>>,
+    /// Callers waiting for an op to be applied, woken by the commit that applies it.
+    waiters: Arc<std::sync::Mutex<publish::Waiters>>,
     /// The version vector as of the last commit, for callers waiting until a write is applied.
     vv_watch: Arc<watch::Sender<VersionVector>>,
     /// Refuses writes while the data dir's filesystem is short of free space.
@@ -193,7 +197,8 @@ impl Store {
             db,
             chunks: Arc::new(chunks),
             snapshot_lock: Arc::default(),
-            mirror: Arc::new(RwLock::new(mirror)),
+            mirror: Arc::new(RwLock::new(publish::Published::new(mirror))),
+            waiters: Arc::default(),
             vv_watch,
             disk: Arc::new(disk::DiskGuard::new(match path.parent() {
                 Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
@@ -242,33 +247,33 @@ impl Store {
 
     /// A copy of the in-memory view of the last commit.
     pub fn mirror(&self) -> Mirror {
-        self.mirror.read().expect("mirror lock").clone()
+        self.mirror.read().expect("mirror lock").mirror.clone()
     }
 
     pub fn version_vector(&self) -> VersionVector {
-        self.mirror.read().expect("mirror lock").version_vector()
+        self.mirror.read().expect("mirror lock").mirror.version_vector()
     }
 
     /// Where `origin`'s log stands (seq 0 and the genesis chain hash for an unknown origin).
     pub fn progress(&self, origin: &Origin) -> OriginProgress {
-        self.mirror.read().expect("mirror lock").progress.get(origin).copied().unwrap_or_default()
+        self.mirror.read().expect("mirror lock").mirror.progress.get(origin).copied().unwrap_or_default()
     }
 
     /// The state root and the version vector it belongs to, read together.
     pub fn state_root(&self) -> (StateRoot, VersionVector) {
-        let m = self.mirror.read().expect("mirror lock");
-        (m.buckets.root(), m.version_vector())
+        let p = self.mirror.read().expect("mirror lock");
+        (p.root(), p.mirror.version_vector())
     }
 
     /// The greatest HLC this node issued or observed, as of the last commit: every op it writes
     /// later is stamped after it. Read it before the version vector to pair the two safely.
     pub fn clock(&self) -> Hlc {
-        self.mirror.read().expect("mirror lock").hlc
+        self.mirror.read().expect("mirror lock").mirror.hlc
     }
 
     /// The stamp up to which tombstones were collected here.
     pub fn tombstones_collected(&self) -> Hlc {
-        self.mirror.read().expect("mirror lock").collected
+        self.mirror.read().expect("mirror lock").mirror.collected
     }
 
     /// Register tombstones held now.

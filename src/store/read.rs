@@ -193,7 +193,7 @@ impl Store {
         if seq == Seq::ZERO {
             return Ok(Some(ChainHash::GENESIS));
         }
-        if let Some(p) = self.mirror.read().expect("mirror lock").progress.get(origin) {
+        if let Some(p) = self.mirror.read().expect("mirror lock").mirror.progress.get(origin) {
             if p.seq == seq {
                 return Ok(Some(p.chain));
             }
@@ -299,7 +299,7 @@ impl Store {
 
     /// The state-root bucket hashes as of the last commit, to compare with a peer's.
     pub fn bucket_hashes(&self) -> Vec<[u8; 32]> {
-        self.mirror.read().expect("mirror lock").buckets.0.clone()
+        self.mirror.read().expect("mirror lock").mirror.buckets.0.clone()
     }
 
     /// Every state entry (tombstones included) in the given buckets, to send to a peer whose buckets

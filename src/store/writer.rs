@@ -24,6 +24,7 @@ use ops::{LocalFailure, OpenBatch};
 pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
 
 use super::apply::{Effect, Tables};
+use super::publish::Changed;
 use super::tables::*;
 use super::{encode_hlc, encode_progress, load_mirror, Mirror, Store, StoreError};
 use crate::crdt::{HlcClock, LeaseError, LeaseGrant, LeaseState};
@@ -338,13 +339,11 @@ impl Writer {
         let mut event = CommitEvent::default();
         let mut pending = Vec::with_capacity(group.len());
         match self.try_commit(group, &mut pending, &mut event) {
-            Ok(()) => {
+            Ok(changed) => {
                 if std::mem::take(&mut self.disk_full) {
                     tracing::info!("the data dir has free space again; writes are accepted");
                 }
-                *self.store.mirror.write().expect("mirror lock") = self.mirror.clone();
-                let vv = self.mirror.version_vector();
-                self.store.vv_watch.send_replace(vv);
+                self.store.publish(&self.mirror, Some(&changed));
                 for p in pending {
                     match p {
                         Pending::Local(tx, r) => drop(tx.send(r)),
@@ -393,7 +392,7 @@ impl Writer {
         group: Vec<Request>,
         pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Changed, StoreError> {
         // Local writes are acknowledged, so their group is fsynced; a group of peers' ops is not.
         let durable = group.iter().any(|r| matches!(r, Request::Local { .. }));
         let bytes = group.iter().map(Request::disk_bytes).sum();
@@ -418,10 +417,10 @@ impl Writer {
                 return Err(e);
             }
         };
-        self.apply_group(&txn, group, pending, event)?;
+        let changed = self.apply_group(&txn, group, pending, event)?;
         txn.commit()?;
         self.unflushed = !durable;
-        Ok(())
+        Ok(changed)
     }
 
     fn apply_group(
@@ -430,7 +429,7 @@ impl Writer {
         group: Vec<Request>,
         pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Changed, StoreError> {
         let me = self.signer.origin();
         let mut tables = Tables::open(txn)?;
         let mut open = OpenBatch::default();
@@ -493,7 +492,7 @@ impl Writer {
         }
         self.mirror.hlc = self.clock.last();
         txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
-        Ok(())
+        Ok(Changed { buckets: dirty, origins: touched })
     }
 }
 

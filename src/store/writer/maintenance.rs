@@ -245,13 +245,7 @@ impl Writer {
         txn.commit().map_err(store_err)?;
         self.mirror = work.mirror;
         self.clock = work.clock;
-        *self.store.mirror.write().expect("mirror lock") = self.mirror.clone();
-        let vv = self.mirror.version_vector();
-        self.store.vv_watch.send_if_modified(|current| {
-            let modified = *current != vv;
-            *current = vv;
-            modified
-        });
+        self.store.publish(&self.mirror, None);
         let e = work.event;
         if e.snapshot_installed.is_some() || !e.leases.is_empty() {
             let _ = self.events.send(std::sync::Arc::new(e));

@@ -234,6 +234,11 @@ impl Engine {
 
     /// Re-evaluates the phase; announces an attestation on becoming active.
     pub(super) fn check_ready(&mut self, now: Instant, store: &dyn StoreView) {
+        if self.announced == Phase::Active && !self.readiness.compares(&store.version_vector()) {
+            // Active, and no peer's recorded state is at this vector: nothing to compare, and the
+            // root (a hash of every bucket) is not needed. This runs after every input.
+            return;
+        }
         let (root, vv) = store.state_root();
         let ops = vv.total();
         let before = self.readiness.phase();
