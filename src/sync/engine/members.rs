@@ -540,4 +540,39 @@ mod tests {
         let acts = drain(&mut e);
         assert!(acts.iter().any(|a| matches!(a, Action::Disconnect { peer } if *peer == primary.origin())), "{acts:?}");
     }
+
+    #[test]
+    fn a_member_asking_for_acks_at_the_pace_of_sequential_writes_is_never_cut_off() {
+        // `?ack=1` writes one after another: the writer asks this node once per write, ~1 ms apart,
+        // far past the request rate meant for store reads.
+        let authority = Keypair::generate_ed25519();
+        let start = Instant::now();
+        let mut e = engine(&authority, start);
+        let (primary, cert) = member(&authority, Role::Primary);
+        let mut refused = 0;
+        for i in 0..3000u64 {
+            let now = start + std::time::Duration::from_millis(i);
+            let request =
+                SyncRequest::Digest(crate::wire::Digest { hold_until: Some(Seq(i + 1)), ..digest_of(&e, Some(&cert)) });
+            e.handle(now, Input::Request { peer: primary.origin(), reply: ReplyId(i), request }, &Empty);
+            for a in drain(&mut e) {
+                match a {
+                    Action::Disconnect { peer } if peer == primary.origin() => panic!("cut off after {i} asks"),
+                    Action::Reply { response: SyncResponse::Error { code, .. }, .. } if code == "rate_limited" => {
+                        refused += 1
+                    }
+                    _ => {}
+                }
+            }
+        }
+        assert_eq!(refused, 0);
+        // Other requests keep their own, smaller budget: a flood of them is still cut off.
+        let flood_at = start + std::time::Duration::from_secs(4);
+        let disconnected = (0..2000u64).any(|i| {
+            let request = SyncRequest::Digest(digest_of(&e, Some(&cert)));
+            e.handle(flood_at, Input::Request { peer: primary.origin(), reply: ReplyId(10_000 + i), request }, &Empty);
+            drain(&mut e).iter().any(|a| matches!(a, Action::Disconnect { peer } if *peer == primary.origin()))
+        });
+        assert!(disconnected, "a flood of plain digests was never cut off");
+    }
 }

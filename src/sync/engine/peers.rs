@@ -22,6 +22,12 @@ pub(super) const BAN: Duration = Duration::from_secs(60);
 /// below it).
 const REQUEST_BURST: f64 = 400.0;
 const REQUESTS_PER_SEC: f64 = 200.0;
+/// Digests that ask for an acknowledgement (`hold_until`, see `acks`) have a budget of their own:
+/// a writer with `?ack=` asks each lagging peer once per write round trip (one ask out per peer),
+/// which sequential acknowledged writes take past the request rate above, and they are answered
+/// from memory.
+const ACK_ASK_BURST: f64 = 4000.0;
+const ACK_ASKS_PER_SEC: f64 = 2000.0;
 /// Requests of one peer served from the store at once.
 pub(super) const MAX_SERVING_PER_PEER: usize = 16;
 
@@ -57,6 +63,8 @@ pub(super) struct Peer {
     pub budget: (f64, Option<Instant>),
     /// Served-bytes budget, likewise; charged after each answer, so it can go below zero.
     pub bytes_budget: (f64, Option<Instant>),
+    /// Budget of digests asking for an acknowledgement, likewise.
+    pub ack_budget: (f64, Option<Instant>),
     /// Misbehaviour seen (rejected messages, corrupt chunks, bad answers) in the window that began
     /// at the instant given.
     pub strikes: (u32, Option<Instant>),
@@ -370,6 +378,18 @@ impl Engine {
         p.banned_until = Some(now + BAN);
         tracing::warn!(%peer, %why, strikes = MAX_STRIKES, "peer keeps misbehaving; disconnecting it for a while");
         self.push(Action::Disconnect { peer });
+    }
+
+    /// Takes one ask for an acknowledgement from `peer`'s budget of them.
+    pub(super) fn within_ack_budget(&mut self, now: Instant, peer: PeerId) -> Result<(), Spent> {
+        let p = self.peers.entry(peer);
+        refill(&mut p.ack_budget, now, ACK_ASKS_PER_SEC, ACK_ASK_BURST);
+        if p.ack_budget.0 >= 1.0 {
+            p.ack_budget.0 -= 1.0;
+            Ok(())
+        } else {
+            Err(Spent::Requests)
+        }
     }
 
     /// Takes one request from `peer`'s budgets; `Err` says which is spent.

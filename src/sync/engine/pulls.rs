@@ -69,7 +69,14 @@ impl Engine {
         // otherwise strike a busy voter out of the group for a request flood.
         let voter_message =
             matches!(request, SyncRequest::Lease(_)) && self.leases.group.as_ref().is_some_and(|g| g.is_voter(&peer));
-        let budget = if voter_message { Ok(()) } else { self.within_budget(now, peer) };
+        let ack_ask = matches!(&request, SyncRequest::Digest(d) if d.hold_until.is_some());
+        let budget = if voter_message {
+            Ok(())
+        } else if ack_ask {
+            self.within_ack_budget(now, peer)
+        } else {
+            self.within_budget(now, peer)
+        };
         if let Err(spent) = budget {
             self.count(Count::RequestsShed, 1);
             let response = SyncResponse::Error { code: "rate_limited".into(), message: spent.message().into() };
