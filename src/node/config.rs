@@ -95,7 +95,7 @@ pub struct NodeConfig {
     /// Defaults 1 000 000 ops and 256 MiB.
     pub log_retention_ops: u64,
     pub log_retention_bytes: u64,
-    /// Bound of the database page cache in bytes. Default 256 MiB.
+    /// Bound of the database page cache in bytes. Default [`crate::store::DEFAULT_CACHE_BYTES`] (64 MiB).
     pub cache_bytes: usize,
     /// Free bytes kept on the data dir's filesystem: writes that would leave less are refused
     /// (HTTP 507 `disk_full`) and go through again once space is freed. 0 turns the check off.

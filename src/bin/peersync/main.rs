@@ -268,7 +268,7 @@ struct NodeArgs {
     #[arg(long, default_value_t = 100_000, hide = true)]
     snapshot_min_saving_ops: u64,
     /// Bound of the database page cache, in bytes.
-    #[arg(long, default_value_t = 256 << 20, hide = true)]
+    #[arg(long, default_value_t = peersync::store::DEFAULT_CACHE_BYTES, hide = true)]
     cache_bytes: usize,
     /// Op log kept beyond the latest snapshot, in ops and bytes.
     #[arg(long, default_value_t = 1_000_000, hide = true)]
