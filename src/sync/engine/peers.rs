@@ -383,13 +383,7 @@ impl Engine {
     /// Takes one ask for an acknowledgement from `peer`'s budget of them.
     pub(super) fn within_ack_budget(&mut self, now: Instant, peer: PeerId) -> Result<(), Spent> {
         let p = self.peers.entry(peer);
-        refill(&mut p.ack_budget, now, ACK_ASKS_PER_SEC, ACK_ASK_BURST);
-        if p.ack_budget.0 >= 1.0 {
-            p.ack_budget.0 -= 1.0;
-            Ok(())
-        } else {
-            Err(Spent::Requests)
-        }
+        take(&mut p.ack_budget, now, ACK_ASKS_PER_SEC, ACK_ASK_BURST).then_some(()).ok_or(Spent::Requests)
     }
 
     /// Takes one request from `peer`'s budgets; `Err` says which is spent.
@@ -400,13 +394,7 @@ impl Engine {
         if p.bytes_budget.0 < 0.0 {
             return Err(Spent::Bytes);
         }
-        refill(&mut p.budget, now, REQUESTS_PER_SEC, REQUEST_BURST);
-        if p.budget.0 >= 1.0 {
-            p.budget.0 -= 1.0;
-            Ok(())
-        } else {
-            Err(Spent::Requests)
-        }
+        take(&mut p.budget, now, REQUESTS_PER_SEC, REQUEST_BURST).then_some(()).ok_or(Spent::Requests)
     }
 
     /// The peers to redial after a restart: connected cluster peers with a dialable address. Handed
@@ -488,6 +476,16 @@ impl Spent {
 
 /// Refills a token bucket `(tokens, last refill)` at `rate` per second up to `burst`; a new bucket
 /// starts full.
+/// Refills `bucket` and takes one token from it, if it holds one.
+fn take(bucket: &mut (f64, Option<Instant>), now: Instant, rate: f64, burst: f64) -> bool {
+    refill(bucket, now, rate, burst);
+    let held = bucket.0 >= 1.0;
+    if held {
+        bucket.0 -= 1.0;
+    }
+    held
+}
+
 fn refill(bucket: &mut (f64, Option<Instant>), now: Instant, rate: f64, burst: f64) {
     let (tokens, at) = bucket;
     let earned = at.map_or(burst, |t| now.saturating_duration_since(t).as_secs_f64() * rate);
