@@ -63,7 +63,7 @@ SIZES = {
     "full": dict(w1_keys=1_000_000, w2_writes=100_000, w3_writes=10_000, w4_ops=300_000, w5_bytes=1 << 30,
                  w6_writes=2_000, w8_acquires=2_000, runs=3),
     "quick": dict(w1_keys=50_000, w2_writes=10_000, w3_writes=2_000, w4_ops=30_000, w5_bytes=64 << 20,
-                  w6_writes=300, w8_acquires=300, runs=1),
+                  w6_writes=1_200, w8_acquires=300, runs=1),
 }
 
 # A node refuses a write that would leave less than --disk-reserve-mb free on its filesystem (507
