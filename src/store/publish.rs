@@ -15,7 +15,6 @@ use super::{Mirror, Store};
 use crate::ids::{Origin, Seq, StateRoot, Token};
 
 /// What readers see: the mirror of the last commit and, once someone asked, its state root.
-#[derive(Default)]
 pub(super) struct Published {
     pub mirror: Mirror,
     root: OnceLock<StateRoot>,

@@ -127,13 +127,13 @@ impl Readiness {
         self.latest.remove(peer);
     }
 
-    /// Re-evaluates the phase given this node's own vector and root.
     /// Whether [`check`](Self::check) at `vv` needs the state root: always before the node is
     /// active; once active, only when some peer's recorded state is at `vv` (the divergence test).
     pub fn compares(&self, vv: &VersionVector) -> bool {
         !self.is_active() || self.latest.values().any(|(v, _)| v == vv)
     }
 
+    /// Re-evaluates the phase given this node's own vector and root.
     pub fn check(&mut self, vv: &VersionVector, root: StateRoot, now: Instant) -> Transition {
         if self.is_active() {
             return match self.latest.iter().find(|(_, (v, r))| v == vv && *r != root) {

@@ -474,8 +474,6 @@ impl Spent {
     }
 }
 
-/// Refills a token bucket `(tokens, last refill)` at `rate` per second up to `burst`; a new bucket
-/// starts full.
 /// Refills `bucket` and takes one token from it, if it holds one.
 fn take(bucket: &mut (f64, Option<Instant>), now: Instant, rate: f64, burst: f64) -> bool {
     refill(bucket, now, rate, burst);
@@ -486,6 +484,8 @@ fn take(bucket: &mut (f64, Option<Instant>), now: Instant, rate: f64, burst: f64
     held
 }
 
+/// Refills a token bucket `(tokens, last refill)` at `rate` per second up to `burst`; a new bucket
+/// starts full.
 fn refill(bucket: &mut (f64, Option<Instant>), now: Instant, rate: f64, burst: f64) {
     let (tokens, at) = bucket;
     let earned = at.map_or(burst, |t| now.saturating_duration_since(t).as_secs_f64() * rate);
