@@ -270,6 +270,10 @@ struct NodeArgs {
     /// Bound of the database page cache, in bytes.
     #[arg(long, default_value_t = peersync::store::DEFAULT_CACHE_BYTES, hide = true)]
     cache_bytes: usize,
+    /// Threads that run the node's network, sync and HTTP tasks. Default: one fewer than the
+    /// cores, at least 1, which leaves a core to the thread that commits to the database.
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    worker_threads: Option<u16>,
     /// Op log kept beyond the latest snapshot, in ops and bytes.
     #[arg(long, default_value_t = 1_000_000, hide = true)]
     log_retention_ops: u64,
@@ -296,7 +300,15 @@ fn main() -> ExitCode {
             Err(e) => e.exit(),
         },
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    let workers = match &cli.command {
+        Command::Node(args) => args.worker_threads.map(usize::from),
+        _ => None,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers.unwrap_or_else(default_worker_threads))
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -304,6 +316,14 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One fewer worker than the cores, at least 1. The writer thread commits every op outside the
+/// runtime and is the busiest thread under load; on a 2-core machine a second worker measured
+/// slower, not faster (W1-W4 in `scripts/bench.sh`: more CPU per op, a worse W3 p99), because
+/// the workers and the writer then take turns on the cores and wake each other across them.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
