@@ -110,6 +110,50 @@ async fn continuing_batches_join_into_one_that_verifies() {
     assert!(holed.verify(a.chain_at(&origin, Seq(0)).unwrap().unwrap(), 1000).is_err());
 }
 
+/// A batch that overlaps ops already applied applies only the rest, each op with its own value:
+/// puts, overwrites and deletes (whose tombstones add nothing to the root) land as on the origin.
+#[tokio::test]
+async fn a_batch_overlapping_applied_ops_applies_each_new_op_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, a_writer, a_signer) = open(&dir, "a.redb", WriterConfig { batch_max_ops: 2, ..Default::default() });
+    let origin = a_signer.origin();
+    let put =
+        |key: &[u8], value: &[u8]| LocalIntent::Put { register: "r".into(), key: key.to_vec(), value: value.to_vec() };
+    let delete = |key: &[u8]| LocalIntent::Delete { register: "r".into(), key: key.to_vec() };
+    for intents in [
+        vec![put(b"a", b"1"), put(b"b", b"1")],
+        vec![put(b"a", b"2"), delete(b"b")],
+        vec![put(b"c", b"1"), LocalIntent::CounterAdd { counter: "c".into(), key: b"k".to_vec(), delta: 3 }],
+        vec![delete(b"c"), put(b"b", b"3")],
+    ] {
+        a_writer.local(intents).await.unwrap();
+    }
+    let batches = a.read_batches(&origin, Seq(0), 1000, usize::MAX).unwrap();
+    assert_eq!(batches.len(), 4);
+
+    let (b, b_writer, _) = open(&dir, "b.redb", WriterConfig::default());
+    let genesis = b.chain_at(&origin, Seq(0)).unwrap().unwrap();
+    let first = batches[0].clone().verify(genesis, 1000).unwrap();
+    assert_eq!(b_writer.remote(first).await.unwrap(), RemoteOutcome::Applied { ops: 2 });
+    // Ops 1..=8 under the last head, of which B holds 1 and 2.
+    let mut all = batches[0].clone();
+    for next in &batches[1..] {
+        assert!(all.append(next));
+    }
+    let overlapping = all.verify(genesis, 1000).unwrap();
+    assert_eq!(b_writer.remote(overlapping).await.unwrap(), RemoteOutcome::Applied { ops: 6 });
+
+    assert_eq!(b.version_vector(), a.version_vector());
+    assert_eq!(b.state_root(), a.state_root());
+    for key in [&b"a"[..], b"b", b"c"] {
+        assert_eq!(b.register("r", key).unwrap(), a.register("r", key).unwrap(), "key {key:?}");
+    }
+    assert_eq!(b.register("r", b"a").unwrap().unwrap().value.as_deref(), Some(&b"2"[..]));
+    assert_eq!(b.register("r", b"b").unwrap().unwrap().value.as_deref(), Some(&b"3"[..]));
+    assert!(b.register("r", b"c").unwrap().is_none_or(|v| v.value.is_none()));
+    assert_eq!(b.counter("c", b"k").unwrap(), 3);
+}
+
 /// Peers' ops are committed without fsync (visible at once) and made durable by `flush` or a clean
 /// close; local writes are durable before they are acknowledged; the log always matches the version
 /// vector. (A SIGKILL of a replica before a flush is exercised by the stale-rejoin process test: the
