@@ -113,19 +113,46 @@ def fmt(x, digits=3):
     return str(x)
 
 
+def writer_seconds(pid: int) -> float | None:
+    """CPU time (user + system) so far of a peersync node's writer thread, the one thread that
+    applies and commits every op (and so the ceiling of a node's apply rate); None for a process
+    without one."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
+        if name == "peersync-writer":
+            fields = rest.split()
+            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return None
+
+
 class CpuMeter:
     """CPU time (user + system) each process spends from now on; `fresh` ones start at zero (started
-    inside the window). `per_op_us` divides each process's share by the ops of the window."""
+    inside the window). `per_op_us` divides each process's share by the ops of the window, and
+    `writer_per_op_us` a peersync node's writer thread's share."""
 
     def __init__(self, procs: list, fresh: list | None = None):
         self.start = {p.pid: cpu_seconds(p.pid) for p in procs}
         self.start.update({p.pid: 0.0 for p in fresh or []})
+        self.writer = {p.pid: writer_seconds(p.pid) for p in procs}
+        self.writer.update({p.pid: 0.0 for p in fresh or []})
 
     def add_fresh(self, proc) -> None:
         self.start[proc.pid] = 0.0
+        self.writer[proc.pid] = 0.0
 
     def per_op_us(self, ops: int) -> list[float]:
         return [round((cpu_seconds(pid) - c) * 1e6 / max(ops, 1), 2) for pid, c in self.start.items()]
+
+    def writer_per_op_us(self, ops: int) -> list[float | None]:
+        out = []
+        for pid, c in self.writer.items():
+            now_s = writer_seconds(pid)
+            out.append(None if now_s is None or c is None else round((now_s - c) * 1e6 / max(ops, 1), 2))
+        return out
 
 
 def mean(xs: list[float]) -> float:
@@ -137,10 +164,18 @@ CPU_METHOD = ("CPU-µs per op per node: user + system CPU time (/proc/PID/stat) 
               "the details); load generators are not counted. ")
 
 
+WRITER_METHOD = ("peersync_writer_per_node: the same for each node's writer thread alone (`peersync-writer`, "
+                 "which applies and commits every op, /proc/PID/task/TID/stat), the part no other core can take. ")
+
+
 def cpu_row(ctx: Ctx, workload: str, what: str, ps_runs: list[list[float]], anchor: str,
-            r_runs: list[list[float]], method: str) -> None:
+            r_runs: list[list[float]], method: str, ps_writer: list[list[float | None]] | None = None) -> None:
+    extra = {"peersync_writer_per_node": ps_writer} if ps_writer else {}
+    if ps_writer:
+        log(f"{workload} peersync writer thread CPU-µs per op per node: {ps_writer}")
     ctx.row(workload, f"CPU per op per node, {what}", "µs", "lower", [mean(r) for r in ps_runs], anchor,
-            [mean(r) for r in r_runs], CPU_METHOD + method, peersync_per_node=ps_runs, redis_per_node=r_runs)
+            [mean(r) for r in r_runs], CPU_METHOD + (WRITER_METHOD if ps_writer else "") + method,
+            peersync_per_node=ps_runs, redis_per_node=r_runs, **extra)
 
 
 # ---------------------------------------------------------------- peersync nodes
@@ -386,10 +421,10 @@ def w1(ctx: Ctx) -> None:
     target_vv = prim.vv()
     assert vv_total(target_vv) >= n, target_vv
     assert rprim.connect().cmd("DBSIZE") == n
-    def join(what: str, extra: list[str] | None = None) -> tuple[float, Node, list[float]]:
+    def join(what: str, extra: list[str] | None = None) -> tuple[float, Node, tuple[list, list]]:
         """Starts a new replica of the primary and waits until it is active with the primary's version
         vector; returns the time that took, the replica, still running, and the CPU-µs per op of the
-        primary and the replica over the join."""
+        primary and the replica over the join, whole and of their writer threads."""
         rep = Node(ctx, "w1-replica", 2, role="replica", bootstrap=prim.addr, extra=extra)
         rep.prepare()
         cpu = CpuMeter([prim.proc])
@@ -398,13 +433,14 @@ def w1(ctx: Ctx) -> None:
         cpu.add_fresh(rep.proc)
         wait_until(lambda: (s := try_status(rep.http)) and s["state"] == "active" and s["version_vector"] == target_vv,
                    1800, what, interval=0.01, proc=rep.proc)
-        return now() - t0, rep, cpu.per_op_us(n)
+        return now() - t0, rep, (cpu.per_op_us(n), cpu.writer_per_op_us(n))
 
-    ps_t, r_t, ps_rep_rss, r_rep_rss, ps_cpu, r_cpu = [], [], [], [], [], []
+    ps_t, r_t, ps_rep_rss, r_rep_rss, ps_cpu, r_cpu, ps_writer = [], [], [], [], [], [], []
     for run in range(runs):
-        elapsed, rep, cpu = join("W1 peersync replica caught up")
+        elapsed, rep, (cpu, writer) = join("W1 peersync replica caught up")
         ps_t.append(elapsed)
         ps_cpu.append(cpu)
+        ps_writer.append(writer)
         ps_rep_rss.append(rep.rss())
         log(f"W1 run {run + 1}: peersync replica active with the primary's version vector after {ps_t[-1]:.2f} s")
         rep.stop()
@@ -461,7 +497,8 @@ def w1(ctx: Ctx) -> None:
                 load_s_peersync=load_ps, load_s_redis=load_r, replica_rss_mib_peersync=ps_rep_rss,
                 replica_rss_mib_redis=r_rep_rss, primary_disk_mib_peersync=disk)
         cpu_row(ctx, "W1", "initial sync", ps_cpu, "redis 7 replica", r_cpu,
-                "Window: replica start -> synced (as W1's time); nodes: [primary, replica]; ops: the N keys.")
+                "Window: replica start -> synced (as W1's time); nodes: [primary, replica]; ops: the N keys.",
+                ps_writer)
     ctx.row("W7", "RSS idle (empty node)", "MiB", "lower", [rss_idle_ps], "redis-server", [rss_idle_r],
             "VmRSS of the node process 2 s after start, no data")
     ctx.row("W7", f"RSS holding {n:,} keys x 100 B", "MiB", "lower", [rss_loaded_ps], "redis-server",
@@ -475,7 +512,7 @@ def w1(ctx: Ctx) -> None:
 def w2(ctx: Ctx) -> None:
     n, runs = ctx.size["w2_writes"], ctx.size["runs"]
     log(f"W2: catch-up after {n} missed writes ({runs} runs each)")
-    ps_t, r_t, ps_write, r_write, ps_cpu, r_cpu = [], [], [], [], [], []
+    ps_t, r_t, ps_write, r_write, ps_cpu, r_cpu, ps_writer = [], [], [], [], [], [], []
     for run in range(runs):
         prim = Node(ctx, "w2-primary", 1).start()
         rep = Node(ctx, "w2-replica", 2, role="replica", bootstrap=prim.addr).start()
@@ -492,6 +529,7 @@ def w2(ctx: Ctx) -> None:
                    "W2 peersync replica caught up", interval=0.01, proc=rep.proc)
         ps_t.append(now() - t0)
         ps_cpu.append(cpu.per_op_us(n))
+        ps_writer.append(cpu.writer_per_op_us(n))
         log(f"W2 run {run + 1}: peersync replica caught up {n} ops {ps_t[-1]:.3f} s after SIGCONT "
             f"(writes took {ps_write[-1]:.2f} s)")
         rep.stop()
@@ -523,7 +561,8 @@ def w2(ctx: Ctx) -> None:
             "replica slave_repl_offset >= primary master_repl_offset (polled every 10 ms)",
             write_s_peersync=ps_write, write_s_redis=r_write)
     cpu_row(ctx, "W2", "catch-up", ps_cpu, "redis 7 replica", r_cpu,
-            "Window: SIGCONT -> caught up (as W2's time); nodes: [primary, replica]; ops: the N missed writes.")
+            "Window: SIGCONT -> caught up (as W2's time); nodes: [primary, replica]; ops: the N missed writes.",
+            ps_writer)
 
 
 # ---------------------------------------------------------------- W3: propagation latency
@@ -689,12 +728,14 @@ def w3(ctx: Ctx) -> None:
         time.sleep(2)  # let gossipsub form its mesh (a few 200 ms heartbeats)
         ps_settle(nodes)
         cpu0, t = [cpu_seconds(nd.proc.pid) for nd in nodes], now()
+        writer = CpuMeter([nd.proc for nd in nodes])
         unsent0 = [metric(nd.http, "peersync_gossip_unsent_total") or 0 for nd in nodes]
         res = asyncio.run(ps_latency(ctx, nodes, count, rate))
         res["gossip_unsent"] = [int((metric(nd.http, "peersync_gossip_unsent_total") or 0) - u)
                                 for nd, u in zip(nodes, unsent0)]
         res["node_cpu_util"] = [round((cpu_seconds(nd.proc.pid) - c) / (now() - t), 3) for nd, c in zip(nodes, cpu0)]
         res["cpu_us_per_op"] = [round((cpu_seconds(nd.proc.pid) - c) * 1e6 / count, 2) for nd, c in zip(nodes, cpu0)]
+        res["writer_us_per_op"] = writer.writer_per_op_us(count)
         res["peers_per_node"] = [len(nd.status()["peers"]) for nd in nodes]
         ps_res.append(res)
         log(f"W3 run {run + 1}: peersync p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms max {res['max']:.1f} ms "
@@ -735,7 +776,8 @@ def w3(ctx: Ctx) -> None:
             "redis 7, 1 primary + 4 replicas", [r["p99"] for r in r_res], method)
     cpu_row(ctx, "W3", f"{nn} nodes, 1k single writes/s", [r["cpu_us_per_op"] for r in ps_res],
             "redis 7, 1 primary + 4 replicas", [r["cpu_us_per_op"] for r in r_res],
-            "Window: the paced writes and their propagation (as W3's); nodes: all 5, the writer's node first.")
+            "Window: the paced writes and their propagation (as W3's); nodes: all 5, the writer's node first.",
+            [r["writer_us_per_op"] for r in ps_res])
 
 
 # ---------------------------------------------------------------- W4: replicated write throughput
@@ -744,7 +786,7 @@ def w3(ctx: Ctx) -> None:
 def w4(ctx: Ctx) -> None:
     n, runs = ctx.size["w4_ops"], ctx.size["runs"]
     log(f"W4: replicated write throughput, 3 nodes, {n} ops of 100 B ({runs} runs each)")
-    ps_ops, r_ops, ps_detail, r_detail, ps_cpu, r_cpu = [], [], [], [], [], []
+    ps_ops, r_ops, ps_detail, r_detail, ps_cpu, r_cpu, ps_writer = [], [], [], [], [], [], []
     bench_flags = None
     for run in range(runs):
         nodes: list[Node] = []
@@ -779,6 +821,7 @@ def w4(ctx: Ctx) -> None:
         wait_until(converged, 600, "W4 peersync converged", interval=0.01)
         dt = now() - t0
         ps_cpu.append(cpu.per_op_us(3 * per))
+        ps_writer.append(cpu.writer_per_op_us(3 * per))
         ps_ops.append(3 * per / dt)
         ps_detail.append(dict(write_s=t_write, converged_s=dt))
         log(f"W4 run {run + 1}: peersync {3 * per / dt:,.0f} ops/s (written in {t_write:.2f} s, converged {dt:.2f} s)")
@@ -814,7 +857,7 @@ def w4(ctx: Ctx) -> None:
             "peersync fsyncs each group commit.", peersync_runs=ps_detail, redis_runs=r_detail)
     cpu_row(ctx, "W4", "replicated writes, 3 nodes", ps_cpu, "redis 7, 1 primary + 2 replicas", r_cpu,
             "Window: first write sent -> converged (as W4's); nodes: all 3 (peersync: 3 primaries each taking a "
-            "third of the writes; redis: the primary first).")
+            "third of the writes; redis: the primary first).", ps_writer)
 
 
 # ---------------------------------------------------------------- W6: acknowledged writes vs WAIT
