@@ -2,7 +2,7 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
-use super::root::{identity_hash, root_hash, Buckets, EntryKind, BUCKETS};
+use super::root::{identity_hash, Buckets, EntryKind, BUCKETS};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -52,35 +52,6 @@ impl DirtyBuckets {
     }
 }
 
-/// A register op's new value made ready to apply: its stored bytes, its entry's identity and
-/// what it adds to its bucket. None of it depends on the state, so it is made before the op
-/// reaches the writer thread (see `WriteHandle::submit_remote`), on the caller's thread: two of the
-/// op's hashes and its encoding then cost the writer, the node's bottleneck under load, nothing.
-pub(crate) struct PreparedRegister {
-    value: RegisterValue,
-    bytes: Vec<u8>,
-    id: [u8; 32],
-    /// [`root_hash`] of `bytes`: `None` for a tombstone.
-    hash: Option<[u8; 32]>,
-}
-
-impl PreparedRegister {
-    /// The prepared value of a register op; `None` for any other op. `origin_bytes` are the bytes
-    /// of `op.origin`.
-    pub fn of(op: &Op, origin_bytes: &[u8]) -> Option<Self> {
-        let (register, key, value) = match &op.body {
-            OpBody::RegisterPut { register, key, value } => (register, key, Some(value.clone())),
-            OpBody::RegisterDelete { register, key } => (register, key, None),
-            _ => return None,
-        };
-        let value = RegisterValue { hlc: op.hlc, origin: op.origin, value };
-        let bytes = encode_register(&value, origin_bytes);
-        let id = identity_hash(EntryKind::Register, register, key);
-        let hash = root_hash(EntryKind::Register, &id, &bytes);
-        Some(PreparedRegister { value, bytes, id, hash })
-    }
-}
-
 /// The tables one group commit writes, opened once per transaction.
 pub(crate) struct Tables<'t> {
     pub oplog: LogTable<'t>,
@@ -124,22 +95,16 @@ impl<'t> Tables<'t> {
     }
 
     /// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes`
-    /// are the bytes of `op.origin`. `prepared` is [`PreparedRegister::of`] the op, when the caller
-    /// made it already (off the writer thread); a register op without it is prepared here.
-    pub fn apply(
-        &mut self,
-        buckets: &mut Buckets,
-        op: &Op,
-        origin_bytes: &[u8],
-        prepared: Option<PreparedRegister>,
-    ) -> Result<Effect, StoreError> {
+    /// are the bytes of `op.origin`.
+    pub fn apply(&mut self, buckets: &mut Buckets, op: &Op, origin_bytes: &[u8]) -> Result<Effect, StoreError> {
         match &op.body {
-            OpBody::RegisterPut { register, key, .. } | OpBody::RegisterDelete { register, key } => {
-                let prepared = match prepared {
-                    Some(p) => p,
-                    None => PreparedRegister::of(op, origin_bytes).expect("a register op prepares"),
-                };
-                self.apply_register(buckets, register, key, prepared)
+            OpBody::RegisterPut { register, key, value } => {
+                let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: Some(value.clone()) };
+                self.apply_register(buckets, register, key, new, origin_bytes)
+            }
+            OpBody::RegisterDelete { register, key } => {
+                let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: None };
+                self.apply_register(buckets, register, key, new, origin_bytes)
             }
             OpBody::CounterAdd { counter, key, delta } => {
                 let id = identity_hash(EntryKind::Counter, counter, key);
@@ -183,11 +148,12 @@ impl<'t> Tables<'t> {
         buckets: &mut Buckets,
         register: &str,
         key: &[u8],
-        prepared: PreparedRegister,
+        new: RegisterValue,
+        origin_bytes: &[u8],
     ) -> Result<Effect, StoreError> {
-        let PreparedRegister { value: new, bytes, id, hash } = prepared;
         // Insert first and look at what it replaced: one B-tree walk for the usual case (a new key
         // or a newer write); a write that loses puts the winner back.
+        let bytes = encode_register(&new, origin_bytes);
         let old = self.registers.insert((register, key), bytes.as_slice())?.map(|g| g.value().to_vec());
         let mut replaced_other_origin = false;
         let mut current = None;
@@ -201,8 +167,8 @@ impl<'t> Tables<'t> {
             current = Some(value);
         }
         self.index_tombstone(register, key, current.as_ref(), &new)?;
-        let b = buckets.replace_hashed(EntryKind::Register, &id, old.as_deref(), hash.as_ref());
-        self.dirty.insert(b);
+        let id = identity_hash(EntryKind::Register, register, key);
+        self.replace(buckets, EntryKind::Register, &id, old.as_deref(), &bytes);
         Ok(Effect::Register { won: true, replaced_other_origin })
     }
 

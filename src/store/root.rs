@@ -111,22 +111,11 @@ impl Buckets {
     /// Replaces an entry's old value (if any) by its new one in the buckets, as [`root_hash`] counts
     /// them. Returns the bucket, for the caller to persist.
     pub fn replace(&mut self, kind: EntryKind, identity: &[u8; 32], old: Option<&[u8]>, new: &[u8]) -> usize {
-        self.replace_hashed(kind, identity, old, root_hash(kind, identity, new).as_ref())
-    }
-
-    /// [`Buckets::replace`] with the new value's [`root_hash`] already known.
-    pub fn replace_hashed(
-        &mut self,
-        kind: EntryKind,
-        identity: &[u8; 32],
-        old: Option<&[u8]>,
-        new: Option<&[u8; 32]>,
-    ) -> usize {
         if let Some(h) = old.and_then(|old| root_hash(kind, identity, old)) {
             self.toggle(identity, &h);
         }
-        if let Some(h) = new {
-            self.toggle(identity, h);
+        if let Some(h) = root_hash(kind, identity, new) {
+            self.toggle(identity, &h);
         }
         bucket_of(identity)
     }

@@ -23,7 +23,7 @@ use ops::{LocalFailure, OpenBatch};
 
 pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
 
-use super::apply::{Effect, PreparedRegister, Tables};
+use super::apply::{Effect, Tables};
 use super::publish::Changed;
 use super::tables::*;
 use super::{encode_hlc, encode_progress, load_mirror, Mirror, Store, StoreError};
@@ -146,8 +146,6 @@ enum Request {
     },
     Remote {
         batch: Box<VerifiedBatch>,
-        /// `PreparedRegister::of` each op of the batch, made by the sender.
-        prepared: Vec<Option<PreparedRegister>>,
         reply: oneshot::Sender<Result<RemoteOutcome, WriterError>>,
     },
     /// Commit what came before, then stop: later writes fail with `Closed`.
@@ -209,17 +207,13 @@ impl WriteHandle {
 
     /// Queues a verified batch and returns at once with a receiver for the outcome, so a caller can
     /// keep verifying the next batches while this one commits. Batches queued by one caller are
-    /// applied in the order queued. The register ops' values are encoded and hashed here, on the
-    /// caller's thread, not on the writer's.
+    /// applied in the order queued.
     pub async fn submit_remote(
         &self,
         batch: VerifiedBatch,
     ) -> Result<oneshot::Receiver<Result<RemoteOutcome, WriterError>>, WriterError> {
-        let origin_bytes = batch.origin.to_bytes();
-        let prepared = batch.ops.iter().map(|v| PreparedRegister::of(&v.op, &origin_bytes)).collect();
         let (reply, rx) = oneshot::channel();
-        let request = Request::Remote { batch: Box::new(batch), prepared, reply };
-        self.tx.send(request).await.map_err(|_| WriterError::Closed)?;
+        self.tx.send(Request::Remote { batch: Box::new(batch), reply }).await.map_err(|_| WriterError::Closed)?;
         Ok(rx)
     }
 
@@ -454,9 +448,9 @@ impl Writer {
                         Some(e)
                     }
                 },
-                Request::Remote { batch, prepared, reply } => {
+                Request::Remote { batch, reply } => {
                     let origin = batch.origin;
-                    match self.apply_remote(&mut tables, *batch, prepared, event) {
+                    match self.apply_remote(&mut tables, *batch, event) {
                         Ok(outcome) => {
                             if matches!(outcome, RemoteOutcome::Applied { .. }) {
                                 touched.insert(origin);

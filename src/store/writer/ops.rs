@@ -8,7 +8,7 @@ use serde_bytes::ByteBuf;
 use super::{now_ms, AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, Writer, MAX_CLOCK_AHEAD_MS};
 use crate::ids::{Origin, Seq};
 use crate::op::{cid_from_digest, ChainHash, Op, OpBatch, OpBody, VerifiedBatch};
-use crate::store::apply::{Effect, PreparedRegister, Tables};
+use crate::store::apply::{Effect, Tables};
 use crate::store::{OriginProgress, StoreError};
 
 /// The local ops of the group not yet under a signed head.
@@ -55,7 +55,7 @@ impl Writer {
             let bytes = op.encode();
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
-            let effect = tables.apply(&mut self.mirror.buckets, &op, &me_bytes, None)?;
+            let effect = tables.apply(&mut self.mirror.buckets, &op, &me_bytes)?;
             self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
             note_effect(event, &op, &effect, me);
             if open.ops.is_empty() {
@@ -99,7 +99,6 @@ impl Writer {
         &mut self,
         tables: &mut Tables,
         batch: VerifiedBatch,
-        prepared: Vec<Option<PreparedRegister>>,
         event: &mut CommitEvent,
     ) -> Result<RemoteOutcome, StoreError> {
         let origin = batch.origin;
@@ -111,22 +110,18 @@ impl Writer {
         if after > have.seq {
             return Ok(RemoteOutcome::Gap { have: have.seq, batch_after: after });
         }
-        let held = (have.seq.0 - after.0) as usize;
-        let new = &batch.ops[held..];
+        let new = &batch.ops[(have.seq.0 - after.0) as usize..];
         if have.chain.extend(&new[0].digest) != new[0].chain {
             return Ok(RemoteOutcome::Fork { at: new[0].op.seq });
         }
         let origin_bytes = origin.to_bytes();
         let horizon = now_ms().saturating_add(MAX_CLOCK_AHEAD_MS);
-        let mut prepared = prepared.into_iter().skip(held);
         for v in new {
-            // Prepared by the sender for every op; one it lacks is prepared by `apply`.
-            let prepared = prepared.next().flatten();
             // A remote clock far ahead would drag this node's clock with it; apply, but don't follow.
             if v.op.hlc.wall_ms <= horizon {
                 self.clock.observe(v.op.hlc);
             }
-            let effect = tables.apply(&mut self.mirror.buckets, &v.op, &origin_bytes, prepared)?;
+            let effect = tables.apply(&mut self.mirror.buckets, &v.op, &origin_bytes)?;
             note_effect(event, &v.op, &effect, self.signer.origin());
         }
         let logged = new.iter().map(|v| (&v.chain, v.bytes.as_slice()));
