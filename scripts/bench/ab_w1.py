@@ -18,17 +18,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench  # noqa: E402
+from common import cpu_seconds  # noqa: E402
 
 
 class Args:
     quick, only, keep_data, runs = False, "W1", False, 1
     tmp = bench.ROOT / "target" / "ab-w1-tmp"
     out = bench.ROOT / "target" / "ab-w1-out"
-
-
-def cpu_seconds(pid: int) -> float:
-    fields = open(f"/proc/{pid}/stat").read().split()
-    return (int(fields[13]) + int(fields[14])) / 100
 
 
 def main() -> None:

@@ -38,6 +38,7 @@ from common import (  # noqa: E402
     resp_command,
     rmtree,
     rss_mib,
+    writer_seconds,
     try_resp,
     try_status,
     values_100,
@@ -113,22 +114,6 @@ def fmt(x, digits=3):
     return str(x)
 
 
-def writer_seconds(pid: int) -> float | None:
-    """CPU time (user + system) so far of a peersync node's writer thread, the one thread that
-    applies and commits every op (and so the ceiling of a node's apply rate); None for a process
-    without one."""
-    for task in Path(f"/proc/{pid}/task").iterdir():
-        try:
-            stat = (task / "stat").read_text()
-        except OSError:
-            continue
-        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
-        if name == "peersync-writer":
-            fields = rest.split()
-            return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-    return None
-
-
 class CpuMeter:
     """CPU time (user + system) each process spends from now on; `fresh` ones start at zero (started
     inside the window). `per_op_us` divides each process's share by the ops of the window, and
@@ -146,6 +131,10 @@ class CpuMeter:
 
     def per_op_us(self, ops: int) -> list[float]:
         return [round((cpu_seconds(pid) - c) * 1e6 / max(ops, 1), 2) for pid, c in self.start.items()]
+
+    def utilisation(self, elapsed_s: float) -> list[float]:
+        """Each process's CPU time over `elapsed_s` of wall time (1.0 = one core)."""
+        return [round((cpu_seconds(pid) - c) / elapsed_s, 3) for pid, c in self.start.items()]
 
     def writer_per_op_us(self, ops: int) -> list[float | None]:
         out = []
@@ -727,15 +716,14 @@ def w3(ctx: Ctx) -> None:
         wait_peers(nodes)
         time.sleep(2)  # let gossipsub form its mesh (a few 200 ms heartbeats)
         ps_settle(nodes)
-        cpu0, t = [cpu_seconds(nd.proc.pid) for nd in nodes], now()
-        writer = CpuMeter([nd.proc for nd in nodes])
+        cpu, t = CpuMeter([nd.proc for nd in nodes]), now()
         unsent0 = [metric(nd.http, "peersync_gossip_unsent_total") or 0 for nd in nodes]
         res = asyncio.run(ps_latency(ctx, nodes, count, rate))
         res["gossip_unsent"] = [int((metric(nd.http, "peersync_gossip_unsent_total") or 0) - u)
                                 for nd, u in zip(nodes, unsent0)]
-        res["node_cpu_util"] = [round((cpu_seconds(nd.proc.pid) - c) / (now() - t), 3) for nd, c in zip(nodes, cpu0)]
-        res["cpu_us_per_op"] = [round((cpu_seconds(nd.proc.pid) - c) * 1e6 / count, 2) for nd, c in zip(nodes, cpu0)]
-        res["writer_us_per_op"] = writer.writer_per_op_us(count)
+        res["node_cpu_util"] = cpu.utilisation(now() - t)
+        res["cpu_us_per_op"] = cpu.per_op_us(count)
+        res["writer_us_per_op"] = cpu.writer_per_op_us(count)
         res["peers_per_node"] = [len(nd.status()["peers"]) for nd in nodes]
         ps_res.append(res)
         log(f"W3 run {run + 1}: peersync p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms max {res['max']:.1f} ms "
@@ -752,10 +740,10 @@ def w3(ctx: Ctx) -> None:
         wait_until(lambda: all(s.linked() for s in servers[1:]), 60, "W3 redis replicas linked")
         redis_settle(servers[0], servers[1:])
         time.sleep(0.5)
-        cpu0, t = [cpu_seconds(sv.proc.pid) for sv in servers], now()
+        cpu, t = CpuMeter([sv.proc for sv in servers]), now()
         res = asyncio.run(redis_latency(ctx, servers, count, rate))
-        res["node_cpu_util"] = [round((cpu_seconds(sv.proc.pid) - c) / (now() - t), 3) for sv, c in zip(servers, cpu0)]
-        res["cpu_us_per_op"] = [round((cpu_seconds(sv.proc.pid) - c) * 1e6 / count, 2) for sv, c in zip(servers, cpu0)]
+        res["node_cpu_util"] = cpu.utilisation(now() - t)
+        res["cpu_us_per_op"] = cpu.per_op_us(count)
         r_res.append(res)
         log(f"W3 run {run + 1}: redis p50 {res['p50']:.2f} ms p99 {res['p99']:.2f} ms max {res['max']:.1f} ms "
             f"(rate {res['achieved_rate']:.0f}/s)")

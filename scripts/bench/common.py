@@ -348,7 +348,26 @@ def percentile(xs: list[float], p: float) -> float:
     return s[k]
 
 
+def stat_cpu_seconds(stat: str) -> float:
+    """User + system CPU time in a /proc `stat` line (of a process or of one of its threads)."""
+    fields = stat.rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of a process so far (from /proc/PID/stat)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return stat_cpu_seconds(Path(f"/proc/{pid}/stat").read_text())
+
+
+def writer_seconds(pid: int) -> float | None:
+    """CPU time (user + system) so far of a peersync node's writer thread, the one thread that
+    applies and commits every op (and so the ceiling of a node's apply rate); None for a process
+    without one."""
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except OSError:
+            continue
+        if stat.split("(", 1)[1].rsplit(")", 1)[0] == "peersync-writer":
+            return stat_cpu_seconds(stat)
+    return None
