@@ -319,9 +319,9 @@ fn main() -> ExitCode {
 }
 
 /// One fewer worker than the cores, at least 1. The writer thread commits every op outside the
-/// runtime and is the busiest thread under load; on a 2-core machine a second worker measured
-/// slower, not faster (W1-W4 in `scripts/bench.sh`: more CPU per op, a worse W3 p99), because
-/// the workers and the writer then take turns on the cores and wake each other across them.
+/// runtime and is the busiest thread under load. On a 2-core machine a second worker measured no
+/// faster and often worse: in six alternating W3 rounds of `scripts/bench.sh` a worse p99 every
+/// time and 2-10 % more CPU per op; in W1 the same wall time at 4 % more CPU.
 fn default_worker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().saturating_sub(1).max(1))
 }
