@@ -124,6 +124,113 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     assert_eq!(report.ops, vv);
 }
 
+/// A replica applies peers' ops in its memtable and writes them to redb on a 100 ms tick, so a
+/// kill -9 lands before, during or after a flush. Killed five times at random points while a
+/// primary takes puts, deletes and counter adds, the replica comes back every time with a log that
+/// matches its version vector and a state that matches its root, and ends with every write.
+#[test]
+fn a_replica_killed_9_in_a_loop_keeps_log_vector_and_root_consistent() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let a_addr = bootstrap_addr(&a);
+    let b_dir = dir.path().join("b");
+    let b_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
+    let mut b = NodeProc::start(&b_dir, &b_args);
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("seed {seed}");
+    let mut random = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
+    let writers: Vec<_> = (0..4)
+        .map(|w| {
+            let (api, stop) = (a.api.clone(), stop.clone());
+            rt.spawn(async move {
+                let http = reqwest::Client::new();
+                let mut i = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let url = match i % 10 {
+                        // Deletes of keys written before (tombstones in the memtable) and counter adds.
+                        7 => format!("{api}/v1/registers/crash/w{w}-{}", i - 7),
+                        8 => format!("{api}/v1/counters/hits/w{w}"),
+                        _ => format!("{api}/v1/registers/crash/w{w}-{i}"),
+                    };
+                    let resp = match i % 10 {
+                        7 => http.delete(url).send().await,
+                        8 => http.post(url).body(r#"{"delta":1}"#).send().await,
+                        _ => http.put(url).body(format!("v{i}")).send().await,
+                    };
+                    assert_eq!(resp.unwrap().status(), 200);
+                    i += 1;
+                }
+                i
+            })
+        })
+        .collect();
+    let applied_from_a = |node: &NodeProc| status(&node.api)["version_vector"][&a.peer_id].as_u64().unwrap_or(0);
+    for round in 0..5 {
+        let from = applied_from_a(&b);
+        let more = 50 + random(400);
+        common::wait_sync("the replica to apply more of A's ops", std::time::Duration::from_secs(60), || {
+            let now = applied_from_a(&b);
+            if now >= from + more {
+                Ok(())
+            } else {
+                Err(format!("{now} applied, waiting for {}", from + more))
+            }
+        });
+        println!("round {round}: kill -9 after {} of A's ops applied", applied_from_a(&b));
+        b.kill9();
+        let store = Store::open(&b_dir.join(peersync::node::DATABASE_FILE)).unwrap();
+        let report = store.check_log().unwrap();
+        assert!(report.problems.is_empty(), "round {round}: log after kill -9: {:?}", report.problems);
+        let (_, vv) = store.state_root();
+        assert_eq!(report.ops, vv.total(), "round {round}: the log holds exactly the ops of the vector");
+        drop(store);
+        b = NodeProc::start(&b_dir, &b_args);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let written: u64 = rt.block_on(async {
+        let mut n = 0;
+        for w in writers {
+            n += w.await.unwrap();
+        }
+        n
+    });
+    common::wait_sync("the replica to catch up with A", std::time::Duration::from_secs(60), || {
+        let (sa, sb) = (status(&a.api), status(&b.api));
+        if sa["version_vector"] == sb["version_vector"] && sa["state_root"] == sb["state_root"] {
+            Ok(())
+        } else {
+            Err(format!(
+                "A {} {} / B {} {}",
+                sa["version_vector"], sa["state_root"], sb["version_vector"], sb["state_root"]
+            ))
+        }
+    });
+    for w in 0..4 {
+        let (ok, a_hits, _) = cli(&["get", "crash", &format!("w{w}-1"), "--api", &a.api]);
+        let (ok_b, b_hits, _) = cli(&["get", "crash", &format!("w{w}-1"), "--api", &b.api]);
+        assert_eq!((ok, a_hits), (ok_b, b_hits));
+    }
+    let s = status(&b.api);
+    assert_eq!(s["log_ops"].as_u64().unwrap(), written, "B's log holds every op A acknowledged");
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    let store = Store::open(&b_dir.join(peersync::node::DATABASE_FILE)).unwrap();
+    let report = store.check_log().unwrap();
+    assert!(report.problems.is_empty(), "log at the end: {:?}", report.problems);
+    // Making a snapshot recomputes the root from every entry and refuses a state that differs.
+    let signer = peersync::op::Signer::new(libp2p::identity::Keypair::generate_ed25519());
+    store.create_snapshot(&signer, "test", 1 << 20).expect("the state matches its root");
+}
+
 #[test]
 fn invalid_flags_exit_non_zero_naming_the_flag() {
     let dir = tempfile::tempdir().unwrap();

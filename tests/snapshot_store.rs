@@ -95,6 +95,8 @@ async fn replay(from: &Store, to: &Node, origin: &Origin, max_ops: usize) {
             assert!(matches!(outcome, RemoteOutcome::Applied { .. }), "{outcome:?}");
         }
     }
+    // Peers' ops wait in the memtable until a flush; a snapshot made next covers them only after it.
+    to.writer.persist().await.unwrap();
 }
 
 /// Copies a snapshot's manifest and chunks from one store to another, by CID, verifying each chunk.

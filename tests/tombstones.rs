@@ -58,6 +58,8 @@ async fn replay(from: &Store, to: &Node, origin: &Origin) {
         let have = to.store.version_vector().get(origin);
         let read = from.read_log(origin, have, 256, usize::MAX).unwrap();
         if read.batches.is_empty() {
+            // Peers' ops wait in the memtable until a flush; a snapshot made next covers them after it.
+            to.writer.persist().await.unwrap();
             return;
         }
         for batch in read.batches {

@@ -344,6 +344,8 @@ impl NodeHandle {
     /// log down to the configured retention, and announces the snapshot to the network.
     pub async fn create_snapshot(&self) -> Result<SnapshotSummary, NodeError> {
         let c = &self.inner.config;
+        // Peers' ops applied in the memtable go to disk first, so the snapshot covers them.
+        self.inner.writer.persist().await?;
         let (store, signer, cluster, chunk) =
             (self.inner.store.clone(), self.inner.signer.clone(), c.net.cluster.clone(), c.snapshot_chunk_bytes);
         let info = tokio::task::spawn_blocking(move || {

@@ -2,12 +2,13 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
+use super::memtable::PendingRow;
 use super::root::{identity_hash, Buckets, EntryKind, BUCKETS};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
 use crate::ids::Seq;
-use crate::op::{ChainHash, Op, OpBody};
+use crate::op::{Op, OpBody};
 use crate::snapshot::{Kind, StateEntry};
 
 type StateTable<'t> = Table<'t, (&'static str, &'static [u8]), &'static [u8]>;
@@ -52,6 +53,134 @@ impl DirtyBuckets {
     }
 }
 
+/// Where applying an op reads and writes: a write transaction's tables ([`Tables`]), or the
+/// memtable in front of them (see `memtable.rs`). The CRDT rules live once, in [`apply_op`].
+pub(crate) trait StateSink {
+    fn get(&mut self, kind: Kind, collection: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    fn put(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError>;
+    /// Stores `value` and returns the value it replaced.
+    fn swap(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, StoreError>;
+    /// Keeps the tombstone index in step when `new` replaces `old` as a register key's value.
+    fn index_tombstone(
+        &mut self,
+        register: &str,
+        key: &[u8],
+        old: Option<&RegisterValue>,
+        new: &RegisterValue,
+    ) -> Result<(), StoreError>;
+    /// Writes one signed batch of `origin` as one log row, with its head's signature.
+    fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError>;
+    /// The buckets this sink's writes changed.
+    fn changes(&mut self) -> &mut BucketChanges;
+}
+
+/// Buckets changed by a run of writes: which ones (to persist), and what each held before (to put
+/// back if the run is not committed).
+#[derive(Default)]
+pub(crate) struct BucketChanges {
+    pub dirty: DirtyBuckets,
+    undo: Vec<(usize, [u8; 32])>,
+}
+
+impl BucketChanges {
+    pub fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
+        let b = super::root::bucket_of(id);
+        self.undo.push((b, buckets.0[b]));
+        buckets.replace(kind, id, old, new);
+        self.dirty.insert(b);
+    }
+
+    /// Puts back every bucket hash these changes replaced.
+    pub fn undo(self, buckets: &mut Buckets) {
+        for (b, hash) in self.undo.into_iter().rev() {
+            buckets.0[b] = hash;
+        }
+    }
+}
+
+/// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes` are
+/// the bytes of `op.origin`.
+pub(crate) fn apply_op<S: StateSink>(
+    sink: &mut S,
+    buckets: &mut Buckets,
+    op: &Op,
+    origin_bytes: &[u8],
+) -> Result<Effect, StoreError> {
+    match &op.body {
+        OpBody::RegisterPut { register, key, value } => {
+            let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: Some(value.clone()) };
+            apply_register(sink, buckets, register, key, new, origin_bytes)
+        }
+        OpBody::RegisterDelete { register, key } => {
+            let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: None };
+            apply_register(sink, buckets, register, key, new, origin_bytes)
+        }
+        OpBody::CounterAdd { counter, key, delta } => {
+            let id = identity_hash(EntryKind::Counter, counter, key);
+            let old = sink.get(Kind::Counter, counter, key)?;
+            let mut value: PnCounter = match &old {
+                Some(bytes) => decode(bytes, "counter")?,
+                None => PnCounter::default(),
+            };
+            value.add(op.origin, *delta);
+            let new = encode(&value);
+            sink.changes().replace(buckets, EntryKind::Counter, &id, old.as_deref(), &new);
+            sink.put(Kind::Counter, counter, key, &new)?;
+            Ok(Effect::Counter { value: value.value() })
+        }
+        OpBody::LeaseSet { lease, key, holder, token, expires_at_ms } => {
+            let id = identity_hash(EntryKind::Lease, lease, key);
+            let new = LeaseState {
+                holder: holder.clone(),
+                token: *token,
+                expires_at_ms: *expires_at_ms,
+                hlc: op.hlc,
+                origin: op.origin,
+            };
+            let old = sink.get(Kind::Lease, lease, key)?;
+            let current = old.as_deref().map(|b| decode::<LeaseState>(b, "lease")).transpose()?;
+            if let Some(current) = &current {
+                if !new.wins_over(current) {
+                    return Ok(Effect::Lease { state: current.clone(), won: false, displaced: None });
+                }
+            }
+            let bytes = encode(&new);
+            sink.changes().replace(buckets, EntryKind::Lease, &id, old.as_deref(), &bytes);
+            sink.put(Kind::Lease, lease, key, &bytes)?;
+            Ok(Effect::Lease { state: new, won: true, displaced: current.map(Box::new) })
+        }
+    }
+}
+
+fn apply_register<S: StateSink>(
+    sink: &mut S,
+    buckets: &mut Buckets,
+    register: &str,
+    key: &[u8],
+    new: RegisterValue,
+    origin_bytes: &[u8],
+) -> Result<Effect, StoreError> {
+    // Store first and look at what it replaced: one B-tree walk for the usual case (a new key or a
+    // newer write); a write that loses puts the winner back.
+    let bytes = encode_register(&new, origin_bytes);
+    let old = sink.swap(Kind::Register, register, key, &bytes)?;
+    let mut replaced_other_origin = false;
+    let mut current = None;
+    if let Some(old_bytes) = &old {
+        let value: RegisterValue = decode(old_bytes, "register")?;
+        if !new.wins_over(&value) {
+            sink.put(Kind::Register, register, key, old_bytes)?;
+            return Ok(Effect::Register { won: false, replaced_other_origin: false });
+        }
+        replaced_other_origin = value.origin != new.origin;
+        current = Some(value);
+    }
+    sink.index_tombstone(register, key, current.as_ref(), &new)?;
+    let id = identity_hash(EntryKind::Register, register, key);
+    sink.changes().replace(buckets, EntryKind::Register, &id, old.as_deref(), &bytes);
+    Ok(Effect::Register { won: true, replaced_other_origin })
+}
+
 /// The tables one group commit writes, opened once per transaction.
 pub(crate) struct Tables<'t> {
     pub oplog: LogTable<'t>,
@@ -62,117 +191,23 @@ pub(crate) struct Tables<'t> {
     leases: StateTable<'t>,
     tombstones: TombstoneTable<'t>,
     /// Buckets touched in this transaction, to persist at commit.
-    pub dirty: DirtyBuckets,
+    pub changes: BucketChanges,
 }
 
-impl<'t> Tables<'t> {
-    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
-        Ok(Tables {
-            oplog: txn.open_table(OPLOG)?,
-            heads: txn.open_table(HEADS)?,
-            log_counts: txn.open_table(LOG_COUNTS)?,
-            registers: txn.open_table(REGISTERS)?,
-            counters: txn.open_table(COUNTERS)?,
-            leases: txn.open_table(LEASES)?,
-            tombstones: txn.open_table(TOMBSTONES)?,
-            dirty: DirtyBuckets::default(),
-        })
+impl StateSink for Tables<'_> {
+    fn get(&mut self, kind: Kind, collection: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.table(kind).get((collection, key))?.map(|g| g.value().to_vec()))
     }
 
-    /// Writes one signed batch's ops of `origin` (the chain hash after each, and its bytes) as one
-    /// log row, and its head's signature.
-    pub fn log_batch<'a>(
-        &mut self,
-        origin: &[u8],
-        ops: impl ExactSizeIterator<Item = (&'a ChainHash, &'a [u8])>,
-        last: Seq,
-        signature: &[u8],
-    ) -> Result<(), StoreError> {
-        let n = ops.len() as i64;
-        self.oplog.insert((origin, last.0), super::log::encode_row(ops).as_slice())?;
-        self.heads.insert((origin, last.0), signature)?;
-        super::log::count_ops(&mut self.log_counts, origin, n)
+    fn put(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.table(kind).insert((collection, key), value)?;
+        Ok(())
     }
 
-    /// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes`
-    /// are the bytes of `op.origin`.
-    pub fn apply(&mut self, buckets: &mut Buckets, op: &Op, origin_bytes: &[u8]) -> Result<Effect, StoreError> {
-        match &op.body {
-            OpBody::RegisterPut { register, key, value } => {
-                let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: Some(value.clone()) };
-                self.apply_register(buckets, register, key, new, origin_bytes)
-            }
-            OpBody::RegisterDelete { register, key } => {
-                let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: None };
-                self.apply_register(buckets, register, key, new, origin_bytes)
-            }
-            OpBody::CounterAdd { counter, key, delta } => {
-                let id = identity_hash(EntryKind::Counter, counter, key);
-                let old = self.counters.get((counter.as_str(), key.as_slice()))?.map(|g| g.value().to_vec());
-                let mut value: PnCounter = match &old {
-                    Some(bytes) => decode(bytes, "counter")?,
-                    None => PnCounter::default(),
-                };
-                value.add(op.origin, *delta);
-                let new = encode(&value);
-                self.replace(buckets, EntryKind::Counter, &id, old.as_deref(), &new);
-                self.counters.insert((counter.as_str(), key.as_slice()), new.as_slice())?;
-                Ok(Effect::Counter { value: value.value() })
-            }
-            OpBody::LeaseSet { lease, key, holder, token, expires_at_ms } => {
-                let id = identity_hash(EntryKind::Lease, lease, key);
-                let new = LeaseState {
-                    holder: holder.clone(),
-                    token: *token,
-                    expires_at_ms: *expires_at_ms,
-                    hlc: op.hlc,
-                    origin: op.origin,
-                };
-                let old = self.leases.get((lease.as_str(), key.as_slice()))?.map(|g| g.value().to_vec());
-                let current = old.as_deref().map(|b| decode::<LeaseState>(b, "lease")).transpose()?;
-                if let Some(current) = &current {
-                    if !new.wins_over(current) {
-                        return Ok(Effect::Lease { state: current.clone(), won: false, displaced: None });
-                    }
-                }
-                let bytes = encode(&new);
-                self.replace(buckets, EntryKind::Lease, &id, old.as_deref(), &bytes);
-                self.leases.insert((lease.as_str(), key.as_slice()), bytes.as_slice())?;
-                Ok(Effect::Lease { state: new, won: true, displaced: current.map(Box::new) })
-            }
-        }
+    fn swap(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(self.table(kind).insert((collection, key), value)?.map(|g| g.value().to_vec()))
     }
 
-    fn apply_register(
-        &mut self,
-        buckets: &mut Buckets,
-        register: &str,
-        key: &[u8],
-        new: RegisterValue,
-        origin_bytes: &[u8],
-    ) -> Result<Effect, StoreError> {
-        // Insert first and look at what it replaced: one B-tree walk for the usual case (a new key
-        // or a newer write); a write that loses puts the winner back.
-        let bytes = encode_register(&new, origin_bytes);
-        let old = self.registers.insert((register, key), bytes.as_slice())?.map(|g| g.value().to_vec());
-        let mut replaced_other_origin = false;
-        let mut current = None;
-        if let Some(old_bytes) = &old {
-            let value: RegisterValue = decode(old_bytes, "register")?;
-            if !new.wins_over(&value) {
-                self.registers.insert((register, key), old_bytes.as_slice())?;
-                return Ok(Effect::Register { won: false, replaced_other_origin: false });
-            }
-            replaced_other_origin = value.origin != new.origin;
-            current = Some(value);
-        }
-        self.index_tombstone(register, key, current.as_ref(), &new)?;
-        let id = identity_hash(EntryKind::Register, register, key);
-        self.replace(buckets, EntryKind::Register, &id, old.as_deref(), &bytes);
-        Ok(Effect::Register { won: true, replaced_other_origin })
-    }
-
-    /// Keeps the tombstone index in step when `new` replaces `old` as a register key's value.
     fn index_tombstone(
         &mut self,
         register: &str,
@@ -187,6 +222,39 @@ impl<'t> Tables<'t> {
             self.tombstones.insert((new.hlc.wall_ms, new.hlc.logical, register, key), ())?;
         }
         Ok(())
+    }
+
+    fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError> {
+        self.oplog.insert((origin, last.0), row.row.as_slice())?;
+        self.heads.insert((origin, last.0), row.signature.as_slice())?;
+        super::log::count_ops(&mut self.log_counts, origin, row.ops as i64)
+    }
+
+    fn changes(&mut self) -> &mut BucketChanges {
+        &mut self.changes
+    }
+}
+
+impl<'t> Tables<'t> {
+    pub fn open(txn: &'t WriteTransaction) -> Result<Self, StoreError> {
+        Ok(Tables {
+            oplog: txn.open_table(OPLOG)?,
+            heads: txn.open_table(HEADS)?,
+            log_counts: txn.open_table(LOG_COUNTS)?,
+            registers: txn.open_table(REGISTERS)?,
+            counters: txn.open_table(COUNTERS)?,
+            leases: txn.open_table(LEASES)?,
+            tombstones: txn.open_table(TOMBSTONES)?,
+            changes: BucketChanges::default(),
+        })
+    }
+
+    fn table(&mut self, kind: Kind) -> &mut StateTable<'t> {
+        match kind {
+            Kind::Register => &mut self.registers,
+            Kind::Counter => &mut self.counters,
+            Kind::Lease => &mut self.leases,
+        }
     }
 
     /// Merges a state entry (from a snapshot or a repair) into the state with its kind's CRDT merge.
@@ -204,11 +272,7 @@ impl<'t> Tables<'t> {
         collected: Hlc,
     ) -> Result<MergeEffect, StoreError> {
         let refuse = |reason: String| StoreError::from(SnapshotError::Entry { index, reason });
-        let table = match entry.kind {
-            Kind::Register => &mut self.registers,
-            Kind::Counter => &mut self.counters,
-            Kind::Lease => &mut self.leases,
-        };
+        let table = self.table(entry.kind);
         let old = table.get((entry.collection.as_str(), entry.key.as_slice()))?.map(|g| g.value().to_vec());
         let mut reindex = None;
         let (new, hlc, lease) = match entry.kind {
@@ -243,13 +307,13 @@ impl<'t> Tables<'t> {
         if old.as_deref() == Some(new.as_slice()) {
             return Ok(MergeEffect { changed: false, hlc, lease: None });
         }
-        table.insert((entry.collection.as_str(), entry.key.as_slice()), new.as_slice())?;
+        self.table(entry.kind).insert((entry.collection.as_str(), entry.key.as_slice()), new.as_slice())?;
         if let Some((current, merged)) = reindex {
             self.index_tombstone(&entry.collection, &entry.key, current.as_ref(), &merged)?;
         }
         let kind = entry_kind(entry.kind);
         let id = identity_hash(kind, &entry.collection, &entry.key);
-        self.replace(buckets, kind, &id, old.as_deref(), &new);
+        self.changes.replace(buckets, kind, &id, old.as_deref(), &new);
         Ok(MergeEffect { changed: true, hlc, lease })
     }
 
@@ -284,15 +348,10 @@ impl<'t> Tables<'t> {
             }
             let id = identity_hash(EntryKind::Register, register, key);
             if let Some(h) = super::root::root_hash(EntryKind::Register, &id, bytes) {
-                self.dirty.insert(buckets.toggle(&id, &h));
+                self.changes.dirty.insert(buckets.toggle(&id, &h));
             }
         }
         Ok(gone.len() as u64)
-    }
-
-    fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
-        let b = buckets.replace(kind, id, old, new);
-        self.dirty.insert(b);
     }
 }
 

@@ -1,10 +1,11 @@
 //! The replicated state on disk: op log, registers, counters, leases, version vector and state root,
 //! in one redb database.
 //!
-//! Reads go straight to redb (readers never block the writer). All writes go through one writer thread
-//! (`writer`) that group-commits: it takes every request queued while the previous commit was being
-//! made, applies them in one transaction (log + state + version vector together) and answers each
-//! request only after the commit is durable.
+//! All writes go through one writer thread (`writer`) that group-commits: it takes every request
+//! queued while the previous commit was being made, applies them in one transaction (log + state +
+//! version vector together) and answers each request only after the commit is durable. Small groups
+//! of peers' ops go to the memtable instead (`memtable`), which the next transaction carries. Reads
+//! look in the memtable, then in redb (readers never block the writer).
 //!
 //! Must never depend on: the network, the sync logic or the node.
 
@@ -13,6 +14,7 @@ mod disk;
 mod error;
 mod lease_log;
 mod log;
+mod memtable;
 mod publish;
 mod read;
 pub mod root;
@@ -46,7 +48,7 @@ pub use snapshots::{PruneOutcome, SnapshotInfo, StoredSnapshot};
 pub use vv::VersionVector;
 pub use writer::{
     AppliedOp, CommitEvent, CompactOutcome, InstallOutcome, LeaseLoss, LocalIntent, MergeOutcome, RemoteOutcome,
-    WriteHandle, WriterConfig, WriterError, REMOTE_FLUSH_INTERVAL,
+    WriteHandle, WriterConfig, WriterError, DEFAULT_MEMTABLE_BYTES, REMOTE_FLUSH_INTERVAL,
 };
 
 /// Default bound of redb's page cache (redb's own default is 1 GiB). The kernel's page cache holds
@@ -135,6 +137,9 @@ pub struct Store {
     vv_watch: Arc<watch::Sender<VersionVector>>,
     /// Refuses writes while the data dir's filesystem is short of free space.
     disk: Arc<disk::DiskGuard>,
+    /// Peers' ops applied since the last flush, in front of the tables (see `memtable.rs`);
+    /// written only by the writer thread.
+    memtable: Arc<RwLock<memtable::Memtable>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -195,6 +200,7 @@ impl Store {
         txn.commit()?;
         let db = Arc::new(db);
         let mirror = load_mirror(&db)?;
+        let memtable = memtable::Memtable { generation: flushes(&db.begin_read()?)? + 1, ..Default::default() };
         let vv_watch = Arc::new(watch::Sender::new(mirror.version_vector()));
         Ok(Store {
             db,
@@ -207,6 +213,7 @@ impl Store {
                 Some(dir) if !dir.as_os_str().is_empty() => dir.to_owned(),
                 _ => ".".into(),
             })),
+            memtable: Arc::new(RwLock::new(memtable)),
         })
     }
 
@@ -281,7 +288,60 @@ impl Store {
 
     /// Register tombstones held now.
     pub fn tombstones(&self) -> Result<u64, StoreError> {
-        tombstones::count(&self.db.begin_read()?)
+        let (txn, pending) = self.overlay(|m| {
+            let registers = &m.state[crate::snapshot::Kind::Register as usize];
+            registers.iter().map(|(k, v)| (k.clone(), root::register_is_tombstone(v))).collect::<Vec<_>>()
+        })?;
+        let mut held = tombstones::count(&txn)? as i64;
+        let registers = txn.open_table(REGISTERS)?;
+        for ((register, key), tombstone) in pending.unwrap_or_default() {
+            let was = registers.get((register.as_str(), key.as_slice()))?;
+            held += tombstone as i64 - was.is_some_and(|v| root::register_is_tombstone(v.value())) as i64;
+        }
+        Ok(held.max(0) as u64)
+    }
+
+    /// A state value: the memtable's when it holds one (the newest), else the table's. The memtable
+    /// is emptied only after its flush committed, so a value missing from it is in any transaction
+    /// begun afterwards.
+    fn state_value(
+        &self,
+        kind: crate::snapshot::Kind,
+        collection: &str,
+        key: &[u8],
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.memtable.read().expect("memtable lock").get(kind, collection, key) {
+            return Ok(Some(v.to_vec()));
+        }
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(tables::STATE_TABLES[kind as usize].1)?;
+        Ok(table.get((collection, key))?.map(|v| v.value().to_vec()))
+    }
+
+    /// A read transaction and what `take` copies out of the memtable to go with it: exactly the
+    /// writes the transaction does not see, or `None` when it sees them all. The memtable holds what
+    /// flush `generation` will write; a transaction that saw flush `generation - 1` lacks just that.
+    /// One that saw an older flush began before a flush that has since emptied the memtable: it is
+    /// read again.
+    fn overlay<T>(
+        &self,
+        take: impl Fn(&memtable::Memtable) -> T,
+    ) -> Result<(redb::ReadTransaction, Option<T>), StoreError> {
+        // A flush is ~100 ms apart from the next: a second try finds the pair in step. The bound
+        // turns a broken invariant into an error instead of a reader spinning.
+        for _ in 0..1000 {
+            let txn = self.db.begin_read()?;
+            let flushed = flushes(&txn)?;
+            let memtable = self.memtable.read().expect("memtable lock");
+            if memtable.generation <= flushed {
+                // Written and committed, not emptied yet: the transaction holds all of it.
+                return Ok((txn, None));
+            }
+            if memtable.generation == flushed + 1 {
+                return Ok((txn, Some(take(&memtable))));
+            }
+        }
+        Err(StoreError::Corrupt("the memtable and the database do not pair up (flush numbers out of step)".into()))
     }
 
     /// Follows the version vector: changes after each commit that applied ops.
@@ -298,7 +358,12 @@ impl Store {
     }
 }
 
-/// Loads the mirror from the committed tables (at open, and after a failed commit).
+/// The number of the last memtable flush the transaction sees (0 before the first).
+fn flushes(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
+    txn.open_table(META)?.get(META_FLUSH)?.map_or(Ok(0), |v| be_u64(v.value()))
+}
+
+/// Loads the mirror from the committed tables (at open).
 fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
     let txn = db.begin_read()?;
     let mut mirror = Mirror::default();

@@ -59,7 +59,8 @@ fn now_ms() -> u64 {
 }
 
 impl Store {
-    /// Makes a snapshot of the state as of the last commit, signed by `signer`, in chunks of at most
+    /// Makes a snapshot of the state as redb holds it (peers' ops still in the memtable are left
+    /// for the next one; [`crate::store::WriteHandle::persist`] writes them first), signed by `signer`, in chunks of at most
     /// `chunk_raw_bytes` raw bytes (see [`crate::snapshot::DEFAULT_CHUNK_RAW_BYTES`]), and keeps it.
     /// Blocking (it reads the whole state): call it from a blocking thread. The writer keeps
     /// committing meanwhile, except during the short final write.

@@ -72,6 +72,10 @@ pub(crate) const META_HLC: &str = "hlc";
 /// before the first collection.
 pub(crate) const META_COLLECTED: &str = "tombstones_collected";
 
+/// The number of the last memtable flush (8 bytes; absent before the first): readers pair the
+/// memtable with a read transaction by it (see `memtable.rs`).
+pub(crate) const META_FLUSH: &str = "memtable_flush";
+
 /// Format version written by this build. Version 1 (register tombstones counted in the state root,
 /// no tombstone index) is migrated at open; any other version is refused.
 pub(crate) const FORMAT_VERSION: u64 = 2;

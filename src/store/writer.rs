@@ -3,7 +3,9 @@
 //! Requests queue on a bounded channel. The thread takes the first, then every request already queued
 //! (up to [`WriterConfig::max_group_ops`]), applies them all in one redb transaction and answers each
 //! one only after the commit is durable. Under load many writes share one fsync; an idle writer
-//! commits a lone request at once, so grouping adds no waiting.
+//! commits a lone request at once, so grouping adds no waiting. A small group of peers' ops opens
+//! no transaction: it is applied in the memtable (see `memtable.rs`), which the next transaction
+//! writes.
 //!
 //! Local ops are numbered, stamped and threaded into this node's hash chain here, and the chain head
 //! is signed every [`WriterConfig::batch_max_ops`] ops or [`WriterConfig::batch_max_bytes`] bytes,
@@ -14,6 +16,7 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cid::Cid;
+use redb::ReadableDatabase;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
 mod maintenance;
@@ -23,13 +26,15 @@ use ops::{LocalFailure, OpenBatch};
 
 pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
 
-use super::apply::{Effect, Tables};
+use super::apply::{BucketChanges, DirtyBuckets, Effect, StateSink, Tables};
+use super::memtable::{Memtable, PendingRow};
 use super::publish::Changed;
 use super::tables::*;
-use super::{encode_hlc, encode_progress, load_mirror, Mirror, Store, StoreError};
-use crate::crdt::{HlcClock, LeaseError, LeaseGrant, LeaseState};
+use super::{encode_hlc, encode_progress, Mirror, Store, StoreError};
+use crate::crdt::{HlcClock, LeaseError, LeaseGrant, LeaseState, RegisterValue};
 use crate::ids::{Origin, Seq, Token};
 use crate::op::{OpBatch, Signer, VerifiedBatch};
+use crate::snapshot::Kind;
 
 /// Limits of the writer. Every queue and group is bounded.
 #[derive(Debug, Clone)]
@@ -42,11 +47,24 @@ pub struct WriterConfig {
     pub batch_max_ops: usize,
     /// Op bytes under one signed head at most, to stay under the gossip transmit limit. Default 48 KiB.
     pub batch_max_bytes: usize,
+    /// Bytes of peers' ops the memtable holds before it is flushed to redb ahead of the durability
+    /// tick (see `memtable.rs`). Default [`DEFAULT_MEMTABLE_BYTES`].
+    pub memtable_bytes: usize,
 }
+
+/// Default bound of the memtable: at 300k replayed ops a second of 100 B values, the 100 ms between
+/// durability ticks hold about 8 MiB.
+pub const DEFAULT_MEMTABLE_BYTES: usize = 32 << 20;
 
 impl Default for WriterConfig {
     fn default() -> Self {
-        WriterConfig { queue: 4096, max_group_ops: 16384, batch_max_ops: 256, batch_max_bytes: 48 * 1024 }
+        WriterConfig {
+            queue: 4096,
+            max_group_ops: 16384,
+            batch_max_ops: 256,
+            batch_max_bytes: 48 * 1024,
+            memtable_bytes: DEFAULT_MEMTABLE_BYTES,
+        }
     }
 }
 
@@ -150,8 +168,8 @@ enum Request {
     },
     /// Commit what came before, then stop: later writes fail with `Closed`.
     Stop,
-    /// Make every commit so far durable (see `Writer::unflushed`).
-    Flush,
+    /// Make every write so far durable (see `Writer::unflushed`), then answer (if asked to).
+    Flush(Option<oneshot::Sender<()>>),
     /// Snapshot install, entry merge or compaction: runs alone in its own transaction (see
     /// `maintenance`).
     Maintenance(maintenance::Task),
@@ -162,7 +180,7 @@ impl Request {
         match self {
             Request::Local { intents, .. } => intents.len(),
             Request::Remote { batch, .. } => batch.ops.len(),
-            Request::Stop | Request::Flush | Request::Maintenance(_) => 0,
+            Request::Stop | Request::Flush(_) | Request::Maintenance(_) => 0,
         }
     }
 
@@ -180,7 +198,7 @@ impl Request {
                 })
                 .sum(),
             Request::Remote { batch, .. } => batch.ops.iter().map(|o| o.bytes.len()).sum(),
-            Request::Stop | Request::Flush | Request::Maintenance(_) => 0,
+            Request::Stop | Request::Flush(_) | Request::Maintenance(_) => 0,
         };
         ops as u64 * 3
     }
@@ -220,7 +238,15 @@ impl WriteHandle {
     /// Makes the commits of peers' ops so far durable. The node calls this every
     /// [`REMOTE_FLUSH_INTERVAL`]; local writes are durable before they are acknowledged anyway.
     pub async fn flush(&self) {
-        let _ = self.tx.send(Request::Flush).await;
+        let _ = self.tx.send(Request::Flush(None)).await;
+    }
+
+    /// Makes everything applied so far durable in redb (peers' ops in the memtable included), and
+    /// returns once it is: a snapshot made afterwards covers every op applied before the call.
+    pub async fn persist(&self) -> Result<(), WriterError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx.send(Request::Flush(Some(reply))).await.map_err(|_| WriterError::Closed)?;
+        rx.await.map_err(|_| WriterError::Closed)
     }
 
     /// Asks the writer to stop after committing every write queued before this call.
@@ -247,6 +273,7 @@ impl Store {
             config,
             events,
             unflushed: false,
+            unwritten: Unwritten::default(),
             disk_full: false,
         };
         let join = std::thread::Builder::new()
@@ -259,19 +286,36 @@ impl Store {
 
 struct Writer {
     store: Store,
-    /// Whether commits were made without fsync since the last durable one. Groups holding only
-    /// peers' ops commit that way: they are visible at once, the next durable commit persists them,
-    /// and a crash in between only loses ops that their origins hold durably and peers re-serve.
     /// Working copy of the mirror; published to readers after each commit.
     mirror: Mirror,
     clock: HlcClock,
     signer: Signer,
     config: WriterConfig,
     events: broadcast::Sender<Arc<CommitEvent>>,
+    /// Whether commits were made without fsync since the last durable one. Peers' ops are written
+    /// that way (in the memtable, or a large group of them): they are visible at once, the next
+    /// durable commit persists them, and a crash in between only loses ops that their origins hold
+    /// durably and peers re-serve.
     unflushed: bool,
+    /// What the memtable's groups changed of the mirror, to write with the memtable.
+    unwritten: Unwritten,
     /// Whether the last group was refused for want of free space (logged once, not per group).
     disk_full: bool,
 }
+
+/// The mirror's parts that groups applied in the memtable changed since the last flush.
+#[derive(Default)]
+struct Unwritten {
+    origins: BTreeSet<Origin>,
+    buckets: DirtyBuckets,
+}
+
+/// Groups of peers' ops with fewer ops than this are applied in the memtable; a larger group (a
+/// replay, a catch-up, replicated batches under load) shares one transaction among enough ops to
+/// pay for it, and skips the memtable's extra copies. A transaction costs about as much as 20-40
+/// ops applied (W3 and W4 of `scripts/bench.sh`: 60 µs of the writer per single-op group, against
+/// 2-3 µs per op in large groups).
+const MEMTABLE_GROUP_OPS: usize = 32;
 
 /// How often the commits of peers' ops are made durable (at most this much of them can be lost in
 /// a crash, to be pulled again).
@@ -309,15 +353,28 @@ impl Writer {
                 stopping = true;
                 group.drain(i..).for_each(abandon);
             }
-            let flush = stopping || group.iter().any(|r| matches!(r, Request::Flush));
-            group.retain(|r| !matches!(r, Request::Flush));
+            let mut flush = stopping;
+            let mut flushed = Vec::new();
+            group.retain_mut(|r| match r {
+                Request::Flush(reply) => {
+                    flush = true;
+                    flushed.extend(reply.take());
+                    false
+                }
+                _ => true,
+            });
             if !group.is_empty() {
                 self.commit_segments(group);
             }
-            if flush && self.unflushed {
-                self.flush();
+            if flush {
+                self.flush(true);
+            }
+            for reply in flushed {
+                let _ = reply.send(());
             }
         }
+        // Every handle gone (or a stop): what the memtable holds goes to disk before the thread ends.
+        self.flush(true);
         rx.close();
         // Whatever raced in after the stop is refused, not silently dropped.
         while let Ok(late) = rx.try_recv() {
@@ -326,13 +383,59 @@ impl Writer {
         tracing::debug!("writer stopped");
     }
 
-    /// An empty durable commit, which persists every non-durable commit before it.
-    fn flush(&mut self) {
-        let result = self.store.db().begin_write().map_err(StoreError::from).and_then(|txn| Ok(txn.commit()?));
-        match result {
-            Ok(()) => self.unflushed = false,
-            Err(e) => tracing::error!(error = %e, "could not make peers' ops durable; will try again"),
+    /// Writes the memtable to redb in a transaction of its own, durable when asked (which also
+    /// persists every non-durable commit before it). A failure is logged and the memtable kept, to
+    /// be written by the next flush.
+    fn flush(&mut self, durable: bool) {
+        if let Err(e) = self.try_flush(durable) {
+            tracing::error!(error = %e, "could not write peers' ops to disk; will try again");
         }
+    }
+
+    fn try_flush(&mut self, durable: bool) -> Result<(), StoreError> {
+        let empty = self.store.memtable.read().expect("memtable lock").is_empty();
+        if empty && !(durable && self.unflushed) {
+            return Ok(());
+        }
+        let mut txn = self.store.db().begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)?;
+        }
+        let wrote = self.write_unwritten(&txn)?;
+        txn.commit()?;
+        if wrote {
+            self.memtable_written();
+        }
+        self.unflushed = !durable;
+        Ok(())
+    }
+
+    /// Writes the memtable, and the progress and buckets its groups changed, into `txn`. Returns
+    /// whether there was anything; [`Writer::memtable_written`] empties it once `txn` commits.
+    fn write_unwritten(&self, txn: &redb::WriteTransaction) -> Result<bool, StoreError> {
+        let memtable = self.store.memtable.read().expect("memtable lock");
+        if memtable.is_empty() && self.unwritten.origins.is_empty() {
+            return Ok(false);
+        }
+        memtable.write(txn)?;
+        let mut vv = txn.open_table(VERSION_VECTOR)?;
+        for origin in &self.unwritten.origins {
+            if let Some(p) = self.mirror.progress.get(origin) {
+                vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
+            }
+        }
+        let mut buckets = txn.open_table(BUCKETS)?;
+        for b in self.unwritten.buckets.iter() {
+            buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
+        }
+        txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
+        Ok(true)
+    }
+
+    /// The transaction that [`Writer::write_unwritten`] wrote into committed.
+    fn memtable_written(&mut self) {
+        self.store.memtable.write().expect("memtable lock").flushed();
+        self.unwritten = Unwritten::default();
     }
 
     fn commit_group(&mut self, group: Vec<Request>) {
@@ -370,38 +473,39 @@ impl Writer {
                         Pending::Remote(tx, _) => drop(tx.send(Err(WriterError::Store(e.clone())))),
                     }
                 }
-                if disk_full {
-                    // Refused before anything was applied: the working copy is unchanged.
-                    return;
-                }
-                // The working copy may hold changes of the rolled-back transaction: reload it.
-                match load_mirror(self.store.db()) {
-                    Ok(m) => self.mirror = m,
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot reload the store after a failed commit")
-                    }
-                }
+                // `try_commit` put the working copy back as it was before the group.
             }
         }
     }
 
     /// Applies and commits a group, pushing each request's answer to `pending`. On error nothing of
-    /// the group was committed, and the caller tells every pending request so.
+    /// the group was committed, the working mirror is as it was before, and the caller tells every
+    /// pending request so.
+    ///
+    /// A small group of peers' ops only is applied in the memtable (see `memtable.rs`). Any other
+    /// group is committed in redb together with the memtable: durably when it holds a local write,
+    /// which is acknowledged, and without fsync otherwise (the next durability tick persists it).
     fn try_commit(
         &mut self,
         group: Vec<Request>,
         pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
     ) -> Result<Changed, StoreError> {
-        // Local writes are acknowledged, so their group is fsynced; a group of peers' ops is not.
         let durable = group.iter().any(|r| matches!(r, Request::Local { .. }));
+        let in_memory = !durable && group.iter().map(Request::ops).sum::<usize>() < MEMTABLE_GROUP_OPS;
         let bytes = group.iter().map(Request::disk_bytes).sum();
-        let begun = self.store.check_disk(bytes).and_then(|()| {
-            let mut txn = self.store.db().begin_write()?;
-            if !durable {
-                txn.set_durability(redb::Durability::None)?;
+        let full = self.store.memtable.read().expect("memtable lock").bytes >= self.config.memtable_bytes;
+        let begun = self.store.check_disk(bytes).and_then(|()| match in_memory {
+            false => {
+                let mut txn = self.store.db().begin_write()?;
+                if !durable {
+                    txn.set_durability(redb::Durability::None)?;
+                }
+                Ok(Some(txn))
             }
-            Ok(txn)
+            // A memtable at its bound is written out before it takes more.
+            true if full => self.try_flush(false).map(|()| None),
+            true => Ok(None),
         });
         let txn = match begun {
             Ok(t) => t,
@@ -417,27 +521,75 @@ impl Writer {
                 return Err(e);
             }
         };
-        let changed = self.apply_group(&txn, group, pending, event)?;
-        txn.commit()?;
-        self.unflushed = !durable;
-        Ok(changed)
+        let progress = self.mirror.progress.clone();
+        let (mut delta, mut wrote) = (None, false);
+        let (run, changes) = match &txn {
+            Some(txn) => {
+                // The memtable goes in first: the group's local writes read the state through the
+                // tables, and a value still in the memtable is newer than the table's.
+                wrote = match self.write_unwritten(txn) {
+                    Ok(wrote) => wrote,
+                    Err(e) => {
+                        group.into_iter().for_each(abandon);
+                        return Err(e);
+                    }
+                };
+                let mut tables = Tables::open(txn)?;
+                let run = self.run_group(&mut tables, group, pending, event);
+                (run, std::mem::take(&mut tables.changes))
+            }
+            None => {
+                let mut sink = MemSink::new(self.store.clone());
+                let run = self.run_group(&mut sink, group, pending, event);
+                let changes = std::mem::take(&mut sink.changes);
+                delta = Some(sink.delta);
+                (run, changes)
+            }
+        };
+        self.mirror.hlc = self.clock.last();
+        let committed = run.and_then(|touched| {
+            if let Some(txn) = txn {
+                self.write_group(&txn, &touched, &changes.dirty)?;
+                txn.commit()?;
+                if wrote {
+                    self.memtable_written();
+                }
+                self.unflushed = !durable;
+            } else if let Some(delta) = delta {
+                self.store.memtable.write().expect("memtable lock").absorb(delta);
+                self.unwritten.origins.extend(touched.iter().copied());
+                for b in changes.dirty.iter() {
+                    self.unwritten.buckets.insert(b);
+                }
+            }
+            Ok(touched)
+        });
+        match committed {
+            Ok(origins) => Ok(Changed { buckets: changes.dirty, origins }),
+            Err(e) => {
+                changes.undo(&mut self.mirror.buckets);
+                self.mirror.progress = progress;
+                Err(e)
+            }
+        }
     }
 
-    fn apply_group(
+    /// Applies a group's requests through `sink`, pushing each answer to `pending`, and signs the
+    /// local ops left open. Returns the origins whose progress moved.
+    fn run_group(
         &mut self,
-        txn: &redb::WriteTransaction,
+        sink: &mut impl StateSink,
         group: Vec<Request>,
         pending: &mut Vec<Pending>,
         event: &mut CommitEvent,
-    ) -> Result<Changed, StoreError> {
+    ) -> Result<BTreeSet<Origin>, StoreError> {
         let me = self.signer.origin();
-        let mut tables = Tables::open(txn)?;
         let mut open = OpenBatch::default();
         let mut touched = BTreeSet::new();
         let mut requests = group.into_iter();
         while let Some(request) = requests.next() {
             let failure = match request {
-                Request::Local { intents, reply } => match self.apply_local(&mut tables, intents, &mut open, event) {
+                Request::Local { intents, reply } => match self.apply_local(sink, intents, &mut open, event) {
                     Ok(applied) => {
                         touched.insert(me);
                         pending.push(Pending::Local(reply, Ok(applied)));
@@ -450,7 +602,7 @@ impl Writer {
                 },
                 Request::Remote { batch, reply } => {
                     let origin = batch.origin;
-                    match self.apply_remote(&mut tables, *batch, event) {
+                    match self.apply_remote(sink, *batch, event) {
                         Ok(outcome) => {
                             if matches!(outcome, RemoteOutcome::Applied { .. }) {
                                 touched.insert(origin);
@@ -464,7 +616,7 @@ impl Writer {
                         }
                     }
                 }
-                Request::Stop | Request::Flush => None,
+                Request::Stop | Request::Flush(_) => None,
                 // `commit_segments` never puts one in a group; refuse rather than run it half-way.
                 Request::Maintenance(task) => {
                     task.abandon();
@@ -476,12 +628,19 @@ impl Writer {
                 return Err(e);
             }
         }
-        self.seal_batch(&mut tables, &mut open, event)?;
-        let dirty = std::mem::take(&mut tables.dirty);
-        drop(tables);
+        self.seal_batch(sink, &mut open, event)?;
+        Ok(touched)
+    }
 
+    /// Writes the progress of the origins a group moved, the buckets it changed and the clock.
+    fn write_group(
+        &self,
+        txn: &redb::WriteTransaction,
+        touched: &BTreeSet<Origin>,
+        dirty: &DirtyBuckets,
+    ) -> Result<(), StoreError> {
         let mut vv = txn.open_table(VERSION_VECTOR)?;
-        for origin in &touched {
+        for origin in touched {
             if let Some(p) = self.mirror.progress.get(origin) {
                 vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
             }
@@ -490,9 +649,88 @@ impl Writer {
         for b in dirty.iter() {
             buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
         }
-        self.mirror.hlc = self.clock.last();
         txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
-        Ok(Changed { buckets: dirty, origins: touched })
+        Ok(())
+    }
+}
+
+/// A state table opened for reading.
+type StateReadTable = redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>;
+
+/// Applies a group of peers' ops in a memtable of its own (`delta`), reading through it, the
+/// store's memtable and a redb read transaction in that order. The writer moves the delta into the
+/// store's memtable once the whole group applied, so readers never see half a group.
+struct MemSink {
+    store: Store,
+    delta: Memtable,
+    read: Option<redb::ReadTransaction>,
+    tables: [Option<StateReadTable>; 3],
+    changes: BucketChanges,
+}
+
+impl MemSink {
+    fn new(store: Store) -> Self {
+        MemSink {
+            store,
+            delta: Memtable::default(),
+            read: None,
+            tables: [None, None, None],
+            changes: Default::default(),
+        }
+    }
+}
+
+impl StateSink for MemSink {
+    fn get(&mut self, kind: Kind, collection: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.delta.get(kind, collection, key) {
+            return Ok(Some(v.to_vec()));
+        }
+        if let Some(v) = self.store.memtable.read().expect("memtable lock").get(kind, collection, key) {
+            return Ok(Some(v.to_vec()));
+        }
+        // Only this thread writes to redb, so a transaction begun once per group stays current.
+        let table = match &mut self.tables[kind as usize] {
+            Some(t) => t,
+            slot => {
+                if self.read.is_none() {
+                    self.read = Some(self.store.db().begin_read()?);
+                }
+                let txn = self.read.as_ref().expect("just begun");
+                slot.insert(txn.open_table(STATE_TABLES[kind as usize].1)?)
+            }
+        };
+        Ok(table.get((collection, key))?.map(|g| g.value().to_vec()))
+    }
+
+    fn put(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.delta.put(kind, collection, key, value);
+        Ok(())
+    }
+
+    fn swap(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let old = self.get(kind, collection, key)?;
+        self.delta.put(kind, collection, key, value);
+        Ok(old)
+    }
+
+    fn index_tombstone(
+        &mut self,
+        _register: &str,
+        _key: &[u8],
+        _old: Option<&RegisterValue>,
+        _new: &RegisterValue,
+    ) -> Result<(), StoreError> {
+        // The flush indexes tombstones from what each value replaces in redb (`Memtable::write`).
+        Ok(())
+    }
+
+    fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError> {
+        self.delta.log_row(origin, last.0, row);
+        Ok(())
+    }
+
+    fn changes(&mut self) -> &mut BucketChanges {
+        &mut self.changes
     }
 }
 
@@ -504,7 +742,9 @@ fn abandon(r: Request) {
     match r {
         Request::Local { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
         Request::Remote { reply, .. } => drop(reply.send(Err(WriterError::Closed))),
-        Request::Stop | Request::Flush => {}
+        Request::Stop => {}
+        // Dropping the reply tells a waiting `persist` that the flush did not happen.
+        Request::Flush(_) => {}
         Request::Maintenance(task) => task.abandon(),
     }
 }

@@ -270,6 +270,11 @@ struct NodeArgs {
     /// Bound of the database page cache, in bytes.
     #[arg(long, default_value_t = peersync::store::DEFAULT_CACHE_BYTES, hide = true)]
     cache_bytes: usize,
+    /// Bytes of peers' ops held in memory, in front of the database, before they are written to it
+    /// ahead of the 100 ms durability tick.
+    #[arg(long, default_value_t = peersync::store::DEFAULT_MEMTABLE_BYTES as u64,
+        value_parser = clap::value_parser!(u64).range(1..=(1 << 40)))]
+    memtable_bytes: u64,
     /// Threads that run the node's network, sync and HTTP tasks. Default: one fewer than the
     /// cores, at least 1, which leaves a core to the thread that commits to the database.
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=1024))]
@@ -471,6 +476,7 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     config.snapshot_min_saving_ops = args.snapshot_min_saving_ops;
     config.log_retention_ops = args.log_retention_ops;
     config.cache_bytes = args.cache_bytes;
+    config.writer.memtable_bytes = usize::try_from(args.memtable_bytes).unwrap_or(usize::MAX);
     config.log_retention_bytes = args.log_retention_bytes;
     config.limits.max_value_bytes = args.max_value_bytes;
     config.limits.max_body_bytes = args.max_body_bytes;

@@ -235,6 +235,8 @@ impl Writer {
     ) -> Result<T, WriterError> {
         let mut work = Work { mirror: self.mirror.clone(), clock: self.clock, event: CommitEvent::default() };
         let txn = self.store.db().begin_write().map_err(store_err)?;
+        // The memtable goes first, so the task sees (and changes) the whole state in redb.
+        let wrote = self.write_unwritten(&txn).map_err(store_err)?;
         // On error the transaction is dropped uncommitted: redb rolls it back.
         let value = f(&txn, &mut work).map_err(store_err)?;
         if work.clock.last() != self.clock.last() {
@@ -243,6 +245,9 @@ impl Writer {
             meta.insert(META_HLC, encode_hlc(work.mirror.hlc).as_slice()).map_err(store_err)?;
         }
         txn.commit().map_err(store_err)?;
+        if wrote {
+            self.memtable_written();
+        }
         self.mirror = work.mirror;
         self.clock = work.clock;
         self.store.publish(&self.mirror, None);
@@ -271,7 +276,7 @@ fn merge_one(tables: &mut Tables, work: &mut Work, index: u64, entry: &StateEntr
 /// Writes the buckets the transaction touched.
 fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror) -> Result<(), StoreError> {
     let mut buckets = txn.open_table(BUCKETS)?;
-    for b in std::mem::take(&mut tables.dirty).iter() {
+    for b in std::mem::take(&mut tables.changes).dirty.iter() {
         buckets.insert(b as u32, mirror.buckets.0[b].as_slice())?;
     }
     Ok(())

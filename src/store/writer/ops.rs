@@ -8,7 +8,9 @@ use serde_bytes::ByteBuf;
 use super::{now_ms, AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, Writer, MAX_CLOCK_AHEAD_MS};
 use crate::ids::{Origin, Seq};
 use crate::op::{cid_from_digest, ChainHash, Op, OpBatch, OpBody, VerifiedBatch};
-use crate::store::apply::{Effect, Tables};
+use crate::store::apply::{apply_op, Effect, StateSink};
+use crate::store::log::encode_row;
+use crate::store::memtable::PendingRow;
 use crate::store::{OriginProgress, StoreError};
 
 /// The local ops of the group not yet under a signed head.
@@ -25,7 +27,7 @@ impl Writer {
     /// Turns intents into ops of this node and applies them.
     pub(super) fn apply_local(
         &mut self,
-        tables: &mut Tables,
+        tables: &mut impl StateSink,
         intents: Vec<LocalIntent>,
         open: &mut OpenBatch,
         event: &mut CommitEvent,
@@ -55,7 +57,7 @@ impl Writer {
             let bytes = op.encode();
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
-            let effect = tables.apply(&mut self.mirror.buckets, &op, &me_bytes)?;
+            let effect = apply_op(tables, &mut self.mirror.buckets, &op, &me_bytes)?;
             self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
             note_effect(event, &op, &effect, me);
             if open.ops.is_empty() {
@@ -75,7 +77,7 @@ impl Writer {
     /// Signs the chain head after the open local ops and turns them into a publishable batch.
     pub(super) fn seal_batch(
         &mut self,
-        tables: &mut Tables,
+        tables: &mut impl StateSink,
         open: &mut OpenBatch,
         event: &mut CommitEvent,
     ) -> Result<(), StoreError> {
@@ -85,8 +87,9 @@ impl Writer {
         let me = self.signer.origin();
         let p = self.mirror.progress[&me];
         let head = self.signer.sign_head(p.seq, p.chain);
-        let logged = open.chains.iter().zip(open.ops.iter().map(|b| b.as_slice()));
-        tables.log_batch(&me.to_bytes(), logged, p.seq, &head.signature)?;
+        let row = encode_row(open.chains.iter().zip(open.ops.iter().map(|b| b.as_slice())));
+        let row = PendingRow { row, signature: head.signature.clone(), ops: open.ops.len() as u64 };
+        tables.log_batch(&me.to_bytes(), p.seq, row)?;
         let ops = std::mem::take(&mut open.ops);
         open.chains.clear();
         open.bytes = 0;
@@ -97,7 +100,7 @@ impl Writer {
     /// Applies the part of a verified batch this node does not have yet.
     pub(super) fn apply_remote(
         &mut self,
-        tables: &mut Tables,
+        tables: &mut impl StateSink,
         batch: VerifiedBatch,
         event: &mut CommitEvent,
     ) -> Result<RemoteOutcome, StoreError> {
@@ -121,11 +124,12 @@ impl Writer {
             if v.op.hlc.wall_ms <= horizon {
                 self.clock.observe(v.op.hlc);
             }
-            let effect = tables.apply(&mut self.mirror.buckets, &v.op, &origin_bytes)?;
+            let effect = apply_op(tables, &mut self.mirror.buckets, &v.op, &origin_bytes)?;
             note_effect(event, &v.op, &effect, self.signer.origin());
         }
-        let logged = new.iter().map(|v| (&v.chain, v.bytes.as_slice()));
-        tables.log_batch(&origin_bytes, logged, batch.head.seq, &batch.head.signature)?;
+        let row = encode_row(new.iter().map(|v| (&v.chain, v.bytes.as_slice())));
+        let row = PendingRow { row, signature: batch.head.signature.clone(), ops: new.len() as u64 };
+        tables.log_batch(&origin_bytes, batch.head.seq, row)?;
         self.mirror.progress.insert(origin, OriginProgress { seq: batch.head.seq, chain: batch.head.head });
         event.remote.push((origin, new[0].op.seq, batch.head.seq));
         Ok(RemoteOutcome::Applied { ops: new.len() })

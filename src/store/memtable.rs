@@ -1,0 +1,197 @@
+//! The memtable: peers' ops applied since the last flush, held in memory in front of the redb tables.
+//!
+//! A group of peers' ops (no local write in it) is applied here instead of in a redb transaction:
+//! its state changes, log rows and signed heads go into sorted maps that readers consult before the
+//! tables. The writer moves everything into redb in one transaction (a flush) when a local write is
+//! committed (its durable transaction carries the memtable too), on the node's durability tick
+//! ([`super::REMOTE_FLUSH_INTERVAL`]), before any maintenance task, and whenever the memtable grows
+//! past [`super::WriterConfig::memtable_bytes`]. So redb always holds a consistent point (log,
+//! state, version vector and buckets of one moment), and a crash loses exactly what it lost before
+//! the memtable existed: peers' ops applied in the last interval, which their origins hold durably
+//! and peers serve again. Nothing needs replaying at start.
+//!
+//! A memtable at 1,000 single-op batches a second turns a thousand redb transactions into ten.
+//!
+//! Readers pair the memtable with a redb read transaction through its generation: the memtable
+//! holds what flush number `generation` will write, and every flush records its number in redb
+//! (`META_FLUSH`). A view is consistent when the transaction has seen the flush before this
+//! memtable's and not its own (see [`super::Store::overlay`]).
+
+use std::collections::BTreeMap;
+
+use redb::WriteTransaction;
+
+use super::apply::decode;
+use super::tables::*;
+use super::StoreError;
+use crate::crdt::RegisterValue;
+use crate::snapshot::Kind;
+
+/// A log row waiting in the memtable: the encoded row (as `log::encode_row` makes it), the signed
+/// head's signature and how many ops the row holds.
+#[derive(Debug, Clone)]
+pub(crate) struct PendingRow {
+    pub row: Vec<u8>,
+    pub signature: Vec<u8>,
+    pub ops: u64,
+}
+
+/// State entries by (collection, key), one map per kind (in the order of `Kind`'s variants).
+pub(crate) type StateMaps = [BTreeMap<(String, Vec<u8>), Vec<u8>>; 3];
+
+#[derive(Debug, Default)]
+pub(crate) struct Memtable {
+    /// The latest value of every entry changed since the last flush (whole encoded values, as the
+    /// state tables hold them; nothing is ever removed here).
+    pub state: StateMaps,
+    /// Log rows by (origin bytes, seq of the row's last op).
+    pub log: BTreeMap<(Vec<u8>, u64), PendingRow>,
+    /// Bytes held (keys, values and rows), to bound the memtable.
+    pub bytes: usize,
+    /// The number of the flush that will write this memtable.
+    pub generation: u64,
+}
+
+impl Memtable {
+    pub fn is_empty(&self) -> bool {
+        self.log.is_empty() && self.state.iter().all(BTreeMap::is_empty)
+    }
+
+    pub fn get(&self, kind: Kind, collection: &str, key: &[u8]) -> Option<&[u8]> {
+        // The maps are keyed by owned pairs; a range of one looks up borrowed ones without copying.
+        let map = &self.state[kind as usize];
+        let probe = (collection.to_owned(), key.to_vec());
+        map.get(&probe).map(Vec::as_slice)
+    }
+
+    pub fn put(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) {
+        let map = &mut self.state[kind as usize];
+        match map.get_mut(&(collection.to_owned(), key.to_vec())) {
+            Some(held) => {
+                self.bytes = self.bytes.saturating_sub(held.len()) + value.len();
+                held.clear();
+                held.extend_from_slice(value);
+            }
+            None => {
+                self.bytes += collection.len() + key.len() + value.len() + 48;
+                map.insert((collection.to_owned(), key.to_vec()), value.to_vec());
+            }
+        }
+    }
+
+    pub fn log_row(&mut self, origin: &[u8], last: u64, row: PendingRow) {
+        self.bytes += origin.len() + row.row.len() + row.signature.len() + 48;
+        self.log.insert((origin.to_vec(), last), row);
+    }
+
+    /// Moves everything `other` holds in here (its values are newer than any held here).
+    pub fn absorb(&mut self, other: Memtable) {
+        for (kind, map) in other.state.into_iter().enumerate() {
+            for (k, value) in map {
+                let len = value.len();
+                let entry = k.0.len() + k.1.len() + len + 48;
+                match self.state[kind].insert(k, value) {
+                    Some(old) => self.bytes = self.bytes.saturating_sub(old.len()) + len,
+                    None => self.bytes += entry,
+                }
+            }
+        }
+        for ((origin, last), row) in other.log {
+            self.log_row(&origin, last, row);
+        }
+    }
+
+    /// Empties the memtable once flush number `generation` is committed.
+    pub fn flushed(&mut self) {
+        self.state = StateMaps::default();
+        self.log.clear();
+        self.bytes = 0;
+        self.generation += 1;
+    }
+
+    /// Log rows of `origin` ending after `after`, in order.
+    pub fn rows_after(&self, origin: &[u8], after: u64) -> Vec<(u64, PendingRow)> {
+        let from = (origin.to_vec(), after.saturating_add(1));
+        let to = (origin.to_vec(), u64::MAX);
+        self.log.range(from..=to).map(|((_, last), row)| (*last, row.clone())).collect()
+    }
+
+    /// Ops held in the memtable's log rows, per origin.
+    pub fn ops_per_origin(&self) -> BTreeMap<Vec<u8>, u64> {
+        let mut out: BTreeMap<Vec<u8>, u64> = BTreeMap::new();
+        for ((origin, _), row) in &self.log {
+            *out.entry(origin.clone()).or_default() += row.ops;
+        }
+        out
+    }
+
+    /// Writes the memtable into the tables of `txn`, in key order, keeping the tombstone index and
+    /// the log's op counts in step. The version vector, buckets and clock are the writer's to write.
+    pub fn write(&self, txn: &WriteTransaction) -> Result<(), StoreError> {
+        for (kind, def, _) in STATE_TABLES {
+            let map = &self.state[kind as usize];
+            if map.is_empty() {
+                continue;
+            }
+            let mut table = txn.open_table(def)?;
+            let mut index = match kind {
+                Kind::Register => Some(txn.open_table(TOMBSTONES)?),
+                _ => None,
+            };
+            for ((collection, key), value) in map {
+                let old = table.insert((collection.as_str(), key.as_slice()), value.as_slice())?;
+                let Some(index) = index.as_mut() else { continue };
+                let old = old.map(|g| decode::<RegisterValue>(g.value(), "register")).transpose()?;
+                if let Some(old) = old.filter(RegisterValue::is_tombstone) {
+                    index.remove((old.hlc.wall_ms, old.hlc.logical, collection.as_str(), key.as_slice()))?;
+                }
+                let new: RegisterValue = decode(value, "register")?;
+                if new.is_tombstone() {
+                    index.insert((new.hlc.wall_ms, new.hlc.logical, collection.as_str(), key.as_slice()), ())?;
+                }
+            }
+        }
+        if !self.log.is_empty() {
+            let mut oplog = txn.open_table(OPLOG)?;
+            let mut heads = txn.open_table(HEADS)?;
+            for ((origin, last), row) in &self.log {
+                oplog.insert((origin.as_slice(), *last), row.row.as_slice())?;
+                heads.insert((origin.as_slice(), *last), row.signature.as_slice())?;
+            }
+            drop((oplog, heads));
+            let mut counts = txn.open_table(LOG_COUNTS)?;
+            for (origin, ops) in self.ops_per_origin() {
+                super::log::count_ops(&mut counts, &origin, ops as i64)?;
+            }
+        }
+        txn.open_table(META)?.insert(META_FLUSH, self.generation.to_be_bytes().as_slice())?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_later_value_replaces_the_held_one_and_the_size_follows() {
+        let mut m = Memtable::default();
+        m.put(Kind::Register, "r", b"k", &[1; 10]);
+        let one = m.bytes;
+        m.put(Kind::Register, "r", b"k", &[2; 30]);
+        assert_eq!(m.get(Kind::Register, "r", b"k"), Some(&[2; 30][..]));
+        assert_eq!(m.bytes, one + 20);
+        assert_eq!(m.get(Kind::Counter, "r", b"k"), None);
+        let mut other = Memtable::default();
+        other.put(Kind::Register, "r", b"k", &[3; 5]);
+        other.log_row(b"o", 4, PendingRow { row: vec![0; 40], signature: vec![1; 64], ops: 1 });
+        m.absorb(other);
+        assert_eq!(m.get(Kind::Register, "r", b"k"), Some(&[3; 5][..]));
+        assert_eq!(m.rows_after(b"o", 3).len(), 1);
+        assert!(m.rows_after(b"o", 4).is_empty());
+        assert_eq!(m.ops_per_origin()[&b"o"[..]], 1);
+        m.flushed();
+        assert!(m.is_empty());
+        assert_eq!((m.bytes, m.generation), (0, 1));
+    }
+}
