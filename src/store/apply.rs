@@ -13,7 +13,7 @@ use crate::snapshot::{Kind, StateEntry};
 
 type StateTable<'t> = Table<'t, (&'static str, &'static [u8]), &'static [u8]>;
 type LogTable<'t> = Table<'t, (&'static [u8], u64), &'static [u8]>;
-type TombstoneTable<'t> = Table<'t, (u64, u32, &'static str, &'static [u8]), ()>;
+pub(crate) type TombstoneTable<'t> = Table<'t, (u64, u32, &'static str, &'static [u8]), ()>;
 
 /// What applying an op did to the state.
 // Short-lived (returned once per op and consumed at once): boxing the lease would only add an
@@ -181,6 +181,23 @@ fn apply_register<S: StateSink>(
     Ok(Effect::Register { won: true, replaced_other_origin })
 }
 
+/// Keeps the tombstone index in step when `new` replaces `old` as a register key's value.
+pub(crate) fn reindex_tombstone(
+    index: &mut TombstoneTable,
+    register: &str,
+    key: &[u8],
+    old: Option<&RegisterValue>,
+    new: &RegisterValue,
+) -> Result<(), StoreError> {
+    if let Some(old) = old.filter(|o| o.is_tombstone()) {
+        index.remove((old.hlc.wall_ms, old.hlc.logical, register, key))?;
+    }
+    if new.is_tombstone() {
+        index.insert((new.hlc.wall_ms, new.hlc.logical, register, key), ())?;
+    }
+    Ok(())
+}
+
 /// The tables one group commit writes, opened once per transaction.
 pub(crate) struct Tables<'t> {
     pub oplog: LogTable<'t>,
@@ -215,13 +232,7 @@ impl StateSink for Tables<'_> {
         old: Option<&RegisterValue>,
         new: &RegisterValue,
     ) -> Result<(), StoreError> {
-        if let Some(old) = old.filter(|o| o.is_tombstone()) {
-            self.tombstones.remove((old.hlc.wall_ms, old.hlc.logical, register, key))?;
-        }
-        if new.is_tombstone() {
-            self.tombstones.insert((new.hlc.wall_ms, new.hlc.logical, register, key), ())?;
-        }
-        Ok(())
+        reindex_tombstone(&mut self.tombstones, register, key, old, new)
     }
 
     fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError> {

@@ -21,7 +21,7 @@ use std::collections::BTreeMap;
 
 use redb::WriteTransaction;
 
-use super::apply::decode;
+use super::apply::{decode, reindex_tombstone};
 use super::tables::*;
 use super::StoreError;
 use crate::crdt::RegisterValue;
@@ -142,13 +142,8 @@ impl Memtable {
                 let old = table.insert((collection.as_str(), key.as_slice()), value.as_slice())?;
                 let Some(index) = index.as_mut() else { continue };
                 let old = old.map(|g| decode::<RegisterValue>(g.value(), "register")).transpose()?;
-                if let Some(old) = old.filter(RegisterValue::is_tombstone) {
-                    index.remove((old.hlc.wall_ms, old.hlc.logical, collection.as_str(), key.as_slice()))?;
-                }
                 let new: RegisterValue = decode(value, "register")?;
-                if new.is_tombstone() {
-                    index.insert((new.hlc.wall_ms, new.hlc.logical, collection.as_str(), key.as_slice()), ())?;
-                }
+                reindex_tombstone(index, collection, key, old.as_ref(), &new)?;
             }
         }
         if !self.log.is_empty() {

@@ -418,17 +418,7 @@ impl Writer {
             return Ok(false);
         }
         memtable.write(txn)?;
-        let mut vv = txn.open_table(VERSION_VECTOR)?;
-        for origin in &self.unwritten.origins {
-            if let Some(p) = self.mirror.progress.get(origin) {
-                vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
-            }
-        }
-        let mut buckets = txn.open_table(BUCKETS)?;
-        for b in self.unwritten.buckets.iter() {
-            buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
-        }
-        txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
+        self.write_group(txn, &self.unwritten.origins, &self.unwritten.buckets)?;
         Ok(true)
     }
 
@@ -632,7 +622,8 @@ impl Writer {
         Ok(touched)
     }
 
-    /// Writes the progress of the origins a group moved, the buckets it changed and the clock.
+    /// Writes the progress of the origins a group (or the memtable's groups) moved, the buckets it
+    /// changed and the clock.
     fn write_group(
         &self,
         txn: &redb::WriteTransaction,
