@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
 use common::process::{bootstrap_addr, cli, fill_random, status, NodeProc};
+use peersync::ids::Seq;
 use peersync::store::Store;
 use serde_json::Value;
 
@@ -229,6 +230,46 @@ fn a_replica_killed_9_in_a_loop_keeps_log_vector_and_root_consistent() {
     // Making a snapshot recomputes the root from every entry and refuses a state that differs.
     let signer = peersync::op::Signer::new(libp2p::identity::Keypair::generate_ed25519());
     store.create_snapshot(&signer, "test", 1 << 20).expect("the state matches its root");
+}
+
+/// `?ack=1` answers once the other node holds the write on its disk, not only in memory: a
+/// replica killed -9 right after the acknowledgement finds every acknowledged op in its database.
+/// (A replica applies peers' ops in its memtable first and writes them to disk within 100 ms; an
+/// acknowledgement asks it to do so at once.)
+#[test]
+fn an_acknowledged_write_survives_a_kill_9_of_the_node_that_acknowledged_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let a_addr = bootstrap_addr(&a);
+    let b_dir = dir.path().join("b");
+    let b_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
+    let mut b = NodeProc::start(&b_dir, &b_args);
+    wait_active(&b);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    for round in 0..3 {
+        let mut acked = Seq(0);
+        for i in 0..20 {
+            let url = format!("{}/v1/registers/acked/r{round}-{i}?ack=1&timeout_ms=10000", a.api);
+            let resp = rt.block_on(http.put(url).body("v").send()).unwrap();
+            assert_eq!(resp.status(), 200, "round {round} write {i}");
+            let body: Value = rt.block_on(resp.json()).unwrap();
+            assert_eq!(body["acked"], 1, "{body}");
+            acked = Seq(body["seq"].as_u64().unwrap());
+        }
+        b.kill9();
+        let store = Store::open(&b_dir.join(peersync::node::DATABASE_FILE)).unwrap();
+        let origin: peersync::ids::Origin = a.peer_id.parse().unwrap();
+        let held = store.version_vector().get(&origin);
+        assert!(held >= acked, "round {round}: B acknowledged seq {acked} of A but kept {held} after kill -9");
+        assert!(store.check_log().unwrap().problems.is_empty());
+        drop(store);
+        b = NodeProc::start(&b_dir, &b_args);
+        wait_active(&b);
+    }
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
 }
 
 #[test]

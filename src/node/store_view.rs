@@ -46,6 +46,10 @@ impl StoreView for Store {
     fn tombstones_collected(&self) -> crate::crdt::Hlc {
         Store::tombstones_collected(self)
     }
+
+    fn durable_version_vector(&self) -> VersionVector {
+        Store::durable_version_vector(self)
+    }
 }
 
 impl ServeStore for Store {

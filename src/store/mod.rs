@@ -140,6 +140,8 @@ pub struct Store {
     /// Peers' ops applied since the last flush, in front of the tables (see `memtable.rs`);
     /// written only by the writer thread.
     memtable: Arc<RwLock<memtable::Memtable>>,
+    /// The version vector of the last durable commit: what a crash keeps.
+    durable: Arc<RwLock<VersionVector>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -201,6 +203,7 @@ impl Store {
         let db = Arc::new(db);
         let mirror = load_mirror(&db)?;
         let memtable = memtable::Memtable { generation: flushes(&db.begin_read()?)? + 1, ..Default::default() };
+        let durable = mirror.version_vector();
         let vv_watch = Arc::new(watch::Sender::new(mirror.version_vector()));
         Ok(Store {
             db,
@@ -214,6 +217,7 @@ impl Store {
                 _ => ".".into(),
             })),
             memtable: Arc::new(RwLock::new(memtable)),
+            durable: Arc::new(RwLock::new(durable)),
         })
     }
 
@@ -342,6 +346,18 @@ impl Store {
             }
         }
         Err(StoreError::Corrupt("the memtable and the database do not pair up (flush numbers out of step)".into()))
+    }
+
+    /// The version vector of what is on disk: peers' ops are applied (and in
+    /// [`Store::version_vector`]) before they are made durable, within
+    /// [`REMOTE_FLUSH_INTERVAL`] or at [`WriteHandle::persist`].
+    pub fn durable_version_vector(&self) -> VersionVector {
+        self.durable.read().expect("durable lock").clone()
+    }
+
+    /// After a durable commit: everything the writer's `mirror` holds is on disk.
+    pub(crate) fn set_durable(&self, mirror: &Mirror) {
+        *self.durable.write().expect("durable lock") = mirror.version_vector();
     }
 
     /// Follows the version vector: changes after each commit that applied ops.

@@ -407,6 +407,11 @@ impl Writer {
             self.memtable_written();
         }
         self.unflushed = !durable;
+        if durable {
+            self.store.set_durable(&self.mirror);
+            // Tells the node that what it applied is on disk (acknowledgements wait for that).
+            let _ = self.events.send(Arc::new(CommitEvent::default()));
+        }
         Ok(())
     }
 
@@ -545,6 +550,9 @@ impl Writer {
                     self.memtable_written();
                 }
                 self.unflushed = !durable;
+                if durable {
+                    self.store.set_durable(&self.mirror);
+                }
             } else if let Some(delta) = delta {
                 self.store.memtable.write().expect("memtable lock").absorb(delta);
                 self.unwritten.origins.extend(touched.iter().copied());

@@ -148,6 +148,8 @@ impl Cluster {
                     .collect();
             }
             Action::PersistRevocations { all } => self.nodes[n].revocations = all,
+            // The simulated store makes every op durable as it applies it.
+            Action::Persist => {}
             // Durable at once: the lease messages the engine asks to send after it leave after it.
             Action::PersistLeaseLog { write } => self.nodes[n].lease_log.apply(&write),
             Action::LeaseDone { wait, result } => self.on_lease_done(n, wait, result),

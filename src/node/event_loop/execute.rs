@@ -96,6 +96,12 @@ impl EventLoop {
                 });
             }
             Action::Publish { data } => self.publish(data),
+            Action::Persist => {
+                // The durable commit's event comes back as `Input::Committed`, which releases the
+                // answers that waited for it.
+                let writer = self.writer.clone();
+                tokio::spawn(async move { writer.flush().await });
+            }
             Action::Verdict { id, verdict } => {
                 let (message_id, source) = self.gossip.remove(&id)?;
                 let acceptance = match verdict {

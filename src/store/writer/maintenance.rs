@@ -250,6 +250,7 @@ impl Writer {
         }
         self.mirror = work.mirror;
         self.clock = work.clock;
+        self.store.set_durable(&self.mirror);
         self.store.publish(&self.mirror, None);
         let e = work.event;
         if e.snapshot_installed.is_some() || !e.leases.is_empty() {

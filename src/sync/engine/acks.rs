@@ -2,8 +2,9 @@
 //! node's own seq to be durably applied elsewhere, and the held digest answers that tell it.
 //!
 //! The writer asks each peer that counts, and lags, with a digest whose `hold_until` names the
-//! seq. The peer holds its answer until its store (committed, so durable) holds this node's ops up
-//! to it, or [`ACK_HOLD_MAX`] passes; the answer's version vector is the acknowledgement. One
+//! seq. The peer holds its answer until its store holds this node's ops up to it durably (on disk:
+//! peers' ops are applied first and made durable within 100 ms, so a held answer asks for that at
+//! once), or [`ACK_HOLD_MAX`] passes; the answer's version vector is the acknowledgement. One
 //! digest per peer is out at once, for the highest seq awaited, so concurrent waits share it.
 
 use std::str::FromStr;
@@ -93,7 +94,12 @@ struct Held {
 pub(super) struct Acks {
     waits: std::collections::BTreeMap<WaitId, Wait>,
     held: Vec<Held>,
+    /// When this node last asked for its applied ops to be made durable for a held answer.
+    persist_asked: Option<Instant>,
 }
+
+/// How long a request to make ops durable for a held answer stands before it is repeated.
+const PERSIST_RETRY: Duration = Duration::from_millis(50);
 
 impl Acks {
     /// When a wait or a held answer ends.
@@ -134,9 +140,11 @@ impl Engine {
         }
     }
 
-    /// This node's seq as `peer` last said it holds it.
+    /// This node's seq as `peer` acknowledged holding it durably: from its answers to digests that
+    /// asked it to hold them, never from an ordinary digest (those tell what it applied, which may
+    /// not be on its disk yet).
     fn holds_of_mine(&self, peer: &PeerId) -> Seq {
-        self.peers.get(peer).and_then(|p| p.digest.as_ref()).map_or(Seq(0), |d| d.version_vector.get(&self.me))
+        self.peers.get(peer).map_or(Seq(0), |p| p.acked_mine)
     }
 
     fn acked(&self, seq: Seq, voters: &[PeerId]) -> usize {
@@ -186,11 +194,25 @@ impl Engine {
         seq: Seq,
         store: &dyn StoreView,
     ) -> bool {
-        if store.version_vector().get(&peer) >= seq || self.acks.held.len() >= MAX_HELD {
+        if store.durable_version_vector().get(&peer) >= seq || self.acks.held.len() >= MAX_HELD {
             return false;
         }
         self.acks.held.push(Held { reply, peer, seq, until: now + ACK_HOLD_MAX });
+        self.persist_for_held(now, store);
         true
+    }
+
+    /// Asks for the applied ops to be made durable when a held answer waits only for that.
+    fn persist_for_held(&mut self, now: Instant, store: &dyn StoreView) {
+        let applied = store.version_vector();
+        if !self.acks.held.iter().any(|h| applied.get(&h.peer) >= h.seq) {
+            return;
+        }
+        if self.acks.persist_asked.is_some_and(|at| now < at + PERSIST_RETRY) {
+            return;
+        }
+        self.acks.persist_asked = Some(now);
+        self.push(Action::Persist);
     }
 
     /// Answers the held digests whose ops are now held (or whose time is up).
@@ -198,14 +220,17 @@ impl Engine {
         if self.acks.held.is_empty() {
             return;
         }
-        let vv = store.version_vector();
+        let vv = store.durable_version_vector();
         let (done, kept): (Vec<Held>, Vec<Held>) = std::mem::take(&mut self.acks.held)
             .into_iter()
             .partition(|h| vv.get(&h.peer) >= h.seq || now >= h.until || !self.peers.is_connected(&h.peer));
         self.acks.held = kept;
         if done.is_empty() {
+            self.persist_for_held(now, store);
             return;
         }
+        self.acks.persist_asked = None;
+        self.persist_for_held(now, store);
         let mine = self.my_digest(store);
         for h in done {
             self.push(Action::Reply { reply: h.reply, response: SyncResponse::Digest(mine.clone()) });

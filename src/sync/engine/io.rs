@@ -37,6 +37,12 @@ pub trait StoreView {
     fn clock(&self) -> Hlc;
     /// The stamp up to which tombstones were collected.
     fn tombstones_collected(&self) -> Hlc;
+    /// The vector of what is on disk (survives a crash): at most [`StoreView::version_vector`].
+    /// Peers' ops are applied before they are durable (see `store::memtable`); a store that makes
+    /// every op durable as it applies it keeps the default.
+    fn durable_version_vector(&self) -> VersionVector {
+        self.version_vector()
+    }
 }
 
 /// Names an outbound request the engine made; the executor maps it to its transport's id.
@@ -158,6 +164,9 @@ pub enum Action {
     Serve { reply: ReplyId, peer: PeerId, request: SyncRequest },
     /// Publish encoded bytes on the cluster's gossip topic.
     Publish { data: Vec<u8> },
+    /// Make every op applied so far durable: a held digest answer (an acknowledgement) waits for
+    /// it. The input after the durable commit releases it.
+    Persist,
     /// Report a gossip message's verdict.
     Verdict { id: GossipId, verdict: Verdict },
     /// Verify these contiguous batches of `origin` and queue them to the writer, in order with

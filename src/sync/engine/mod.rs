@@ -73,19 +73,38 @@ pub const PULL_MAX_BYTES: u32 = 8 << 20;
 /// What one of the engine's requests was for.
 #[derive(Debug, Clone)]
 enum Pending {
-    Digest { peer: PeerId },
-    Pull { peer: PeerId, origin: Origin },
-    Manifest { peer: PeerId },
-    Chunk { peer: PeerId, index: usize, cid: Cid },
-    Buckets { peer: PeerId },
-    Entries { peer: PeerId },
-    Lease { peer: PeerId },
+    /// `held`: the digest asked the peer to hold its answer (an acknowledgement).
+    Digest {
+        peer: PeerId,
+        held: bool,
+    },
+    Pull {
+        peer: PeerId,
+        origin: Origin,
+    },
+    Manifest {
+        peer: PeerId,
+    },
+    Chunk {
+        peer: PeerId,
+        index: usize,
+        cid: Cid,
+    },
+    Buckets {
+        peer: PeerId,
+    },
+    Entries {
+        peer: PeerId,
+    },
+    Lease {
+        peer: PeerId,
+    },
 }
 
 impl Pending {
     fn peer(&self) -> PeerId {
         match self {
-            Pending::Digest { peer }
+            Pending::Digest { peer, .. }
             | Pending::Pull { peer, .. }
             | Pending::Manifest { peer }
             | Pending::Chunk { peer, .. }

@@ -50,6 +50,9 @@ pub(super) struct Peer {
     pub digest_at: Option<Instant>,
     /// A digest request to it is in flight: one at a time.
     pub digest_pending: bool,
+    /// This node's seq as the peer last acknowledged it: held answers only, which the peer gives
+    /// once it holds those ops durably (see `acks.rs`).
+    pub acked_mine: crate::ids::Seq,
     /// Membership is enforced: the peer counts only once it showed a certificate.
     pub gated: bool,
     /// The role its verified certificate gives it (membership mode).
@@ -289,7 +292,8 @@ impl Engine {
         }
         info.digest_pending = true;
         let digest = Digest { hold_until, ..self.my_digest(store) };
-        self.send(now, peer, SyncRequest::Digest(digest), Pending::Digest { peer });
+        let held = hold_until.is_some();
+        self.send(now, peer, SyncRequest::Digest(digest), Pending::Digest { peer, held });
         self.count(super::Count::DigestsSent, 1);
     }
 

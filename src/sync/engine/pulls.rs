@@ -167,13 +167,20 @@ impl Engine {
         };
         match (pending, response) {
             (Pending::Lease { peer }, r) => self.on_lease_answer(peer, r),
-            (Pending::Digest { peer }, r) => {
+            (Pending::Digest { peer, held }, r) => {
                 if let Some(p) = self.peers.map.get_mut(&peer) {
                     p.digest_pending = false;
                 }
                 if let Ok(SyncResponse::Digest(theirs)) = r {
                     match self.admit(now, peer, &theirs) {
-                        Ok(()) => self.record_digest(now, peer, theirs, store),
+                        Ok(()) => {
+                            if held {
+                                let mine = theirs.version_vector.get(&self.me);
+                                let p = self.peers.entry(peer);
+                                p.acked_mine = p.acked_mine.max(mine);
+                            }
+                            self.record_digest(now, peer, theirs, store)
+                        }
                         Err(reason) => {
                             tracing::info!(%peer, %reason, "the peer is not a member; disconnecting");
                             self.push(Action::Disconnect { peer });
