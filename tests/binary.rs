@@ -125,6 +125,21 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     assert_eq!(report.ops, vv);
 }
 
+/// A primary `a` and a replica `b` bootstrapped to it, with short gossip and discovery intervals:
+/// (a, b's data dir, b's flags to restart it with, b).
+fn primary_and_replica(dir: &tempfile::TempDir) -> (NodeProc, std::path::PathBuf, Vec<String>, NodeProc) {
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
+    let a = NodeProc::start(&dir.path().join("a"), &fast);
+    let b_dir = dir.path().join("b");
+    let b_args: Vec<String> = fast
+        .iter()
+        .map(|s| s.to_string())
+        .chain(["--bootstrap".into(), bootstrap_addr(&a), "--role".into(), "replica".into()])
+        .collect();
+    let b = NodeProc::start(&b_dir, &b_args.iter().map(String::as_str).collect::<Vec<_>>());
+    (a, b_dir, b_args, b)
+}
+
 /// A replica applies peers' ops in its memtable and writes them to redb on a 100 ms tick, so a
 /// kill -9 lands before, during or after a flush. Killed five times at random points while a
 /// primary takes puts, deletes and counter adds, the replica comes back every time with a log that
@@ -132,12 +147,8 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
 #[test]
 fn a_replica_killed_9_in_a_loop_keeps_log_vector_and_root_consistent() {
     let dir = tempfile::tempdir().unwrap();
-    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
-    let a = NodeProc::start(&dir.path().join("a"), &fast);
-    let a_addr = bootstrap_addr(&a);
-    let b_dir = dir.path().join("b");
-    let b_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
-    let mut b = NodeProc::start(&b_dir, &b_args);
+    let (a, b_dir, b_args, mut b) = primary_and_replica(&dir);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
     println!("seed {seed}");
     let mut random = move |below: u64| {
@@ -239,12 +250,8 @@ fn a_replica_killed_9_in_a_loop_keeps_log_vector_and_root_consistent() {
 #[test]
 fn an_acknowledged_write_survives_a_kill_9_of_the_node_that_acknowledged_it() {
     let dir = tempfile::tempdir().unwrap();
-    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
-    let a = NodeProc::start(&dir.path().join("a"), &fast);
-    let a_addr = bootstrap_addr(&a);
-    let b_dir = dir.path().join("b");
-    let b_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
-    let mut b = NodeProc::start(&b_dir, &b_args);
+    let (a, b_dir, b_args, mut b) = primary_and_replica(&dir);
+    let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
     wait_active(&b);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let http = reqwest::Client::new();

@@ -403,12 +403,8 @@ impl Writer {
         }
         let wrote = self.write_unwritten(&txn)?;
         txn.commit()?;
-        if wrote {
-            self.memtable_written();
-        }
-        self.unflushed = !durable;
+        self.committed(wrote, durable);
         if durable {
-            self.store.set_durable(&self.mirror);
             // Tells the node that what it applied is on disk (acknowledgements wait for that).
             let _ = self.events.send(Arc::new(CommitEvent::default()));
         }
@@ -425,6 +421,18 @@ impl Writer {
         memtable.write(txn)?;
         self.write_group(txn, &self.unwritten.origins, &self.unwritten.buckets)?;
         Ok(true)
+    }
+
+    /// A transaction holding everything applied so far committed: the memtable is empty if it was
+    /// `wrote` into it, and, if `durable`, the whole mirror is on disk.
+    fn committed(&mut self, wrote: bool, durable: bool) {
+        if wrote {
+            self.memtable_written();
+        }
+        self.unflushed = !durable;
+        if durable {
+            self.store.set_durable(&self.mirror);
+        }
     }
 
     /// The transaction that [`Writer::write_unwritten`] wrote into committed.
@@ -546,13 +554,7 @@ impl Writer {
             if let Some(txn) = txn {
                 self.write_group(&txn, &touched, &changes.dirty)?;
                 txn.commit()?;
-                if wrote {
-                    self.memtable_written();
-                }
-                self.unflushed = !durable;
-                if durable {
-                    self.store.set_durable(&self.mirror);
-                }
+                self.committed(wrote, durable);
             } else if let Some(delta) = delta {
                 self.store.memtable.write().expect("memtable lock").absorb(delta);
                 self.unwritten.origins.extend(touched.iter().copied());
