@@ -154,10 +154,10 @@ async fn a_batch_overlapping_applied_ops_applies_each_new_op_once() {
     assert_eq!(b.counter("c", b"k").unwrap(), 3);
 }
 
-/// Peers' ops are committed without fsync (visible at once) and made durable by `flush` or a clean
-/// close; local writes are durable before they are acknowledged; the log always matches the version
-/// vector. (A SIGKILL of a replica before a flush is exercised by the stale-rejoin process test: the
-/// restarted node pulls whatever it lost.)
+/// Peers' ops are applied without fsync (visible at once, from the memtable) and made durable by
+/// `flush` or a clean close; local writes are durable before they are acknowledged; the log always
+/// matches the version vector. (A SIGKILL of a replica before a flush is exercised by the process
+/// tests in `binary.rs`: the restarted node pulls whatever it lost.)
 #[tokio::test]
 async fn peers_ops_are_visible_at_once_and_durable_after_flush_or_clean_close() {
     let dir = tempfile::tempdir().unwrap();

@@ -19,12 +19,13 @@
 
 use std::collections::BTreeMap;
 
-use redb::WriteTransaction;
+use redb::{ReadableDatabase, WriteTransaction};
 
-use super::apply::{decode, reindex_tombstone};
+use super::apply::{decode, reindex_tombstone, BucketChanges, StateSink};
 use super::tables::*;
-use super::StoreError;
+use super::{Store, StoreError};
 use crate::crdt::RegisterValue;
+use crate::ids::Seq;
 use crate::snapshot::Kind;
 
 /// A log row waiting in the memtable: the encoded row (as `log::encode_row` makes it), the signed
@@ -161,6 +162,86 @@ impl Memtable {
         }
         txn.open_table(META)?.insert(META_FLUSH, self.generation.to_be_bytes().as_slice())?;
         Ok(())
+    }
+}
+
+/// A state table opened for reading.
+type StateReadTable = redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>;
+
+/// Applies a group of peers' ops in a memtable of its own (`delta`), reading through it, the
+/// store's memtable and a redb read transaction in that order. The writer moves the delta into the
+/// store's memtable once the whole group applied, so readers never see half a group.
+pub(super) struct MemSink {
+    store: Store,
+    pub delta: Memtable,
+    read: Option<redb::ReadTransaction>,
+    tables: [Option<StateReadTable>; 3],
+    pub changes: BucketChanges,
+}
+
+impl MemSink {
+    pub fn new(store: Store) -> Self {
+        MemSink {
+            store,
+            delta: Memtable::default(),
+            read: None,
+            tables: [None, None, None],
+            changes: Default::default(),
+        }
+    }
+}
+
+impl StateSink for MemSink {
+    fn get(&mut self, kind: Kind, collection: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.delta.get(kind, collection, key) {
+            return Ok(Some(v.to_vec()));
+        }
+        if let Some(v) = self.store.memtable.read().expect("memtable lock").get(kind, collection, key) {
+            return Ok(Some(v.to_vec()));
+        }
+        // Only this thread writes to redb, so a transaction begun once per group stays current.
+        let table = match &mut self.tables[kind as usize] {
+            Some(t) => t,
+            slot => {
+                if self.read.is_none() {
+                    self.read = Some(self.store.db().begin_read()?);
+                }
+                let txn = self.read.as_ref().expect("just begun");
+                slot.insert(txn.open_table(STATE_TABLES[kind as usize].1)?)
+            }
+        };
+        Ok(table.get((collection, key))?.map(|g| g.value().to_vec()))
+    }
+
+    fn put(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
+        self.delta.put(kind, collection, key, value);
+        Ok(())
+    }
+
+    fn swap(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        let old = self.get(kind, collection, key)?;
+        self.delta.put(kind, collection, key, value);
+        Ok(old)
+    }
+
+    fn index_tombstone(
+        &mut self,
+        _register: &str,
+        _key: &[u8],
+        _old: Option<&RegisterValue>,
+        _new: &RegisterValue,
+    ) -> Result<(), StoreError> {
+        // The flush indexes tombstones from what each value replaces in redb (`Memtable::write`).
+        Ok(())
+    }
+
+    fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError> {
+        self.delta.log_row(origin, last.0, row);
+        Ok(())
+    }
+
+    fn changes(&mut self) -> &mut BucketChanges {
+        &mut self.changes
     }
 }
 

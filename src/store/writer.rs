@@ -16,25 +16,24 @@ use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cid::Cid;
-use redb::ReadableDatabase;
 use tokio::sync::{broadcast, mpsc, oneshot};
 
+mod flush;
 mod maintenance;
 mod ops;
 
+use flush::Unwritten;
 use ops::{LocalFailure, OpenBatch};
 
 pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
 
-use super::apply::{BucketChanges, DirtyBuckets, Effect, StateSink, Tables};
-use super::memtable::{Memtable, PendingRow};
+use super::apply::{Effect, StateSink, Tables};
+use super::memtable::MemSink;
 use super::publish::Changed;
-use super::tables::*;
-use super::{encode_hlc, encode_progress, Mirror, Store, StoreError};
-use crate::crdt::{HlcClock, LeaseError, LeaseGrant, LeaseState, RegisterValue};
+use super::{Mirror, Store, StoreError};
+use crate::crdt::{HlcClock, LeaseError, LeaseGrant, LeaseState};
 use crate::ids::{Origin, Seq, Token};
 use crate::op::{OpBatch, Signer, VerifiedBatch};
-use crate::snapshot::Kind;
 
 /// Limits of the writer. Every queue and group is bounded.
 #[derive(Debug, Clone)]
@@ -303,13 +302,6 @@ struct Writer {
     disk_full: bool,
 }
 
-/// The mirror's parts that groups applied in the memtable changed since the last flush.
-#[derive(Default)]
-struct Unwritten {
-    origins: BTreeSet<Origin>,
-    buckets: DirtyBuckets,
-}
-
 /// Groups of peers' ops with fewer ops than this are applied in the memtable; a larger group (a
 /// replay, a catch-up, replicated batches under load) shares one transaction among enough ops to
 /// pay for it, and skips the memtable's extra copies. A transaction costs about as much as 20-40
@@ -383,64 +375,6 @@ impl Writer {
         tracing::debug!("writer stopped");
     }
 
-    /// Writes the memtable to redb in a transaction of its own, durable when asked (which also
-    /// persists every non-durable commit before it). A failure is logged and the memtable kept, to
-    /// be written by the next flush.
-    fn flush(&mut self, durable: bool) {
-        if let Err(e) = self.try_flush(durable) {
-            tracing::error!(error = %e, "could not write peers' ops to disk; will try again");
-        }
-    }
-
-    fn try_flush(&mut self, durable: bool) -> Result<(), StoreError> {
-        let empty = self.store.memtable.read().expect("memtable lock").is_empty();
-        if empty && !(durable && self.unflushed) {
-            return Ok(());
-        }
-        let mut txn = self.store.db().begin_write()?;
-        if !durable {
-            txn.set_durability(redb::Durability::None)?;
-        }
-        let wrote = self.write_unwritten(&txn)?;
-        txn.commit()?;
-        self.committed(wrote, durable);
-        if durable {
-            // Tells the node that what it applied is on disk (acknowledgements wait for that).
-            let _ = self.events.send(Arc::new(CommitEvent::default()));
-        }
-        Ok(())
-    }
-
-    /// Writes the memtable, and the progress and buckets its groups changed, into `txn`. Returns
-    /// whether there was anything; [`Writer::memtable_written`] empties it once `txn` commits.
-    fn write_unwritten(&self, txn: &redb::WriteTransaction) -> Result<bool, StoreError> {
-        let memtable = self.store.memtable.read().expect("memtable lock");
-        if memtable.is_empty() && self.unwritten.origins.is_empty() {
-            return Ok(false);
-        }
-        memtable.write(txn)?;
-        self.write_group(txn, &self.unwritten.origins, &self.unwritten.buckets)?;
-        Ok(true)
-    }
-
-    /// A transaction holding everything applied so far committed: the memtable is empty if it was
-    /// `wrote` into it, and, if `durable`, the whole mirror is on disk.
-    fn committed(&mut self, wrote: bool, durable: bool) {
-        if wrote {
-            self.memtable_written();
-        }
-        self.unflushed = !durable;
-        if durable {
-            self.store.set_durable(&self.mirror);
-        }
-    }
-
-    /// The transaction that [`Writer::write_unwritten`] wrote into committed.
-    fn memtable_written(&mut self) {
-        self.store.memtable.write().expect("memtable lock").flushed();
-        self.unwritten = Unwritten::default();
-    }
-
     fn commit_group(&mut self, group: Vec<Request>) {
         let mut event = CommitEvent::default();
         let mut pending = Vec::with_capacity(group.len());
@@ -497,7 +431,7 @@ impl Writer {
         let durable = group.iter().any(|r| matches!(r, Request::Local { .. }));
         let in_memory = !durable && group.iter().map(Request::ops).sum::<usize>() < MEMTABLE_GROUP_OPS;
         let bytes = group.iter().map(Request::disk_bytes).sum();
-        let full = self.store.memtable.read().expect("memtable lock").bytes >= self.config.memtable_bytes;
+        let full = in_memory && self.store.memtable.read().expect("memtable lock").bytes >= self.config.memtable_bytes;
         let begun = self.store.check_disk(bytes).and_then(|()| match in_memory {
             false => {
                 let mut txn = self.store.db().begin_write()?;
@@ -556,11 +490,7 @@ impl Writer {
                 txn.commit()?;
                 self.committed(wrote, durable);
             } else if let Some(delta) = delta {
-                self.store.memtable.write().expect("memtable lock").absorb(delta);
-                self.unwritten.origins.extend(touched.iter().copied());
-                for b in changes.dirty.iter() {
-                    self.unwritten.buckets.insert(b);
-                }
+                self.memtable_took(delta, &touched, &changes.dirty);
             }
             Ok(touched)
         });
@@ -630,108 +560,6 @@ impl Writer {
         }
         self.seal_batch(sink, &mut open, event)?;
         Ok(touched)
-    }
-
-    /// Writes the progress of the origins a group (or the memtable's groups) moved, the buckets it
-    /// changed and the clock.
-    fn write_group(
-        &self,
-        txn: &redb::WriteTransaction,
-        touched: &BTreeSet<Origin>,
-        dirty: &DirtyBuckets,
-    ) -> Result<(), StoreError> {
-        let mut vv = txn.open_table(VERSION_VECTOR)?;
-        for origin in touched {
-            if let Some(p) = self.mirror.progress.get(origin) {
-                vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
-            }
-        }
-        let mut buckets = txn.open_table(BUCKETS)?;
-        for b in dirty.iter() {
-            buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
-        }
-        txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
-        Ok(())
-    }
-}
-
-/// A state table opened for reading.
-type StateReadTable = redb::ReadOnlyTable<(&'static str, &'static [u8]), &'static [u8]>;
-
-/// Applies a group of peers' ops in a memtable of its own (`delta`), reading through it, the
-/// store's memtable and a redb read transaction in that order. The writer moves the delta into the
-/// store's memtable once the whole group applied, so readers never see half a group.
-struct MemSink {
-    store: Store,
-    delta: Memtable,
-    read: Option<redb::ReadTransaction>,
-    tables: [Option<StateReadTable>; 3],
-    changes: BucketChanges,
-}
-
-impl MemSink {
-    fn new(store: Store) -> Self {
-        MemSink {
-            store,
-            delta: Memtable::default(),
-            read: None,
-            tables: [None, None, None],
-            changes: Default::default(),
-        }
-    }
-}
-
-impl StateSink for MemSink {
-    fn get(&mut self, kind: Kind, collection: &str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        if let Some(v) = self.delta.get(kind, collection, key) {
-            return Ok(Some(v.to_vec()));
-        }
-        if let Some(v) = self.store.memtable.read().expect("memtable lock").get(kind, collection, key) {
-            return Ok(Some(v.to_vec()));
-        }
-        // Only this thread writes to redb, so a transaction begun once per group stays current.
-        let table = match &mut self.tables[kind as usize] {
-            Some(t) => t,
-            slot => {
-                if self.read.is_none() {
-                    self.read = Some(self.store.db().begin_read()?);
-                }
-                let txn = self.read.as_ref().expect("just begun");
-                slot.insert(txn.open_table(STATE_TABLES[kind as usize].1)?)
-            }
-        };
-        Ok(table.get((collection, key))?.map(|g| g.value().to_vec()))
-    }
-
-    fn put(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<(), StoreError> {
-        self.delta.put(kind, collection, key, value);
-        Ok(())
-    }
-
-    fn swap(&mut self, kind: Kind, collection: &str, key: &[u8], value: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
-        let old = self.get(kind, collection, key)?;
-        self.delta.put(kind, collection, key, value);
-        Ok(old)
-    }
-
-    fn index_tombstone(
-        &mut self,
-        _register: &str,
-        _key: &[u8],
-        _old: Option<&RegisterValue>,
-        _new: &RegisterValue,
-    ) -> Result<(), StoreError> {
-        // The flush indexes tombstones from what each value replaces in redb (`Memtable::write`).
-        Ok(())
-    }
-
-    fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError> {
-        self.delta.log_row(origin, last.0, row);
-        Ok(())
-    }
-
-    fn changes(&mut self) -> &mut BucketChanges {
-        &mut self.changes
     }
 }
 

@@ -245,15 +245,15 @@ impl Writer {
             meta.insert(META_HLC, encode_hlc(work.mirror.hlc).as_slice()).map_err(store_err)?;
         }
         txn.commit().map_err(store_err)?;
-        if wrote {
-            self.memtable_written();
-        }
+        // Peers' ops written without fsync until now are on disk as well: the node hears of it
+        // (acknowledgements wait for that), as after a flush.
+        let persisted = wrote || self.unflushed;
         self.mirror = work.mirror;
         self.clock = work.clock;
-        self.store.set_durable(&self.mirror);
+        self.committed(wrote, true);
         self.store.publish(&self.mirror, None);
         let e = work.event;
-        if e.snapshot_installed.is_some() || !e.leases.is_empty() {
+        if e.snapshot_installed.is_some() || !e.leases.is_empty() || persisted {
             let _ = self.events.send(std::sync::Arc::new(e));
         }
         Ok(value)

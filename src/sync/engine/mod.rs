@@ -70,35 +70,17 @@ pub const PULL_MAX_OPS: u32 = 16_384;
 /// Op bytes asked for in one pull at most (the response limit is higher, to fit framing).
 pub const PULL_MAX_BYTES: u32 = 8 << 20;
 
-/// What one of the engine's requests was for.
+/// What one of the engine's requests was for. A digest is `held` when it asked the peer to hold
+/// its answer (an acknowledgement).
 #[derive(Debug, Clone)]
 enum Pending {
-    /// `held`: the digest asked the peer to hold its answer (an acknowledgement).
-    Digest {
-        peer: PeerId,
-        held: bool,
-    },
-    Pull {
-        peer: PeerId,
-        origin: Origin,
-    },
-    Manifest {
-        peer: PeerId,
-    },
-    Chunk {
-        peer: PeerId,
-        index: usize,
-        cid: Cid,
-    },
-    Buckets {
-        peer: PeerId,
-    },
-    Entries {
-        peer: PeerId,
-    },
-    Lease {
-        peer: PeerId,
-    },
+    Digest { peer: PeerId, held: bool },
+    Pull { peer: PeerId, origin: Origin },
+    Manifest { peer: PeerId },
+    Chunk { peer: PeerId, index: usize, cid: Cid },
+    Buckets { peer: PeerId },
+    Entries { peer: PeerId },
+    Lease { peer: PeerId },
 }
 
 impl Pending {
