@@ -248,6 +248,11 @@ impl Engine {
 
     /// Re-evaluates the phase; announces an attestation on becoming active.
     pub(super) fn check_ready(&mut self, now: Instant, store: &dyn StoreView) {
+        if self.snapshot.active.as_ref().is_some_and(|a| a.installing) {
+            // The store may hold the snapshot's state (its commit event can come first) before the
+            // install's outcome does; `on_installed` checks again once the pull is over.
+            return;
+        }
         if self.announced == Phase::Active && !self.readiness.compares(&store.version_vector()) {
             // Active, and no peer's recorded state is at this vector: nothing to compare, and the
             // root (a hash of every bucket) is not needed. This runs after every input.
