@@ -495,7 +495,14 @@ async fn chunks_are_staged_as_they_arrive_and_install_by_rename_or_by_merge() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(&dir, "a.redb");
     write(&a, 1, 20).await;
+    for key in [200u8, 201] {
+        let put = LocalIntent::Put { register: "reg".into(), key: vec![key], value: vec![key] };
+        a.writer.local(vec![put]).await.unwrap();
+        a.writer.local(vec![LocalIntent::Delete { register: "reg".into(), key: vec![key] }]).await.unwrap();
+    }
     let s1 = a.store.create_snapshot(&a.signer, "test", 400).unwrap();
+    let s1_tombstones = a.store.tombstones().unwrap();
+    assert!(s1_tombstones > 0);
     write(&a, 1, 10).await;
     let s2 = a.store.create_snapshot(&a.signer, "test", 400).unwrap();
     let manifest = |cid| a.store.snapshot_manifest(cid).unwrap().unwrap();
@@ -503,10 +510,11 @@ async fn chunks_are_staged_as_they_arrive_and_install_by_rename_or_by_merge() {
     let bytes = |c: &ChunkRef| a.store.snapshot_chunk(&c.cid).unwrap().unwrap();
     assert!(m1.chunks.len() > 3, "{s1:?}");
 
-    // All of S1's chunks but the last are staged (and held); staging one again is a no-op.
+    // All of S1's chunks but the last are staged (and held), last first, so each goes in before
+    // entries staged already; staging one again is a no-op.
     let b = open(&dir, "b.redb");
     let (last, rest) = m1.chunks.split_last().unwrap();
-    for c in rest {
+    for c in rest.iter().rev() {
         assert!(b.store.stage_chunk(&s1.cid, c, &bytes(c), true).unwrap());
     }
     assert!(!b.store.stage_chunk(&s1.cid, &rest[0], &bytes(&rest[0]), false).unwrap());
@@ -547,16 +555,19 @@ async fn chunks_are_staged_as_they_arrive_and_install_by_rename_or_by_merge() {
     assert_eq!((entries, changed), (s1.entries, s1.entries));
     assert_eq!(b.store.state_root(), (s1.state_root, s1.version_vector.clone()));
     assert_eq!(b.store.lease("lk", b"shared").unwrap().map(|l| l.holder), Some(Some("h1".into())));
+    // The tombstones were indexed as they were staged.
+    assert_eq!(b.store.tombstones().unwrap(), s1_tombstones);
     assert_sound(&b.store);
 
-    // S2 onto S1's state: staged, then merged into the non-empty state.
-    for c in &m2.chunks {
+    // S2 onto S1's state: staged in an order of its own, then merged into the non-empty state.
+    for c in m2.chunks.iter().skip(1).chain(m2.chunks.first()) {
         b.store.stage_chunk(&s2.cid, c, &bytes(c), false).unwrap();
     }
     let outcome = b.writer.install_snapshot(manifest(&s2.cid)).await.unwrap();
     assert!(matches!(outcome, InstallOutcome::Installed { .. }), "{outcome:?}");
     assert_eq!(b.store.state_root(), (s2.state_root, s2.version_vector.clone()));
     assert_eq!(b.store.register("reg", &[0]).unwrap(), a.store.register("reg", &[0]).unwrap());
+    assert_eq!(b.store.tombstones().unwrap(), a.store.tombstones().unwrap());
     assert_sound(&b.store);
     write(&b, 3, 2).await;
     assert_sound(&b.store);

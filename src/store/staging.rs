@@ -10,9 +10,10 @@
 //! staged whose chunk was lost make the pull fetch that chunk again (staging it is then a no-op).
 
 use std::collections::BTreeMap;
+use std::ops::Bound;
 
 use cid::Cid;
-use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::apply::{decode_canonical, encode, entry_kind};
 use super::root::{identity_hash, root_hash, Buckets, BUCKETS as BUCKET_COUNT};
@@ -25,9 +26,18 @@ use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
 /// outside any transaction (it is the CPU-heavy part), so chunks are prepared in parallel.
 pub(crate) struct PreparedChunk {
     pub cid: Cid,
-    entries: Vec<(StateEntry, [u8; 32], Option<[u8; 32]>)>,
+    entries: Vec<PreparedEntry>,
     /// Greatest HLC among the registers and leases not ahead of `horizon_ms`.
     hlc: Option<Hlc>,
+}
+
+struct PreparedEntry {
+    entry: StateEntry,
+    /// The entry's identity and its hash in the state root (none for a register tombstone).
+    id: [u8; 32],
+    hash: Option<[u8; 32]>,
+    /// The stamp of a register tombstone, to index it.
+    tombstone: Option<Hlc>,
 }
 
 /// Checks `bytes` against `r` (CID, sizes), decodes its entries and checks that every value is a
@@ -37,7 +47,7 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
     let mut entries = Vec::with_capacity(decoded.len());
     let mut hlc: Option<Hlc> = None;
     for (index, entry) in decoded.into_iter().enumerate() {
-        let stamp = check_value(entry.kind, &entry.value).map_err(|reason| SnapshotError::Entry {
+        let (stamp, tombstone) = check_value(entry.kind, &entry.value).map_err(|reason| SnapshotError::Entry {
             index: index as u64,
             reason: format!("in chunk {}: {reason}", r.cid),
         })?;
@@ -47,17 +57,21 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
         let kind = entry_kind(entry.kind);
         let id = identity_hash(kind, &entry.collection, &entry.key);
         let hash = root_hash(kind, &id, &entry.value);
-        entries.push((entry, id, hash));
+        entries.push(PreparedEntry { entry, id, hash, tombstone: stamp.filter(|_| tombstone) });
     }
     Ok(PreparedChunk { cid: r.cid, entries, hlc })
 }
 
-/// The value must be a canonical encoding of its kind. Returns its HLC (registers and leases).
-fn check_value(kind: Kind, value: &[u8]) -> Result<Option<Hlc>, String> {
+/// The value must be a canonical encoding of its kind. Returns its HLC (registers and leases), and
+/// whether it is a register tombstone.
+fn check_value(kind: Kind, value: &[u8]) -> Result<(Option<Hlc>, bool), String> {
     Ok(match kind {
-        Kind::Register => Some(decode_canonical::<RegisterValue>(value, "register")?.hlc),
-        Kind::Counter => decode_canonical::<PnCounter>(value, "counter").map(|_| None)?,
-        Kind::Lease => Some(decode_canonical::<LeaseState>(value, "lease")?.hlc),
+        Kind::Register => {
+            let register = decode_canonical::<RegisterValue>(value, "register")?;
+            (Some(register.hlc), register.is_tombstone())
+        }
+        Kind::Counter => decode_canonical::<PnCounter>(value, "counter").map(|_| (None, false))?,
+        Kind::Lease => (Some(decode_canonical::<LeaseState>(value, "lease")?.hlc), false),
     })
 }
 
@@ -68,6 +82,8 @@ pub(crate) struct Staged {
     pub buckets: Buckets,
     pub counts: BTreeMap<(Kind, String), u64>,
     pub hlc: Option<Hlc>,
+    /// Whether `STAGE_TOMBSTONES` indexes the staged tombstones (see `STAGE_TOMBSTONES_KEPT`).
+    pub tombstones_kept: bool,
 }
 
 impl Staged {
@@ -93,6 +109,7 @@ impl Staged {
         if let Some(v) = meta.get(STAGE_HLC)? {
             staged.hlc = Some(decode_hlc(v.value())?);
         }
+        staged.tombstones_kept = meta.get(STAGE_TOMBSTONES_KEPT)?.is_some();
         Ok(staged)
     }
 
@@ -106,6 +123,9 @@ impl Staged {
         if let Some(hlc) = self.hlc {
             meta.insert(STAGE_HLC, encode_hlc(hlc).as_slice())?;
         }
+        if self.tombstones_kept {
+            meta.insert(STAGE_TOMBSTONES_KEPT, [].as_slice())?;
+        }
         Ok(())
     }
 }
@@ -115,6 +135,7 @@ pub(crate) fn clear(txn: &WriteTransaction) -> Result<(), StoreError> {
     for (_, _, stage) in STATE_TABLES {
         txn.delete_table(stage)?;
     }
+    txn.delete_table(STAGE_TOMBSTONES)?;
     txn.delete_table(STAGE_CHUNKS)?;
     txn.delete_table(STAGE_META)?;
     Ok(())
@@ -131,7 +152,7 @@ pub(crate) fn begin(txn: &WriteTransaction, manifest: &Cid) -> Result<Staged, St
         tracing::info!(old = ?staged.manifest, new = %manifest, "dropping the entries staged for another snapshot");
     }
     clear(txn)?;
-    let fresh = Staged { manifest: Some(*manifest), ..Staged::default() };
+    let fresh = Staged { manifest: Some(*manifest), tombstones_kept: true, ..Staged::default() };
     fresh.save(txn)?;
     Ok(fresh)
 }
@@ -148,34 +169,65 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
     if is_staged(txn, &chunk.cid)? {
         return Ok(false);
     }
-    let mut tables = Vec::with_capacity(STATE_TABLES.len());
-    for (_, _, stage) in STATE_TABLES {
-        tables.push(txn.open_table(stage)?);
+    for (kind, _, stage) in STATE_TABLES {
+        let mut table = txn.open_table(stage)?;
+        let run = chunk.entries.iter().enumerate().filter(|(_, e)| e.entry.kind == kind);
+        insert_run(&mut table, run, &chunk.cid)?;
     }
-    for (index, (entry, id, hash)) in chunk.entries.iter().enumerate() {
-        let table = &mut tables[entry.kind as usize]; // STATE_TABLES is in the order of the kinds
-        if table.insert((entry.collection.as_str(), entry.key.as_slice()), entry.value.as_slice())?.is_some() {
-            return Err(SnapshotError::Entry {
-                index: index as u64,
-                reason: format!("in chunk {}: key staged twice in {:?} {:?}", chunk.cid, entry.kind, entry.collection),
-            }
-            .into());
-        }
+    let mut tombstones = txn.open_table(STAGE_TOMBSTONES)?;
+    for PreparedEntry { entry, id, hash, tombstone } in &chunk.entries {
         if let Some(hash) = hash {
             staged.buckets.toggle(id, hash);
+        }
+        if let Some(stamp) = tombstone {
+            tombstones.insert((stamp.wall_ms, stamp.logical, entry.collection.as_str(), entry.key.as_slice()), ())?;
         }
         match staged.counts.get_mut(&(entry.kind, entry.collection.clone())) {
             Some(n) => *n += 1,
             None => drop(staged.counts.insert((entry.kind, entry.collection.clone()), 1)),
         }
     }
+    drop(tombstones);
     if let Some(h) = chunk.hlc {
         staged.hlc = Some(staged.hlc.map_or(h, |m| m.max(h)));
     }
-    drop(tables);
     staged.save(txn)?;
     txn.open_table(STAGE_CHUNKS)?.insert(chunk.cid.to_bytes().as_slice(), ())?;
     Ok(true)
+}
+
+/// Inserts one kind's entries of a chunk (with their indexes in it) into its staging table. A
+/// well-formed snapshot's chunk holds them in key order, after the entries of the chunks before it
+/// and before those of the chunks after it, so they go in as one run through a cursor, which packs
+/// the leaves it writes. The entries that do not continue the run (out of order, or a key staged
+/// already) are inserted one by one, and a key staged twice refuses the snapshot.
+fn insert_run<'e>(
+    table: &mut redb::Table<(&'static str, &'static [u8]), &'static [u8]>,
+    run: impl Iterator<Item = (usize, &'e PreparedEntry)>,
+    chunk: &Cid,
+) -> Result<(), StoreError> {
+    let mut run = run.peekable();
+    let Some((_, first)) = run.peek() else { return Ok(()) };
+    let mut cursor =
+        table.lower_bound_mut(Bound::Included((first.entry.collection.as_str(), first.entry.key.as_slice())))?;
+    while let Some((_, e)) = run.peek() {
+        match cursor.insert_before((e.entry.collection.as_str(), e.entry.key.as_slice()), e.entry.value.as_slice()) {
+            Ok(()) => drop(run.next()),
+            Err(redb::CursorError::UnorderedKey) => break,
+            Err(e) => return Err(StoreError::Storage(e.into())),
+        }
+    }
+    cursor.close()?;
+    for (index, PreparedEntry { entry, .. }) in run {
+        if table.insert((entry.collection.as_str(), entry.key.as_slice()), entry.value.as_slice())?.is_some() {
+            return Err(SnapshotError::Entry {
+                index: index as u64,
+                reason: format!("in chunk {chunk}: key staged twice in {:?} {:?}", entry.kind, entry.collection),
+            }
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Whether the local state holds no entry at all.
@@ -188,16 +240,31 @@ pub(crate) fn state_is_empty(txn: &WriteTransaction) -> Result<bool, StoreError>
     Ok(true)
 }
 
-/// Makes the staged entries the state, replacing the (empty) state tables; the caller sets the
-/// buckets.
-pub(crate) fn adopt(txn: &WriteTransaction) -> Result<(), StoreError> {
+/// Makes the staged entries the state, replacing the (empty) state tables, and the staged
+/// tombstone index the index (or indexes the tombstones by a scan, for a staging an older build
+/// began); the caller sets the buckets.
+pub(crate) fn adopt(txn: &WriteTransaction, staged: &Staged) -> Result<(), StoreError> {
     for (_, live, stage) in STATE_TABLES {
-        // Renaming needs the staging table to exist, even if the snapshot has no entry of its kind.
-        drop(txn.open_table(stage)?);
-        txn.delete_table(live)?;
-        txn.rename_table(stage, live)?;
+        rename_into(txn, stage, live)?;
     }
-    super::tombstones::rebuild_index(txn)
+    if staged.tombstones_kept {
+        rename_into(txn, STAGE_TOMBSTONES, TOMBSTONES)
+    } else {
+        super::tombstones::rebuild_index(txn)
+    }
+}
+
+/// Replaces the table `live` by the table `stage`.
+fn rename_into<K: redb::Key + 'static, V: redb::Value + 'static>(
+    txn: &WriteTransaction,
+    stage: TableDefinition<K, V>,
+    live: TableDefinition<K, V>,
+) -> Result<(), StoreError> {
+    // Renaming needs the staging table to exist, even if the snapshot has no entry of its kind.
+    drop(txn.open_table(stage)?);
+    txn.delete_table(live)?;
+    txn.rename_table(stage, live)?;
+    Ok(())
 }
 
 /// Calls `f` with every staged entry, kind by kind.

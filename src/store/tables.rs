@@ -100,6 +100,11 @@ pub(crate) const STAGE_REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableD
 pub(crate) const STAGE_COUNTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("stage_counters_v1");
 pub(crate) const STAGE_LEASES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("stage_leases_v1");
 
+/// The staged register tombstones, indexed as `TOMBSTONES` indexes the live ones, so an install
+/// into an empty state renames this table too instead of scanning every register.
+pub(crate) const STAGE_TOMBSTONES: TableDefinition<(u64, u32, &str, &[u8]), ()> =
+    TableDefinition::new("stage_tombstones_v1");
+
 /// Chunks whose entries are staged. Key: chunk CID bytes. Every one is also in `SNAPSHOT_CHUNKS`.
 pub(crate) const STAGE_CHUNKS: TableDefinition<&[u8], ()> = TableDefinition::new("stage_chunks_v1");
 
@@ -112,6 +117,9 @@ pub(crate) const STAGE_MANIFEST: &str = "manifest";
 pub(crate) const STAGE_BUCKETS: &str = "buckets";
 /// Postcard map of (kind, collection name) to entries staged.
 pub(crate) const STAGE_COUNTS: &str = "counts";
+/// Present (empty value) when the staging began with `STAGE_TOMBSTONES` kept in step; a staging
+/// begun by an older build lacks it, and its install indexes the tombstones by a scan instead.
+pub(crate) const STAGE_TOMBSTONES_KEPT: &str = "tombstones_kept";
 /// The greatest HLC of a staged register or lease (not ahead of the wall clock), 12 bytes as `META_HLC`.
 pub(crate) const STAGE_HLC: &str = "hlc";
 

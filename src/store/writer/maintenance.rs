@@ -336,7 +336,7 @@ fn install_staged(
 
     let entries = manifest.entries();
     let changed = if staging::state_is_empty(txn)? {
-        staging::adopt(txn)?;
+        staging::adopt(txn, &staged)?;
         work.mirror.buckets = staged.buckets;
         let mut buckets = txn.open_table(BUCKETS)?;
         for (b, hash) in work.mirror.buckets.0.iter().enumerate() {
