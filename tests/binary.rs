@@ -531,6 +531,92 @@ fn a_snapshot_pull_resumes_after_sigkill_without_refetching() {
     }
 }
 
+/// A replica killed -9 again and again while it pulls, stages and installs a snapshot (a primary's
+/// registers, some of them deleted) keeps a database that is whole at every kill: its log is sound,
+/// and its state hashes to its stored root. Once let run, it installs the snapshot and ends with
+/// the primary's root and the primary's tombstones indexed.
+#[test]
+fn a_replica_killed_9_while_it_stages_and_installs_a_snapshot_stays_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300", "--digest-min-ms", "100"];
+    let small = ["--snapshot-chunk-bytes", "4096", "--log-retention-ops", "10", "--log-retention-bytes", "1"];
+    let a = NodeProc::start(&dir.path().join("a"), &[&fast[..], &small[..]].concat());
+    fill_random(&a.api, 3);
+    // Tombstones in the snapshot: deletes of keys held, and of keys never written.
+    let deletes: Vec<Value> =
+        (0..400).map(|i| serde_json::json!({"key": format!("k{}-{}", i % 4, i), "delete": true})).collect();
+    let body = serde_json::json!({ "entries": deletes }).to_string();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let http = reqwest::Client::new();
+    let resp = rt.block_on(http.post(format!("{}/v1/registers/data", a.api)).body(body).send()).unwrap();
+    assert_eq!(resp.status(), 200);
+    let snap: Value =
+        rt.block_on(async { http.post(format!("{}/v1/snapshots", a.api)).send().await.unwrap().json().await.unwrap() });
+    let total = snap["bytes"].as_u64().unwrap();
+    assert!(snap["chunks"].as_u64().unwrap() > 200, "{snap}");
+
+    let a_addr = bootstrap_addr(&a);
+    let b_dir = dir.path().join("b");
+    let b_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("seed {seed}");
+    let mut random = move |below: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    };
+    let check_whole = |round: usize| {
+        let store = Store::open(&b_dir.join(peersync::node::DATABASE_FILE)).unwrap();
+        let report = store.check_log().unwrap();
+        assert!(report.problems.is_empty(), "round {round}: log after kill -9: {:?}", report.problems);
+        // Making a snapshot recomputes the root from every entry and refuses a state that differs.
+        let signer = peersync::op::Signer::new(libp2p::identity::Keypair::generate_ed25519());
+        store.create_snapshot(&signer, "test", 1 << 20).expect("the state matches its root");
+    };
+    // Kills part way through the pull (each one resumes where the last stopped), then as soon as
+    // every chunk is held, while the install runs or just after it.
+    for round in 0..4 {
+        let b = NodeProc::start(&b_dir, &b_args);
+        let target = match round {
+            3 => total,
+            _ => total * (round as u64 * 25 + 10 + random(20)) / 100,
+        };
+        let mut have = 0;
+        common::wait_sync("the pull to reach its kill point", std::time::Duration::from_secs(60), || {
+            let s = status(&b.api);
+            have = s["sync"]["snapshot"]["bytes_have"].as_u64().unwrap_or(0);
+            if have >= target || s["state"] == "active" {
+                Ok(())
+            } else {
+                Err(s["sync"].to_string())
+            }
+        });
+        println!("round {round}: kill -9 with {have} of {total} snapshot bytes held");
+        b.kill9();
+        check_whole(round);
+    }
+
+    let b = NodeProc::start(&b_dir, &b_args);
+    wait_active(&b);
+    common::wait_sync("equal roots", std::time::Duration::from_secs(30), || {
+        let (ra, rb) = (status(&a.api)["state_root"].clone(), status(&b.api)["state_root"].clone());
+        if ra == rb {
+            Ok(())
+        } else {
+            Err(format!("{ra} vs {rb}"))
+        }
+    });
+    assert!(a.terminate().success());
+    assert!(b.terminate().success());
+    check_whole(4);
+    let tombstones = |node: &str| {
+        Store::open(&dir.path().join(node).join(peersync::node::DATABASE_FILE)).unwrap().tombstones().unwrap()
+    };
+    assert!(tombstones("a") >= 100, "A holds the deletes as tombstones");
+    assert_eq!(tombstones("b"), tombstones("a"), "B indexed the snapshot's tombstones");
+}
+
 /// A tmpfs mounted for one test, unmounted when dropped. Mounting needs root: `None` otherwise.
 struct Tmpfs(tempfile::TempDir);
 

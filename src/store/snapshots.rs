@@ -254,8 +254,10 @@ impl Store {
         bytes: &[u8],
         durable: bool,
     ) -> Result<bool, StoreError> {
+        let started = std::time::Instant::now();
         let horizon = super::writer::now_ms().saturating_add(super::writer::MAX_CLOCK_AHEAD_MS);
         let prepared = staging::prepare_chunk(chunk, bytes, horizon)?;
+        let prepared_at = started.elapsed();
         // The chunk first: staged entries whose chunk a crash lost are fetched again (and staged
         // as no-ops); a chunk held but not staged is staged at install. A `durable` call fsyncs
         // even when the chunk was held already, so the earlier chunks it covers are durable too.
@@ -273,12 +275,16 @@ impl Store {
             }
             txn.commit()?;
         }
+        let kept_at = started.elapsed();
         // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
         // redone at install from the held chunks, with nothing fetched again.
         let staged = self.db().begin_write().map_err(StoreError::from).and_then(|mut txn| {
+            let began_at = started.elapsed();
             txn.set_durability(redb::Durability::None)?;
             let fresh = staging::stage(&txn, manifest, &prepared)?;
             txn.commit()?;
+            tracing::debug!(cid = %chunk.cid, prepare = ?prepared_at, keep = ?(kept_at - prepared_at),
+                wait = ?(began_at - kept_at), stage = ?(started.elapsed() - began_at), "chunk staged");
             Ok(fresh)
         });
         if staged.is_err() && added {
