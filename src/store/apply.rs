@@ -448,10 +448,39 @@ pub(crate) fn decode_canonical<T: serde::Serialize + serde::de::DeserializeOwned
     what: &str,
 ) -> Result<T, String> {
     let value: T = postcard::from_bytes(bytes).map_err(|e| format!("value is not a valid {what} encoding: {e}"))?;
-    if encode(&value) != bytes {
+    // Encoded again, the value must give the same bytes: compared as they are written, with no copy.
+    if !postcard::serialize_with_flavor(&value, SameAs { expected: bytes, at: 0 }).unwrap_or(false) {
         return Err(format!("{what} value is not in canonical encoding"));
     }
     Ok(value)
+}
+
+/// A postcard output that checks the bytes serialized against `expected` instead of keeping them:
+/// it stops at the first difference, and its output is whether all of `expected` was matched.
+struct SameAs<'a> {
+    expected: &'a [u8],
+    at: usize,
+}
+
+impl postcard::ser_flavors::Flavor for SameAs<'_> {
+    type Output = bool;
+
+    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
+        self.try_extend(&[byte])
+    }
+
+    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
+        let end = self.at.saturating_add(bytes.len());
+        if self.expected.get(self.at..end) != Some(bytes) {
+            return Err(postcard::Error::SerializeBufferFull);
+        }
+        self.at = end;
+        Ok(())
+    }
+
+    fn finalize(self) -> postcard::Result<bool> {
+        Ok(self.at == self.expected.len())
+    }
 }
 
 pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
@@ -493,5 +522,26 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn only_the_canonical_encoding_decodes_canonically() {
+        let origin = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
+        let v = RegisterValue { hlc: Hlc::new(1_763_000_000_000, 3), origin, value: Some(vec![5; 300]) };
+        let bytes = encode(&v);
+        assert_eq!(decode_canonical::<RegisterValue>(&bytes, "register"), Ok(v.clone()));
+        // A byte more, a byte less, a byte changed, and an overlong varint (logical 3 as 0x83 0x00)
+        // that postcard decodes to the same value.
+        let mut longer = bytes.clone();
+        longer.push(0);
+        let mut changed = bytes.clone();
+        *changed.last_mut().unwrap() ^= 1;
+        let wall_len = bytes.iter().position(|b| b & 0x80 == 0).unwrap() + 1;
+        let overlong = [&bytes[..wall_len], &[0x83, 0x00], &bytes[wall_len + 1..]].concat();
+        assert!(postcard::from_bytes::<RegisterValue>(&overlong).is_ok());
+        for bad in [longer, bytes[..bytes.len() - 1].to_vec(), overlong] {
+            assert!(decode_canonical::<RegisterValue>(&bad, "register").is_err(), "{bad:?}");
+        }
+        assert!(decode_canonical::<RegisterValue>(&changed, "register").is_ok_and(|d| d.value != v.value));
     }
 }

@@ -182,12 +182,13 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
         if let Some(stamp) = tombstone {
             tombstones.insert((stamp.wall_ms, stamp.logical, entry.collection.as_str(), entry.key.as_slice()), ())?;
         }
-        match staged.counts.get_mut(&(entry.kind, entry.collection.clone())) {
-            Some(n) => *n += 1,
-            None => drop(staged.counts.insert((entry.kind, entry.collection.clone()), 1)),
-        }
     }
     drop(tombstones);
+    // A chunk holds each collection's entries together: counted run by run.
+    for run in chunk.entries.chunk_by(|a, b| a.entry.kind == b.entry.kind && a.entry.collection == b.entry.collection) {
+        let first = &run[0].entry;
+        *staged.counts.entry((first.kind, first.collection.clone())).or_default() += run.len() as u64;
+    }
     if let Some(h) = chunk.hlc {
         staged.hlc = Some(staged.hlc.map_or(h, |m| m.max(h)));
     }
