@@ -125,6 +125,52 @@ fn kill_9_during_writes_loses_no_acknowledged_write() {
     assert_eq!(report.ops, vv);
 }
 
+/// Short gossip, discovery and digest intervals, for tests that wait on the cluster.
+const FAST: [&str; 6] = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300", "--digest-min-ms", "100"];
+/// Small snapshot chunks, and a log compacted right after each snapshot.
+const SMALL_SNAPSHOTS: [&str; 6] =
+    ["--snapshot-chunk-bytes", "4096", "--log-retention-ops", "10", "--log-retention-bytes", "1"];
+
+/// A random number below its argument, from a seed taken from the clock and printed (to replay a run).
+fn seeded_random() -> impl FnMut(u64) -> u64 {
+    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+    println!("seed {seed}");
+    move |below| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % below
+    }
+}
+
+/// Opens the stopped node's database: its log is sound, and its state hashes to its stored root
+/// (making a snapshot recomputes the root from every entry and refuses a state that differs).
+fn assert_store_whole(node_dir: &std::path::Path, when: &str) {
+    let store = Store::open(&node_dir.join(peersync::node::DATABASE_FILE)).unwrap();
+    let report = store.check_log().unwrap();
+    assert!(report.problems.is_empty(), "log {when}: {:?}", report.problems);
+    let signer = peersync::op::Signer::new(libp2p::identity::Keypair::generate_ed25519());
+    store.create_snapshot(&signer, "test", 1 << 20).unwrap_or_else(|e| panic!("state {when}: {e}"));
+}
+
+fn post_snapshot(node: &NodeProc) -> Value {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let resp = rt.block_on(reqwest::Client::new().post(format!("{}/v1/snapshots", node.api)).send()).unwrap();
+    assert_eq!(resp.status(), 200);
+    rt.block_on(resp.json()).unwrap()
+}
+
+fn wait_equal_roots(a: &NodeProc, b: &NodeProc) {
+    common::wait_sync("equal roots", std::time::Duration::from_secs(30), || {
+        let (ra, rb) = (status(&a.api)["state_root"].clone(), status(&b.api)["state_root"].clone());
+        if ra == rb {
+            Ok(())
+        } else {
+            Err(format!("{ra} vs {rb}"))
+        }
+    });
+}
+
 /// A primary `a` and a replica `b` bootstrapped to it, with short gossip and discovery intervals:
 /// (a, b's data dir, b's flags to restart it with, b).
 fn primary_and_replica(dir: &tempfile::TempDir) -> (NodeProc, std::path::PathBuf, Vec<String>, NodeProc) {
@@ -149,14 +195,7 @@ fn a_replica_killed_9_in_a_loop_keeps_log_vector_and_root_consistent() {
     let dir = tempfile::tempdir().unwrap();
     let (a, b_dir, b_args, mut b) = primary_and_replica(&dir);
     let b_args: Vec<&str> = b_args.iter().map(String::as_str).collect();
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    println!("seed {seed}");
-    let mut random = move |below: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % below
-    };
+    let mut random = seeded_random();
 
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
@@ -235,12 +274,7 @@ fn a_replica_killed_9_in_a_loop_keeps_log_vector_and_root_consistent() {
     assert_eq!(s["log_ops"].as_u64().unwrap(), written, "B's log holds every op A acknowledged");
     assert!(a.terminate().success());
     assert!(b.terminate().success());
-    let store = Store::open(&b_dir.join(peersync::node::DATABASE_FILE)).unwrap();
-    let report = store.check_log().unwrap();
-    assert!(report.problems.is_empty(), "log at the end: {:?}", report.problems);
-    // Making a snapshot recomputes the root from every entry and refuses a state that differs.
-    let signer = peersync::op::Signer::new(libp2p::identity::Keypair::generate_ed25519());
-    store.create_snapshot(&signer, "test", 1 << 20).expect("the state matches its root");
+    assert_store_whole(&b_dir, "at the end");
 }
 
 /// `?ack=1` answers once the other node holds the write on its disk, not only in memory: a
@@ -307,10 +341,10 @@ fn three_processes_in_a_chain_replicate_writes() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
+    let b = NodeProc::start(&dir.path().join("b"), &[&FAST[..], &["--bootstrap", &a_addr]].concat());
     let b_addr = bootstrap_addr(&b);
     let c =
-        NodeProc::start(&dir.path().join("c"), &[&fast[..], &["--bootstrap", &b_addr, "--role", "replica"]].concat());
+        NodeProc::start(&dir.path().join("c"), &[&FAST[..], &["--bootstrap", &b_addr, "--role", "replica"]].concat());
 
     let put = |node: &NodeProc, key: &str, value: &str| -> String {
         let (ok, out, err) = cli(&["put", "docs", key, value, "--api", &node.api]);
@@ -348,7 +382,7 @@ fn leases_need_a_majority_of_the_primaries_and_survive_a_restart() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b_args = [&fast[..], &["--bootstrap", &a_addr]].concat();
+    let b_args = [&FAST[..], &["--bootstrap", &a_addr]].concat();
     let b = NodeProc::start(&dir.path().join("b"), &b_args);
     let voters = |node: &NodeProc| status(&node.api)["sync"]["leases"]["voters"].as_array().map_or(0, Vec::len);
     common::wait_sync("both primaries vote in the lease group", std::time::Duration::from_secs(60), || {
@@ -408,9 +442,9 @@ fn a_restarted_node_never_answers_stale_not_found() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
     let n1 = NodeProc::start(&dir.path().join("n1"), &fast);
     let n1_addr = bootstrap_addr(&n1);
-    let n2 = NodeProc::start(&dir.path().join("n2"), &[&fast[..], &["--bootstrap", &n1_addr]].concat());
+    let n2 = NodeProc::start(&dir.path().join("n2"), &[&FAST[..], &["--bootstrap", &n1_addr]].concat());
     let n3_dir = dir.path().join("n3");
-    let n3_args: Vec<&str> = [&fast[..], &["--bootstrap", &n1_addr, "--role", "replica"]].concat();
+    let n3_args: Vec<&str> = [&FAST[..], &["--bootstrap", &n1_addr, "--role", "replica"]].concat();
     let n3 = NodeProc::start(&n3_dir, &n3_args);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let http = reqwest::Client::new();
@@ -477,21 +511,16 @@ fn metric_value(api: &str, line_prefix: &str) -> u64 {
 #[test]
 fn a_snapshot_pull_resumes_after_sigkill_without_refetching() {
     let dir = tempfile::tempdir().unwrap();
-    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300", "--digest-min-ms", "100"];
-    let small = ["--snapshot-chunk-bytes", "4096", "--log-retention-ops", "10", "--log-retention-bytes", "1"];
-    let a = NodeProc::start(&dir.path().join("a"), &[&fast[..], &small[..]].concat());
+    let a = NodeProc::start(&dir.path().join("a"), &[&FAST[..], &SMALL_SNAPSHOTS[..]].concat());
     fill_random(&a.api, 4);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-    let http = reqwest::Client::new();
-    let snap: Value =
-        rt.block_on(async { http.post(format!("{}/v1/snapshots", a.api)).send().await.unwrap().json().await.unwrap() });
+    let snap = post_snapshot(&a);
     let total = snap["bytes"].as_u64().unwrap();
     assert!(snap["chunks"].as_u64().unwrap() > 300, "{snap}");
 
     let a_addr = bootstrap_addr(&a);
     let b_dir = dir.path().join("b");
     let b_args: Vec<&str> =
-        [&fast[..], &["--bootstrap", &a_addr, "--role", "replica", "--snapshot-chunks-per-source", "1"]].concat();
+        [&FAST[..], &["--bootstrap", &a_addr, "--role", "replica", "--snapshot-chunks-per-source", "1"]].concat();
     let b = NodeProc::start(&b_dir, &b_args);
     let mut killed_at = 0;
     common::wait_sync("the pull to pass 30%", std::time::Duration::from_secs(60), || {
@@ -509,14 +538,7 @@ fn a_snapshot_pull_resumes_after_sigkill_without_refetching() {
 
     let b = NodeProc::start(&b_dir, &b_args);
     wait_active(&b);
-    common::wait_sync("equal roots", std::time::Duration::from_secs(30), || {
-        let (ra, rb) = (status(&a.api)["state_root"].clone(), status(&b.api)["state_root"].clone());
-        if ra == rb {
-            Ok(())
-        } else {
-            Err(format!("{ra} vs {rb}"))
-        }
-    });
+    wait_equal_roots(&a, &b);
     let served = metric_value(&a.api, "peersync_bytes_sent_total{protocol=\"snapshot\"}");
     println!(
         "snapshot {total} B; killed B at {killed_at} B; A served {served} B in all ({:.3}x)",
@@ -538,9 +560,7 @@ fn a_snapshot_pull_resumes_after_sigkill_without_refetching() {
 #[test]
 fn a_replica_killed_9_while_it_stages_and_installs_a_snapshot_stays_whole() {
     let dir = tempfile::tempdir().unwrap();
-    let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300", "--digest-min-ms", "100"];
-    let small = ["--snapshot-chunk-bytes", "4096", "--log-retention-ops", "10", "--log-retention-bytes", "1"];
-    let a = NodeProc::start(&dir.path().join("a"), &[&fast[..], &small[..]].concat());
+    let a = NodeProc::start(&dir.path().join("a"), &[&FAST[..], &SMALL_SNAPSHOTS[..]].concat());
     fill_random(&a.api, 3);
     // Tombstones in the snapshot: deletes of keys held, and of keys never written.
     let deletes: Vec<Value> =
@@ -550,30 +570,14 @@ fn a_replica_killed_9_while_it_stages_and_installs_a_snapshot_stays_whole() {
     let http = reqwest::Client::new();
     let resp = rt.block_on(http.post(format!("{}/v1/registers/data", a.api)).body(body).send()).unwrap();
     assert_eq!(resp.status(), 200);
-    let snap: Value =
-        rt.block_on(async { http.post(format!("{}/v1/snapshots", a.api)).send().await.unwrap().json().await.unwrap() });
+    let snap = post_snapshot(&a);
     let total = snap["bytes"].as_u64().unwrap();
     assert!(snap["chunks"].as_u64().unwrap() > 200, "{snap}");
 
     let a_addr = bootstrap_addr(&a);
     let b_dir = dir.path().join("b");
-    let b_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
-    let mut seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-    println!("seed {seed}");
-    let mut random = move |below: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % below
-    };
-    let check_whole = |round: usize| {
-        let store = Store::open(&b_dir.join(peersync::node::DATABASE_FILE)).unwrap();
-        let report = store.check_log().unwrap();
-        assert!(report.problems.is_empty(), "round {round}: log after kill -9: {:?}", report.problems);
-        // Making a snapshot recomputes the root from every entry and refuses a state that differs.
-        let signer = peersync::op::Signer::new(libp2p::identity::Keypair::generate_ed25519());
-        store.create_snapshot(&signer, "test", 1 << 20).expect("the state matches its root");
-    };
+    let b_args: Vec<&str> = [&FAST[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat();
+    let mut random = seeded_random();
     // Kills part way through the pull (each one resumes where the last stopped), then as soon as
     // every chunk is held, while the install runs or just after it.
     for round in 0..4 {
@@ -594,22 +598,15 @@ fn a_replica_killed_9_while_it_stages_and_installs_a_snapshot_stays_whole() {
         });
         println!("round {round}: kill -9 with {have} of {total} snapshot bytes held");
         b.kill9();
-        check_whole(round);
+        assert_store_whole(&b_dir, &format!("after kill -9 {round}"));
     }
 
     let b = NodeProc::start(&b_dir, &b_args);
     wait_active(&b);
-    common::wait_sync("equal roots", std::time::Duration::from_secs(30), || {
-        let (ra, rb) = (status(&a.api)["state_root"].clone(), status(&b.api)["state_root"].clone());
-        if ra == rb {
-            Ok(())
-        } else {
-            Err(format!("{ra} vs {rb}"))
-        }
-    });
+    wait_equal_roots(&a, &b);
     assert!(a.terminate().success());
     assert!(b.terminate().success());
-    check_whole(4);
+    assert_store_whole(&b_dir, "at the end");
     let tombstones = |node: &str| {
         Store::open(&dir.path().join(node).join(peersync::node::DATABASE_FILE)).unwrap().tombstones().unwrap()
     };
@@ -940,9 +937,9 @@ fn tombstones_of_100k_deletes_are_collected_on_every_node() {
     let fast = gc_flags("600000");
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
+    let b = NodeProc::start(&dir.path().join("b"), &[&FAST[..], &["--bootstrap", &a_addr]].concat());
     let c =
-        NodeProc::start(&dir.path().join("c"), &[&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat());
+        NodeProc::start(&dir.path().join("c"), &[&FAST[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat());
     wait_active(&c);
     const KEYS: u32 = 100_000;
     const BATCH: u32 = 10_000;
@@ -991,9 +988,9 @@ fn a_node_back_after_the_horizon_brings_no_deleted_key_back() {
     let fast = gc_flags("2000");
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
+    let b = NodeProc::start(&dir.path().join("b"), &[&FAST[..], &["--bootstrap", &a_addr]].concat());
     let c_dir = dir.path().join("c");
-    let c_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr]].concat();
+    let c_args: Vec<&str> = [&FAST[..], &["--bootstrap", &a_addr]].concat();
     let c = NodeProc::start(&c_dir, &c_args);
     wait_active(&c);
     write_batch(&a, 0..1_000, Some("v"));
