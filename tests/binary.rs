@@ -341,10 +341,10 @@ fn three_processes_in_a_chain_replicate_writes() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b = NodeProc::start(&dir.path().join("b"), &[&FAST[..], &["--bootstrap", &a_addr]].concat());
+    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
     let b_addr = bootstrap_addr(&b);
     let c =
-        NodeProc::start(&dir.path().join("c"), &[&FAST[..], &["--bootstrap", &b_addr, "--role", "replica"]].concat());
+        NodeProc::start(&dir.path().join("c"), &[&fast[..], &["--bootstrap", &b_addr, "--role", "replica"]].concat());
 
     let put = |node: &NodeProc, key: &str, value: &str| -> String {
         let (ok, out, err) = cli(&["put", "docs", key, value, "--api", &node.api]);
@@ -382,7 +382,7 @@ fn leases_need_a_majority_of_the_primaries_and_survive_a_restart() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b_args = [&FAST[..], &["--bootstrap", &a_addr]].concat();
+    let b_args = [&fast[..], &["--bootstrap", &a_addr]].concat();
     let b = NodeProc::start(&dir.path().join("b"), &b_args);
     let voters = |node: &NodeProc| status(&node.api)["sync"]["leases"]["voters"].as_array().map_or(0, Vec::len);
     common::wait_sync("both primaries vote in the lease group", std::time::Duration::from_secs(60), || {
@@ -442,9 +442,9 @@ fn a_restarted_node_never_answers_stale_not_found() {
     let fast = ["--gossip-heartbeat-ms", "100", "--discovery-interval-ms", "300"];
     let n1 = NodeProc::start(&dir.path().join("n1"), &fast);
     let n1_addr = bootstrap_addr(&n1);
-    let n2 = NodeProc::start(&dir.path().join("n2"), &[&FAST[..], &["--bootstrap", &n1_addr]].concat());
+    let n2 = NodeProc::start(&dir.path().join("n2"), &[&fast[..], &["--bootstrap", &n1_addr]].concat());
     let n3_dir = dir.path().join("n3");
-    let n3_args: Vec<&str> = [&FAST[..], &["--bootstrap", &n1_addr, "--role", "replica"]].concat();
+    let n3_args: Vec<&str> = [&fast[..], &["--bootstrap", &n1_addr, "--role", "replica"]].concat();
     let n3 = NodeProc::start(&n3_dir, &n3_args);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
     let http = reqwest::Client::new();
@@ -937,9 +937,9 @@ fn tombstones_of_100k_deletes_are_collected_on_every_node() {
     let fast = gc_flags("600000");
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b = NodeProc::start(&dir.path().join("b"), &[&FAST[..], &["--bootstrap", &a_addr]].concat());
+    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
     let c =
-        NodeProc::start(&dir.path().join("c"), &[&FAST[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat());
+        NodeProc::start(&dir.path().join("c"), &[&fast[..], &["--bootstrap", &a_addr, "--role", "replica"]].concat());
     wait_active(&c);
     const KEYS: u32 = 100_000;
     const BATCH: u32 = 10_000;
@@ -988,9 +988,9 @@ fn a_node_back_after_the_horizon_brings_no_deleted_key_back() {
     let fast = gc_flags("2000");
     let a = NodeProc::start(&dir.path().join("a"), &fast);
     let a_addr = bootstrap_addr(&a);
-    let b = NodeProc::start(&dir.path().join("b"), &[&FAST[..], &["--bootstrap", &a_addr]].concat());
+    let b = NodeProc::start(&dir.path().join("b"), &[&fast[..], &["--bootstrap", &a_addr]].concat());
     let c_dir = dir.path().join("c");
-    let c_args: Vec<&str> = [&FAST[..], &["--bootstrap", &a_addr]].concat();
+    let c_args: Vec<&str> = [&fast[..], &["--bootstrap", &a_addr]].concat();
     let c = NodeProc::start(&c_dir, &c_args);
     wait_active(&c);
     write_batch(&a, 0..1_000, Some("v"));
