@@ -16,7 +16,7 @@ use cid::Cid;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::apply::{decode_canonical, encode, entry_kind};
-use super::root::{identity_hash, root_hash, Buckets, BUCKETS as BUCKET_COUNT};
+use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
 use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -56,7 +56,8 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
         }
         let kind = entry_kind(entry.kind);
         let id = identity_hash(kind, &entry.collection, &entry.key);
-        let hash = root_hash(kind, &id, &entry.value);
+        // A register tombstone has no hash in the root (as `root_hash` decides from the bytes).
+        let hash = (!tombstone).then(|| entry_hash(&id, &entry.value));
         entries.push(PreparedEntry { entry, id, hash, tombstone: stamp.filter(|_| tombstone) });
     }
     Ok(PreparedChunk { cid: r.cid, entries, hlc })
