@@ -190,10 +190,10 @@ pub(crate) fn reindex_tombstone(
     new: &RegisterValue,
 ) -> Result<(), StoreError> {
     if let Some(old) = old.filter(|o| o.is_tombstone()) {
-        index.remove((old.hlc.wall_ms, old.hlc.logical, register, key))?;
+        index.remove(tombstone_key(old.hlc, register, key))?;
     }
     if new.is_tombstone() {
-        index.insert((new.hlc.wall_ms, new.hlc.logical, register, key), ())?;
+        index.insert(tombstone_key(new.hlc, register, key), ())?;
     }
     Ok(())
 }
@@ -355,7 +355,7 @@ impl<'t> Tables<'t> {
         for (register, key, bytes, value) in &gone {
             self.registers.remove((register.as_str(), key.as_slice()))?;
             if value.is_tombstone() {
-                self.tombstones.remove((value.hlc.wall_ms, value.hlc.logical, register.as_str(), key.as_slice()))?;
+                self.tombstones.remove(tombstone_key(value.hlc, register, key))?;
             }
             let id = identity_hash(EntryKind::Register, register, key);
             if let Some(h) = super::root::root_hash(EntryKind::Register, &id, bytes) {

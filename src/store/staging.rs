@@ -181,7 +181,7 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
             staged.buckets.toggle(id, hash);
         }
         if let Some(stamp) = tombstone {
-            tombstones.insert((stamp.wall_ms, stamp.logical, entry.collection.as_str(), entry.key.as_slice()), ())?;
+            tombstones.insert(tombstone_key(*stamp, &entry.collection, &entry.key), ())?;
         }
     }
     drop(tombstones);

@@ -4,6 +4,7 @@
 
 use redb::TableDefinition;
 
+use crate::crdt::Hlc;
 use crate::snapshot::Kind;
 
 /// Op log, one row per signed batch (see `log.rs`). Key: (origin peer id bytes, seq of the batch's
@@ -42,6 +43,12 @@ pub(crate) const LOG_FLOORS: TableDefinition<&[u8], u64> = TableDefinition::new(
 /// Index of register tombstones by stamp, so collecting those up to a stamp is a range scan. Key:
 /// (HLC wall ms, HLC logical, register name, key bytes) of each tombstone in `REGISTERS`. Value: none.
 pub(crate) const TOMBSTONES: TableDefinition<(u64, u32, &str, &[u8]), ()> = TableDefinition::new("tombstones_v1");
+
+/// The key of a tombstone in `TOMBSTONES` (and `STAGE_TOMBSTONES`): its stamp, then its register
+/// and key.
+pub(crate) fn tombstone_key<'a>(stamp: Hlc, register: &'a str, key: &'a [u8]) -> (u64, u32, &'a str, &'a [u8]) {
+    (stamp.wall_ms, stamp.logical, register, key)
+}
 
 /// State-root buckets. Key: bucket index. Value: 32-byte XOR of the entry hashes in the bucket.
 pub(crate) const BUCKETS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");

@@ -71,7 +71,7 @@ pub(crate) fn rebuild_index(txn: &WriteTransaction) -> Result<(), StoreError> {
         let value: RegisterValue = decode(v.value(), "register")?;
         if value.is_tombstone() {
             let (register, key) = k.value();
-            index.insert((value.hlc.wall_ms, value.hlc.logical, register, key), ())?;
+            index.insert(tombstone_key(value.hlc, register, key), ())?;
         }
     }
     Ok(())
@@ -102,7 +102,7 @@ pub(crate) fn migrate_v1(txn: &WriteTransaction) -> Result<u64, StoreError> {
                 let id = identity_hash(EntryKind::Register, register, key);
                 // Format 1 counted the tombstone's entry hash; toggling it again takes it out.
                 buckets.toggle(&id, &super::root::entry_hash(&id, v.value()));
-                index.insert((value.hlc.wall_ms, value.hlc.logical, register, key), ())?;
+                index.insert(tombstone_key(value.hlc, register, key), ())?;
                 moved += 1;
             }
         }
