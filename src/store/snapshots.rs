@@ -262,19 +262,17 @@ impl Store {
         // as no-ops); a chunk held but not staged is staged at install. A `durable` call fsyncs
         // even when the chunk was held already, so the earlier chunks it covers are durable too.
         let key = chunk.cid.to_bytes();
-        let added = !self.has_chunk(&chunk.cid)?;
         // The chunk, then its entries in the staging tables.
         self.check_disk(bytes.len() as u64 + chunk.raw_size * 2)?;
-        if added || durable {
-            let mut txn = self.chunks_db().begin_write()?;
-            if !durable {
-                txn.set_durability(redb::Durability::None)?;
-            }
-            if added {
-                txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
-            }
-            txn.commit()?;
+        // Inserted without asking first whether it is held: a chunk is its leaf's only entry, so a
+        // lookup reads a whole chunk (the one held or its neighbour), about 4 MiB per chunk staged.
+        // A chunk held already (rarely: fetched twice) is rewritten with the same bytes.
+        let mut txn = self.chunks_db().begin_write()?;
+        if !durable {
+            txn.set_durability(redb::Durability::None)?;
         }
+        let added = txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?.is_none();
+        txn.commit()?;
         let kept_at = started.elapsed();
         // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
         // redone at install from the held chunks, with nothing fetched again.
