@@ -1016,3 +1016,26 @@ fn a_node_back_after_the_horizon_brings_no_deleted_key_back() {
         assert!(node.terminate().success());
     }
 }
+
+/// The binary has its allocator commit memory as it uses it, so that what a burst freed goes back
+/// to the kernel (an idle node's RSS), unless `MIMALLOC_ARENA_EAGER_COMMIT` says otherwise.
+/// mimalloc lists the options it runs with on a verbose start.
+#[test]
+fn the_allocator_commits_its_arena_on_demand_unless_the_environment_says_otherwise() {
+    let dir = tempfile::tempdir().unwrap();
+    let eager_commit = |env: &[(&str, &str)]| {
+        let out = std::process::Command::new(common::process::BIN)
+            .args(["id", "--data-dir"])
+            .arg(dir.path())
+            .env("MIMALLOC_VERBOSE", "1")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        let line = stderr.lines().find(|l| l.contains("option 'arena_eager_commit'"));
+        line.unwrap_or_else(|| panic!("no arena_eager_commit in mimalloc's options:\n{stderr}")).trim().to_owned()
+    };
+    assert_eq!(eager_commit(&[]), "option 'arena_eager_commit': 0");
+    assert_eq!(eager_commit(&[("MIMALLOC_ARENA_EAGER_COMMIT", "2")]), "option 'arena_eager_commit': 2");
+}
