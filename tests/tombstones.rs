@@ -1,5 +1,5 @@
 //! Tombstones in the store: outside the state root, indexed, collected up to a stamp, stale copies
-//! refused after collection, and a format-1 data dir migrated.
+//! refused after collection, and data dirs of formats 1 and 2 migrated.
 
 use std::thread::JoinHandle;
 
@@ -193,15 +193,61 @@ async fn a_snapshot_merged_into_a_stale_state_drops_the_collected_deletes() {
     }
 }
 
+mod old_formats {
+    use peersync::store::root::BUCKETS;
+    use redb::{ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
+
+    pub const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
+    pub const REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("registers_v1");
+    pub const TOMBSTONES: TableDefinition<(u64, u32, &str, &[u8]), ()> = TableDefinition::new("tombstones_v1");
+    /// Formats 1 and 2: one row per bucket.
+    const BUCKETS_V1: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
+    /// Format 3: rows of 64 buckets.
+    const BUCKET_ROWS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_bucket_rows_v3");
+
+    /// Moves the buckets of a format-3 file into the table of formats 1 and 2, one per row, and
+    /// returns them.
+    pub fn buckets_to_v1(txn: &redb::WriteTransaction) -> Vec<[u8; 32]> {
+        let mut hashes = vec![[0u8; 32]; BUCKETS];
+        for row in txn.open_table(BUCKET_ROWS).unwrap().iter().unwrap() {
+            let (k, v) = row.unwrap();
+            let r = k.value() as usize;
+            assert_eq!(v.value().len(), 64 * 32);
+            for (i, h) in v.value().chunks_exact(32).enumerate() {
+                hashes[r * 64 + i] = h.try_into().unwrap();
+            }
+        }
+        txn.delete_table(BUCKET_ROWS).unwrap();
+        write_v1(txn, &hashes);
+        hashes
+    }
+
+    pub fn write_v1(txn: &redb::WriteTransaction, hashes: &[[u8; 32]]) {
+        let mut table = txn.open_table(BUCKETS_V1).unwrap();
+        for (b, h) in hashes.iter().enumerate() {
+            table.insert(b as u32, h.as_slice()).unwrap();
+        }
+    }
+
+    pub fn set_format(txn: &redb::WriteTransaction, version: u64) {
+        txn.open_table(META).unwrap().insert("format_version", version.to_be_bytes().as_slice()).unwrap();
+    }
+
+    /// The format version of the file and whether it still has the one-row-per-bucket table.
+    pub fn format_of(path: &std::path::Path) -> (u64, bool) {
+        let db = redb::Database::open(path).unwrap();
+        let read = db.begin_read().unwrap();
+        let format = read.open_table(META).unwrap().get("format_version").unwrap().unwrap().value().to_vec();
+        let has_v1 = read.list_tables().unwrap().any(|t| t.name() == "state_buckets_v1");
+        (u64::from_be_bytes(format.try_into().unwrap()), has_v1)
+    }
+}
+
 #[tokio::test]
 async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
-    use peersync::store::root::{entry_hash, identity_hash, EntryKind, BUCKETS};
-    use redb::{ReadableDatabase, ReadableTable, TableDefinition};
-
-    const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta_v1");
-    const REGISTERS: TableDefinition<(&str, &[u8]), &[u8]> = TableDefinition::new("registers_v1");
-    const BUCKET_TABLE: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
-    const TOMBSTONES: TableDefinition<(u64, u32, &str, &[u8]), ()> = TableDefinition::new("tombstones_v1");
+    use old_formats::*;
+    use peersync::store::root::{entry_hash, identity_hash, EntryKind};
+    use redb::ReadableTable;
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.redb");
@@ -211,16 +257,13 @@ async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
     let (root, vv) = a.store.state_root();
     let signer = a.close().await;
 
-    // Turn it into what format 1 wrote: tombstones counted in the buckets, no index.
+    // Turn it into what format 1 wrote: tombstones counted in the buckets (one row per bucket), no index.
     {
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
         {
+            let mut hashes = buckets_to_v1(&txn);
             let registers = txn.open_table(REGISTERS).unwrap();
-            let mut buckets = txn.open_table(BUCKET_TABLE).unwrap();
-            let mut hashes: Vec<[u8; 32]> = (0..BUCKETS as u32)
-                .map(|b| buckets.get(b).unwrap().map_or([0; 32], |v| v.value().try_into().unwrap()))
-                .collect();
             for row in registers.iter().unwrap() {
                 let (k, v) = row.unwrap();
                 let (register, key) = k.value();
@@ -232,17 +275,13 @@ async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
                     }
                 }
             }
-            for (b, h) in hashes.iter().enumerate() {
-                buckets.insert(b as u32, h.as_slice()).unwrap();
-            }
-            txn.open_table(META).unwrap().insert("format_version", 1u64.to_be_bytes().as_slice()).unwrap();
+            write_v1(&txn, &hashes);
+            set_format(&txn, 1);
         }
         txn.delete_table(TOMBSTONES).unwrap();
         txn.commit().unwrap();
-        let read = db.begin_read().unwrap();
-        let format = read.open_table(META).unwrap().get("format_version").unwrap().unwrap().value().to_vec();
-        assert_eq!(format, 1u64.to_be_bytes());
     }
+    assert_eq!(format_of(&path), (1, true));
 
     let a = open_with(&path, signer);
     assert_eq!(a.store.state_root(), (root, vv));
@@ -250,15 +289,55 @@ async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
     assert_eq!(a.writer.collect_tombstones(a.store.clock()).await.unwrap(), 40);
     assert_eq!(a.store.state_root().0, root);
     a.close().await;
+    assert_eq!(format_of(&path), (3, false));
     // A format this build does not know is refused, naming it.
     {
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();
-        txn.open_table(META).unwrap().insert("format_version", 9u64.to_be_bytes().as_slice()).unwrap();
+        set_format(&txn, 9);
         txn.commit().unwrap();
     }
     let err = Store::open(&path).unwrap_err().to_string();
     assert!(err.contains('9'), "{err}");
+}
+
+#[tokio::test]
+async fn a_format_2_data_dir_keeps_its_root_and_takes_writes_after_migration() {
+    use old_formats::*;
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("v2.redb");
+    let a = open_with(&path, Signer::new(libp2p::identity::Keypair::generate_ed25519()));
+    put(&a, 0..300).await;
+    delete(&a, 0..10).await;
+    let (root, vv) = a.store.state_root();
+    let signer = a.close().await;
+    {
+        let db = redb::Database::open(&path).unwrap();
+        let txn = db.begin_write().unwrap();
+        buckets_to_v1(&txn);
+        set_format(&txn, 2);
+        txn.commit().unwrap();
+    }
+    assert_eq!(format_of(&path), (2, true));
+
+    let a = open_with(&path, signer);
+    assert_eq!(a.store.state_root(), (root, vv));
+    // Writes after the migration keep the persisted rows in step with the mirror: a reopened node
+    // has the root of a node that never stopped.
+    put(&a, 300..400).await;
+    let after = a.store.state_root();
+    assert_ne!(after.0, root);
+    let signer = a.close().await;
+    assert_eq!(format_of(&path), (3, false));
+    let a = open_with(&path, signer);
+    assert_eq!(a.store.state_root(), after);
+    // The same ops applied to a node that was never migrated give the same root.
+    let fresh = open(&dir, "fresh");
+    replay(&a.store, &fresh, &a.origin()).await;
+    assert_eq!(fresh.store.state_root().0, after.0);
+    a.close().await;
+    fresh.close().await;
 }
 
 #[test]

@@ -44,6 +44,11 @@ impl DirtyBuckets {
         self.0[bucket / 64] |= 1 << (bucket % 64);
     }
 
+    /// The rows of 64 buckets (see `buckets.rs`) holding a marked bucket, in increasing order.
+    pub fn rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().filter(|(_, bits)| **bits != 0).map(|(r, _)| r)
+    }
+
     /// The marked buckets in increasing order.
     pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
         self.0

@@ -10,6 +10,7 @@
 //! Must never depend on: the network, the sync logic or the node.
 
 mod apply;
+mod buckets;
 mod disk;
 mod error;
 mod lease_log;
@@ -166,7 +167,7 @@ impl Store {
         };
         let db = open(path, cache_bytes)?;
         let txn = db.begin_write()?;
-        let mut migrate_v1 = false;
+        let mut migrate_from = None;
         {
             let mut meta = txn.open_table(META)?;
             let found = meta.get(META_FORMAT)?.map(|v| be_u64(v.value()));
@@ -175,7 +176,7 @@ impl Store {
                     meta.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
                 }
                 Some(Ok(v)) if v == FORMAT_VERSION => {}
-                Some(Ok(1)) => migrate_v1 = true,
+                Some(Ok(v @ (1 | 2))) => migrate_from = Some(v),
                 Some(v) => return Err(StoreError::Format { path: path.to_owned(), found: v.ok() }),
             }
             txn.open_table(OPLOG)?;
@@ -186,16 +187,20 @@ impl Store {
             txn.open_table(LEASES)?;
             txn.open_table(VERSION_VECTOR)?;
             txn.open_table(LOG_FLOORS)?;
-            txn.open_table(BUCKETS)?;
+            txn.open_table(BUCKET_ROWS)?;
             txn.open_table(SNAPSHOTS)?;
             txn.open_table(SNAPSHOT_ORDER)?;
             txn.open_table(TOMBSTONES)?;
         }
         log::migrate_v1(&txn)?;
-        if migrate_v1 {
+        if migrate_from == Some(1) {
             let moved = tombstones::migrate_v1(&txn)?;
-            txn.open_table(META)?.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
             tracing::info!(path = %path.display(), tombstones = moved, "migrated the data dir from format 1 to 2: tombstones left the state root; snapshots held were dropped");
+        }
+        if let Some(from) = migrate_from {
+            buckets::migrate_v2(&txn)?;
+            txn.open_table(META)?.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
+            tracing::info!(path = %path.display(), from, "migrated the data dir to format 3: state-root buckets in rows of 64");
         }
         let chunks = open(&chunks_path(path), CHUNKS_CACHE_BYTES)?;
         move_chunks_out(&txn, &chunks)?;
@@ -388,7 +393,7 @@ fn load_mirror(db: &Database) -> Result<Mirror, StoreError> {
         let origin = origin_from_bytes(k.value())?;
         mirror.progress.insert(origin, decode_progress(v.value())?);
     }
-    mirror.buckets = snapshots::read_buckets(&txn.open_table(BUCKETS)?)?;
+    mirror.buckets = buckets::read(&txn.open_table(BUCKET_ROWS)?)?;
     if let Some(v) = txn.open_table(META)?.get(META_HLC)? {
         mirror.hlc = decode_hlc(v.value())?;
     }

@@ -12,7 +12,7 @@
 
 use crate::ids::StateRoot;
 
-/// Number of buckets. Fixed by the on-disk format (`state_buckets_v1`).
+/// Number of buckets. Fixed by the on-disk format (`state_bucket_rows_v3`).
 pub const BUCKETS: usize = 4096;
 
 /// The kind of a state entry, part of its identity.

@@ -86,7 +86,7 @@ impl Store {
                 heads.insert(origin, p.chain);
             }
         }
-        let stored = read_buckets(&txn.open_table(BUCKETS)?)?;
+        let stored = super::buckets::read(&txn.open_table(BUCKET_ROWS)?)?;
 
         // The entries, checked against the stored buckets as they go into chunks: a snapshot of a
         // state that does not match its own root would be refused by every installer.
@@ -467,17 +467,4 @@ fn stored_snapshot(
     let signed = SignedManifest::decode(value.value()).map_err(|e| corrupt(e.to_string()))?;
     let manifest = signed.manifest_unverified().map_err(|e| corrupt(e.to_string()))?;
     Ok(StoredSnapshot { cid, manifest })
-}
-
-/// The bucket hashes persisted in a `BUCKETS` table.
-pub(super) fn read_buckets(table: &impl ReadableTable<u32, &'static [u8]>) -> Result<Buckets, StoreError> {
-    let mut buckets = Buckets::default();
-    for row in table.iter()? {
-        let (k, v) = row?;
-        let idx = k.value() as usize;
-        let hash: [u8; 32] =
-            v.value().try_into().map_err(|_| StoreError::Corrupt(format!("bucket {idx} is not 32 bytes")))?;
-        *buckets.0.get_mut(idx).ok_or_else(|| StoreError::Corrupt(format!("bucket index {idx} out of range")))? = hash;
-    }
-    Ok(buckets)
 }

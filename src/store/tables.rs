@@ -50,8 +50,13 @@ pub(crate) fn tombstone_key<'a>(stamp: Hlc, register: &'a str, key: &'a [u8]) ->
     (stamp.wall_ms, stamp.logical, register, key)
 }
 
-/// State-root buckets. Key: bucket index. Value: 32-byte XOR of the entry hashes in the bucket.
-pub(crate) const BUCKETS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
+/// State-root buckets (see `buckets.rs`). Key: row index, 0..64. Value: the 32-byte hashes of the
+/// row's 64 buckets in order, each the XOR of the entry hashes in the bucket.
+pub(crate) const BUCKET_ROWS: TableDefinition<u32, &[u8]> = TableDefinition::new("state_bucket_rows_v3");
+
+/// State-root buckets of formats 1 and 2, one per row. Key: bucket index. Value: 32-byte hash. Moved
+/// into `BUCKET_ROWS` at open.
+pub(crate) const BUCKETS_V1: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
 
 /// Snapshot chunks, in the chunk database (see `Store`). Key: chunk CID bytes. Value: the compressed
 /// chunk, which hashes to that CID (checked before every insert). Chunks of several snapshots are
@@ -83,9 +88,10 @@ pub(crate) const META_COLLECTED: &str = "tombstones_collected";
 /// memtable with a read transaction by it (see `memtable.rs`).
 pub(crate) const META_FLUSH: &str = "memtable_flush";
 
-/// Format version written by this build. Version 1 (register tombstones counted in the state root,
-/// no tombstone index) is migrated at open; any other version is refused.
-pub(crate) const FORMAT_VERSION: u64 = 2;
+/// Format version written by this build. Versions 1 (register tombstones counted in the state root,
+/// no tombstone index) and 2 (one row per state-root bucket) are migrated at open; any other version
+/// is refused.
+pub(crate) const FORMAT_VERSION: u64 = 3;
 
 /// A state table's definition: (collection name, key bytes) -> postcard value.
 pub(crate) type StateTableDef = TableDefinition<'static, (&'static str, &'static [u8]), &'static [u8]>;

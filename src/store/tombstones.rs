@@ -11,7 +11,7 @@
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
 use super::apply::decode;
-use super::root::{identity_hash, Buckets, EntryKind};
+use super::root::{identity_hash, EntryKind};
 use super::tables::*;
 use super::StoreError;
 use crate::crdt::{Hlc, RegisterValue};
@@ -84,12 +84,10 @@ pub(crate) fn count(txn: &redb::ReadTransaction) -> Result<u64, StoreError> {
 
 /// Format 1 to 2: takes every register tombstone out of the state-root buckets and indexes it. The
 /// snapshots held (and a pull staged) were made under format 1, whose roots count tombstones: they
-/// are dropped, and the node takes a new snapshot on its usual schedule.
+/// are dropped, and the node takes a new snapshot on its usual schedule. The buckets are written in
+/// rows, as format 3 keeps them.
 pub(crate) fn migrate_v1(txn: &WriteTransaction) -> Result<u64, StoreError> {
-    let mut buckets = {
-        let table = txn.open_table(BUCKETS)?;
-        super::snapshots::read_buckets(&table)?
-    };
+    let mut buckets = super::buckets::read_v1(txn)?;
     let mut moved = 0u64;
     {
         let registers = txn.open_table(REGISTERS)?;
@@ -107,19 +105,11 @@ pub(crate) fn migrate_v1(txn: &WriteTransaction) -> Result<u64, StoreError> {
             }
         }
     }
-    write_buckets(txn, &buckets)?;
+    super::buckets::replace_v1(txn, &buckets)?;
     txn.delete_table(SNAPSHOTS)?;
     txn.delete_table(SNAPSHOT_ORDER)?;
     txn.open_table(SNAPSHOTS)?;
     txn.open_table(SNAPSHOT_ORDER)?;
     super::staging::clear(txn)?;
     Ok(moved)
-}
-
-fn write_buckets(txn: &WriteTransaction, buckets: &Buckets) -> Result<(), StoreError> {
-    let mut table = txn.open_table(BUCKETS)?;
-    for (b, hash) in buckets.0.iter().enumerate() {
-        table.insert(b as u32, hash.as_slice())?;
-    }
-    Ok(())
 }

@@ -102,10 +102,8 @@ impl Writer {
                 vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
             }
         }
-        let mut buckets = txn.open_table(BUCKETS)?;
-        for b in dirty.iter() {
-            buckets.insert(b as u32, self.mirror.buckets.0[b].as_slice())?;
-        }
+        drop(vv);
+        crate::store::buckets::write_dirty(txn, &self.mirror.buckets, dirty)?;
         txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
         Ok(())
     }

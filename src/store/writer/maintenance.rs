@@ -276,11 +276,7 @@ fn merge_one(tables: &mut Tables, work: &mut Work, index: u64, entry: &StateEntr
 
 /// Writes the buckets the transaction touched.
 fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror) -> Result<(), StoreError> {
-    let mut buckets = txn.open_table(BUCKETS)?;
-    for b in std::mem::take(&mut tables.changes).dirty.iter() {
-        buckets.insert(b as u32, mirror.buckets.0[b].as_slice())?;
-    }
-    Ok(())
+    crate::store::buckets::write_dirty(txn, &mirror.buckets, &std::mem::take(&mut tables.changes).dirty)
 }
 
 /// Brings the snapshot's entries into the local state: stages the chunks held but not staged yet
@@ -338,10 +334,7 @@ fn install_staged(
     let changed = if staging::state_is_empty(txn)? {
         staging::adopt(txn, &staged)?;
         work.mirror.buckets = staged.buckets;
-        let mut buckets = txn.open_table(BUCKETS)?;
-        for (b, hash) in work.mirror.buckets.0.iter().enumerate() {
-            buckets.insert(b as u32, hash.as_slice())?;
-        }
+        crate::store::buckets::write_all(txn, &work.mirror.buckets)?;
         if let Some(hlc) = staged.hlc {
             work.clock.observe(hlc);
         }
