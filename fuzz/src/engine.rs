@@ -784,7 +784,8 @@ impl Harness<'_> {
                 | Action::Acked { .. }
                 | Action::PersistLeaseLog { .. }
                 | Action::LeaseDone { .. }
-                | Action::CollectTombstones { .. } => {}
+                | Action::CollectTombstones { .. }
+                | Action::Persist => {}
             }
         }
         // Bound the executor's own bookkeeping.

@@ -25,7 +25,7 @@ use peersync::sync::MAX_BATCH_OPS;
 use peersync::wire::{Attestation, Attested, Digest, GossipMessage, SyncRequest, SyncResponse};
 
 /// The codec of the repair plane, as `net::behaviour` builds it.
-pub type SyncCodec = libp2p::request_response::cbor::codec::Codec<SyncRequest, SyncResponse>;
+pub use peersync::net::SyncCodec;
 
 /// The node's request and response size limits (`NetConfig::default()`: 1 MiB and 16 MiB).
 pub fn size_limits() -> (u64, u64) {
@@ -39,7 +39,7 @@ pub fn size_limits() -> (u64, u64) {
 /// The codec with the node's limits.
 pub fn sync_codec() -> SyncCodec {
     let (request, response) = size_limits();
-    SyncCodec::default().set_request_size_maximum(request).set_response_size_maximum(response)
+    SyncCodec::new(request as usize, response as usize)
 }
 
 /// Reads a request off a stream holding `bytes`, through the real codec.

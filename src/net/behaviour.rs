@@ -12,9 +12,10 @@ use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::{connection_limits, gossipsub, identify, kad, mdns, ping, request_response};
 
+use super::codec::SyncCodec;
 use super::config::{NetConfig, NetError, MAX_CONNECTIONS_PER_PEER, MAX_PENDING_INCOMING};
 use super::protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
-use crate::wire::{agent_version, SyncRequest, SyncResponse};
+use crate::wire::agent_version;
 
 /// Room left in a gossipsub frame around the payload: the signed envelope (author, sequence number,
 /// signature, topic) and protobuf framing. Payloads themselves are capped at `max_gossip_bytes`.
@@ -40,7 +41,7 @@ pub struct Behaviour {
     /// reports them valid with `report_message_validation_result`.
     pub gossipsub: gossipsub::Behaviour,
     /// The repair plane: digests and op ranges.
-    pub sync: request_response::cbor::Behaviour<SyncRequest, SyncResponse>,
+    pub sync: request_response::Behaviour<SyncCodec>,
 }
 
 impl Behaviour {
@@ -148,12 +149,8 @@ fn peer_score(cluster: &str) -> (gossipsub::PeerScoreParams, gossipsub::PeerScor
     (params, gossipsub::PeerScoreThresholds::default())
 }
 
-fn sync_behaviour(config: &NetConfig) -> request_response::cbor::Behaviour<SyncRequest, SyncResponse> {
-    // The codec's defaults (1 MiB requests, 10 MiB responses) fail oversize messages with a vague
-    // `Io(Eof)`: raise them to the configured limits.
-    let codec = request_response::cbor::codec::Codec::<SyncRequest, SyncResponse>::default()
-        .set_request_size_maximum(config.max_request_bytes as u64)
-        .set_response_size_maximum(config.max_response_bytes as u64);
+fn sync_behaviour(config: &NetConfig) -> request_response::Behaviour<SyncCodec> {
+    let codec = SyncCodec::new(config.max_request_bytes, config.max_response_bytes);
     request_response::Behaviour::with_codec(
         codec,
         [(SYNC_PROTOCOL, request_response::ProtocolSupport::Full)],

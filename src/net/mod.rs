@@ -6,6 +6,7 @@
 //! - `protocol`: protocol names; the wire types ([`GossipMessage`], [`SyncRequest`],
 //!   [`SyncResponse`]) live in [`crate::wire`] and are re-exported here.
 //! - `behaviour`: the composed [`Behaviour`] and the cluster's topic and provider key.
+//! - `codec`: the sync protocol's codec (CBOR, one message per stream, buffers reused).
 //! - `swarm`: [`build_swarm`], [`start`], and [`on_identify`] to feed Kademlia.
 //!
 //! The node's event loop owns the `Swarm` and decides what to do with each event; in particular it
@@ -15,6 +16,7 @@
 //! data type), the sync logic or the node.
 
 mod behaviour;
+mod codec;
 mod config;
 mod protocol;
 mod swarm;
@@ -26,6 +28,7 @@ pub use crate::wire::{
 pub use behaviour::{
     cluster_provider_key, cluster_topic, Behaviour, BehaviourEvent, GOSSIP_ENVELOPE_OVERHEAD, WITHHELD_SCORE,
 };
+pub use codec::SyncCodec;
 pub use config::{NetConfig, NetError, DEFAULT_PORT, MAX_CLUSTER_NAME_LEN, MIN_GOSSIP_BYTES};
 pub use protocol::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, SYNC_PROTOCOL};
 pub use swarm::{bootstrap_targets, build_swarm, kad_addresses, new_swarm_key, on_identify, read_swarm_key, start};
