@@ -243,6 +243,20 @@ mod old_formats {
     }
 }
 
+/// A node at `path` that wrote `puts` and deleted `deletes`, then stopped: its signer, and the root
+/// and version vector it had.
+async fn written_and_closed(
+    path: &std::path::Path,
+    puts: std::ops::Range<u32>,
+    deletes: std::ops::Range<u32>,
+) -> (Signer, (peersync::ids::StateRoot, peersync::store::VersionVector)) {
+    let a = open_with(path, Signer::new(libp2p::identity::Keypair::generate_ed25519()));
+    put(&a, puts).await;
+    delete(&a, deletes).await;
+    let state = a.store.state_root();
+    (a.close().await, state)
+}
+
 #[tokio::test]
 async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
     use old_formats::*;
@@ -251,11 +265,7 @@ async fn a_format_1_data_dir_is_migrated_with_its_root_and_tombstones() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("old.redb");
-    let a = open_with(&path, Signer::new(libp2p::identity::Keypair::generate_ed25519()));
-    put(&a, 0..100).await;
-    delete(&a, 0..40).await;
-    let (root, vv) = a.store.state_root();
-    let signer = a.close().await;
+    let (signer, (root, vv)) = written_and_closed(&path, 0..100, 0..40).await;
 
     // Turn it into what format 1 wrote: tombstones counted in the buckets (one row per bucket), no index.
     {
@@ -307,11 +317,7 @@ async fn a_format_2_data_dir_keeps_its_root_and_takes_writes_after_migration() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("v2.redb");
-    let a = open_with(&path, Signer::new(libp2p::identity::Keypair::generate_ed25519()));
-    put(&a, 0..300).await;
-    delete(&a, 0..10).await;
-    let (root, vv) = a.store.state_root();
-    let signer = a.close().await;
+    let (signer, (root, vv)) = written_and_closed(&path, 0..300, 0..10).await;
     {
         let db = redb::Database::open(&path).unwrap();
         let txn = db.begin_write().unwrap();

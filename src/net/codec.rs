@@ -98,8 +98,8 @@ where
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("undecodable {what}: {e}")))
 }
 
-/// A buffer from the pool, given back when dropped. Its bytes are all initialised (`len ==
-/// capacity`), so reading into it needs no zeroing after its first growth.
+/// A buffer from the pool, given back when dropped. Reads go into its length, all of which is
+/// initialised, so a buffer is zeroed only where it grows.
 struct Buffer(Vec<u8>);
 
 impl Buffer {

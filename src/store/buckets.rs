@@ -73,14 +73,12 @@ pub(crate) fn replace_v1(txn: &WriteTransaction, buckets: &Buckets) -> Result<()
 }
 
 /// Format 2 to 3: moves the buckets kept one per row (`state_buckets_v1`) into rows of 64, and drops
-/// the old table. Returns whether there was anything to move. Runs at open, inside the opening
+/// the old table (already gone after a format-1 migration). Runs at open, inside the opening
 /// transaction.
-pub(crate) fn migrate_v2(txn: &WriteTransaction) -> Result<bool, StoreError> {
-    let moved = !txn.open_table(BUCKETS_V1)?.is_empty()?;
-    if moved {
-        replace_v1(txn, &read_v1(txn)?)?;
-    } else {
+pub(crate) fn migrate_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
+    if txn.open_table(BUCKETS_V1)?.is_empty()? {
         txn.delete_table(BUCKETS_V1)?;
+        return Ok(());
     }
-    Ok(moved)
+    replace_v1(txn, &read_v1(txn)?)
 }

@@ -102,7 +102,6 @@ impl Writer {
                 vv.insert(origin.to_bytes().as_slice(), encode_progress(p).as_slice())?;
             }
         }
-        drop(vv);
         crate::store::buckets::write_dirty(txn, &self.mirror.buckets, dirty)?;
         txn.open_table(META)?.insert(META_HLC, encode_hlc(self.mirror.hlc).as_slice())?;
         Ok(())
