@@ -287,3 +287,105 @@ async fn an_api_token_guards_every_endpoint() {
         node.shutdown().await;
     }
 }
+
+/// The next complete line of an NDJSON stream, as JSON; `None` once the stream ends. Fails after 10 s.
+async fn next_line(resp: &mut reqwest::Response, buf: &mut Vec<u8>) -> Option<Value> {
+    let deadline = std::time::Duration::from_secs(10);
+    loop {
+        if let Some(end) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=end).collect();
+            return Some(serde_json::from_slice(&line).unwrap_or_else(|e| panic!("not a JSON line ({e}): {line:?}")));
+        }
+        match tokio::time::timeout(deadline, resp.chunk()).await.expect("a progress line within 10 s") {
+            Ok(Some(chunk)) => buf.extend_from_slice(&chunk),
+            Ok(None) | Err(_) => {
+                assert!(buf.is_empty(), "stream ended inside a line: {buf:?}");
+                return None;
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn progress_streams_each_origins_applied_seq_and_ends_at_shutdown() {
+    let (node, _dir) = common::start_node(|c| c.limits.max_progress_streams = 2).await;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(peersync::api::serve(listener, node.handle(), async {
+        let _ = stopped.await;
+    }));
+    let http = Client::new();
+    let put = |key: &'static str| {
+        let (http, base) = (http.clone(), base.clone());
+        async move {
+            let resp = http.put(format!("{base}/v1/registers/r/{key}")).body("v").send().await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            resp.json::<Value>().await.unwrap()
+        }
+    };
+    let first = put("a").await;
+    let origin = first["origin"].as_str().unwrap().to_owned();
+
+    let mut all = http.get(format!("{base}/v1/progress")).send().await.unwrap();
+    assert_eq!(all.status(), StatusCode::OK);
+    assert_eq!(all.headers()["content-type"], "application/x-ndjson");
+    let mut buf = Vec::new();
+    // The first line is where the origin stands now.
+    let line = next_line(&mut all, &mut buf).await.expect("a first line");
+    assert_eq!(line, json!({"origin": origin, "seq": first["seq"], "token": first["token"]}));
+
+    // Later writes show up in order (consecutive ones may be coalesced into one line), and what a
+    // line names is readable at once.
+    put("b").await;
+    let last = put("c").await;
+    let mut seq = first["seq"].as_u64().unwrap();
+    while seq < last["seq"].as_u64().unwrap() {
+        let line = next_line(&mut all, &mut buf).await.expect("a line per advance");
+        assert_eq!(line["origin"], origin.as_str());
+        let now = line["seq"].as_u64().unwrap();
+        assert!(now > seq, "seq went from {seq} to {now}");
+        seq = now;
+        let token = line["token"].as_str().unwrap();
+        let read = http.get(format!("{base}/v1/registers/r/a?after={token}&timeout_ms=0")).send().await.unwrap();
+        assert_eq!(read.status(), StatusCode::OK, "{token} was announced but is not readable");
+    }
+    assert_eq!(seq, last["seq"].as_u64().unwrap());
+
+    // `origin=` follows one origin; a bad one is refused before any stream is opened.
+    let mut mine = http.get(format!("{base}/v1/progress?origin={origin}")).send().await.unwrap();
+    let mut mine_buf = Vec::new();
+    assert_eq!(next_line(&mut mine, &mut mine_buf).await.unwrap()["seq"], last["seq"]);
+    let bad = http.get(format!("{base}/v1/progress?origin=nope")).send().await.unwrap();
+    assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
+    assert_eq!(bad.json::<Value>().await.unwrap()["error"], "invalid_query");
+
+    // Two streams are the configured most; a third is refused until one of them goes away.
+    let third = http.get(format!("{base}/v1/progress")).send().await.unwrap();
+    assert_eq!(third.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(third.json::<Value>().await.unwrap()["error"], "too_many_streams");
+    drop(mine);
+    let mut again =
+        common::eventually("a stream slot freed by a client that left", std::time::Duration::from_secs(10), || {
+            let (http, base) = (http.clone(), base.clone());
+            async move {
+                let resp = http.get(format!("{base}/v1/progress")).send().await.unwrap();
+                if resp.status() == StatusCode::OK {
+                    Ok(resp)
+                } else {
+                    Err(resp.status().to_string())
+                }
+            }
+        })
+        .await;
+    assert_eq!(next_line(&mut again, &mut Vec::new()).await.unwrap()["seq"], last["seq"]);
+
+    // Shutting the server down ends open streams, so the graceful shutdown does not wait on them.
+    stop.send(()).unwrap();
+    assert_eq!(next_line(&mut all, &mut buf).await, None);
+    tokio::time::timeout(std::time::Duration::from_secs(10), server)
+        .await
+        .expect("the server stops with streams open")
+        .unwrap()
+        .unwrap();
+}

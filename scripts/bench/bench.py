@@ -228,25 +228,36 @@ class Node:
             rmtree(self.dir)
 
 
+def ps_body(start: int, n: int, kind: str, batch: int, seed: int, key_prefix: str) -> bytes:
+    """The JSON body of the batch write of keys start..start+batch (at most n) of a ps_load."""
+    rng = random.Random(seed * 1_000_003 + start)
+    cnt = min(batch, n - start)
+    if kind == "v100":
+        vals = values_100(rng, cnt)
+        items = [f'{{"key":"{key_prefix}{start + i:08d}","value":"{vals[i]}"}}' for i in range(cnt)]
+    else:
+        items = [f'{{"key":"{key_prefix}{start + i:08d}","value_base64":"{base64.b64encode(rng.randbytes(1024)).decode()}"}}'
+                 for i in range(cnt)]
+    return ('{"entries":[' + ",".join(items) + "]}").encode()
+
+
+def ps_bodies(n: int, kind: str, batch: int = 1000, seed: int = 1, key_prefix: str = "k") -> dict[int, bytes]:
+    """Every body a ps_load with the same arguments sends, built ahead (so that building them is not timed)."""
+    return {start: ps_body(start, n, kind, batch, seed, key_prefix) for start in range(0, n, batch)}
+
+
 def ps_load(ports: list[int], reg: str, n: int, kind: str, batch: int = 1000, threads_per_port: int = 2,
-            seed: int = 1, key_prefix: str = "k") -> float:
+            seed: int = 1, key_prefix: str = "k", bodies: dict[int, bytes] | None = None) -> float:
     """Writes n keys with HTTP batch writes of `batch` entries, spread over `ports`, several requests in
     flight per port; returns the elapsed seconds. kind: "v100" (100-byte values) or "v1k" (1 KiB of
-    random bytes, sent as value_base64)."""
+    random bytes, sent as value_base64). `bodies`: from ps_bodies with the same arguments, or None to
+    build each body just before sending it."""
     batches = list(range(0, n, batch))
     lock = threading.Lock()
     errors: list[BaseException] = []
 
     def body(start: int) -> bytes:
-        rng = random.Random(seed * 1_000_003 + start)
-        cnt = min(batch, n - start)
-        if kind == "v100":
-            vals = values_100(rng, cnt)
-            items = [f'{{"key":"{key_prefix}{start + i:08d}","value":"{vals[i]}"}}' for i in range(cnt)]
-        else:
-            items = [f'{{"key":"{key_prefix}{start + i:08d}","value_base64":"{base64.b64encode(rng.randbytes(1024)).decode()}"}}'
-                     for i in range(cnt)]
-        return ('{"entries":[' + ",".join(items) + "]}").encode()
+        return bodies[start] if bodies is not None else ps_body(start, n, kind, batch, seed, key_prefix)
 
     def worker(port: int, mine: list[int]) -> None:
         h = Http(port)
@@ -614,7 +625,7 @@ async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict
     last = base + count
     nxt = [base + 1 for _ in nodes]
 
-    async def reader(i: int, nd: Node):
+    async def poller(i: int, nd: Node):
         c = await AHttp(nd.api).open()
         while nxt[i] <= last:
             s = nxt[i]
@@ -624,6 +635,25 @@ async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict
             if st != 200:
                 raise RuntimeError(f"reader {nd.name} seq {s}: {st} {body[:200]!r}")
             done[i][s] = now()
+        await c.close()
+
+    async def follower(i: int, nd: Node):
+        c = await AHttp(nd.api).open()
+        c.send("GET", f"/v1/progress?origin={origin}")
+        if (st := await c.stream_head()) != 200:
+            raise RuntimeError(f"progress stream of {nd.name}: HTTP {st}")
+        seen, buf = base, b""
+        while seen < last:
+            data = await c.chunk()
+            if not data:
+                raise RuntimeError(f"progress stream of {nd.name} ended at seq {seen}")
+            t = now()
+            *lines, buf = (buf + data).split(b"\n")
+            for line in lines:
+                seq = json.loads(line)["seq"]
+                for s in range(seen + 1, seq + 1):
+                    done[i][s] = t
+                seen = max(seen, seq)
         await c.close()
 
     free: asyncio.Queue = asyncio.Queue()
@@ -642,7 +672,10 @@ async def ps_latency(ctx: Ctx, nodes: list[Node], count: int, rate: int) -> dict
         seq = json.loads(body)["seq"]
         sent[seq], acked[seq] = t, ta
 
-    readers = [asyncio.create_task(reader(i, nd)) for i, nd in enumerate(nodes) for _ in range(READ_WINDOW)]
+    if ctx.args.w3_reader == "stream":
+        readers = [asyncio.create_task(follower(i, nd)) for i, nd in enumerate(nodes)]
+    else:
+        readers = [asyncio.create_task(poller(i, nd)) for i, nd in enumerate(nodes) for _ in range(READ_WINDOW)]
     await asyncio.sleep(0.2)
     send_span = await paced(count, rate, put)
     await asyncio.wait_for(asyncio.gather(*readers), 120)
@@ -749,14 +782,18 @@ def w3(ctx: Ctx) -> None:
             f"(rate {res['achieved_rate']:.0f}/s)")
         for s in servers:
             s.stop()
+    if ctx.args.w3_reader == "stream":
+        ps_reader = ("per node one streamed GET /v1/progress?origin=ORIGIN (a JSON line each time the origin's "
+                     "applied seq advances), arrival time of the line that covers a write recorded")
+    else:
+        ps_reader = ("per node 16 keep-alive long-polls GET /v1/registers/w3/probe?after=ORIGIN:SEQ issued ahead "
+                     "of the writes (seqs are sequential per origin), completion time recorded")
     method = ("one writer at 1000/s on node 1 (asyncio, 16 keep-alive connections); visible-on-all time = latest of the "
-              "5 nodes' notification times minus the write's send time. peersync: per node 16 keep-alive "
-              "long-polls GET /v1/registers/w3/probe?after=ORIGIN:SEQ issued ahead of the writes (seqs are "
-              "sequential per origin), completion time recorded; redis: primary + 4 replicas attached to it, "
-              "a PSUBSCRIBE __keyspace@0__:w3:* connection per server (notify-keyspace-events K$), message "
-              "receive time recorded. Overhead: reader_overhead = HTTP round trip of an already-satisfied "
-              "long-poll (peersync) / PING round trip (redis); latency includes node 1's own commit (fsync for "
-              "peersync).")
+              f"5 nodes' notification times minus the write's send time. peersync: {ps_reader}; redis: primary + 4 "
+              "replicas attached to it, a PSUBSCRIBE __keyspace@0__:w3:* connection per server "
+              "(notify-keyspace-events K$), message receive time recorded. Overhead: reader_overhead = HTTP round "
+              "trip of an already-satisfied long-poll (peersync) / PING round trip (redis); latency includes node "
+              "1's own commit (fsync for peersync).")
     ctx.row("W3", f"propagation p50, {nn} nodes, 1k writes/s", "ms", "lower", [r["p50"] for r in ps_res],
             "redis 7, 1 primary + 4 replicas", [r["p50"] for r in r_res], method, peersync_runs=ps_res,
             redis_runs=r_res)
@@ -786,12 +823,13 @@ def w4(ctx: Ctx) -> None:
         base = vv_total(nodes[0].vv())
         per = n // 3
         results: list = [None] * 3
+        bodies = [ps_bodies(per, "v100", seed=100 * run + i, key_prefix=f"n{i}-") for i in range(3)]
         cpu = CpuMeter([nd.proc for nd in nodes])
         t0 = now()
 
         def write(i: int):
             results[i] = ps_load([nodes[i].api], "w4", per, "v100", threads_per_port=2, seed=100 * run + i,
-                                 key_prefix=f"n{i}-")
+                                 key_prefix=f"n{i}-", bodies=bodies[i])
         ts = [threading.Thread(target=write, args=(i,)) for i in range(3)]
         for t in ts:
             t.start()
@@ -839,7 +877,7 @@ def w4(ctx: Ctx) -> None:
     ctx.row("W4", f"replicated writes, 3 nodes, {3 * (n // 3):,} x 100 B", "ops/s", "higher", ps_ops,
             "redis 7, 1 primary + 2 replicas", r_ops,
             "ops / (first write sent -> all 3 nodes converged). peersync: 3 primaries, each gets N/3 ops as HTTP "
-            "batches of 1000 from 2 concurrent connections, converged = equal version vectors summing to all "
+            "batches of 1000 from 2 concurrent connections (bodies built before the clock starts), converged = equal version vectors summing to all "
             "ops; redis: " + " ".join(bench_flags or []) + " against the primary, converged = both replicas' "
             "slave_repl_offset >= primary offset. Redis keeps data in memory only (save '', appendonly no); "
             "peersync fsyncs each group commit.", peersync_runs=ps_detail, redis_runs=r_detail)
@@ -1241,6 +1279,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "bench-results")
     ap.add_argument("--tmp", type=Path, default=ROOT / "target" / "bench-tmp")
     ap.add_argument("--bin", default=str(ROOT / "target" / "release" / "peersync"))
+    ap.add_argument("--w3-reader", choices=["stream", "longpoll"], default="stream",
+                    help="how W3 sees a write on each node: one GET /v1/progress stream per node (default), or "
+                         "16 long-polls GET ...?after=TOKEN per node (the method before 2026-12-07)")
     ap.add_argument("--keep-data", action="store_true", help="keep node data directories under --tmp")
     args = ap.parse_args()
     args.only = {w.strip().upper() for w in args.only.split(",") if w.strip()}

@@ -267,7 +267,7 @@ def try_resp(port: int) -> Resp | None:
 
 
 class AHttp:
-    """Minimal asyncio HTTP/1.1 keep-alive client (responses carry Content-Length)."""
+    """Minimal asyncio HTTP/1.1 keep-alive client (responses carry Content-Length, or are streamed chunked)."""
 
     def __init__(self, port: int):
         self.port = port
@@ -294,6 +294,20 @@ class AHttp:
             raise RuntimeError(f"response without Content-Length: {head!r}")
         body = await self.r.readexactly(length) if length else b""
         return status, body
+
+    async def stream_head(self) -> int:
+        """Reads the head of a chunked (streamed) response; returns its status."""
+        head = await self.r.readuntil(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        if not any(ln.lower().replace(" ", "") == "transfer-encoding:chunked" for ln in lines[1:]):
+            raise RuntimeError(f"not a chunked response: {head!r}")
+        return int(lines[0].split(" ", 2)[1])
+
+    async def chunk(self) -> bytes:
+        """The next chunk of a chunked response; b"" once it ends."""
+        size = int((await self.r.readuntil(b"\r\n"))[:-2].split(b";")[0], 16)
+        data = await self.r.readexactly(size + 2)
+        return data[:-2]
 
     async def close(self) -> None:
         if self.w is not None:

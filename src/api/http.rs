@@ -13,13 +13,14 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use base64::Engine;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::progress::{self, Streams};
 use crate::crdt::LeaseRequest;
 use crate::ids::Token;
 use crate::node::{NodeError, NodeHandle, SyncState};
@@ -32,11 +33,17 @@ const DEFAULT_LIST_LIMIT: usize = 100;
 /// Default lease TTL when a request names none.
 const DEFAULT_LEASE_TTL_MS: u64 = 10_000;
 
-type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
+pub(super) type Params = Result<Query<HashMap<String, String>>, QueryRejection>;
 type Body = Result<Bytes, BytesRejection>;
 
 /// The API's routes over a node.
 pub fn router(node: NodeHandle) -> Router {
+    let max = node.config().limits.max_progress_streams;
+    routes(node, Streams::new(max, None))
+}
+
+/// The routes, with `streams` for `/v1/progress`.
+fn routes(node: NodeHandle, streams: Streams) -> Router {
     let body_limit = node.config().limits.max_body_bytes;
     Router::new()
         .route("/v1/registers/{reg}", post(batch_write).get(list_register))
@@ -46,6 +53,7 @@ pub fn router(node: NodeHandle) -> Router {
         .route("/v1/leases/{lease}/{key}/{verb}", post(lease_verb))
         .route("/v1/snapshots", post(snapshot_create).get(snapshot_list))
         .route("/v1/status", get(status))
+        .route("/v1/progress", get(progress::progress))
         .route("/v1/sync/serve-alone", post(serve_alone))
         .route("/v1/cluster/members", get(members))
         .route("/v1/cluster/revocations", post(revoke))
@@ -60,6 +68,7 @@ pub fn router(node: NodeHandle) -> Router {
                 "this endpoint does not take that method",
             )
         })
+        .layer(Extension(streams))
         .layer(DefaultBodyLimit::max(body_limit))
         .layer(middleware::from_fn_with_state(node.clone(), authorize))
         .with_state(node)
@@ -102,14 +111,22 @@ pub async fn serve(
     node: NodeHandle,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(node)).with_graceful_shutdown(shutdown).await
+    // Progress streams never end by themselves: they end when the server starts to shut down, so
+    // that the graceful shutdown does not wait for them.
+    let (closing_tx, closing) = tokio::sync::watch::channel(false);
+    let shutdown = async move {
+        shutdown.await;
+        let _ = closing_tx.send(true);
+    };
+    let streams = Streams::new(node.config().limits.max_progress_streams, Some(closing));
+    axum::serve(listener, routes(node, streams)).with_graceful_shutdown(shutdown).await
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {
     p.map(|Path(t)| t).map_err(|e| ApiError::bad_request("invalid_path", e.body_text()))
 }
 
-fn params(q: Params) -> Result<HashMap<String, String>, ApiError> {
+pub(super) fn params(q: Params) -> Result<HashMap<String, String>, ApiError> {
     q.map(|Query(m)| m).map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))
 }
 

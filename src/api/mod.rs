@@ -5,6 +5,7 @@
 pub mod client;
 mod error;
 mod http;
+mod progress;
 
 pub use error::ApiError;
 pub use http::{router, serve};

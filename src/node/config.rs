@@ -26,6 +26,8 @@ pub struct Limits {
     pub max_wait_ms: u64,
     /// Longest lease TTL in ms. Default one day.
     pub max_lease_ttl_ms: u64,
+    /// `GET /v1/progress` streams open at once. Default 256.
+    pub max_progress_streams: usize,
 }
 
 impl Default for Limits {
@@ -38,6 +40,7 @@ impl Default for Limits {
             max_list_limit: 1_000,
             max_wait_ms: 60_000,
             max_lease_ttl_ms: 24 * 3600 * 1000,
+            max_progress_streams: 256,
         }
     }
 }

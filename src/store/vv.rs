@@ -24,6 +24,11 @@ impl VersionVector {
         other.0.iter().all(|(o, s)| self.get(o) >= *s)
     }
 
+    /// The origins whose seq here is above their seq in `earlier`, with the seq here.
+    pub fn advanced_since<'a>(&'a self, earlier: &'a VersionVector) -> impl Iterator<Item = (&'a Origin, Seq)> + 'a {
+        self.0.iter().filter(|(o, s)| **s > earlier.get(o)).map(|(o, s)| (o, *s))
+    }
+
     /// Total number of ops applied across origins.
     pub fn total(&self) -> u64 {
         self.0.values().map(|s| s.0).sum()
