@@ -13,6 +13,7 @@ use axum::http::{header, HeaderMap, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
+use axum::serve::ListenerExt;
 use axum::{Extension, Json, Router};
 use base64::Engine;
 use serde::de::DeserializeOwned;
@@ -119,6 +120,13 @@ pub async fn serve(
         let _ = closing_tx.send(true);
     };
     let streams = Streams::new(node.config().limits.max_progress_streams, Some(closing));
+    // No Nagle delay: a progress stream's small lines would otherwise wait for the client's delayed
+    // ACK (up to 40 ms on Linux) whenever an earlier line is unacknowledged.
+    let listener = listener.tap_io(|tcp| {
+        if let Err(e) = tcp.set_nodelay(true) {
+            tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
+        }
+    });
     axum::serve(listener, routes(node, streams)).with_graceful_shutdown(shutdown).await
 }
 
