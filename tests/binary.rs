@@ -1039,3 +1039,80 @@ fn the_allocator_commits_its_arena_on_demand_unless_the_environment_says_otherwi
     assert_eq!(eager_commit(&[]), "option 'arena_eager_commit': 0");
     assert_eq!(eager_commit(&[("MIMALLOC_ARENA_EAGER_COMMIT", "2")]), "option 'arena_eager_commit': 2");
 }
+
+#[test]
+fn progress_follows_an_origin_until_a_seq_and_ends_when_the_node_stops() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let node = NodeProc::start(&dir.path().join("n"), &[]);
+    let put = |key: &str| -> u64 {
+        let (ok, out, err) = cli(&["put", "docs", key, "v", "--api", &node.api]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()["seq"].as_u64().unwrap()
+    };
+    // Lines of a follower, read on a thread so that every wait has a deadline.
+    let follow = |args: &[&str]| {
+        let mut child = Command::new(common::process::BIN)
+            .arg("progress")
+            .args(args)
+            .args(["--api", &node.api])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        let stdout = child.stdout.take().unwrap();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let _ = tx.send(serde_json::from_str::<Value>(&line.unwrap()).expect("a JSON line"));
+            }
+        });
+        (child, rx)
+    };
+    let exit_of = |child: &mut std::process::Child| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                let mut err = String::new();
+                std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();
+                return (status, err);
+            }
+            assert!(std::time::Instant::now() < deadline, "the follower did not exit within 30 s");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    let first = put("a");
+
+    // Started before the seq it waits for exists: it prints where the origin stands, then each advance.
+    let until = (first + 2).to_string();
+    let (mut waiter, lines) = follow(&["--origin", &node.peer_id, "--until", &until]);
+    let line = lines.recv_timeout(Duration::from_secs(30)).expect("the current seq at once");
+    assert_eq!((line["origin"].as_str(), line["seq"].as_u64()), (Some(node.peer_id.as_str()), Some(first)));
+    put("b");
+    put("c");
+    let (status, err) = exit_of(&mut waiter);
+    assert!(status.success(), "{err}");
+    let seqs: Vec<u64> = lines.try_iter().map(|l| l["seq"].as_u64().unwrap()).collect();
+    assert!(seqs.windows(2).all(|w| w[0] < w[1]) && seqs.last() == Some(&(first + 2)), "{seqs:?}");
+
+    // --until needs --origin; a bad origin is the node's 400.
+    let (ok, _, err) = cli(&["progress", "--until", "3", "--api", &node.api]);
+    assert!(!ok && err.contains("--origin"), "{err}");
+    let (ok, _, err) = cli(&["progress", "--origin", "nope", "--api", &node.api]);
+    assert!(!ok && err.contains("invalid_query"), "{err}");
+
+    // A follower without --until runs until the node stops, which does not wait for it.
+    let (mut open, lines) = follow(&[]);
+    lines.recv_timeout(Duration::from_secs(30)).expect("a first line");
+    let log = node.data_dir.with_extension("log");
+    let exit = node.terminate();
+    assert!(exit.success(), "SIGTERM must shut down cleanly, got {exit:?}");
+    let log = std::fs::read_to_string(log).unwrap();
+    assert!(!log.contains("did not stop"), "the server waited on the stream: {log}");
+    let (status, err) = exit_of(&mut open);
+    assert!(!status.success() && err.contains("ended the progress stream"), "{status:?}: {err}");
+}

@@ -21,6 +21,8 @@ pub enum ClientError {
 pub struct Client {
     base: String,
     http: reqwest::Client,
+    /// For streamed answers: a deadline on connecting only, not on the whole answer.
+    streaming: reqwest::Client,
     /// Sent as `Authorization: Bearer TOKEN` when set.
     token: Option<String>,
 }
@@ -35,7 +37,9 @@ impl Client {
             return Err(ClientError::BadUrl(api.to_owned()));
         }
         let http = reqwest::Client::builder().timeout(Duration::from_secs(120)).build().expect("http client builds");
-        Ok(Client { base, http, token: None })
+        let streaming =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(10)).build().expect("http client builds");
+        Ok(Client { base, http, streaming, token: None })
     }
 
     /// Sends `token` as a bearer token with every request (for a node run with `--api-token-file`).
@@ -46,20 +50,34 @@ impl Client {
 
     /// Sends a request to `path` (already percent-encoded) and returns the body of a 2xx answer.
     pub async fn call(&self, method: Method, path: &str, body: Option<Vec<u8>>) -> Result<Vec<u8>, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let mut req = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
+        let mut req = self.http.request(method, format!("{}{path}", self.base));
         if let Some(b) = body {
             req = req.body(b);
         }
+        let resp = self.send(req).await?;
+        resp.bytes()
+            .await
+            .map(|b| b.to_vec())
+            .map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })
+    }
+
+    /// Opens `GET path`, a streamed answer (such as `/v1/progress`), and returns it once its 2xx
+    /// head has come: read it with [`reqwest::Response::chunk`] for as long as it lasts.
+    pub async fn stream(&self, path: &str) -> Result<reqwest::Response, ClientError> {
+        self.send(self.streaming.get(format!("{}{path}", self.base))).await
+    }
+
+    /// Sends `req` with the token; a non-2xx answer becomes [`ClientError::Api`].
+    async fn send(&self, mut req: reqwest::RequestBuilder) -> Result<reqwest::Response, ClientError> {
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
         let resp = req.send().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         if status.is_success() {
-            return Ok(bytes.to_vec());
+            return Ok(resp);
         }
+        let bytes = resp.bytes().await.map_err(|source| ClientError::Unreachable { url: self.base.clone(), source })?;
         let parsed: Option<serde_json::Value> = serde_json::from_slice(&bytes).ok();
         let field = |name: &str| parsed.as_ref().and_then(|v| v.get(name)).and_then(|v| v.as_str()).map(str::to_owned);
         Err(ClientError::Api {
