@@ -39,13 +39,13 @@ type Body = Result<Bytes, BytesRejection>;
 
 /// The API's routes over a node.
 pub fn router(node: NodeHandle) -> Router {
-    let max = node.config().limits.max_progress_streams;
-    routes(node, Streams::new(max, None))
+    routes(node, None)
 }
 
-/// The routes, with `streams` for `/v1/progress`.
-fn routes(node: NodeHandle, streams: Streams) -> Router {
+/// The routes; `closing` turns true when the server starts to shut down (see [`Streams`]).
+fn routes(node: NodeHandle, closing: Option<tokio::sync::watch::Receiver<bool>>) -> Router {
     let body_limit = node.config().limits.max_body_bytes;
+    let streams = Streams::new(node.config().limits.max_progress_streams, closing);
     Router::new()
         .route("/v1/registers/{reg}", post(batch_write).get(list_register))
         .route("/v1/registers/{reg}/{*key}", put(put_register).get(get_register).delete(delete_register))
@@ -119,7 +119,6 @@ pub async fn serve(
         shutdown.await;
         let _ = closing_tx.send(true);
     };
-    let streams = Streams::new(node.config().limits.max_progress_streams, Some(closing));
     // No Nagle delay: a progress stream's small lines would otherwise wait for the client's delayed
     // ACK (up to 40 ms on Linux) whenever an earlier line is unacknowledged.
     let listener = listener.tap_io(|tcp| {
@@ -127,7 +126,7 @@ pub async fn serve(
             tracing::debug!(error = %e, "cannot set TCP_NODELAY on an API connection");
         }
     });
-    axum::serve(listener, routes(node, streams)).with_graceful_shutdown(shutdown).await
+    axum::serve(listener, routes(node, Some(closing))).with_graceful_shutdown(shutdown).await
 }
 
 fn path<T>(p: Result<Path<T>, PathRejection>) -> Result<T, ApiError> {

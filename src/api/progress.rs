@@ -27,18 +27,17 @@ use crate::node::NodeHandle;
 use crate::store::VersionVector;
 
 /// What the progress handler shares across requests: the stream permits (one more stream than
-/// `max` is refused with 503 `too_many_streams`), and the server's shutdown (`None` for a router
-/// served without one).
+/// `limits.max_progress_streams` is refused with 503 `too_many_streams`), and the server's
+/// shutdown (`None` for a router served without one).
 #[derive(Clone)]
 pub(super) struct Streams {
     permits: Arc<Semaphore>,
-    max: usize,
     closing: Option<watch::Receiver<bool>>,
 }
 
 impl Streams {
     pub fn new(max: usize, closing: Option<watch::Receiver<bool>>) -> Self {
-        Streams { permits: Arc::new(Semaphore::new(max)), max, closing }
+        Streams { permits: Arc::new(Semaphore::new(max)), closing }
     }
 }
 
@@ -59,7 +58,7 @@ pub(super) async fn progress(
         ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "too_many_streams",
-            format!("{} progress streams are open already", streams.max),
+            format!("{} progress streams are open already", node.config().limits.max_progress_streams),
         )
     })?;
     let feed = Feed {
