@@ -21,6 +21,7 @@ mod cluster;
 mod config_file;
 mod live;
 mod memory;
+mod progress;
 mod watch;
 
 #[derive(Parser)]
@@ -366,7 +367,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             out.write_all(b"\n")?;
             Ok(())
         }
-        Command::Progress { origin, until, api } => follow_progress(&api, origin.as_deref(), until).await,
+        Command::Progress { origin, until, api } => {
+            progress::run(&api.client()?, &api.api, origin.as_deref(), until).await
+        }
         Command::Del { register, key, api } => {
             let path = format!("/v1/registers/{}/{}", segment(&register), segment(&key));
             print_json(api.client()?.call(Method::DELETE, &path, None).await?)
@@ -505,37 +508,6 @@ async fn run_node(args: NodeArgs) -> anyhow::Result<()> {
     }
     node.shutdown().await;
     Ok(())
-}
-
-/// `peersync progress`: copies the node's progress lines to stdout as they come, and ends at the
-/// line that reaches `until` (an error if the node ends the stream first).
-async fn follow_progress(api: &ApiArg, origin: Option<&str>, until: Option<u64>) -> anyhow::Result<()> {
-    let path = match origin {
-        Some(o) => format!("/v1/progress?origin={}", segment(o)),
-        None => "/v1/progress".to_owned(),
-    };
-    let mut stream = api.client()?.stream(&path).await?;
-    let mut pending = Vec::new();
-    while let Some(chunk) =
-        stream.chunk().await.map_err(|e| anyhow::anyhow!("the progress stream from {} broke: {e}", api.api))?
-    {
-        pending.extend_from_slice(&chunk);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            let mut out = std::io::stdout().lock();
-            out.write_all(&line)?;
-            out.flush()?;
-            if let Some(until) = until {
-                let seq = serde_json::from_slice::<serde_json::Value>(&line)
-                    .map_err(|e| anyhow::anyhow!("the node sent a progress line that is not JSON: {e}"))?["seq"]
-                    .as_u64();
-                if seq.is_some_and(|s| s >= until) {
-                    return Ok(());
-                }
-            }
-        }
-    }
-    anyhow::bail!("the node at {} ended the progress stream (it is shutting down)", api.api)
 }
 
 /// Completes on Ctrl-C or SIGTERM.
