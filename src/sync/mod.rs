@@ -16,6 +16,7 @@ mod redial;
 mod replay;
 pub mod serve;
 mod snapshot;
+mod snapshot_choice;
 
 pub use engine::MAX_BATCH_OPS;
 pub use engine::{
@@ -29,6 +30,5 @@ pub use readiness::{Phase, Readiness, Transition};
 pub use redial::{Redial, FIRST_REDIAL_PAUSE, MAX_REDIAL_PAUSE};
 pub use replay::{PeerView, Pull, ReplayPlanner};
 pub use serve::{serve, ServeStore};
-pub use snapshot::{
-    choose_snapshot, ChunkRequest, Offer, PullProgress, SnapshotChoice, SnapshotPull, SnapshotReason, SnapshotRetry,
-};
+pub use snapshot::{ChunkRequest, PullProgress, SnapshotPull, SnapshotRetry};
+pub use snapshot_choice::{choose_snapshot, Offer, SnapshotChoice, SnapshotReason};
