@@ -54,7 +54,22 @@ async fn converged(nodes: &[&NodeHandle]) {
         if seen.windows(2).all(|w| w[0] == w[1]) {
             Ok(())
         } else {
-            Err(format!("{seen:?}"))
+            // What a failure needs to be read: whether the nodes still talk, and what they did.
+            let talk: Vec<String> = nodes
+                .iter()
+                .map(|n| {
+                    let m = |name| metric(n, name);
+                    format!(
+                        "{}: connected {}, divergences {}, requests shed {}, in flight {}",
+                        n.peer_id(),
+                        m("peersync_connected_peers"),
+                        m("peersync_divergences_total"),
+                        m("peersync_sync_requests_shed_total"),
+                        m("peersync_requests_in_flight"),
+                    )
+                })
+                .collect();
+            Err(format!("{seen:?}; {talk:?}"))
         }
     })
     .await;

@@ -285,7 +285,9 @@ pub enum Step {
     Installed {
         ok: Judge,
     },
-    Merged,
+    Merged {
+        ok: bool,
+    },
     SnapshotCreated {
         which: u8,
     },
@@ -1214,7 +1216,10 @@ impl Harness<'_> {
                 let result = if ok { Ok(()) } else { Err("staged entries do not hash to the root".into()) };
                 self.feed(Input::Installed { result });
             }
-            Step::Merged => self.feed(Input::Merged),
+            Step::Merged { ok } => {
+                let result = if *ok { Ok(()) } else { Err("the merge did not commit".into()) };
+                self.feed(Input::Merged { result });
+            }
             Step::SnapshotCreated { which } => {
                 let s = &w.snapshots[*which as usize % w.snapshots.len()];
                 self.store.latest = Some((s.cid, s.brief()));

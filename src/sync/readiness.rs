@@ -109,6 +109,11 @@ impl Readiness {
         }
     }
 
+    /// The root `peer` last advertised, if any.
+    pub fn advertised_root(&self, peer: &PeerId) -> Option<StateRoot> {
+        self.latest.get(peer).map(|(_, root)| *root)
+    }
+
     /// The operator's word that this node may serve alone: active now.
     pub fn force_active(&mut self) {
         self.phase = Phase::Active;

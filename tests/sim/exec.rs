@@ -87,7 +87,7 @@ impl Cluster {
             }
             Action::Merge { entries, .. } => {
                 self.nodes[n].store.merge(&entries);
-                self.local(n, Duration::from_millis(1), Input::Merged);
+                self.local(n, Duration::from_millis(1), Input::Merged { result: Ok(()) });
             }
             Action::CollectChunks { keep } => self.nodes[n].store.collect_chunks(&keep),
             Action::CollectTombstones { through } => self.collect_tombstones(n, through),

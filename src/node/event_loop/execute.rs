@@ -158,11 +158,17 @@ impl EventLoop {
                 let (writer, commands) = (self.writer.clone(), self.commands_tx.clone());
                 tokio::spawn(async move {
                     let n = entries.len();
-                    match writer.merge_entries(entries).await {
-                        Ok(o) => tracing::info!(%peer, entries = n, changed = o.changed, "merged a peer's entries"),
-                        Err(e) => tracing::warn!(%peer, error = %e, "merging a peer's entries failed"),
-                    }
-                    let _ = commands.send(Command::Merged).await;
+                    let result = match writer.merge_entries(entries).await {
+                        Ok(o) => {
+                            tracing::info!(%peer, entries = n, changed = o.changed, "merged a peer's entries");
+                            Ok(())
+                        }
+                        Err(e) => {
+                            tracing::warn!(%peer, error = %e, "merging a peer's entries failed");
+                            Err(e.to_string())
+                        }
+                    };
+                    let _ = commands.send(Command::Merged { result }).await;
                 });
             }
             Action::CollectTombstones { through } => {

@@ -63,8 +63,10 @@ pub(crate) enum Command {
     Installed {
         result: Result<(), String>,
     },
-    /// Entries from a divergence repair were merged.
-    Merged,
+    /// Entries from a divergence repair were merged, or failed to.
+    Merged {
+        result: Result<(), String>,
+    },
     /// This node made a snapshot: announce it.
     SnapshotCreated {
         cid: cid::Cid,
@@ -256,7 +258,7 @@ impl EventLoop {
             Command::ApplyFailed { origin } => Input::ApplyFailed { origin },
             Command::Staged { peer, index, len, verdict } => Input::Staged { peer, index, len, verdict },
             Command::Installed { result } => Input::Installed { result },
-            Command::Merged => Input::Merged,
+            Command::Merged { result } => Input::Merged { result },
             Command::SnapshotCreated { cid } => Input::SnapshotCreated { cid },
             Command::ServeAlone => Input::ServeAlone,
             Command::AwaitAcks { seq, ack, timeout, reply } => {

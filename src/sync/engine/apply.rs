@@ -143,7 +143,7 @@ impl Engine {
                     // attestation would cost O(members) each, O(members²) per interval).
                     let (root, vv) = store.state_root();
                     if let Transition::Divergence { peer } = self.readiness.check_peer(&a.peer, &vv, root) {
-                        self.start_repair(now, peer, store);
+                        self.start_repair(now, peer, root);
                     }
                 } else {
                     self.check_ready(now, store);

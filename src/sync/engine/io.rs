@@ -138,8 +138,8 @@ pub enum Input {
     Staged { peer: PeerId, index: usize, len: u64, verdict: ChunkVerdict },
     /// The snapshot handed out by [`Action::Install`] was installed, or not.
     Installed { result: Result<(), String> },
-    /// The entries handed out by [`Action::Merge`] were merged (or failed to).
-    Merged,
+    /// The entries handed out by [`Action::Merge`] were merged, or failed to.
+    Merged { result: Result<(), String> },
     /// This node made a snapshot.
     SnapshotCreated { cid: Cid },
     /// The operator says this node may serve alone: active now, whatever its peers.

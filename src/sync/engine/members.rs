@@ -473,7 +473,7 @@ mod tests {
         };
         assert_eq!(asked(&drain(&mut e)), 1);
         for _ in 0..10 {
-            e.handle(now, Input::Merged, &Empty);
+            e.handle(now, Input::Merged { result: Ok(()) }, &Empty);
         }
         assert_eq!(asked(&drain(&mut e)), 0, "a stray merge started another repair");
     }

@@ -288,8 +288,8 @@ impl Engine {
             Input::Committed { batches } => self.on_committed(now, batches, store),
             Input::Staged { peer, index, len, verdict } => self.on_staged(now, peer, index, len, verdict, store),
             Input::Installed { result } => self.on_installed(now, result, store),
-            Input::Merged => {
-                self.repair.merged();
+            Input::Merged { result } => {
+                self.repair.merged(now, result.is_ok());
                 self.check_ready(now, store);
             }
             Input::SnapshotCreated { cid } => {

@@ -225,8 +225,8 @@ impl Engine {
             }
             (Pending::Chunk { peer, index, .. }, _) => self.on_chunk_failed(now, peer, index, store),
             (Pending::Buckets { peer }, Ok(SyncResponse::Buckets(bytes))) => self.on_buckets(now, peer, bytes, store),
-            (Pending::Entries { peer }, Ok(SyncResponse::Entries(entries))) => self.on_entries(peer, entries),
-            (Pending::Buckets { .. } | Pending::Entries { .. }, _) => self.repair.failed(),
+            (Pending::Entries { peer }, Ok(SyncResponse::Entries(entries))) => self.on_entries(now, peer, entries),
+            (Pending::Buckets { .. } | Pending::Entries { .. }, _) => self.repair.failed(now),
         }
     }
 
@@ -276,7 +276,7 @@ impl Engine {
                 tracing::info!(?proven_by, ops = vv.total(), %root, "caught up and verified; node is active");
                 self.attest(now, store);
             }
-            Transition::Divergence { peer } => self.start_repair(now, peer, store),
+            Transition::Divergence { peer } => self.start_repair(now, peer, root),
         }
         let phase = self.readiness.phase();
         if phase != self.announced {
