@@ -458,27 +458,6 @@ mod tests {
     }
 
     #[test]
-    fn stray_merges_do_not_restart_a_repair_whose_bucket_list_is_out() {
-        let now = Instant::now();
-        let mut e =
-            Engine::new(Signer::new(Keypair::generate_ed25519()), EngineConfig::new(Role::Replica, "c"), &Empty, now);
-        let peer = PeerId::random();
-        e.handle(now, Input::Connected { peer, dialed: None }, &Empty);
-        // Same (empty) vector, another root: a divergence, so a bucket list is asked for.
-        let mut theirs = e.my_digest(&Empty);
-        theirs.state_root = StateRoot([1; 32]);
-        e.handle(now, Input::Request { peer, reply: ReplyId(1), request: SyncRequest::Digest(theirs) }, &Empty);
-        let asked = |acts: &[Action]| {
-            acts.iter().filter(|a| matches!(a, Action::Send { request: SyncRequest::GetBuckets, .. })).count()
-        };
-        assert_eq!(asked(&drain(&mut e)), 1);
-        for _ in 0..10 {
-            e.handle(now, Input::Merged { result: Ok(()) }, &Empty);
-        }
-        assert_eq!(asked(&drain(&mut e)), 0, "a stray merge started another repair");
-    }
-
-    #[test]
     fn strangers_get_nothing_and_members_are_admitted() {
         let authority = Keypair::generate_ed25519();
         let other_authority = Keypair::generate_ed25519();

@@ -288,6 +288,17 @@ mod tests {
     }
 
     #[test]
+    fn stray_merges_do_not_restart_a_repair_whose_bucket_list_is_out() {
+        let now = Instant::now();
+        let mut s = Setup::new(now);
+        assert!(s.digest(now, 1).is_some());
+        for _ in 0..10 {
+            s.e.handle(now, Input::Merged { result: Ok(()) }, &s.store);
+        }
+        assert_eq!(s.asked(|r| matches!(r, SyncRequest::GetBuckets)), None, "a stray merge started another repair");
+    }
+
+    #[test]
     fn a_failed_repair_is_retried_after_a_pause_not_at_once() {
         let now = Instant::now();
         let mut s = Setup::new(now);
