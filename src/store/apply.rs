@@ -2,8 +2,10 @@
 
 use redb::{ReadableTable, Table, WriteTransaction};
 
+use super::buckets::BucketChanges;
+use super::encoding::{decode, decode_canonical, encode, encode_register};
 use super::memtable::PendingRow;
-use super::root::{identity_hash, Buckets, EntryKind, BUCKETS};
+use super::root::{identity_hash, Buckets, EntryKind};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -30,34 +32,6 @@ pub enum Effect {
     Lease { state: LeaseState, won: bool, displaced: Option<Box<LeaseState>> },
 }
 
-/// A set of bucket indexes, one bit each (a write marks one per op).
-pub(crate) struct DirtyBuckets([u64; BUCKETS / 64]);
-
-impl Default for DirtyBuckets {
-    fn default() -> Self {
-        DirtyBuckets([0; BUCKETS / 64])
-    }
-}
-
-impl DirtyBuckets {
-    pub fn insert(&mut self, bucket: usize) {
-        self.0[bucket / 64] |= 1 << (bucket % 64);
-    }
-
-    /// The rows of 64 buckets (see `buckets.rs`) holding a marked bucket, in increasing order.
-    pub fn rows(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().enumerate().filter(|(_, bits)| **bits != 0).map(|(r, _)| r)
-    }
-
-    /// The marked buckets in increasing order.
-    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0
-            .iter()
-            .enumerate()
-            .flat_map(|(w, bits)| (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w * 64 + b))
-    }
-}
-
 /// Where applying an op reads and writes: a write transaction's tables ([`Tables`]), or the
 /// memtable in front of them (see `memtable.rs`). The CRDT rules live once, in [`apply_op`].
 pub(crate) trait StateSink {
@@ -77,30 +51,6 @@ pub(crate) trait StateSink {
     fn log_batch(&mut self, origin: &[u8], last: Seq, row: PendingRow) -> Result<(), StoreError>;
     /// The buckets this sink's writes changed.
     fn changes(&mut self) -> &mut BucketChanges;
-}
-
-/// Buckets changed by a run of writes: which ones (to persist), and what each held before (to put
-/// back if the run is not committed).
-#[derive(Default)]
-pub(crate) struct BucketChanges {
-    pub dirty: DirtyBuckets,
-    undo: Vec<(usize, [u8; 32])>,
-}
-
-impl BucketChanges {
-    pub fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
-        let b = super::root::bucket_of(id);
-        self.undo.push((b, buckets.0[b]));
-        buckets.replace(kind, id, old, new);
-        self.dirty.insert(b);
-    }
-
-    /// Puts back every bucket hash these changes replaced.
-    pub fn undo(self, buckets: &mut Buckets) {
-        for (b, hash) in self.undo.into_iter().rev() {
-            buckets.0[b] = hash;
-        }
-    }
 }
 
 /// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes` are
@@ -416,137 +366,4 @@ fn decode_pair<T: serde::Serialize + serde::de::DeserializeOwned>(
     let value: T = decode_canonical(incoming, what).map_err(PairError::Refused)?;
     let current = stored.map(|b| decode::<T>(b, what)).transpose().map_err(PairError::Store)?;
     Ok((value, current))
-}
-
-/// postcard's encoding of a register value (as `encode` makes it), written straight into a buffer
-/// of the right size: the serde path copies the origin into a fresh allocation and grows its buffer
-/// several times, once per op on the writer thread. `origin_bytes` are the bytes of `value.origin`.
-pub(crate) fn encode_register(value: &RegisterValue, origin_bytes: &[u8]) -> Vec<u8> {
-    fn varint(out: &mut Vec<u8>, mut n: u64) {
-        while n >= 0x80 {
-            out.push(n as u8 | 0x80);
-            n >>= 7;
-        }
-        out.push(n as u8);
-    }
-    let len = value.value.as_ref().map_or(0, Vec::len);
-    let mut out = Vec::with_capacity(10 + 5 + 10 + origin_bytes.len() + 1 + 10 + len);
-    varint(&mut out, value.hlc.wall_ms);
-    varint(&mut out, value.hlc.logical.into());
-    varint(&mut out, origin_bytes.len() as u64);
-    out.extend_from_slice(origin_bytes);
-    match &value.value {
-        None => out.push(0),
-        Some(v) => {
-            out.push(1);
-            varint(&mut out, v.len() as u64);
-            out.extend_from_slice(v);
-        }
-    }
-    out
-}
-
-/// Decodes a value that came from elsewhere (a peer's snapshot or repair), which must be in
-/// canonical encoding: one value, one entry hash. The refusal says why.
-pub(crate) fn decode_canonical<T: serde::Serialize + serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    what: &str,
-) -> Result<T, String> {
-    let value: T = postcard::from_bytes(bytes).map_err(|e| format!("value is not a valid {what} encoding: {e}"))?;
-    // Encoded again, the value must give the same bytes: compared as they are written, with no copy.
-    if !postcard::serialize_with_flavor(&value, SameAs { expected: bytes, at: 0 }).unwrap_or(false) {
-        return Err(format!("{what} value is not in canonical encoding"));
-    }
-    Ok(value)
-}
-
-/// A postcard output that checks the bytes serialized against `expected` instead of keeping them:
-/// it stops at the first difference, and its output is whether all of `expected` was matched.
-struct SameAs<'a> {
-    expected: &'a [u8],
-    at: usize,
-}
-
-impl postcard::ser_flavors::Flavor for SameAs<'_> {
-    type Output = bool;
-
-    fn try_push(&mut self, byte: u8) -> postcard::Result<()> {
-        self.try_extend(&[byte])
-    }
-
-    fn try_extend(&mut self, bytes: &[u8]) -> postcard::Result<()> {
-        let end = self.at.saturating_add(bytes.len());
-        if self.expected.get(self.at..end) != Some(bytes) {
-            return Err(postcard::Error::SerializeBufferFull);
-        }
-        self.at = end;
-        Ok(())
-    }
-
-    fn finalize(self) -> postcard::Result<bool> {
-        Ok(self.at == self.expected.len())
-    }
-}
-
-pub(crate) fn encode<T: serde::Serialize>(value: &T) -> Vec<u8> {
-    postcard::to_stdvec(value).expect("state values always encode")
-}
-
-pub(crate) fn decode<'a, T: serde::Deserialize<'a>>(bytes: &'a [u8], what: &str) -> Result<T, StoreError> {
-    postcard::from_bytes(bytes).map_err(|e| StoreError::Corrupt(format!("stored {what} does not decode: {e}")))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::crdt::Hlc;
-
-    #[test]
-    fn dirty_buckets_list_each_marked_bucket_once_in_order() {
-        let mut d = DirtyBuckets::default();
-        for b in [4095, 0, 63, 64, 0, 1000, 63] {
-            d.insert(b);
-        }
-        assert_eq!(d.iter().collect::<Vec<_>>(), vec![0, 63, 64, 1000, 4095]);
-        assert_eq!(DirtyBuckets::default().iter().count(), 0);
-    }
-
-    #[test]
-    fn register_encoding_is_postcards() {
-        let origin = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
-        let bytes = origin.to_bytes();
-        let walls = [0, 1, 127, 128, 16_383, 16_384, 1_763_000_000_000, u64::MAX];
-        let logicals = [0, 1, 127, 128, 70_000, u32::MAX];
-        let values =
-            [None, Some(vec![]), Some(vec![7; 1]), Some(vec![8; 127]), Some(vec![9; 128]), Some(vec![1; 20_000])];
-        for wall_ms in walls {
-            for logical in logicals {
-                for value in &values {
-                    let v = RegisterValue { hlc: Hlc::new(wall_ms, logical), origin, value: value.clone() };
-                    assert_eq!(encode_register(&v, &bytes), encode(&v), "{v:?}");
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn only_the_canonical_encoding_decodes_canonically() {
-        let origin = libp2p::identity::Keypair::generate_ed25519().public().to_peer_id();
-        let v = RegisterValue { hlc: Hlc::new(1_763_000_000_000, 3), origin, value: Some(vec![5; 300]) };
-        let bytes = encode(&v);
-        assert_eq!(decode_canonical::<RegisterValue>(&bytes, "register"), Ok(v.clone()));
-        // A byte more, a byte less, a byte changed, and an overlong varint (logical 3 as 0x83 0x00)
-        // that postcard decodes to the same value.
-        let mut longer = bytes.clone();
-        longer.push(0);
-        let mut changed = bytes.clone();
-        *changed.last_mut().unwrap() ^= 1;
-        let wall_len = bytes.iter().position(|b| b & 0x80 == 0).unwrap() + 1;
-        let overlong = [&bytes[..wall_len], &[0x83, 0x00], &bytes[wall_len + 1..]].concat();
-        assert!(postcard::from_bytes::<RegisterValue>(&overlong).is_ok());
-        for bad in [longer, bytes[..bytes.len() - 1].to_vec(), overlong] {
-            assert!(decode_canonical::<RegisterValue>(&bad, "register").is_err(), "{bad:?}");
-        }
-        assert!(decode_canonical::<RegisterValue>(&changed, "register").is_ok_and(|d| d.value != v.value));
-    }
 }

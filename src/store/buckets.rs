@@ -4,11 +4,13 @@
 //! A group of a thousand ops with random keys changes most rows: 64 inserts of 2 KiB replace ~900
 //! of 32 bytes, which were a tenth of a W4 writer thread's samples. Format 2 kept one row per bucket
 //! (`state_buckets_v1`); it is moved here at open.
+//!
+//! Also the bookkeeping of a run of writes: which buckets it marked ([`DirtyBuckets`]) and what
+//! each held before ([`BucketChanges`]), to persist or to put back.
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::apply::DirtyBuckets;
-use super::root::{Buckets, BUCKETS};
+use super::root::{bucket_of, Buckets, EntryKind, BUCKETS};
 use super::tables::{BUCKETS_V1, BUCKET_ROWS};
 use super::StoreError;
 
@@ -81,4 +83,71 @@ pub(crate) fn migrate_v2(txn: &WriteTransaction) -> Result<(), StoreError> {
         return Ok(());
     }
     replace_v1(txn, &read_v1(txn)?)
+}
+
+/// A set of bucket indexes, one bit each (a write marks one per op).
+pub(crate) struct DirtyBuckets([u64; BUCKETS / 64]);
+
+impl Default for DirtyBuckets {
+    fn default() -> Self {
+        DirtyBuckets([0; BUCKETS / 64])
+    }
+}
+
+impl DirtyBuckets {
+    pub fn insert(&mut self, bucket: usize) {
+        self.0[bucket / 64] |= 1 << (bucket % 64);
+    }
+
+    /// The rows of 64 buckets (see `buckets.rs`) holding a marked bucket, in increasing order.
+    pub fn rows(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().enumerate().filter(|(_, bits)| **bits != 0).map(|(r, _)| r)
+    }
+
+    /// The marked buckets in increasing order.
+    pub fn iter(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0
+            .iter()
+            .enumerate()
+            .flat_map(|(w, bits)| (0..64).filter(move |b| bits & (1 << b) != 0).map(move |b| w * 64 + b))
+    }
+}
+
+/// Buckets changed by a run of writes: which ones (to persist), and what each held before (to put
+/// back if the run is not committed).
+#[derive(Default)]
+pub(crate) struct BucketChanges {
+    pub dirty: DirtyBuckets,
+    undo: Vec<(usize, [u8; 32])>,
+}
+
+impl BucketChanges {
+    pub fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
+        let b = bucket_of(id);
+        self.undo.push((b, buckets.0[b]));
+        buckets.replace(kind, id, old, new);
+        self.dirty.insert(b);
+    }
+
+    /// Puts back every bucket hash these changes replaced.
+    pub fn undo(self, buckets: &mut Buckets) {
+        for (b, hash) in self.undo.into_iter().rev() {
+            buckets.0[b] = hash;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_buckets_list_each_marked_bucket_once_in_order() {
+        let mut d = DirtyBuckets::default();
+        for b in [4095, 0, 63, 64, 0, 1000, 63] {
+            d.insert(b);
+        }
+        assert_eq!(d.iter().collect::<Vec<_>>(), vec![0, 63, 64, 1000, 4095]);
+        assert_eq!(DirtyBuckets::default().iter().count(), 0);
+    }
 }

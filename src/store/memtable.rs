@@ -21,7 +21,9 @@ use std::collections::BTreeMap;
 
 use redb::{ReadableDatabase, WriteTransaction};
 
-use super::apply::{decode, reindex_tombstone, BucketChanges, StateSink};
+use super::apply::{reindex_tombstone, StateSink};
+use super::buckets::BucketChanges;
+use super::encoding::decode;
 use super::tables::*;
 use super::{Store, StoreError};
 use crate::crdt::RegisterValue;

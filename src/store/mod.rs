@@ -12,6 +12,7 @@
 mod apply;
 mod buckets;
 mod disk;
+mod encoding;
 mod error;
 mod lease_log;
 mod log;

@@ -10,7 +10,7 @@ use std::sync::OnceLock;
 
 use tokio::sync::oneshot;
 
-use super::apply::DirtyBuckets;
+use super::buckets::DirtyBuckets;
 use super::{Mirror, Store};
 use crate::ids::{Origin, Seq, StateRoot, Token};
 

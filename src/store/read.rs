@@ -5,7 +5,8 @@ use redb::{ReadableDatabase, ReadableTable};
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use super::apply::{decode, entry_kind};
+use super::apply::entry_kind;
+use super::encoding::decode;
 use super::log::decode_row;
 use super::root::{bucket_of, identity_hash};
 use super::tables::*;

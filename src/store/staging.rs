@@ -15,7 +15,8 @@ use std::ops::Bound;
 use cid::Cid;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
-use super::apply::{decode_canonical, encode, entry_kind};
+use super::apply::entry_kind;
+use super::encoding::{decode_canonical, encode};
 use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
 use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};

@@ -10,7 +10,7 @@
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::apply::decode;
+use super::encoding::decode;
 use super::root::{identity_hash, EntryKind};
 use super::tables::*;
 use super::StoreError;

@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use super::{CommitEvent, Writer};
 use crate::ids::Origin;
-use crate::store::apply::DirtyBuckets;
+use crate::store::buckets::DirtyBuckets;
 use crate::store::memtable::Memtable;
 use crate::store::tables::*;
 use crate::store::{encode_hlc, encode_progress, StoreError};

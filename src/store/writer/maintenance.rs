@@ -341,7 +341,7 @@ fn install_staged(
         for row in txn.open_table(LEASES)?.iter()? {
             let (k, v) = row?;
             let (lease, key) = k.value();
-            let state = crate::store::apply::decode(v.value(), "lease")?;
+            let state = crate::store::encoding::decode(v.value(), "lease")?;
             work.event.leases.push((lease.to_owned(), key.to_vec(), state));
         }
         entries
