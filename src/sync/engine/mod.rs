@@ -55,9 +55,9 @@ pub use io::{
     Verdict,
 };
 pub use io::{DEFAULT_ATTEST_INTERVAL, DEFAULT_TOMBSTONE_HORIZON};
-pub use members::{AttestationStatus, MemberStatus, MembersStatus, Membership, MEMBERSHIP_GRACE};
+pub use members::{Membership, MEMBERSHIP_GRACE};
 pub use peers::fanout;
-pub use status::{PeerStatus, SnapshotStatus, SyncStatus};
+pub use status::{AttestationStatus, MemberStatus, MembersStatus, PeerStatus, SnapshotStatus, SyncStatus};
 
 /// Discovery period while a node has fewer peers than it wants, when the configured one is longer.
 const SHORT_OF_PEERS_DISCOVERY: Duration = Duration::from_secs(5);

@@ -1,5 +1,5 @@
 //! What the engine reports for `GET /v1/status`: peers, pulls in flight, lag behind the best peer
-//! per origin, the snapshot being pulled, gaps.
+//! per origin, the snapshot being pulled, gaps; and for `GET /v1/cluster/members`, the member registry.
 
 use std::collections::BTreeMap;
 use std::time::Instant;
@@ -95,5 +95,89 @@ pub(super) fn status(engine: &Engine, now: Instant, store: &dyn StoreView) -> Sy
         snapshot,
         gaps: engine.apply.gaps(store),
         buffered_ops: engine.apply.buffered_ops(),
+    }
+}
+
+/// One member as `GET /v1/cluster/members` shows it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MemberStatus {
+    pub peer_id: String,
+    pub role: Role,
+    pub serial: u64,
+    pub not_after_ms: u64,
+    pub revoked: bool,
+    pub connected: bool,
+    /// `active` once it announced an attestation, `unknown` before.
+    pub state: &'static str,
+    pub attestation: Option<AttestationStatus>,
+}
+
+/// A member's latest attestation, and whether it agrees with this node's state at that vector.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct AttestationStatus {
+    pub version_vector: std::collections::BTreeMap<String, u64>,
+    pub state_root: String,
+    pub at_ms: u64,
+    /// `Some(true)` when this node is at the same vector with the same root, `Some(false)` at the
+    /// same vector with another root, `None` when the vectors differ (nothing to compare).
+    pub agrees: Option<bool>,
+}
+
+/// The member registry.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct MembersStatus {
+    pub authority: String,
+    pub members: Vec<MemberStatus>,
+}
+
+impl Engine {
+    /// The member registry (membership mode), `None` in open mode.
+    pub fn members_status(&self, store: &dyn StoreView) -> Option<MembersStatus> {
+        let m = self.cfg.membership.as_ref()?;
+        let (root, vv) = store.state_root();
+        let revoked = self.revoked.values().map(|r| MemberStatus {
+            peer_id: r.peer.to_string(),
+            role: Role::Replica,
+            serial: 0,
+            not_after_ms: r.at_ms,
+            revoked: true,
+            connected: self.peers.is_connected(&r.peer),
+            state: "revoked",
+            attestation: None,
+        });
+        let members = self
+            .members
+            .values()
+            .map(|c| {
+                let attestation = self.attestations.get(&c.peer).map(|h| AttestationStatus {
+                    version_vector: h.vv.0.iter().map(|(o, s)| (o.to_string(), s.0)).collect(),
+                    state_root: h.root.to_string(),
+                    at_ms: h.at_ms,
+                    agrees: (h.vv == vv).then_some(h.root == root),
+                });
+                MemberStatus {
+                    peer_id: c.peer.to_string(),
+                    role: c.role,
+                    serial: c.serial,
+                    not_after_ms: c.not_after_ms,
+                    revoked: false,
+                    connected: c.peer == self.me || self.peers.is_connected(&c.peer),
+                    state: if c.peer == self.me {
+                        if self.readiness.is_active() {
+                            "active"
+                        } else {
+                            "syncing"
+                        }
+                    } else if attestation.is_some() {
+                        "active"
+                    } else {
+                        "unknown"
+                    },
+                    attestation,
+                }
+            })
+            .chain(revoked)
+            .collect();
+        Some(MembersStatus { authority: m.authority.to_string(), members })
     }
 }
