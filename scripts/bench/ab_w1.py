@@ -42,10 +42,15 @@ def main() -> None:
         primary = bench.Node(ctx, "ab-primary", 1).start()
         bench.ps_load([primary.api], "w1", n, "v100", threads_per_port=3)
         target = primary.vv()
+        extra = None
+        if os.environ.get("SNAPSHOT") == "1":
+            snap = primary.http.json("POST", "/v1/snapshots")
+            print(f"primary snapshot: {snap['entries']:,} entries, {snap['bytes'] / 2**20:.1f} MiB", flush=True)
+            extra = ["--snapshot-min-saving-ops", str(min(100_000, n // 2))]
         for _ in range(reps):
             for build in builds:
                 ctx.bin = build
-                replica = bench.Node(ctx, "ab-replica", 2, role="replica", bootstrap=primary.addr)
+                replica = bench.Node(ctx, "ab-replica", 2, role="replica", bootstrap=primary.addr, extra=extra)
                 replica.prepare()
                 t0 = time.monotonic()
                 replica.spawn()

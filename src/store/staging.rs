@@ -16,11 +16,11 @@ use cid::Cid;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
 
 use super::apply::entry_kind;
-use super::encoding::{decode_canonical, encode};
+use super::encoding::{check_register, decode_canonical, encode};
 use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
 use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
-use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
+use crate::crdt::{Hlc, LeaseState, PnCounter};
 use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
 
 /// A verified, decoded chunk with each entry's identity and entry hash, ready to stage. Made
@@ -47,8 +47,10 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
     let decoded = decode_chunk(r, bytes).map_err(|source| SnapshotError::Chunk { cid: r.cid, source })?;
     let mut entries = Vec::with_capacity(decoded.len());
     let mut hlc: Option<Hlc> = None;
+    let mut known_origin = Vec::new();
     for (index, entry) in decoded.into_iter().enumerate() {
-        let (stamp, tombstone) = check_value(entry.kind, &entry.value).map_err(|reason| SnapshotError::Entry {
+        let checked = check_value(entry.kind, &entry.value, &mut known_origin);
+        let (stamp, tombstone) = checked.map_err(|reason| SnapshotError::Entry {
             index: index as u64,
             reason: format!("in chunk {}: {reason}", r.cid),
         })?;
@@ -65,12 +67,12 @@ pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Resu
 }
 
 /// The value must be a canonical encoding of its kind. Returns its HLC (registers and leases), and
-/// whether it is a register tombstone.
-fn check_value(kind: Kind, value: &[u8]) -> Result<(Option<Hlc>, bool), String> {
+/// whether it is a register tombstone. `known_origin`: see [`check_register`].
+fn check_value(kind: Kind, value: &[u8], known_origin: &mut Vec<u8>) -> Result<(Option<Hlc>, bool), String> {
     Ok(match kind {
         Kind::Register => {
-            let register = decode_canonical::<RegisterValue>(value, "register")?;
-            (Some(register.hlc), register.is_tombstone())
+            let (stamp, tombstone) = check_register(value, known_origin)?;
+            (Some(stamp), tombstone)
         }
         Kind::Counter => decode_canonical::<PnCounter>(value, "counter").map(|_| (None, false))?,
         Kind::Lease => (Some(decode_canonical::<LeaseState>(value, "lease")?.hlc), false),
