@@ -21,7 +21,9 @@
 //!
 //! Must never depend on: the network, the store's internals, the node, a clock or a runtime.
 
+mod apply;
 mod machine;
+mod raft_config;
 mod storage;
 
 use std::collections::{BTreeMap, VecDeque};
@@ -29,12 +31,14 @@ use std::time::{Duration, Instant};
 
 use libp2p::PeerId;
 use protobuf::Message as _;
-use raft::eraftpb::{ConfChange, ConfChangeType, ConfState, EntryType, Message, Snapshot};
+use raft::eraftpb::{ConfChange, ConfChangeType, Message, Snapshot};
 use raft::{RawNode, StateRole};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use apply::decode_table;
 pub use machine::{Command, Table, LEASE_CLOCK_DRIFT_MS};
+use raft_config::{config, logger};
 pub use storage::BootError;
 use storage::GroupStorage;
 
@@ -140,42 +144,6 @@ pub struct LeaseGroup {
     /// Peer ids by Raft id, for everyone this node may send to: voters, and peers it heard from.
     peers: BTreeMap<u64, PeerId>,
     out: VecDeque<GroupOut>,
-}
-
-fn config(id: u64, applied: u64) -> raft::Config {
-    raft::Config {
-        id,
-        applied,
-        heartbeat_tick: HEARTBEAT_TICKS,
-        election_tick: ELECTION_TICKS,
-        check_quorum: true,
-        pre_vote: true,
-        max_size_per_msg: MAX_MSG_BYTES,
-        max_inflight_msgs: 64,
-        ..raft::Config::default()
-    }
-}
-
-fn logger() -> slog::Logger {
-    slog::Logger::root(TracingDrain, slog::o!())
-}
-
-/// Sends raft-rs's log records to `tracing`, a level lower: its info is our debug.
-struct TracingDrain;
-
-impl slog::Drain for TracingDrain {
-    type Ok = ();
-    type Err = slog::Never;
-
-    fn log(&self, record: &slog::Record<'_>, _: &slog::OwnedKVList) -> Result<(), slog::Never> {
-        match record.level() {
-            slog::Level::Critical | slog::Level::Error => tracing::warn!(target: "peersync::raft", "{}", record.msg()),
-            slog::Level::Warning => tracing::info!(target: "peersync::raft", "{}", record.msg()),
-            slog::Level::Info => tracing::debug!(target: "peersync::raft", "{}", record.msg()),
-            _ => tracing::trace!(target: "peersync::raft", "{}", record.msg()),
-        }
-        Ok(())
-    }
 }
 
 impl LeaseGroup {
@@ -513,90 +481,6 @@ impl LeaseGroup {
         // Applying may have proposed nothing new, but a conf change or a campaign can leave more.
         if self.raw.has_ready() {
             self.drive();
-        }
-    }
-
-    fn apply(&mut self, entries: Vec<raft::eraftpb::Entry>) {
-        for e in entries {
-            if e.data.is_empty() {
-                continue;
-            }
-            match e.get_entry_type() {
-                EntryType::EntryNormal => {
-                    let cmd: Command = match postcard::from_bytes(&e.data) {
-                        Ok(c) => c,
-                        Err(err) => {
-                            tracing::warn!(index = e.index, error = %err, "an undecodable lease command skipped");
-                            continue;
-                        }
-                    };
-                    let result = self.table.apply(e.index, &cmd);
-                    if e.index % COMPACT_EVERY == 0 {
-                        self.table.forget_expired(cmd.at_ms.saturating_sub(60_000));
-                    }
-                    if let Some(result) = result.filter(|_| cmd.proposer == self.me) {
-                        if let Some(w) = self.waits.remove(&cmd.id) {
-                            self.out.push_back(GroupOut::Done { wait: w.wait, result: result.map_err(Into::into) });
-                        }
-                    }
-                    if e.index >= self.raw.store().snapshot_index() + COMPACT_EVERY {
-                        let conf = self.raw.raft.prs().conf().to_conf_state();
-                        self.compact(e.index, conf);
-                    }
-                }
-                EntryType::EntryConfChange => {
-                    let cc = match ConfChange::parse_from_bytes(&e.data) {
-                        Ok(c) => c,
-                        Err(err) => {
-                            tracing::warn!(index = e.index, error = %err, "an undecodable configuration change skipped");
-                            continue;
-                        }
-                    };
-                    let conf = match self.raw.apply_conf_change(&cc) {
-                        Ok(c) => c,
-                        Err(err) => {
-                            tracing::warn!(index = e.index, error = %err, "a configuration change refused");
-                            continue;
-                        }
-                    };
-                    match cc.get_change_type() {
-                        ConfChangeType::AddNode | ConfChangeType::AddLearnerNode => {
-                            self.table.voters.insert(cc.node_id, cc.context.to_vec());
-                            if let Ok(p) = PeerId::from_bytes(&cc.context) {
-                                self.peers.insert(cc.node_id, p);
-                            }
-                        }
-                        ConfChangeType::RemoveNode => {
-                            self.table.voters.remove(&cc.node_id);
-                        }
-                    }
-                    tracing::info!(voters = ?conf.voters, "lease group configuration changed");
-                    // The persisted configuration is the snapshot's: take one at this entry.
-                    self.compact(e.index, conf);
-                }
-                EntryType::EntryConfChangeV2 => {}
-            }
-        }
-    }
-
-    fn compact(&mut self, index: u64, conf: ConfState) {
-        let mut write = LeaseLogWrite::default();
-        let table = self.table.encode();
-        self.raw.mut_store().compact(index, conf, table, &mut write);
-        if !write.is_empty() {
-            self.out.push_back(GroupOut::Persist(write));
-        }
-    }
-}
-
-fn decode_table(snap: &Snapshot) -> Table {
-    match Table::decode(snap.get_data()) {
-        Ok(t) => t,
-        Err(e) => {
-            // Snapshots come from our own log or from the leader, whose bytes were checked as a
-            // Raft message; a table that does not decode is a bug, not an attack.
-            tracing::error!(error = %e, "the lease table in a snapshot does not decode; starting from an empty one");
-            Table::new(0)
         }
     }
 }
