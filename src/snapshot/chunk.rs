@@ -115,6 +115,14 @@ impl ChunkBuilder {
 /// Checks that `bytes` are the chunk `r` names and decodes its entries. The CID is checked before
 /// anything is decompressed, and decompression never produces more than `r.raw_size` bytes.
 pub fn decode_chunk(r: &ChunkRef, bytes: &[u8]) -> Result<Vec<StateEntry>, ChunkError> {
+    let raw = decompress_chunk(r, bytes)?;
+    chunk_entries(&raw).map(|entry| entry.map(|e| e.to_owned())).collect()
+}
+
+/// Checks that `bytes` are the chunk `r` names and returns its entries' bytes, to read with
+/// [`chunk_entries`]. The CID is checked before anything is decompressed, and decompression never
+/// produces more than `r.raw_size` bytes.
+pub fn decompress_chunk(r: &ChunkRef, bytes: &[u8]) -> Result<Vec<u8>, ChunkError> {
     verify_chunk_cid(&r.cid, bytes)?;
     if bytes.len() as u64 != r.size {
         return Err(ChunkError::SizeMismatch { expected: r.size, found: bytes.len() as u64 });
@@ -137,16 +145,50 @@ pub fn decode_chunk(r: &ChunkRef, bytes: &[u8]) -> Result<Vec<StateEntry>, Chunk
     if raw.len() as u64 != r.raw_size {
         return Err(ChunkError::RawSizeMismatch { expected: r.raw_size, found: raw.len() as u64 });
     }
-    let mut entries = Vec::new();
-    let mut rest = raw.as_slice();
-    while !rest.is_empty() {
-        let index = entries.len() as u64;
-        let (entry, tail) = postcard::take_from_bytes::<StateEntry>(rest)
-            .map_err(|e| ChunkError::Entry { index, reason: e.to_string() })?;
-        entries.push(entry);
-        rest = tail;
+    Ok(raw)
+}
+
+/// A [`StateEntry`] read in place from a chunk's decompressed bytes: the same encoding, nothing
+/// copied.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct StateEntryRef<'a> {
+    pub kind: Kind,
+    pub collection: &'a str,
+    pub key: &'a [u8],
+    pub value: &'a [u8],
+}
+
+impl StateEntryRef<'_> {
+    pub fn to_owned(&self) -> StateEntry {
+        StateEntry {
+            kind: self.kind,
+            collection: self.collection.to_owned(),
+            key: self.key.to_vec(),
+            value: self.value.to_vec(),
+        }
     }
-    Ok(entries)
+}
+
+/// The entries of a chunk's decompressed bytes ([`decompress_chunk`]), in order; reading stops at
+/// the first that does not decode.
+pub fn chunk_entries(raw: &[u8]) -> impl Iterator<Item = Result<StateEntryRef<'_>, ChunkError>> {
+    let mut rest = Some(raw);
+    let mut index = 0u64;
+    std::iter::from_fn(move || {
+        let bytes = rest.filter(|r| !r.is_empty())?;
+        let read = postcard::take_from_bytes::<StateEntryRef>(bytes);
+        index += 1;
+        Some(match read {
+            Ok((entry, tail)) => {
+                rest = Some(tail);
+                Ok(entry)
+            }
+            Err(e) => {
+                rest = None;
+                Err(ChunkError::Entry { index: index - 1, reason: e.to_string() })
+            }
+        })
+    })
 }
 
 /// Checks that `bytes` hash to `cid` (and are not too large to be a chunk).
@@ -179,6 +221,22 @@ mod tests {
         let mut out: Vec<Chunk> = entries.iter().filter_map(|e| b.push(e).unwrap()).collect();
         out.extend(b.finish().unwrap());
         out
+    }
+
+    #[test]
+    fn entries_are_read_in_place_and_a_cut_one_is_named_by_its_index() {
+        let entries: Vec<_> = (0..5).map(|i| entry(i, 3 + i as usize)).collect();
+        let raw: Vec<u8> = entries.iter().flat_map(|e| postcard::to_stdvec(e).unwrap()).collect();
+        let read: Vec<StateEntryRef> = chunk_entries(&raw).collect::<Result<_, _>>().unwrap();
+        assert_eq!(read.iter().map(StateEntryRef::to_owned).collect::<Vec<_>>(), entries);
+        let inside = raw.as_ptr_range();
+        assert!(read.iter().all(|e| inside.contains(&e.value.as_ptr())), "values are not copied");
+        // Cut inside the fourth entry: three read, then its error, then nothing.
+        let cut = &raw[..raw.len() - postcard::to_stdvec(&entries[4]).unwrap().len() - 2];
+        let results: Vec<_> = chunk_entries(cut).collect();
+        assert_eq!(results.len(), 4);
+        assert!(matches!(results[3], Err(ChunkError::Entry { index: 3, .. })), "{:?}", results[3]);
+        assert_eq!(chunk_entries(&[]).count(), 0);
     }
 
     #[test]

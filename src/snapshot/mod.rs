@@ -17,7 +17,10 @@
 mod chunk;
 mod manifest;
 
-pub use chunk::{decode_chunk, verify_chunk_cid, Chunk, ChunkBuilder, ChunkError, Kind, StateEntry};
+pub use chunk::{
+    chunk_entries, decode_chunk, decompress_chunk, verify_chunk_cid, Chunk, ChunkBuilder, ChunkError, Kind, StateEntry,
+    StateEntryRef,
+};
 pub use manifest::{ChunkRef, CollectionInfo, Manifest, ManifestError, SignedManifest, SnapshotBrief};
 
 /// Format version of manifests and chunks written by this build.

@@ -10,7 +10,7 @@
 //! staged whose chunk was lost make the pull fetch that chunk again (staging it is then a no-op).
 
 use std::collections::BTreeMap;
-use std::ops::Bound;
+use std::ops::{Bound, Range};
 
 use cid::Cid;
 use redb::{ReadableTable, ReadableTableMetadata, TableDefinition, WriteTransaction};
@@ -21,19 +21,28 @@ use super::root::{entry_hash, identity_hash, Buckets, BUCKETS as BUCKET_COUNT};
 use super::tables::*;
 use super::{decode_hlc, encode_hlc, SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter};
-use crate::snapshot::{decode_chunk, ChunkRef, Kind, StateEntry};
+use crate::snapshot::{chunk_entries, decompress_chunk, ChunkRef, Kind, StateEntry};
 
 /// A verified, decoded chunk with each entry's identity and entry hash, ready to stage. Made
-/// outside any transaction (it is the CPU-heavy part), so chunks are prepared in parallel.
+/// outside any transaction (it is the CPU-heavy part), so chunks are prepared in parallel. Keys and
+/// values stay in the chunk's decompressed bytes, read in place.
 pub(crate) struct PreparedChunk {
     pub cid: Cid,
+    raw: Vec<u8>,
+    /// Collection names, one per run of entries of the same collection.
+    collections: Vec<String>,
     entries: Vec<PreparedEntry>,
     /// Greatest HLC among the registers and leases not ahead of `horizon_ms`.
     hlc: Option<Hlc>,
 }
 
 struct PreparedEntry {
-    entry: StateEntry,
+    kind: Kind,
+    /// Index in `collections`.
+    collection: usize,
+    /// Where the key and the value are in `raw`.
+    key: Range<usize>,
+    value: Range<usize>,
     /// The entry's identity and its hash in the state root (none for a register tombstone).
     id: [u8; 32],
     hash: Option<[u8; 32]>,
@@ -41,29 +50,68 @@ struct PreparedEntry {
     tombstone: Option<Hlc>,
 }
 
+impl PreparedChunk {
+    fn collection(&self, e: &PreparedEntry) -> &str {
+        &self.collections[e.collection]
+    }
+
+    fn key(&self, e: &PreparedEntry) -> &[u8] {
+        &self.raw[e.key.clone()]
+    }
+
+    fn value(&self, e: &PreparedEntry) -> &[u8] {
+        &self.raw[e.value.clone()]
+    }
+}
+
 /// Checks `bytes` against `r` (CID, sizes), decodes its entries and checks that every value is a
 /// canonical encoding of its kind. A refusal names the chunk.
 pub(crate) fn prepare_chunk(r: &ChunkRef, bytes: &[u8], horizon_ms: u64) -> Result<PreparedChunk, StoreError> {
-    let decoded = decode_chunk(r, bytes).map_err(|source| SnapshotError::Chunk { cid: r.cid, source })?;
-    let mut entries = Vec::with_capacity(decoded.len());
+    let chunk_error = |source| SnapshotError::Chunk { cid: r.cid, source };
+    let raw = decompress_chunk(r, bytes).map_err(chunk_error)?;
+    let mut entries = Vec::new();
+    let mut collections: Vec<String> = Vec::new();
     let mut hlc: Option<Hlc> = None;
     let mut known_origin = Vec::new();
-    for (index, entry) in decoded.into_iter().enumerate() {
-        let checked = check_value(entry.kind, &entry.value, &mut known_origin);
-        let (stamp, tombstone) = checked.map_err(|reason| SnapshotError::Entry {
+    for (index, entry) in chunk_entries(&raw).enumerate() {
+        let entry = entry.map_err(chunk_error)?;
+        let checked = check_value(entry.kind, entry.value, &mut known_origin);
+        let refused = |reason: String| SnapshotError::Entry {
             index: index as u64,
             reason: format!("in chunk {}: {reason}", r.cid),
-        })?;
+        };
+        let (stamp, tombstone) = checked.map_err(refused)?;
         if let Some(h) = stamp.filter(|h| h.wall_ms <= horizon_ms) {
             hlc = Some(hlc.map_or(h, |m| m.max(h)));
         }
         let kind = entry_kind(entry.kind);
-        let id = identity_hash(kind, &entry.collection, &entry.key);
+        let id = identity_hash(kind, entry.collection, entry.key);
         // A register tombstone has no hash in the root (as `root_hash` decides from the bytes).
-        let hash = (!tombstone).then(|| entry_hash(&id, &entry.value));
-        entries.push(PreparedEntry { entry, id, hash, tombstone: stamp.filter(|_| tombstone) });
+        let hash = (!tombstone).then(|| entry_hash(&id, entry.value));
+        if collections.last().map(String::as_str) != Some(entry.collection) {
+            collections.push(entry.collection.to_owned());
+        }
+        entries.push(PreparedEntry {
+            kind: entry.kind,
+            collection: collections.len() - 1,
+            key: within(&raw, entry.key).ok_or_else(|| refused("key outside the chunk".into()))?,
+            value: within(&raw, entry.value).ok_or_else(|| refused("value outside the chunk".into()))?,
+            id,
+            hash,
+            tombstone: stamp.filter(|_| tombstone),
+        });
     }
-    Ok(PreparedChunk { cid: r.cid, entries, hlc })
+    Ok(PreparedChunk { cid: r.cid, raw, collections, entries, hlc })
+}
+
+/// Where `part`, read in place from `raw`, lies in it.
+fn within(raw: &[u8], part: &[u8]) -> Option<Range<usize>> {
+    if part.is_empty() {
+        return Some(0..0);
+    }
+    let start = (part.as_ptr() as usize).checked_sub(raw.as_ptr() as usize)?;
+    let range = start..start.checked_add(part.len())?;
+    (range.end <= raw.len()).then_some(range)
 }
 
 /// The value must be a canonical encoding of its kind. Returns its HLC (registers and leases), and
@@ -175,23 +223,23 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
     }
     for (kind, _, stage) in STATE_TABLES {
         let mut table = txn.open_table(stage)?;
-        let run = chunk.entries.iter().enumerate().filter(|(_, e)| e.entry.kind == kind);
-        insert_run(&mut table, run, &chunk.cid)?;
+        let run = chunk.entries.iter().enumerate().filter(|(_, e)| e.kind == kind);
+        insert_run(&mut table, chunk, run)?;
     }
     let mut tombstones = txn.open_table(STAGE_TOMBSTONES)?;
-    for PreparedEntry { entry, id, hash, tombstone } in &chunk.entries {
-        if let Some(hash) = hash {
-            staged.buckets.toggle(id, hash);
+    for e in &chunk.entries {
+        if let Some(hash) = &e.hash {
+            staged.buckets.toggle(&e.id, hash);
         }
-        if let Some(stamp) = tombstone {
-            tombstones.insert(tombstone_key(*stamp, &entry.collection, &entry.key), ())?;
+        if let Some(stamp) = e.tombstone {
+            tombstones.insert(tombstone_key(stamp, chunk.collection(e), chunk.key(e)), ())?;
         }
     }
     drop(tombstones);
     // A chunk holds each collection's entries together: counted run by run.
-    for run in chunk.entries.chunk_by(|a, b| a.entry.kind == b.entry.kind && a.entry.collection == b.entry.collection) {
-        let first = &run[0].entry;
-        *staged.counts.entry((first.kind, first.collection.clone())).or_default() += run.len() as u64;
+    for run in chunk.entries.chunk_by(|a, b| a.kind == b.kind && chunk.collection(a) == chunk.collection(b)) {
+        let first = &run[0];
+        *staged.counts.entry((first.kind, chunk.collection(first).to_owned())).or_default() += run.len() as u64;
     }
     if let Some(h) = chunk.hlc {
         staged.hlc = Some(staged.hlc.map_or(h, |m| m.max(h)));
@@ -208,26 +256,25 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
 /// already) are inserted one by one, and a key staged twice refuses the snapshot.
 fn insert_run<'e>(
     table: &mut redb::Table<(&'static str, &'static [u8]), &'static [u8]>,
+    chunk: &PreparedChunk,
     run: impl Iterator<Item = (usize, &'e PreparedEntry)>,
-    chunk: &Cid,
 ) -> Result<(), StoreError> {
     let mut run = run.peekable();
     let Some((_, first)) = run.peek() else { return Ok(()) };
-    let mut cursor =
-        table.lower_bound_mut(Bound::Included((first.entry.collection.as_str(), first.entry.key.as_slice())))?;
+    let mut cursor = table.lower_bound_mut(Bound::Included((chunk.collection(first), chunk.key(first))))?;
     while let Some((_, e)) = run.peek() {
-        match cursor.insert_before((e.entry.collection.as_str(), e.entry.key.as_slice()), e.entry.value.as_slice()) {
+        match cursor.insert_before((chunk.collection(e), chunk.key(e)), chunk.value(e)) {
             Ok(()) => drop(run.next()),
             Err(redb::CursorError::UnorderedKey) => break,
             Err(e) => return Err(StoreError::Storage(e.into())),
         }
     }
     cursor.close()?;
-    for (index, PreparedEntry { entry, .. }) in run {
-        if table.insert((entry.collection.as_str(), entry.key.as_slice()), entry.value.as_slice())?.is_some() {
+    for (index, e) in run {
+        if table.insert((chunk.collection(e), chunk.key(e)), chunk.value(e))?.is_some() {
             return Err(SnapshotError::Entry {
                 index: index as u64,
-                reason: format!("in chunk {chunk}: key staged twice in {:?} {:?}", entry.kind, entry.collection),
+                reason: format!("in chunk {}: key staged twice in {:?} {:?}", chunk.cid, e.kind, chunk.collection(e)),
             }
             .into());
         }
