@@ -244,48 +244,15 @@ impl Engine {
 mod tests {
     use std::time::Instant;
 
-    use cid::Cid;
     use libp2p::identity::Keypair;
 
     use super::*;
-    use crate::ids::{Origin, Seq, StateRoot};
+    use crate::ids::{Seq, StateRoot};
     use crate::op::{ChainHash, OpBatch, Signer};
-    use crate::snapshot::SnapshotBrief;
-    use crate::store::{OriginProgress, VersionVector};
-    use crate::sync::engine::{EngineConfig, GossipId, Input, ReplyId, StoreView, Verdict};
+    use crate::store::VersionVector;
+    use crate::sync::engine::fixed_store::EMPTY;
+    use crate::sync::engine::{EngineConfig, GossipId, Input, ReplyId, Verdict};
     use crate::wire::{encode_gossip, GossipMessage, SyncRequest, SyncResponse};
-
-    struct Empty;
-
-    impl StoreView for Empty {
-        fn version_vector(&self) -> VersionVector {
-            VersionVector::default()
-        }
-        fn state_root(&self) -> (StateRoot, VersionVector) {
-            (StateRoot::default(), VersionVector::default())
-        }
-        fn progress(&self, _: &Origin) -> OriginProgress {
-            OriginProgress::default()
-        }
-        fn log_floors(&self) -> VersionVector {
-            VersionVector::default()
-        }
-        fn latest_snapshot(&self) -> Option<(Cid, SnapshotBrief)> {
-            None
-        }
-        fn clock(&self) -> crate::crdt::Hlc {
-            crate::crdt::Hlc::default()
-        }
-        fn tombstones_collected(&self) -> crate::crdt::Hlc {
-            crate::crdt::Hlc::default()
-        }
-        fn has_chunk(&self, _: &Cid) -> bool {
-            false
-        }
-        fn bucket_hashes(&self) -> Vec<[u8; 32]> {
-            Vec::new()
-        }
-    }
 
     const NOW_MS: u64 = 1_000_000;
 
@@ -300,11 +267,11 @@ mod tests {
         let mut cfg = EngineConfig::new(Role::Primary, "c");
         cfg.membership = Some(Membership { authority: authority.public().to_peer_id(), cert });
         cfg.wall_ms_at_start = NOW_MS;
-        Engine::new(signer, cfg, &Empty, now)
+        Engine::new(signer, cfg, &EMPTY, now)
     }
 
     fn digest_of(e: &Engine, cert: Option<&Certificate>) -> crate::wire::Digest {
-        let mut d = e.my_digest(&Empty);
+        let mut d = e.my_digest(&EMPTY);
         d.cert = cert.map(|c| serde_bytes::ByteBuf::from(c.encode()));
         d.members.clear();
         d
@@ -333,7 +300,7 @@ mod tests {
             [(&replica, &replica_cert), (&primary, &primary_cert), (&witness, &witness_cert)].into_iter().enumerate()
         {
             let request = SyncRequest::Digest(digest_of(&e, Some(cert)));
-            e.handle(now, Input::Request { peer: signer.origin(), reply: ReplyId(i as u64), request }, &Empty);
+            e.handle(now, Input::Request { peer: signer.origin(), reply: ReplyId(i as u64), request }, &EMPTY);
         }
         drain(&mut e);
         let vv = VersionVector([(primary.origin(), Seq(5))].into_iter().collect());
@@ -367,10 +334,10 @@ mod tests {
         };
         // Its own attestation vouches for nothing, nor does another member's of another root.
         for (i, data) in [attest(&replica, 1), attest(&witness, 2)].into_iter().enumerate() {
-            e.handle(now, Input::Gossip { id: GossipId(100 + i as u64), from: witness.origin(), data }, &Empty);
+            e.handle(now, Input::Gossip { id: GossipId(100 + i as u64), from: witness.origin(), data }, &EMPTY);
             assert!(e.check_manifest_creator(&manifest(&replica, 1), now).is_err());
         }
-        e.handle(now, Input::Gossip { id: GossipId(102), from: witness.origin(), data: attest(&witness, 1) }, &Empty);
+        e.handle(now, Input::Gossip { id: GossipId(102), from: witness.origin(), data: attest(&witness, 1) }, &EMPTY);
         assert!(e.check_manifest_creator(&manifest(&replica, 1), now).is_ok());
         assert!(e.check_manifest_creator(&manifest(&replica, 2), now).is_err());
     }
@@ -383,7 +350,7 @@ mod tests {
         let mut e = engine(&authority, now);
         drain(&mut e);
         let stranger = PeerId::random();
-        e.handle(now, Input::Connected { peer: stranger, dialed: None }, &Empty);
+        e.handle(now, Input::Connected { peer: stranger, dialed: None }, &EMPTY);
         let on_connect = drain(&mut e);
         assert!(
             on_connect.iter().any(|a| matches!(a, Action::Gossip { peer, allow: false } if *peer == stranger)),
@@ -393,14 +360,14 @@ mod tests {
         let (foreign, foreign_cert) = member(&other_authority, Role::Primary);
         for (peer, cert) in [(stranger, None), (foreign.origin(), Some(&foreign_cert))] {
             let request = SyncRequest::Digest(digest_of(&e, cert));
-            e.handle(now, Input::Request { peer, reply: ReplyId(1), request }, &Empty);
+            e.handle(now, Input::Request { peer, reply: ReplyId(1), request }, &EMPTY);
             let acts = drain(&mut e);
             assert!(acts.iter().any(|a| matches!(a, Action::Reply { response: SyncResponse::Error { code, .. }, .. } if code == "not_a_member")), "{acts:?}");
             assert!(acts.iter().any(|a| matches!(a, Action::Disconnect { peer: p } if *p == peer)), "{acts:?}");
         }
         // Any other request of a stranger is refused, never served.
         let pull = SyncRequest::GetOps { origin: stranger, after: Seq(0), max_ops: 10, max_bytes: 1000 };
-        e.handle(now, Input::Request { peer: stranger, reply: ReplyId(2), request: pull }, &Empty);
+        e.handle(now, Input::Request { peer: stranger, reply: ReplyId(2), request: pull }, &EMPTY);
         let acts = drain(&mut e);
         assert!(!acts.iter().any(|a| matches!(a, Action::Serve { .. })), "{acts:?}");
         assert!(acts.iter().any(
@@ -409,31 +376,31 @@ mod tests {
         // Ops of an origin that is no certified primary are rejected: the stranger, and a replica.
         let (replica, replica_cert) = member(&authority, Role::Replica);
         let request = SyncRequest::Digest(digest_of(&e, Some(&replica_cert)));
-        e.handle(now, Input::Request { peer: replica.origin(), reply: ReplyId(3), request }, &Empty);
+        e.handle(now, Input::Request { peer: replica.origin(), reply: ReplyId(3), request }, &EMPTY);
         drain(&mut e);
         let forger = Signer::new(Keypair::generate_ed25519());
         for (i, signer) in [&forger, &replica].into_iter().enumerate() {
             let data = encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch: one_op_batch(signer) });
-            e.handle(now, Input::Gossip { id: GossipId(i as u64), from: replica.origin(), data }, &Empty);
+            e.handle(now, Input::Gossip { id: GossipId(i as u64), from: replica.origin(), data }, &EMPTY);
             let acts = drain(&mut e);
             assert!(acts.iter().any(|a| matches!(a, Action::Verdict { verdict: Verdict::Reject, .. })), "{acts:?}");
             assert!(!acts.iter().any(|a| matches!(a, Action::Apply { .. })), "{acts:?}");
         }
         // A certified primary's digest admits it and lets gossip flow; its ops are applied.
         let (primary, primary_cert) = member(&authority, Role::Primary);
-        e.handle(now, Input::Connected { peer: primary.origin(), dialed: None }, &Empty);
+        e.handle(now, Input::Connected { peer: primary.origin(), dialed: None }, &EMPTY);
         drain(&mut e);
         let request = SyncRequest::Digest(digest_of(&e, Some(&primary_cert)));
-        e.handle(now, Input::Request { peer: primary.origin(), reply: ReplyId(4), request }, &Empty);
+        e.handle(now, Input::Request { peer: primary.origin(), reply: ReplyId(4), request }, &EMPTY);
         let acts = drain(&mut e);
         assert!(acts.iter().any(|a| matches!(a, Action::Gossip { allow: true, .. })), "{acts:?}");
         assert!(acts.iter().any(|a| matches!(a, Action::Reply { response: SyncResponse::Digest(_), .. })), "{acts:?}");
         let data = encode_gossip(&GossipMessage::Ops { role: Role::Primary, batch: one_op_batch(&primary) });
-        e.handle(now, Input::Gossip { id: GossipId(9), from: primary.origin(), data }, &Empty);
+        e.handle(now, Input::Gossip { id: GossipId(9), from: primary.origin(), data }, &EMPTY);
         assert!(drain(&mut e).iter().any(|a| matches!(a, Action::Apply { .. })));
         // Past its certificate's end it is a member no more.
         let later = now + std::time::Duration::from_secs(61);
-        e.handle(later, Input::Tick, &Empty);
+        e.handle(later, Input::Tick, &EMPTY);
         let acts = drain(&mut e);
         assert!(acts.iter().any(|a| matches!(a, Action::Disconnect { peer } if *peer == primary.origin())), "{acts:?}");
     }
@@ -451,7 +418,7 @@ mod tests {
             let now = start + std::time::Duration::from_millis(i);
             let request =
                 SyncRequest::Digest(crate::wire::Digest { hold_until: Some(Seq(i + 1)), ..digest_of(&e, Some(&cert)) });
-            e.handle(now, Input::Request { peer: primary.origin(), reply: ReplyId(i), request }, &Empty);
+            e.handle(now, Input::Request { peer: primary.origin(), reply: ReplyId(i), request }, &EMPTY);
             for a in drain(&mut e) {
                 match a {
                     Action::Disconnect { peer } if peer == primary.origin() => panic!("cut off after {i} asks"),
@@ -467,7 +434,7 @@ mod tests {
         let flood_at = start + std::time::Duration::from_secs(4);
         let disconnected = (0..2000u64).any(|i| {
             let request = SyncRequest::Digest(digest_of(&e, Some(&cert)));
-            e.handle(flood_at, Input::Request { peer: primary.origin(), reply: ReplyId(10_000 + i), request }, &Empty);
+            e.handle(flood_at, Input::Request { peer: primary.origin(), reply: ReplyId(10_000 + i), request }, &EMPTY);
             drain(&mut e).iter().any(|a| matches!(a, Action::Disconnect { peer } if *peer == primary.origin()))
         });
         assert!(disconnected, "a flood of plain digests was never cut off");

@@ -23,6 +23,8 @@
 
 mod acks;
 mod apply;
+#[cfg(test)]
+mod fixed_store;
 mod io;
 mod leases;
 mod members;

@@ -148,57 +148,19 @@ impl Engine {
 mod tests {
     use std::time::Instant;
 
-    use cid::Cid;
     use libp2p::identity::Keypair;
     use libp2p::PeerId;
 
     use super::REPAIR_RETRY;
-    use crate::ids::{Origin, Role, StateRoot};
+    use crate::ids::{Role, StateRoot};
     use crate::op::Signer;
-    use crate::snapshot::SnapshotBrief;
-    use crate::store::{OriginProgress, VersionVector};
-    use crate::sync::engine::{Action, Engine, EngineConfig, Input, ReplyId, ReqId, StoreView};
+    use crate::sync::engine::fixed_store::FixedStore;
+    use crate::sync::engine::{Action, Engine, EngineConfig, Input, ReplyId, ReqId};
     use crate::wire::{SyncRequest, SyncResponse};
-
-    /// A store at the empty vector whose root and buckets the test sets.
-    struct Fixed {
-        root: StateRoot,
-        buckets: Vec<[u8; 32]>,
-    }
-
-    impl StoreView for Fixed {
-        fn version_vector(&self) -> VersionVector {
-            VersionVector::default()
-        }
-        fn state_root(&self) -> (StateRoot, VersionVector) {
-            (self.root, VersionVector::default())
-        }
-        fn progress(&self, _: &Origin) -> OriginProgress {
-            OriginProgress::default()
-        }
-        fn log_floors(&self) -> VersionVector {
-            VersionVector::default()
-        }
-        fn latest_snapshot(&self) -> Option<(Cid, SnapshotBrief)> {
-            None
-        }
-        fn clock(&self) -> crate::crdt::Hlc {
-            crate::crdt::Hlc::default()
-        }
-        fn tombstones_collected(&self) -> crate::crdt::Hlc {
-            crate::crdt::Hlc::default()
-        }
-        fn has_chunk(&self, _: &Cid) -> bool {
-            false
-        }
-        fn bucket_hashes(&self) -> Vec<[u8; 32]> {
-            self.buckets.clone()
-        }
-    }
 
     struct Setup {
         e: Engine,
-        store: Fixed,
+        store: FixedStore,
         peer: PeerId,
         replies: u64,
     }
@@ -206,7 +168,7 @@ mod tests {
     impl Setup {
         /// An active node connected to one peer, both at the empty vector.
         fn new(now: Instant) -> Setup {
-            let store = Fixed { root: StateRoot([0; 32]), buckets: vec![[0; 32]; 4] };
+            let store = FixedStore { root: StateRoot([0; 32]), buckets: vec![[0; 32]; 4] };
             let e = Engine::new(
                 Signer::new(Keypair::generate_ed25519()),
                 EngineConfig::new(Role::Replica, "c"),
