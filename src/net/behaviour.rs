@@ -21,6 +21,21 @@ use crate::wire::agent_version;
 /// signature, topic) and protobuf framing. Payloads themselves are capped at `max_gossip_bytes`.
 pub const GOSSIP_ENVELOPE_OVERHEAD: usize = 1024;
 
+/// Message ids in one IHAVE at most (gossipsub's `max_control_messages_sent`, which also bounds the
+/// ids of IWANTs it answers per peer). gossipsub 0.50 refuses an inbound RPC whose control part
+/// exceeds `max_control_message_size` (16 KiB by default) and drops that inbound stream; the sender,
+/// left writing into a stream nobody reads, never sends that peer gossip again on the connection.
+/// Its default of 5,000 ids (32-byte ids here, ~170 KB) did exactly that under W3's load: the writer
+/// stopped publishing to three of its four peers two seconds in, which then heard its writes only
+/// through the fourth, one hop later, while its send queues filled and overflowed. 400 ids fit in a
+/// default receiver's limit, so other libp2p implementations are safe from ours too.
+pub const MAX_IHAVE_IDS: usize = 400;
+
+/// The control part of one gossipsub RPC accepted from a peer at most: room for the 5,000-id IHAVEs
+/// other implementations send by default (go-libp2p's and js-libp2p's `MaxIHaveLength`), so their
+/// gossip is not cut off as ours was. The whole RPC is bounded by `max_transmit_size` anyway.
+pub const MAX_CONTROL_BYTES: usize = 256 * 1024;
+
 /// Request-response streams open at once per connection handler at most.
 pub const MAX_CONCURRENT_STREAMS: usize = 512;
 
@@ -98,6 +113,8 @@ fn gossipsub_behaviour(config: &NetConfig) -> Result<gossipsub::Behaviour, NetEr
         // The default initial delay is 5 s whatever the interval; tie it to the heartbeat.
         .heartbeat_initial_delay(config.gossip_heartbeat)
         .max_transmit_size(config.max_gossip_bytes + GOSSIP_ENVELOPE_OVERHEAD)
+        .max_control_messages_sent(MAX_IHAVE_IDS)
+        .max_control_message_size(MAX_CONTROL_BYTES)
         .validation_mode(gossipsub::ValidationMode::Anonymous)
         .validate_messages()
         // Content-addressed ids: the same batch relayed by two peers, or republished, is one message.
@@ -182,6 +199,18 @@ mod tests {
         assert_eq!(cluster_topic("a").to_string(), "peersync/a/ops/1");
         assert_ne!(cluster_topic("a").hash(), cluster_topic("b").hash());
         assert_eq!(cluster_provider_key("a").as_ref(), b"peersync/cluster/a");
+    }
+
+    /// What a node sends fits what a default gossipsub receives: an IHAVE of the most ids, each a
+    /// 32-byte blake3 id with its protobuf tag and length, plus the topic and message framing.
+    #[test]
+    fn the_largest_ihave_fits_a_default_receivers_control_limit() {
+        const DEFAULT_RECEIVE_LIMIT: usize = 16 * 1024;
+        let topic = cluster_topic(&"c".repeat(64)).to_string();
+        let largest = MAX_IHAVE_IDS * (1 + 1 + 32) + topic.len() + 16;
+        assert!(largest <= DEFAULT_RECEIVE_LIMIT, "{largest} bytes");
+        // And a default sender's (5,000 ids) fits ours.
+        assert!(5_000 * (1 + 1 + 32) + topic.len() + 16 <= MAX_CONTROL_BYTES);
     }
 
     #[test]
