@@ -87,7 +87,7 @@ pub(crate) fn check_register(bytes: &[u8], known_origin: &mut Vec<u8>) -> Result
 
 /// A varint of at most `bits` bits at `*at`, in its shortest form (postcard writes no other); `None`
 /// when it is cut short, too wide, or padded.
-fn canonical_varint(bytes: &[u8], at: &mut usize, bits: u32) -> Option<u64> {
+pub(super) fn canonical_varint(bytes: &[u8], at: &mut usize, bits: u32) -> Option<u64> {
     let mut n = 0u64;
     let mut shift = 0;
     loop {
@@ -106,7 +106,7 @@ fn canonical_varint(bytes: &[u8], at: &mut usize, bits: u32) -> Option<u64> {
 }
 
 /// A byte string (a canonical varint length, then the bytes) at `*at`.
-fn length_prefixed<'b>(bytes: &'b [u8], at: &mut usize) -> Option<&'b [u8]> {
+pub(super) fn length_prefixed<'b>(bytes: &'b [u8], at: &mut usize) -> Option<&'b [u8]> {
     let len = usize::try_from(canonical_varint(bytes, at, u64::BITS)?).ok()?;
     let slice = bytes.get(*at..at.checked_add(len)?)?;
     *at += len;

@@ -10,6 +10,7 @@
 //! tombstone reads as "absent" whether or not it is still held. Tombstones are collected at different
 //! times on different nodes (see `Store::collect_tombstones`), and their states stay equal.
 
+use super::encoding::{canonical_varint, length_prefixed};
 use crate::ids::StateRoot;
 
 /// Number of buckets. Fixed by the on-disk format (`state_bucket_rows_v3`).
@@ -56,27 +57,15 @@ pub fn root_hash(kind: EntryKind, identity: &[u8; 32], value: &[u8]) -> Option<[
 }
 
 /// Whether postcard bytes of a `RegisterValue` hold a tombstone (`value: None`), read without
-/// decoding: varint wall ms, varint logical, length-prefixed origin, then the option's tag. Bytes
-/// that do not parse count as a value (they are refused elsewhere).
+/// decoding: varint wall ms, varint logical, length-prefixed origin, then the option's tag (read as
+/// the canonical-encoding check of snapshot registers reads them). Bytes that do not parse count as
+/// a value (they are refused elsewhere).
 pub fn register_is_tombstone(bytes: &[u8]) -> bool {
-    fn varint(bytes: &[u8], at: &mut usize) -> Option<u64> {
-        let mut n = 0u64;
-        for shift in (0..64).step_by(7) {
-            let b = *bytes.get(*at)?;
-            *at += 1;
-            n |= u64::from(b & 0x7f) << shift;
-            if b & 0x80 == 0 {
-                return Some(n);
-            }
-        }
-        None
-    }
     let mut at = 0;
     let parsed = (|| {
-        varint(bytes, &mut at)?;
-        varint(bytes, &mut at)?;
-        let origin = usize::try_from(varint(bytes, &mut at)?).ok()?;
-        at = at.checked_add(origin)?;
+        canonical_varint(bytes, &mut at, u64::BITS)?;
+        canonical_varint(bytes, &mut at, u32::BITS)?;
+        length_prefixed(bytes, &mut at)?;
         bytes.get(at).copied()
     })();
     parsed == Some(0) && at + 1 == bytes.len()
