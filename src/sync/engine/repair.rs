@@ -76,9 +76,12 @@ impl Repair {
         }
     }
 
-    /// The repair under way ran to its end.
+    /// The repair under way ran to its end. A stray answer (of a repair given up) settles nothing
+    /// and keeps what the last repair settled.
     fn settle(&mut self) {
-        self.settled = self.under_way.take().map(|u| u.roots);
+        if let Some(u) = self.under_way.take() {
+            self.settled = Some(u.roots);
+        }
     }
 }
 
