@@ -574,24 +574,69 @@ async fn chunks_are_staged_as_they_arrive_and_install_by_rename_or_by_merge() {
 }
 
 #[test]
-fn chunks_kept_in_the_state_database_by_an_older_build_move_to_the_chunk_database() {
+fn chunks_kept_in_redb_by_older_builds_move_to_files() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("state.redb");
     drop(Store::open(&path).unwrap());
-    let (r, bytes) =
-        chunk_of(&[StateEntry { kind: Kind::Counter, collection: "c".into(), key: vec![1], value: vec![0, 0] }]);
-    {
-        let db = redb::Database::open(&path).unwrap();
+    let chunk = |key: u8| {
+        chunk_of(&[StateEntry { kind: Kind::Counter, collection: "c".into(), key: vec![key], value: vec![0, 0] }])
+    };
+    let ((r1, bytes1), (r2, bytes2)) = (chunk(1), chunk(2));
+    let old: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("snapshot_chunks_v1");
+    let keep_in = |db: &std::path::Path, cid: &cid::Cid, bytes: &[u8]| {
+        let db = redb::Database::create(db).unwrap();
         let txn = db.begin_write().unwrap();
-        let old: redb::TableDefinition<&[u8], &[u8]> = redb::TableDefinition::new("snapshot_chunks_v1");
-        txn.open_table(old).unwrap().insert(r.cid.to_bytes().as_slice(), bytes.as_slice()).unwrap();
+        txn.open_table(old).unwrap().insert(cid.to_bytes().as_slice(), bytes).unwrap();
         txn.commit().unwrap();
-    }
+    };
+    // The oldest builds kept chunks in the state database, later ones in a database of their own.
+    keep_in(&path, &r1.cid, &bytes1);
+    let legacy = peersync::store::chunks_path(&path);
+    assert!(legacy.ends_with("state-chunks.redb"));
+    keep_in(&legacy, &r2.cid, &bytes2);
+
     let store = Store::open(&path).unwrap();
-    assert_eq!(store.snapshot_chunk(&r.cid).unwrap(), Some(bytes));
-    assert!(peersync::store::chunks_path(&path).ends_with("state-chunks.redb"));
+    assert_eq!(store.snapshot_chunk(&r1.cid).unwrap(), Some(bytes1.clone()));
+    assert_eq!(store.snapshot_chunk(&r2.cid).unwrap(), Some(bytes2));
+    assert!(!legacy.exists(), "the chunk database is gone once its chunks are files");
+    let files = peersync::store::chunks_dir(&path);
+    assert!(files.ends_with("state-chunks"));
+    assert_eq!(std::fs::read(files.join(r1.cid.to_string())).unwrap(), bytes1);
     drop(store);
-    assert_eq!(Store::open(&path).unwrap().chunk_count().unwrap(), 1);
+    assert_eq!(Store::open(&path).unwrap().chunk_count().unwrap(), 2);
+}
+
+#[tokio::test]
+async fn a_held_chunk_cut_short_by_a_crash_counts_as_missing_and_is_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 12).await;
+    let snap = a.store.create_snapshot(&a.signer, "test", 300).unwrap();
+    let signed = a.store.snapshot_manifest(&snap.cid).unwrap().unwrap();
+    let m = signed.verify().unwrap();
+    assert!(m.chunks.len() > 1);
+    let bytes = |c: &cid::Cid| a.store.snapshot_chunk(c).unwrap().unwrap();
+
+    let b = open(&dir, "b.redb");
+    for c in &m.chunks {
+        b.store.put_chunk(&c.cid, &bytes(&c.cid)).unwrap();
+    }
+    assert!(b.store.missing_chunks(&m).unwrap().is_empty());
+    // What a crash before the chunk was synced can leave: its file cut short.
+    let cut = m.chunks[0].cid;
+    let file = peersync::store::chunks_dir(&dir.path().join("b.redb")).join(cut.to_string());
+    std::fs::write(&file, &bytes(&cut)[..10]).unwrap();
+    assert_eq!(b.store.missing_chunks(&m).unwrap(), vec![cut], "a resumed pull fetches it again");
+    assert!(b.store.has_chunk(&cut).unwrap());
+    // An install before that refuses, naming it missing, and removes the damaged file.
+    let e = refusal(b.writer.install_snapshot(signed.clone()).await.unwrap_err());
+    assert!(matches!(e, SnapshotError::MissingChunks { missing: 1, first, .. } if first == cut), "{e}");
+    assert!(!b.store.has_chunk(&cut).unwrap());
+    // Fetched again, it installs.
+    b.store.put_chunk(&cut, &bytes(&cut)).unwrap();
+    let outcome = b.writer.install_snapshot(signed).await.unwrap();
+    assert!(matches!(outcome, InstallOutcome::Installed { .. }), "{outcome:?}");
+    assert_eq!(b.store.state_root().0, snap.state_root);
 }
 
 #[tokio::test]

@@ -24,6 +24,9 @@ pub enum StoreError {
     DiskFull { dir: PathBuf, available: u64, needed: u64 },
     #[error("corrupt store: {0}")]
     Corrupt(String),
+    /// Reading or writing a snapshot chunk's file failed (see `chunk_files.rs`).
+    #[error("snapshot chunk file {path}: {source}")]
+    ChunkFile { path: PathBuf, source: std::io::Error },
     /// A snapshot, chunk or list of entries was refused; nothing of it was written. Expected when a
     /// peer sends bad data (or chunks are still missing), not a fault of this store.
     #[error(transparent)]

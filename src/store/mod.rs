@@ -11,6 +11,7 @@
 
 mod apply;
 mod buckets;
+mod chunk_files;
 mod disk;
 mod encoding;
 mod error;
@@ -31,12 +32,13 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, RwLock};
 
-use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata};
+use redb::{Database, ReadableDatabase, ReadableTable};
 use tokio::sync::watch;
 
 use crate::crdt::Hlc;
 use crate::ids::{Origin, Seq, StateRoot};
 use crate::op::ChainHash;
+use chunk_files::ChunkFiles;
 use tables::*;
 
 pub use apply::Effect;
@@ -59,42 +61,62 @@ pub use writer::{
 /// writes and snapshot installs as fast (`scripts/bench.sh` W1, W2, W4, W5).
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
 
-/// Page cache of the chunk database: chunks are large and read once per request.
-const CHUNKS_CACHE_BYTES: usize = 16 << 20;
-
-/// Readies the chunk database inside the state database's opening transaction: chunks used to live
-/// in the state database, so any found there move over (committed to the chunk database before
-/// the opening transaction deletes them). Writes to the chunk database only when there is
-/// something to do.
-fn move_chunks_out(txn: &redb::WriteTransaction, chunks: &Database) -> Result<(), StoreError> {
-    let old = txn.open_table(SNAPSHOT_CHUNKS)?;
-    let exists = match chunks.begin_read()?.open_table(SNAPSHOT_CHUNKS) {
-        Ok(_) => true,
-        Err(redb::TableError::TableDoesNotExist(_)) => false,
-        Err(e) => return Err(e.into()),
-    };
-    if !exists || !old.is_empty()? {
-        let to = chunks.begin_write()?;
-        {
-            let mut table = to.open_table(SNAPSHOT_CHUNKS)?;
-            for row in old.iter()? {
-                let (k, v) = row?;
-                table.insert(k.value(), v.value())?;
-            }
-        }
-        to.commit()?;
-        if !old.is_empty()? {
-            tracing::info!("moved snapshot chunks into the chunk database");
-        }
+/// Moves the chunks an older build kept in redb into files: those in the state database's table
+/// (older still), inside its opening transaction, and those in the chunk database
+/// (`<name>-chunks.redb`), which is then deleted. The files are synced before either source goes,
+/// so a crash midway moves them again on the next open.
+fn move_chunks_to_files(txn: &redb::WriteTransaction, path: &Path, files: &ChunkFiles) -> Result<(), StoreError> {
+    let mut moved = take_chunks(&txn.open_table(SNAPSHOT_CHUNKS)?, files)?;
+    let legacy = chunks_path(path);
+    if legacy.exists() {
+        let open_error = |e: redb::DatabaseError| StoreError::Open { path: legacy.clone(), source: e.into() };
+        let db = redb::Database::open(&legacy).map_err(open_error)?;
+        let read = db.begin_write()?;
+        moved += take_chunks(&read.open_table(SNAPSHOT_CHUNKS)?, files)?;
+        drop(read);
+        drop(db);
+        files.sync()?;
+        std::fs::remove_file(&legacy).map_err(|source| StoreError::ChunkFile { path: legacy.clone(), source })?;
     }
-    txn.delete_table(old)?;
+    files.sync()?;
+    txn.delete_table(SNAPSHOT_CHUNKS)?;
+    if moved > 0 {
+        tracing::info!(chunks = moved, dir = %chunks_dir(path).display(), "moved snapshot chunks out of redb into files");
+    }
     Ok(())
 }
 
-/// Where the chunk database of the state database at `path` lives: `state.redb` -> `state-chunks.redb`.
+/// Writes every chunk of `table` into `files` (not synced). Returns how many.
+fn take_chunks(
+    table: &impl ReadableTable<&'static [u8], &'static [u8]>,
+    files: &ChunkFiles,
+) -> Result<u64, StoreError> {
+    let mut moved = 0;
+    for row in table.iter()? {
+        let (k, v) = row?;
+        match cid::Cid::try_from(k.value()) {
+            Ok(cid) => {
+                files.write(&cid, v.value())?;
+                moved += 1;
+            }
+            Err(e) => tracing::warn!(error = %e, "dropping a kept chunk whose key is not a CID"),
+        }
+    }
+    Ok(moved)
+}
+
+/// Where an older build kept the snapshot chunks of the state database at `path`:
+/// `state.redb` -> `state-chunks.redb`. Moved into [`chunks_dir`] at open.
 pub fn chunks_path(path: &Path) -> std::path::PathBuf {
     let stem = path.file_stem().map_or_else(|| "state".into(), |s| s.to_string_lossy().into_owned());
     path.with_file_name(format!("{stem}-chunks.redb"))
+}
+
+/// Where the snapshot chunks of the state database at `path` are kept, a file per chunk:
+/// `state.redb` -> `state-chunks/`.
+pub fn chunks_dir(path: &Path) -> std::path::PathBuf {
+    let stem = path.file_stem().map_or_else(|| "state".into(), |s| s.to_string_lossy().into_owned());
+    path.with_file_name(format!("{stem}-chunks"))
 }
 
 /// Where each origin's log stands: highest contiguous seq and the chain hash there.
@@ -125,10 +147,10 @@ impl Mirror {
 #[derive(Clone)]
 pub struct Store {
     db: Arc<Database>,
-    /// Snapshot chunks, in a database of their own (`<name>-chunks.redb` beside the state): storing
-    /// a fetched chunk never waits for the state's write lock, and the state's commits never carry
-    /// chunk bytes.
-    chunks: Arc<Database>,
+    /// Snapshot chunks, a file each in `<name>-chunks/` beside the state (see `chunk_files.rs`):
+    /// storing a fetched chunk never waits for the state's write lock, and the state's commits never
+    /// carry chunk bytes.
+    chunks: Arc<ChunkFiles>,
     /// Serializes making and pruning snapshots, which write both databases.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
     /// The state as of the last commit; written only by the writer thread (see `publish`).
@@ -203,8 +225,8 @@ impl Store {
             txn.open_table(META)?.insert(META_FORMAT, FORMAT_VERSION.to_be_bytes().as_slice())?;
             tracing::info!(path = %path.display(), from, "migrated the data dir to format 3: state-root buckets in rows of 64");
         }
-        let chunks = open(&chunks_path(path), CHUNKS_CACHE_BYTES)?;
-        move_chunks_out(&txn, &chunks)?;
+        let chunks = ChunkFiles::open(&chunks_dir(path))?;
+        move_chunks_to_files(&txn, path, &chunks)?;
         txn.commit()?;
         let db = Arc::new(db);
         let mirror = load_mirror(&db)?;
@@ -239,7 +261,7 @@ impl Store {
         self.disk.check(bytes)
     }
 
-    /// Rewrites the database at `path` and its chunk database so that free pages (left by
+    /// Rewrites the database at `path` (and a chunk database an older build left) so that free pages (left by
     /// compacted logs, pruned snapshots, installs) are given back and the files shrink to what they
     /// hold. The files must not be open elsewhere (stop the node first). Returns each file with its
     /// size before and after. Blocking; takes about as long as reading the files.
@@ -375,7 +397,7 @@ impl Store {
         &self.db
     }
 
-    pub(crate) fn chunks_db(&self) -> &Database {
+    pub(crate) fn chunk_files(&self) -> &ChunkFiles {
         &self.chunks
     }
 }

@@ -9,7 +9,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use cid::Cid;
-use redb::{ReadableDatabase, ReadableTable, ReadableTableMetadata, WriteTransaction};
+use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
 
 use super::apply::entry_kind;
 use super::root::{identity_hash, Buckets};
@@ -194,24 +194,21 @@ impl Store {
     }
 
     /// The compressed bytes of a held chunk.
+    /// (Read as kept: whoever uses the bytes checks them against the CID.)
     pub fn snapshot_chunk(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
-        let txn = self.chunks_db().begin_read()?;
-        let value = txn.open_table(SNAPSHOT_CHUNKS)?.get(cid.to_bytes().as_slice())?;
-        Ok(value.map(|v| v.value().to_vec()))
+        self.chunk_files().get(cid)
     }
 
     pub fn has_chunk(&self, cid: &Cid) -> Result<bool, StoreError> {
-        let txn = self.chunks_db().begin_read()?;
-        Ok(txn.open_table(SNAPSHOT_CHUNKS)?.get(cid.to_bytes().as_slice())?.is_some())
+        Ok(self.chunk_files().size(cid)?.is_some())
     }
 
-    /// The chunks of `manifest` not held yet: what a resumed pull still has to fetch.
+    /// The chunks of `manifest` not held yet: what a resumed pull still has to fetch. A chunk held
+    /// with a size other than the manifest's (cut short by a crash) counts as missing.
     pub fn missing_chunks(&self, manifest: &Manifest) -> Result<Vec<Cid>, StoreError> {
-        let txn = self.chunks_db().begin_read()?;
-        let table = txn.open_table(SNAPSHOT_CHUNKS)?;
         let mut missing = Vec::new();
         for c in &manifest.chunks {
-            if table.get(c.cid.to_bytes().as_slice())?.is_none() {
+            if self.chunk_files().size(&c.cid)? != Some(c.size) {
                 missing.push(c.cid);
             }
         }
@@ -220,8 +217,7 @@ impl Store {
 
     /// Number of chunks held (of all snapshots, and of pulls not installed yet).
     pub fn chunk_count(&self) -> Result<u64, StoreError> {
-        let txn = self.chunks_db().begin_read()?;
-        Ok(txn.open_table(SNAPSHOT_CHUNKS)?.len()?)
+        Ok(self.chunk_files().list()?.len() as u64)
     }
 
     /// Keeps a chunk fetched from a peer, after checking that its bytes hash to `cid` (one durable
@@ -229,15 +225,11 @@ impl Store {
     /// already held. Blocking.
     pub fn put_chunk(&self, cid: &Cid, bytes: &[u8]) -> Result<bool, StoreError> {
         verify_chunk_cid(cid, bytes).map_err(|source| SnapshotError::Chunk { cid: *cid, source })?;
-        let key = cid.to_bytes();
         if self.has_chunk(cid)? {
             return Ok(false);
         }
         self.check_disk(bytes.len() as u64 * 2)?;
-        let txn = self.chunks_db().begin_write()?;
-        txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?;
-        txn.commit()?;
-        Ok(true)
+        self.chunk_files().put(cid, bytes, true)
     }
 
     /// Keeps a chunk of the snapshot named `manifest`, fetched from a peer, and stages its entries for
@@ -261,18 +253,9 @@ impl Store {
         // The chunk first: staged entries whose chunk a crash lost are fetched again (and staged
         // as no-ops); a chunk held but not staged is staged at install. A `durable` call fsyncs
         // even when the chunk was held already, so the earlier chunks it covers are durable too.
-        let key = chunk.cid.to_bytes();
         // The chunk, then its entries in the staging tables.
         self.check_disk(bytes.len() as u64 + chunk.raw_size * 2)?;
-        // Inserted without asking first whether it is held: a chunk is its leaf's only entry, so a
-        // lookup reads a whole chunk (the one held or its neighbour), about 4 MiB per chunk staged.
-        // A chunk held already (rarely: fetched twice) is rewritten with the same bytes.
-        let mut txn = self.chunks_db().begin_write()?;
-        if !durable {
-            txn.set_durability(redb::Durability::None)?;
-        }
-        let added = txn.open_table(SNAPSHOT_CHUNKS)?.insert(key.as_slice(), bytes)?.is_none();
-        txn.commit()?;
+        let added = self.chunk_files().put(&chunk.cid, bytes, durable)?;
         let kept_at = started.elapsed();
         // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
         // redone at install from the held chunks, with nothing fetched again.
@@ -287,9 +270,7 @@ impl Store {
         });
         if staged.is_err() && added {
             // Refused (a key staged twice) or not written: the chunk is not kept either.
-            let txn = self.chunks_db().begin_write()?;
-            txn.open_table(SNAPSHOT_CHUNKS)?.remove(key.as_slice())?;
-            txn.commit()?;
+            self.chunk_files().remove(&chunk.cid)?;
         }
         staged
     }
@@ -299,21 +280,16 @@ impl Store {
     /// snapshots whose making was interrupted. Returns how many went. Blocking.
     pub fn collect_chunks(&self, keep: &[Cid]) -> Result<u64, StoreError> {
         let _serial = self.snapshot_lock.lock().expect("snapshot lock");
-        let mut listed: BTreeSet<Vec<u8>> = keep.iter().map(Cid::to_bytes).collect();
+        let mut listed: BTreeSet<Cid> = keep.iter().copied().collect();
         for snapshot in self.list_snapshots()? {
-            listed.extend(snapshot.manifest.chunks.iter().map(|c| c.cid.to_bytes()));
+            listed.extend(snapshot.manifest.chunks.iter().map(|c| c.cid));
         }
-        let txn = self.chunks_db().begin_write()?;
         let mut deleted = 0;
-        {
-            let mut chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
-            chunks.retain(|cid, _| {
-                let kept = listed.contains(cid);
-                deleted += u64::from(!kept);
-                kept
-            })?;
+        for cid in self.chunk_files().list()? {
+            if !listed.contains(&cid) {
+                deleted += u64::from(self.chunk_files().remove(&cid)?);
+            }
         }
-        txn.commit()?;
         Ok(deleted)
     }
 
@@ -355,82 +331,49 @@ impl Store {
         txn.commit()?;
         // The manifests are gone first: a crash in between leaves unlisted chunks, never a listed
         // chunk missing.
-        let txn = self.chunks_db().begin_write()?;
-        {
-            let mut chunks = txn.open_table(SNAPSHOT_CHUNKS)?;
-            for c in &doomed {
-                outcome.chunks += chunks.remove(c.as_slice())?.is_some() as usize;
-            }
+        for c in &doomed {
+            let cid = Cid::try_from(c.as_slice()).map_err(|e| StoreError::Corrupt(format!("snapshot index: {e}")))?;
+            outcome.chunks += self.chunk_files().remove(&cid)? as usize;
         }
-        txn.commit()?;
         Ok(outcome)
     }
 }
 
-/// Writes the chunks of a snapshot being made, as they are sealed, in transactions of about
-/// [`ChunkWriter::BATCH_BYTES`]: the snapshot is never held in memory whole.
+/// Writes the chunks of a snapshot being made as they are sealed (the snapshot is never held in
+/// memory whole), and syncs them all once it is complete.
 struct ChunkWriter<'a> {
     store: &'a Store,
     refs: Vec<ChunkRef>,
-    pending: Vec<Chunk>,
-    pending_bytes: usize,
     /// Chunks this snapshot added (not held before), to take back if it is abandoned.
     added: Vec<Cid>,
 }
 
 impl<'a> ChunkWriter<'a> {
-    const BATCH_BYTES: usize = 64 << 20;
-
     fn new(store: &'a Store) -> Self {
-        ChunkWriter { store, refs: Vec::new(), pending: Vec::new(), pending_bytes: 0, added: Vec::new() }
+        ChunkWriter { store, refs: Vec::new(), added: Vec::new() }
     }
 
     fn add(&mut self, chunk: Option<Chunk>) -> Result<(), StoreError> {
         let Some(chunk) = chunk else { return Ok(()) };
         self.refs.push(chunk.chunk_ref());
-        self.pending_bytes += chunk.bytes.len();
-        self.pending.push(chunk);
-        if self.pending_bytes >= Self::BATCH_BYTES {
-            self.flush(redb::Durability::None)?;
+        self.store.check_disk(chunk.bytes.len() as u64 * 2)?;
+        if self.store.chunk_files().put(&chunk.cid, &chunk.bytes, false)? {
+            self.added.push(chunk.cid);
         }
-        Ok(())
-    }
-
-    fn flush(&mut self, durability: redb::Durability) -> Result<(), StoreError> {
-        self.store.check_disk(self.pending_bytes as u64 * 2)?;
-        let mut txn = self.store.chunks_db().begin_write()?;
-        txn.set_durability(durability)?;
-        {
-            let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
-            for c in self.pending.drain(..) {
-                let key = c.cid.to_bytes();
-                if table.get(key.as_slice())?.is_none() {
-                    table.insert(key.as_slice(), c.bytes.as_slice())?;
-                    self.added.push(c.cid);
-                }
-            }
-        }
-        txn.commit()?;
-        self.pending_bytes = 0;
         Ok(())
     }
 
     /// Makes every chunk durable; returns the chunk list for the manifest.
-    fn finish(mut self) -> Result<Vec<ChunkRef>, StoreError> {
-        self.flush(redb::Durability::Immediate)?;
+    fn finish(self) -> Result<Vec<ChunkRef>, StoreError> {
+        self.store.chunk_files().sync()?;
         Ok(self.refs)
     }
 
     /// Deletes the chunks this snapshot added.
     fn abandon(self) -> Result<(), StoreError> {
-        let txn = self.store.chunks_db().begin_write()?;
-        {
-            let mut table = txn.open_table(SNAPSHOT_CHUNKS)?;
-            for cid in &self.added {
-                table.remove(cid.to_bytes().as_slice())?;
-            }
+        for cid in &self.added {
+            self.store.chunk_files().remove(cid)?;
         }
-        txn.commit()?;
         Ok(())
     }
 }

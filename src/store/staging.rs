@@ -6,7 +6,7 @@
 //! snapshot refused at install (its entries do not hash to its root) leaves the state untouched.
 //! Installing into an empty state renames the staging tables into place; otherwise their entries
 //! are merged with the CRDT merges. Staging commits are never fsynced and the chunk bytes live in
-//! the chunk database: after a crash, a chunk held but not staged is staged at install, and entries
+//! the chunk files: after a crash, a chunk held but not staged is staged at install, and entries
 //! staged whose chunk was lost make the pull fetch that chunk again (staging it is then a no-op).
 
 use std::collections::BTreeMap;

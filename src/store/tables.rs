@@ -58,13 +58,13 @@ pub(crate) const BUCKET_ROWS: TableDefinition<u32, &[u8]> = TableDefinition::new
 /// into `BUCKET_ROWS` at open.
 pub(crate) const BUCKETS_V1: TableDefinition<u32, &[u8]> = TableDefinition::new("state_buckets_v1");
 
-/// Snapshot chunks, in the chunk database (see `Store`). Key: chunk CID bytes. Value: the compressed
-/// chunk, which hashes to that CID (checked before every insert). Chunks of several snapshots are
-/// shared; a puller's chunks wait here before their manifest is installed.
+/// Where older builds kept snapshot chunks (in the state database, then in a chunk database of
+/// their own). Key: chunk CID bytes. Value: the compressed chunk. Read only to move them into files
+/// at open (see `chunk_files.rs`).
 pub(crate) const SNAPSHOT_CHUNKS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshot_chunks_v1");
 
 /// Snapshots held. Key: manifest CID bytes. Value: postcard `snapshot::SignedManifest`, verified before
-/// it was stored. Every chunk a held manifest lists is in `SNAPSHOT_CHUNKS`.
+/// it was stored. Every chunk a held manifest lists is held as a file (see `chunk_files.rs`).
 pub(crate) const SNAPSHOTS: TableDefinition<&[u8], &[u8]> = TableDefinition::new("snapshots_v1");
 
 /// Order in which snapshots were stored here (created or installed). Key: increasing number. Value:
@@ -118,7 +118,8 @@ pub(crate) const STAGE_LEASES: TableDefinition<(&str, &[u8]), &[u8]> = TableDefi
 pub(crate) const STAGE_TOMBSTONES: TableDefinition<(u64, u32, &str, &[u8]), ()> =
     TableDefinition::new("stage_tombstones_v1");
 
-/// Chunks whose entries are staged. Key: chunk CID bytes. Every one is also in `SNAPSHOT_CHUNKS`.
+/// Chunks whose entries are staged. Key: chunk CID bytes. Every one is also held as a file, unless a
+/// crash lost the file before it was synced.
 pub(crate) const STAGE_CHUNKS: TableDefinition<&[u8], ()> = TableDefinition::new("stage_chunks_v1");
 
 /// What the staged entries add up to. Key: one of the `STAGE_*` names below.

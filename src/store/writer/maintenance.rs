@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 
 use cid::Cid;
-use redb::{ReadableDatabase, ReadableTable, WriteTransaction};
+use redb::{ReadableTable, WriteTransaction};
 use tokio::sync::oneshot;
 
 use super::{now_ms, CommitEvent, Request, WriteHandle, Writer, WriterError, MAX_CLOCK_AHEAD_MS};
@@ -16,6 +16,7 @@ use crate::crdt::{Hlc, HlcClock};
 use crate::ids::{Origin, Seq};
 use crate::snapshot::{Kind, Manifest, SignedManifest, StateEntry};
 use crate::store::apply::Tables;
+use crate::store::chunk_files::ChunkFiles;
 use crate::store::log;
 use crate::store::snapshots::{keep_manifest, latest_in};
 use crate::store::staging::{self, Staged};
@@ -217,9 +218,9 @@ impl Writer {
         // Staged chunks may have been stored without fsync: they are durable before the manifest
         // that lists them is kept.
         let store = self.store.clone();
-        store.chunks_db().begin_write().map_err(store_err)?.commit().map_err(store_err)?;
+        store.chunk_files().sync().map_err(store_err)?;
         self.transact(|txn, work| {
-            let (entries, changed) = install_staged(txn, store.chunks_db(), work, &cid, &manifest)?;
+            let (entries, changed) = install_staged(txn, store.chunk_files(), work, &cid, &manifest)?;
             let advanced = advance_logs(txn, &mut work.mirror, &manifest)?;
             keep_manifest(txn, &cid, &signed.encode())?;
             work.event.snapshot_installed = Some(cid);
@@ -286,24 +287,21 @@ fn persist_buckets(txn: &WriteTransaction, tables: &mut Tables, mirror: &Mirror)
 /// (entries, changed).
 fn install_staged(
     txn: &WriteTransaction,
-    chunks_db: &redb::Database,
+    chunks: &ChunkFiles,
     work: &mut Work,
     cid: &Cid,
     manifest: &Manifest,
 ) -> Result<(u64, u64), StoreError> {
     staging::begin(txn, cid)?;
     let (mut missing, mut unstaged) = (Vec::new(), Vec::new());
-    {
-        let read = chunks_db.begin_read()?;
-        let chunks = read.open_table(SNAPSHOT_CHUNKS)?;
-        for c in &manifest.chunks {
-            if staging::is_staged(txn, &c.cid)? {
-                continue;
-            }
-            match chunks.get(c.cid.to_bytes().as_slice())? {
-                Some(bytes) => unstaged.push((c, bytes.value().to_vec())),
-                None => missing.push(c.cid),
-            }
+    for c in &manifest.chunks {
+        if staging::is_staged(txn, &c.cid)? {
+            continue;
+        }
+        // Checked here: a chunk cut short by a crash is removed and counts as missing.
+        match chunks.get_checked(&c.cid)? {
+            Some(bytes) => unstaged.push((c, bytes)),
+            None => missing.push(c.cid),
         }
     }
     if let Some(first) = missing.first() {

@@ -1,0 +1,214 @@
+//! Snapshot chunks as files: one file per chunk in a directory next to the state database, named
+//! by the chunk's CID. A chunk is immutable and content-addressed, so it needs no B-tree: a write is
+//! one `write` of its bytes into the page cache, a read one `read`. In redb, keeping a 4 MiB chunk
+//! cost page allocation, copies and checksums on top of that, and a snapshot pull kept every byte
+//! twice (chunk, then staged entries); W5 of `scripts/bench.sh` spent about a fifth of the puller's
+//! CPU keeping chunks.
+//!
+//! A chunk is written to a temporary file and renamed into place, so a file under a chunk's name
+//! is never half-written by a running node. A write that is not durable is fsynced later, by
+//! [`ChunkFiles::sync`] (a durable write syncs every write before it too); a crash before that may
+//! leave a file cut short or empty. Readers that rely on the bytes check them: an install hashes
+//! every chunk it reads (and removes one that does not hash to its name), and a puller counts a
+//! chunk whose size is not the manifest's as missing.
+
+use std::collections::BTreeSet;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use cid::Cid;
+
+use super::StoreError;
+use crate::snapshot::verify_chunk_cid;
+
+/// Suffix of a chunk being written; any left at open are a crash's leftovers.
+const PARTIAL: &str = ".partial";
+
+#[derive(Debug)]
+pub(crate) struct ChunkFiles {
+    dir: PathBuf,
+    /// Chunks written since the last sync, by file name.
+    unsynced: Mutex<BTreeSet<String>>,
+    /// Numbers the temporary files, so two threads writing one chunk do not share one.
+    next_partial: AtomicU64,
+}
+
+impl ChunkFiles {
+    /// Opens (or creates) the directory and removes what a crash left half-written.
+    pub fn open(dir: &Path) -> Result<ChunkFiles, StoreError> {
+        let io = |source| StoreError::ChunkFile { path: dir.to_owned(), source };
+        std::fs::create_dir_all(dir).map_err(io)?;
+        for entry in std::fs::read_dir(dir).map_err(io)? {
+            let path = entry.map_err(io)?.path();
+            if path.to_str().is_some_and(|p| p.ends_with(PARTIAL)) {
+                std::fs::remove_file(&path).map_err(|source| StoreError::ChunkFile { path, source })?;
+            }
+        }
+        Ok(ChunkFiles { dir: dir.to_owned(), unsynced: Mutex::default(), next_partial: AtomicU64::new(0) })
+    }
+
+    fn path(&self, cid: &Cid) -> PathBuf {
+        self.dir.join(cid.to_string())
+    }
+
+    /// The bytes held under `cid`, as they are on disk (not hashed: see [`ChunkFiles::get_checked`]).
+    pub fn get(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
+        let path = self.path(cid);
+        match std::fs::read(&path) {
+            Ok(bytes) => Ok(Some(bytes)),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::ChunkFile { path, source }),
+        }
+    }
+
+    /// The bytes held under `cid` if they hash to it. A file that does not (cut short by a crash
+    /// before it was synced, or damaged on disk) is removed and counts as not held, so that the
+    /// chunk is fetched again.
+    pub fn get_checked(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
+        let Some(bytes) = self.get(cid)? else { return Ok(None) };
+        match verify_chunk_cid(cid, &bytes) {
+            Ok(()) => Ok(Some(bytes)),
+            Err(e) => {
+                tracing::warn!(%cid, error = %e, "a held snapshot chunk does not hash to its CID; removed, to fetch again");
+                self.remove(cid)?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// The size of the file held under `cid`, if any.
+    pub fn size(&self, cid: &Cid) -> Result<Option<u64>, StoreError> {
+        let path = self.path(cid);
+        match std::fs::metadata(&path) {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(source) => Err(StoreError::ChunkFile { path, source }),
+        }
+    }
+
+    /// Keeps `bytes` under `cid` (the caller checked that they hash to it) unless a file of that
+    /// name and size is there already (one of another size, cut short by a crash, is replaced).
+    /// Returns whether there was none. With `durable`, every chunk written so far is on disk when
+    /// it returns.
+    pub fn put(&self, cid: &Cid, bytes: &[u8], durable: bool) -> Result<bool, StoreError> {
+        let held = self.size(cid)?;
+        if held != Some(bytes.len() as u64) {
+            self.write(cid, bytes)?;
+        }
+        let added = held.is_none();
+        if durable {
+            self.sync()?;
+        }
+        Ok(added)
+    }
+
+    /// Writes `bytes` under `cid`, replacing any file there, without syncing it.
+    pub fn write(&self, cid: &Cid, bytes: &[u8]) -> Result<(), StoreError> {
+        let name = cid.to_string();
+        let n = self.next_partial.fetch_add(1, Ordering::Relaxed);
+        let partial = self.dir.join(format!("{name}.{n}{PARTIAL}"));
+        let written = std::fs::File::create(&partial).and_then(|mut f| f.write_all(bytes));
+        if let Err(source) = written.and_then(|()| std::fs::rename(&partial, self.dir.join(&name))) {
+            let _ = std::fs::remove_file(&partial);
+            return Err(StoreError::ChunkFile { path: partial, source });
+        }
+        self.unsynced.lock().expect("chunk files lock").insert(name);
+        Ok(())
+    }
+
+    /// Makes every chunk written so far durable: their data, then the directory's entries.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        let mut unsynced = self.unsynced.lock().expect("chunk files lock");
+        if unsynced.is_empty() {
+            return Ok(());
+        }
+        for name in unsynced.iter() {
+            let path = self.dir.join(name);
+            match std::fs::File::open(&path).and_then(|f| f.sync_data()) {
+                // Removed since (collected, or found damaged): nothing to make durable.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(source) => return Err(StoreError::ChunkFile { path, source }),
+                Ok(()) => {}
+            }
+        }
+        std::fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| StoreError::ChunkFile { path: self.dir.clone(), source })?;
+        unsynced.clear();
+        Ok(())
+    }
+
+    /// Removes the chunk held under `cid`. Returns whether there was one.
+    pub fn remove(&self, cid: &Cid) -> Result<bool, StoreError> {
+        let path = self.path(cid);
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(source) => Err(StoreError::ChunkFile { path, source }),
+        }
+    }
+
+    /// The CIDs of every chunk held. Files whose names are not CIDs are left alone.
+    pub fn list(&self) -> Result<Vec<Cid>, StoreError> {
+        let io = |source| StoreError::ChunkFile { path: self.dir.clone(), source };
+        let mut cids = Vec::new();
+        for entry in std::fs::read_dir(&self.dir).map_err(io)? {
+            let entry = entry.map_err(io)?;
+            if let Some(cid) = entry.file_name().to_str().and_then(|n| Cid::try_from(n).ok()) {
+                cids.push(cid);
+            }
+        }
+        Ok(cids)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::op::raw_cid;
+
+    #[test]
+    fn chunks_are_kept_read_listed_and_removed_by_cid() {
+        let dir = tempfile::tempdir().unwrap();
+        let files = ChunkFiles::open(&dir.path().join("chunks")).unwrap();
+        let (a, b) = (b"chunk a".to_vec(), b"chunk b".to_vec());
+        let (ca, cb) = (raw_cid(&a), raw_cid(&b));
+        assert!(files.put(&ca, &a, false).unwrap());
+        assert!(!files.put(&ca, &a, false).unwrap(), "held already");
+        assert!(files.put(&cb, &b, true).unwrap());
+        assert_eq!(files.get(&ca).unwrap(), Some(a.clone()));
+        assert_eq!(files.size(&cb).unwrap(), Some(b.len() as u64));
+        let mut listed = files.list().unwrap();
+        listed.sort();
+        let mut want = vec![ca, cb];
+        want.sort();
+        assert_eq!(listed, want);
+        assert!(files.remove(&ca).unwrap());
+        assert!(!files.remove(&ca).unwrap());
+        assert_eq!(files.get(&ca).unwrap(), None);
+        assert_eq!(files.list().unwrap(), vec![cb]);
+    }
+
+    #[test]
+    fn a_damaged_or_cut_chunk_is_removed_when_read_checked_and_a_partial_one_at_open() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = dir.path().join("chunks");
+        let files = ChunkFiles::open(&at).unwrap();
+        let bytes = vec![7u8; 10_000];
+        let cid = raw_cid(&bytes);
+        files.put(&cid, &bytes, true).unwrap();
+        assert_eq!(files.get_checked(&cid).unwrap(), Some(bytes.clone()));
+        // What a crash before the sync can leave: the file cut short.
+        std::fs::write(at.join(cid.to_string()), &bytes[..100]).unwrap();
+        assert_eq!(files.get_checked(&cid).unwrap(), None);
+        assert_eq!(files.size(&cid).unwrap(), None, "removed, to fetch again");
+        // A write interrupted before its rename.
+        std::fs::write(at.join(format!("{cid}.3{PARTIAL}")), b"half").unwrap();
+        drop(files);
+        let files = ChunkFiles::open(&at).unwrap();
+        assert!(files.list().unwrap().is_empty());
+        assert_eq!(std::fs::read_dir(&at).unwrap().count(), 0);
+    }
+}
