@@ -5,7 +5,7 @@ use redb::{ReadableTable, Table, WriteTransaction};
 use super::buckets::BucketChanges;
 use super::encoding::{decode, decode_canonical, encode, encode_register};
 use super::memtable::PendingRow;
-use super::root::{identity_hash, Buckets, EntryKind};
+use super::root::{identity_hash, root_hash, Buckets, EntryKind};
 use super::tables::*;
 use super::{SnapshotError, StoreError};
 use crate::crdt::{Hlc, LeaseState, PnCounter, RegisterValue};
@@ -53,25 +53,63 @@ pub(crate) trait StateSink {
     fn changes(&mut self) -> &mut BucketChanges;
 }
 
+/// The part of applying an op that depends on the op alone: its entry's identity hash and, for a
+/// register write, the register's encoded value and that value's hash in the state root. Peers'
+/// ops are prepared by whoever queues them to the writer ([`super::WriteHandle::submit_remote`]),
+/// on another core, so the single writer thread is spared two of its three hashes per op (a
+/// fifth of its time in a replay, W1 of `scripts/bench.sh`).
+pub(crate) struct Prepared {
+    id: [u8; 32],
+    /// Encoded register value, and its hash in the root (none for a tombstone).
+    register: Option<(Vec<u8>, Option<[u8; 32]>)>,
+}
+
+impl Prepared {
+    pub fn of(op: &Op, origin_bytes: &[u8]) -> Prepared {
+        let (kind, collection, key) = match &op.body {
+            OpBody::RegisterPut { register, key, .. } | OpBody::RegisterDelete { register, key } => {
+                (EntryKind::Register, register, key)
+            }
+            OpBody::CounterAdd { counter, key, .. } => (EntryKind::Counter, counter, key),
+            OpBody::LeaseSet { lease, key, .. } => (EntryKind::Lease, lease, key),
+        };
+        let id = identity_hash(kind, collection, key);
+        let register = register_value(op).map(|new| {
+            let bytes = encode_register(&new, origin_bytes);
+            let hash = root_hash(EntryKind::Register, &id, &bytes);
+            (bytes, hash)
+        });
+        Prepared { id, register }
+    }
+}
+
+/// The value a register write of `op` stores, if it is one.
+fn register_value(op: &Op) -> Option<RegisterValue> {
+    let value = match &op.body {
+        OpBody::RegisterPut { value, .. } => Some(value.clone()),
+        OpBody::RegisterDelete { .. } => None,
+        _ => return None,
+    };
+    Some(RegisterValue { hlc: op.hlc, origin: op.origin, value })
+}
+
 /// Applies the state change of `op` (not its log entry) and updates `buckets`. `origin_bytes` are
-/// the bytes of `op.origin`.
+/// the bytes of `op.origin`; `prepared`, if given, must be `Prepared::of` this op.
 pub(crate) fn apply_op<S: StateSink>(
     sink: &mut S,
     buckets: &mut Buckets,
     op: &Op,
     origin_bytes: &[u8],
+    prepared: Option<Prepared>,
 ) -> Result<Effect, StoreError> {
+    let prepared = prepared.unwrap_or_else(|| Prepared::of(op, origin_bytes));
+    let id = prepared.id;
     match &op.body {
-        OpBody::RegisterPut { register, key, value } => {
-            let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: Some(value.clone()) };
-            apply_register(sink, buckets, register, key, new, origin_bytes)
-        }
-        OpBody::RegisterDelete { register, key } => {
-            let new = RegisterValue { hlc: op.hlc, origin: op.origin, value: None };
-            apply_register(sink, buckets, register, key, new, origin_bytes)
+        OpBody::RegisterPut { register, key, .. } | OpBody::RegisterDelete { register, key } => {
+            let (bytes, hash) = prepared.register.expect("a register write's preparation holds its value");
+            apply_register(sink, buckets, register, key, op, &id, bytes, hash)
         }
         OpBody::CounterAdd { counter, key, delta } => {
-            let id = identity_hash(EntryKind::Counter, counter, key);
             let old = sink.get(Kind::Counter, counter, key)?;
             let mut value: PnCounter = match &old {
                 Some(bytes) => decode(bytes, "counter")?,
@@ -84,7 +122,6 @@ pub(crate) fn apply_op<S: StateSink>(
             Ok(Effect::Counter { value: value.value() })
         }
         OpBody::LeaseSet { lease, key, holder, token, expires_at_ms } => {
-            let id = identity_hash(EntryKind::Lease, lease, key);
             let new = LeaseState {
                 holder: holder.clone(),
                 token: *token,
@@ -107,17 +144,21 @@ pub(crate) fn apply_op<S: StateSink>(
     }
 }
 
+/// Applies a register write of `op`, whose encoded value is `bytes` with hash `hash` in the root.
+#[allow(clippy::too_many_arguments)]
 fn apply_register<S: StateSink>(
     sink: &mut S,
     buckets: &mut Buckets,
     register: &str,
     key: &[u8],
-    new: RegisterValue,
-    origin_bytes: &[u8],
+    op: &Op,
+    id: &[u8; 32],
+    bytes: Vec<u8>,
+    hash: Option<[u8; 32]>,
 ) -> Result<Effect, StoreError> {
+    let new = register_value(op).expect("a register write");
     // Store first and look at what it replaced: one B-tree walk for the usual case (a new key or a
     // newer write); a write that loses puts the winner back.
-    let bytes = encode_register(&new, origin_bytes);
     let old = sink.swap(Kind::Register, register, key, &bytes)?;
     let mut replaced_other_origin = false;
     let mut current = None;
@@ -131,8 +172,8 @@ fn apply_register<S: StateSink>(
         current = Some(value);
     }
     sink.index_tombstone(register, key, current.as_ref(), &new)?;
-    let id = identity_hash(EntryKind::Register, register, key);
-    sink.changes().replace(buckets, EntryKind::Register, &id, old.as_deref(), &bytes);
+    let old_hash = old.as_deref().and_then(|o| root_hash(EntryKind::Register, id, o));
+    sink.changes().replace_hashed(buckets, id, old_hash, hash);
     Ok(Effect::Register { won: true, replaced_other_origin })
 }
 

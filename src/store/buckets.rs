@@ -129,6 +129,23 @@ impl BucketChanges {
         self.dirty.insert(b);
     }
 
+    /// Like [`BucketChanges::replace`], with the old and new values' hashes in the root already
+    /// computed (none for a value the root leaves out).
+    pub fn replace_hashed(
+        &mut self,
+        buckets: &mut Buckets,
+        id: &[u8; 32],
+        old: Option<[u8; 32]>,
+        new: Option<[u8; 32]>,
+    ) {
+        let b = bucket_of(id);
+        self.undo.push((b, buckets.0[b]));
+        for h in old.iter().chain(new.iter()) {
+            buckets.toggle(id, h);
+        }
+        self.dirty.insert(b);
+    }
+
     /// Puts back every bucket hash these changes replaced.
     pub fn undo(self, buckets: &mut Buckets) {
         for (b, hash) in self.undo.into_iter().rev() {

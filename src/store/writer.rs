@@ -28,7 +28,7 @@ use ops::{LocalFailure, OpenBatch};
 pub use maintenance::{CompactOutcome, InstallOutcome, MergeOutcome};
 pub use types::*;
 
-use super::apply::{StateSink, Tables};
+use super::apply::{Prepared, StateSink, Tables};
 use super::memtable::MemSink;
 use super::publish::Changed;
 use super::{Mirror, Store, StoreError};
@@ -43,6 +43,8 @@ enum Request {
     },
     Remote {
         batch: Box<VerifiedBatch>,
+        /// Each op's `Prepared::of`, made by the sender.
+        prepared: Vec<Prepared>,
         reply: oneshot::Sender<Result<RemoteOutcome, WriterError>>,
     },
     /// Commit what came before, then stop: later writes fail with `Closed`.
@@ -104,13 +106,17 @@ impl WriteHandle {
 
     /// Queues a verified batch and returns at once with a receiver for the outcome, so a caller can
     /// keep verifying the next batches while this one commits. Batches queued by one caller are
-    /// applied in the order queued.
+    /// applied in the order queued. What of applying them depends on the ops alone (hashing and
+    /// encoding their entries, see `Prepared`) is done here, by the caller, not by the writer.
     pub async fn submit_remote(
         &self,
         batch: VerifiedBatch,
     ) -> Result<oneshot::Receiver<Result<RemoteOutcome, WriterError>>, WriterError> {
+        let origin_bytes = batch.origin.to_bytes();
+        let prepared = batch.ops.iter().map(|v| Prepared::of(&v.op, &origin_bytes)).collect();
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Request::Remote { batch: Box::new(batch), reply }).await.map_err(|_| WriterError::Closed)?;
+        let request = Request::Remote { batch: Box::new(batch), prepared, reply };
+        self.tx.send(request).await.map_err(|_| WriterError::Closed)?;
         Ok(rx)
     }
 
@@ -410,9 +416,9 @@ impl Writer {
                         Some(e)
                     }
                 },
-                Request::Remote { batch, reply } => {
+                Request::Remote { batch, prepared, reply } => {
                     let origin = batch.origin;
-                    match self.apply_remote(sink, *batch, event) {
+                    match self.apply_remote(sink, *batch, prepared, event) {
                         Ok(outcome) => {
                             if matches!(outcome, RemoteOutcome::Applied { .. }) {
                                 touched.insert(origin);

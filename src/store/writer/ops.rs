@@ -8,7 +8,7 @@ use serde_bytes::ByteBuf;
 use super::{now_ms, AppliedOp, CommitEvent, LeaseLoss, LocalIntent, RemoteOutcome, Writer, MAX_CLOCK_AHEAD_MS};
 use crate::ids::{Origin, Seq};
 use crate::op::{cid_from_digest, ChainHash, Op, OpBatch, OpBody, VerifiedBatch};
-use crate::store::apply::{apply_op, Effect, StateSink};
+use crate::store::apply::{apply_op, Effect, Prepared, StateSink};
 use crate::store::log::encode_row;
 use crate::store::memtable::PendingRow;
 use crate::store::{OriginProgress, StoreError};
@@ -57,7 +57,7 @@ impl Writer {
             let bytes = op.encode();
             let digest = *blake3::hash(&bytes).as_bytes();
             let chain = prev.chain.extend(&digest);
-            let effect = apply_op(tables, &mut self.mirror.buckets, &op, &me_bytes)?;
+            let effect = apply_op(tables, &mut self.mirror.buckets, &op, &me_bytes, None)?;
             self.mirror.progress.insert(me, OriginProgress { seq: op.seq, chain });
             note_effect(event, &op, &effect, me);
             if open.ops.is_empty() {
@@ -102,6 +102,7 @@ impl Writer {
         &mut self,
         tables: &mut impl StateSink,
         batch: VerifiedBatch,
+        prepared: Vec<Prepared>,
         event: &mut CommitEvent,
     ) -> Result<RemoteOutcome, StoreError> {
         let origin = batch.origin;
@@ -113,18 +114,20 @@ impl Writer {
         if after > have.seq {
             return Ok(RemoteOutcome::Gap { have: have.seq, batch_after: after });
         }
-        let new = &batch.ops[(have.seq.0 - after.0) as usize..];
+        let skip = (have.seq.0 - after.0) as usize;
+        let new = &batch.ops[skip..];
         if have.chain.extend(&new[0].digest) != new[0].chain {
             return Ok(RemoteOutcome::Fork { at: new[0].op.seq });
         }
         let origin_bytes = origin.to_bytes();
         let horizon = now_ms().saturating_add(MAX_CLOCK_AHEAD_MS);
+        let mut prepared = prepared.into_iter().skip(skip);
         for v in new {
             // A remote clock far ahead would drag this node's clock with it; apply, but don't follow.
             if v.op.hlc.wall_ms <= horizon {
                 self.clock.observe(v.op.hlc);
             }
-            let effect = apply_op(tables, &mut self.mirror.buckets, &v.op, &origin_bytes)?;
+            let effect = apply_op(tables, &mut self.mirror.buckets, &v.op, &origin_bytes, prepared.next())?;
             note_effect(event, &v.op, &effect, self.signer.origin());
         }
         let row = encode_row(new.iter().map(|v| (&v.chain, v.bytes.as_slice())));
