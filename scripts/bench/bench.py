@@ -1002,12 +1002,13 @@ def w5(ctx: Ctx) -> None:
     log(f"W5: snapshot made in {snap_s:.1f} s: {snap['bytes'] / 2**20:.1f} MiB in {snap['chunks']} chunks, "
         f"{snap['ops_compacted']} ops compacted")
     target_vv = prim.vv()
-    mibs, t_snap, t_active, ip, t_all_chunks = [], [], [], [], []
+    mibs, t_snap, t_active, ip, t_all_chunks, cpu_s = [], [], [], [], [], []
     for run in range(runs):
         rep = Node(ctx, "w5-replica", 2, role="replica", bootstrap=prim.addr)
         rep.prepare()
         t0 = now()
         rep.spawn()
+        cpu = CpuMeter([prim.proc], fresh=[rep.proc])
         t_chunks = None
 
         def installed():
@@ -1019,6 +1020,8 @@ def w5(ctx: Ctx) -> None:
             return (metric(rep.http, "peersync_snapshots_installed_total") or 0) >= 1
         wait_until(installed, 1800, "W5 snapshot installed on the replica", interval=0.01, proc=rep.proc)
         ts = now() - t0
+        # CPU-seconds of [primary, replica] from the replica's start to the install.
+        cpu_s.append([round(us / 1e6, 2) for us in cpu.per_op_us(1)])
         t_all_chunks.append(t_chunks)
         wait_until(lambda: (s := try_status(rep.http)) and s["state"] == "active" and s["version_vector"] == target_vv,
                    600, "W5 replica active", interval=0.01, proc=rep.proc)
@@ -1027,7 +1030,8 @@ def w5(ctx: Ctx) -> None:
         t_active.append(ta)
         mibs.append(snap["bytes"] / 2**20 / ts)
         log(f"W5 run {run + 1}: snapshot installed after {ts:.2f} s ({mibs[-1]:.1f} MiB/s; all chunks held after "
-            f"{fmt(t_chunks)} s), active after {ta:.2f} s")
+            f"{fmt(t_chunks)} s), active after {ta:.2f} s; CPU-s until installed: primary {cpu_s[-1][0]}, "
+            f"replica {cpu_s[-1][1]}")
         rep.stop()
         ip.append(iperf3(ctx, 2 if ctx.args.quick else 5))
         log(f"W5 run {run + 1}: iperf3 loopback {ip[-1]:,.0f} MiB/s")
@@ -1040,7 +1044,7 @@ def w5(ctx: Ctx) -> None:
     ctx.row("W5", f"snapshot transfer, {snap['bytes'] / 2**20:,.0f} MiB", "MiB/s", "higher", mibs,
             "iperf3 loopback", ip, method, snapshot=snap, snapshot_create_s=snap_s, load_s=load,
             time_to_installed_s=t_snap, time_to_active_s=t_active,
-            time_to_all_chunks_held_s=t_all_chunks,
+            time_to_all_chunks_held_s=t_all_chunks, cpu_s_primary_replica_until_installed=cpu_s,
             note_chunks="time when /v1/status sync.snapshot showed chunks_have == chunks_total (polled every "
                         "10 ms; None if not seen): transfer + verify + store; the rest until installed is the install")
     ctx.row("W5", "snapshot path: replica start -> active", "s", "lower", t_active, "-", [], method)
