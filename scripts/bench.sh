@@ -4,7 +4,7 @@
 #   W2 catch-up after 100k missed writes      vs a SIGSTOPped/SIGCONTed Redis replica
 #   W3 propagation p50/p99, 5 nodes, 1k w/s   vs Redis primary + 4 replicas (keyspace notifications)
 #   W4 replicated write throughput, 3 nodes   vs redis-benchmark SET against a primary with 2 replicas
-#   W5 1 GiB snapshot transfer, MiB/s         vs iperf3 over loopback (fraction of the ceiling)
+#   W5 1 GiB snapshot transfer, MiB/s         vs iperf3 over loopback (the ceiling), and iroh's sendme (full run)
 #   W6 write with ack=1 / ack=all p50/p99     vs Redis SET + WAIT 1 / WAIT 2, primary + 2 replicas
 #   W7 RSS idle and holding 1M keys           vs redis-server
 #   W8 lease acquire p50/p99, 3 primaries     vs etcd lease grant + put, 3 members (Redis SET NX + WAIT 2 without etcd)
@@ -49,6 +49,16 @@ command -v iperf3 >/dev/null || apt_install iperf3
 command -v etcd >/dev/null || apt_install etcd-server || say "no etcd: W8 compares with Redis SET NX + WAIT 2"
 # The Debian packages may start a redis service on 6379 and an etcd on 2379; the benchmark never touches
 # them (ports 18xxx/19xxx).
+# W5's second anchor, iroh's sendme, for a full run only (building it takes ~5 minutes, once; --quick and
+# CI skip it): under target/sendme, with a build directory of its own.
+quick=0
+for a in "${args[@]}"; do [ "$a" = --quick ] && quick=1; done
+sendme=$root/target/sendme/bin/sendme
+if [ "$quick" = 0 ] && [ ! -x "$sendme" ] && [ -z "${SENDME:-}" ]; then
+    say "installing sendme 0.37.1 into target/sendme (W5's anchor; once)"
+    CARGO_TARGET_DIR=$root/target/sendme-build cargo install --quiet sendme --version 0.37.1 \
+        --root "$root/target/sendme" >&2 || say "could not build sendme: W5 compares with iperf3 only"
+fi
 
 # --- chart: matplotlib in a venv under target/, or gnuplot from apt
 chart=none
@@ -84,7 +94,7 @@ cleanup() {
     shopt -s nullglob
     for f in "$tmp"/pids/*.pid; do
         read -r pid name <"$f" || continue
-        if kill -0 "$pid" 2>/dev/null && grep -qaE 'peersync|redis|iperf3|etcd' "/proc/$pid/cmdline" 2>/dev/null; then
+        if kill -0 "$pid" 2>/dev/null && grep -qaE 'peersync|redis|iperf3|etcd|sendme' "/proc/$pid/cmdline" 2>/dev/null; then
             say "stopping leftover $name (pid $pid)"
             kill -CONT "$pid" 2>/dev/null || true
             kill -TERM "$pid" 2>/dev/null || true

@@ -50,6 +50,7 @@ ROOT = Path(__file__).resolve().parents[2]
 # Ports: peersync API 181xx, peersync p2p 182xx, redis 183xx, iperf3 18400, etcd client 185xx and peer 195xx
 # (defaults are 7700/4001/6379/5201/2379/2380).
 PS_API, PS_P2P, REDIS_PORT, IPERF_PORT = 18100, 18200, 18300, 18400
+SENDME_PORT = 18450
 ETCD_CLIENT, ETCD_PEER = 18500, 19500
 
 # Flags of every peersync node: cluster.sh's local-cluster tuning, and no periodic snapshot during a
@@ -976,6 +977,50 @@ def iperf3(ctx: Ctx, seconds: int) -> float:
     raise RuntimeError(f"iperf3 failed: {errors}")
 
 
+def sendme_bin() -> str | None:
+    """iroh's sendme, W5's second anchor: $SENDME, else what scripts/bench.sh installs under target/,
+    else one on the PATH."""
+    for c in (os.environ.get("SENDME"), str(ROOT / "target" / "sendme" / "bin" / "sendme"), shutil.which("sendme")):
+        if c and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def sendme_transfer(ctx: Ctx, sendme: str, path: Path) -> float:
+    """Sends `path` with `sendme send` (relays off, loopback address in the ticket) and times `sendme
+    receive` into an empty directory, from its start to its exit (the received file written out).
+    The sender imports (hashes) the file before it prints the ticket, untimed, as peersync's snapshot
+    is made before a replica joins. Returns MiB/s."""
+    out = ctx.tmp / "sendme-send.out"
+    out.unlink(missing_ok=True)
+    snd = ctx.procs.spawn("sendme-send", [sendme, "send", "--relay", "disabled", "--ticket-type", "addresses",
+                                          "--magic-ipv4-addr", f"127.0.0.1:{SENDME_PORT}", "--no-progress",
+                                          path.name], ctx.tmp / "sendme-send.log", out, cwd=path.parent)
+    try:
+        ticket = None
+
+        def ready():
+            nonlocal ticket
+            found = [w for w in out.read_text().split() if w.startswith("blob")] if out.exists() else []
+            ticket = found[0] if found else None
+            return ticket is not None
+        wait_until(ready, 600, "sendme ticket", interval=0.05, proc=snd)
+        into = ctx.tmp / "sendme-recv"
+        rmtree(into)
+        into.mkdir(parents=True)
+        t = now()
+        r = subprocess.run([sendme, "receive", "--relay", "disabled", "--no-progress", ticket], cwd=into,
+                           capture_output=True, text=True, timeout=600)
+        dt = now() - t
+        got = into / path.name
+        if r.returncode != 0 or not got.exists() or got.stat().st_size != path.stat().st_size:
+            raise RuntimeError(f"sendme receive failed (rc {r.returncode}): {r.stderr[-300:]}")
+        rmtree(into)
+        return path.stat().st_size / 2**20 / dt
+    finally:
+        ctx.procs.stop(snd)
+
+
 def mount_point(path: Path) -> str:
     path = path.resolve()
     while not os.path.ismount(path):
@@ -1036,6 +1081,19 @@ def w5(ctx: Ctx) -> None:
         ip.append(iperf3(ctx, 2 if ctx.args.quick else 5))
         log(f"W5 run {run + 1}: iperf3 loopback {ip[-1]:,.0f} MiB/s")
     prim.stop()
+    sendme, sm = sendme_bin(), []
+    if sendme:
+        data = ctx.tmp / "sendme-data" / "w5.bin"
+        data.parent.mkdir(parents=True, exist_ok=True)
+        with open(data, "wb") as f:
+            for _ in range(total // (1 << 20)):
+                f.write(os.urandom(1 << 20))
+        for run in range(runs):
+            sm.append(sendme_transfer(ctx, sendme, data))
+            log(f"W5 run {run + 1}: sendme {total / 2**20:,.0f} MiB file over loopback {sm[-1]:,.1f} MiB/s")
+        rmtree(data.parent)
+    else:
+        log("W5: no sendme (scripts/bench.sh installs it for a full run, or set SENDME): its row is skipped")
     method = ("primary started with --log-retention-ops 1 --log-retention-bytes 1, loaded with random 1 KiB values "
               "(HTTP batches of 1000, value_base64), POST /v1/snapshots (compacts the log), then a new replica "
               "bootstraps to it; MiB/s = snapshot 'bytes' / (replica start -> peersync_snapshots_installed_total "
@@ -1048,6 +1106,13 @@ def w5(ctx: Ctx) -> None:
             note_chunks="time when /v1/status sync.snapshot showed chunks_have == chunks_total (polled every "
                         "10 ms; None if not seen): transfer + verify + store; the rest until installed is the install")
     ctx.row("W5", "snapshot path: replica start -> active", "s", "lower", t_active, "-", [], method)
+    if sm:
+        version = subprocess.run([sendme, "--version"], capture_output=True, text=True).stdout.strip()
+        ctx.row("W5", f"snapshot transfer vs a {total / 2**20:,.0f} MiB file", "MiB/s", "higher", mibs,
+                version or "sendme", sm,
+                method + " sendme: a file of random bytes of the same size, `sendme send --relay disabled "
+                "--ticket-type addresses` (the file imported before the ticket is printed, untimed), then "
+                "`sendme receive --relay disabled` into an empty directory, timed from its start to its exit.")
 
 
 # ---------------------------------------------------------------- W8: lease acquire latency vs etcd

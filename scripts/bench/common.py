@@ -42,11 +42,13 @@ class Procs:
         self.live: dict[int, tuple[subprocess.Popen, str]] = {}
         self.stopped_by_us: set[int] = set()
 
-    def spawn(self, name: str, argv: list[str], log_path: Path, stdout_path: Path | None = None) -> subprocess.Popen:
+    def spawn(self, name: str, argv: list[str], log_path: Path, stdout_path: Path | None = None,
+              cwd: Path | None = None) -> subprocess.Popen:
         log_path.parent.mkdir(parents=True, exist_ok=True)
         err = open(log_path, "ab")
         out = open(stdout_path, "ab") if stdout_path else subprocess.DEVNULL
-        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True)
+        p = subprocess.Popen(argv, stdout=out, stderr=err, stdin=subprocess.DEVNULL, start_new_session=True,
+                             cwd=cwd)
         err.close()
         if stdout_path:
             out.close()
