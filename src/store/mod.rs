@@ -22,6 +22,7 @@ mod publish;
 mod read;
 pub mod root;
 mod snapshots;
+mod stager;
 mod staging;
 mod tables;
 mod tombstones;
@@ -153,6 +154,8 @@ pub struct Store {
     chunks: Arc<ChunkFiles>,
     /// Serializes making and pruning snapshots, which write both databases.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
+    /// Stages the chunks of a snapshot being pulled in turns (see `snapshots::Stager`).
+    stager: Arc<stager::Stager>,
     /// The state as of the last commit; written only by the writer thread (see `publish`).
     mirror: Arc<RwLock<publish::Published>>,
     /// Callers waiting for an op to be applied, woken by the commit that applies it.
@@ -237,6 +240,7 @@ impl Store {
             db,
             chunks: Arc::new(chunks),
             snapshot_lock: Arc::default(),
+            stager: Arc::default(),
             mirror: Arc::new(RwLock::new(publish::Published::new(mirror))),
             waiters: Arc::default(),
             vv_watch,

@@ -257,17 +257,8 @@ impl Store {
         self.check_disk(bytes.len() as u64 + chunk.raw_size * 2)?;
         let added = self.chunk_files().put(&chunk.cid, bytes, durable)?;
         let kept_at = started.elapsed();
-        // Staging commits are never fsynced (the install's commit is): staging lost in a crash is
-        // redone at install from the held chunks, with nothing fetched again.
-        let staged = self.db().begin_write().map_err(StoreError::from).and_then(|mut txn| {
-            let began_at = started.elapsed();
-            txn.set_durability(redb::Durability::None)?;
-            let fresh = staging::stage(&txn, manifest, &prepared)?;
-            txn.commit()?;
-            tracing::debug!(cid = %chunk.cid, prepare = ?prepared_at, keep = ?(kept_at - prepared_at),
-                wait = ?(began_at - kept_at), stage = ?(started.elapsed() - began_at), "chunk staged");
-            Ok(fresh)
-        });
+        tracing::debug!(cid = %chunk.cid, prepare = ?prepared_at, keep = ?(kept_at - prepared_at), "chunk kept");
+        let staged = self.stager.stage(self, *manifest, prepared);
         if staged.is_err() && added {
             // Refused (a key staged twice) or not written: the chunk is not kept either.
             self.chunk_files().remove(&chunk.cid)?;

@@ -217,10 +217,31 @@ pub(crate) fn is_staged(txn: &WriteTransaction, chunk: &Cid) -> Result<bool, Sto
 /// Writes a prepared chunk's entries into the staging tables of `manifest`. Returns false when the
 /// chunk was staged already. A key staged twice means the snapshot is malformed: refused.
 pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChunk) -> Result<bool, StoreError> {
+    Ok(stage_many(txn, manifest, &[chunk])?[0])
+}
+
+/// [`stage`] for several chunks in one transaction: what is staged so far is read and written once
+/// for them all. Returns, per chunk, false when it was staged already. Any refusal refuses them all.
+pub(crate) fn stage_many(
+    txn: &WriteTransaction,
+    manifest: &Cid,
+    chunks: &[&PreparedChunk],
+) -> Result<Vec<bool>, StoreError> {
     let mut staged = begin(txn, manifest)?;
-    if is_staged(txn, &chunk.cid)? {
-        return Ok(false);
+    let mut fresh = Vec::with_capacity(chunks.len());
+    for chunk in chunks {
+        let new = !is_staged(txn, &chunk.cid)?;
+        if new {
+            stage_entries(txn, &mut staged, chunk)?;
+        }
+        fresh.push(new);
     }
+    staged.save(txn)?;
+    Ok(fresh)
+}
+
+/// Stages one chunk's entries and adds them to `staged` (saved by the caller).
+fn stage_entries(txn: &WriteTransaction, staged: &mut Staged, chunk: &PreparedChunk) -> Result<(), StoreError> {
     for (kind, _, stage) in STATE_TABLES {
         let mut table = txn.open_table(stage)?;
         let run = chunk.entries.iter().enumerate().filter(|(_, e)| e.kind == kind);
@@ -244,9 +265,8 @@ pub(crate) fn stage(txn: &WriteTransaction, manifest: &Cid, chunk: &PreparedChun
     if let Some(h) = chunk.hlc {
         staged.hlc = Some(staged.hlc.map_or(h, |m| m.max(h)));
     }
-    staged.save(txn)?;
     txn.open_table(STAGE_CHUNKS)?.insert(chunk.cid.to_bytes().as_slice(), ())?;
-    Ok(true)
+    Ok(())
 }
 
 /// Inserts one kind's entries of a chunk (with their indexes in it) into its staging table. A
