@@ -60,8 +60,14 @@ pub(crate) trait StateSink {
 /// fifth of its time in a replay, W1 of `scripts/bench.sh`).
 pub(crate) struct Prepared {
     id: [u8; 32],
-    /// Encoded register value, and its hash in the root (none for a tombstone).
-    register: Option<(Vec<u8>, Option<[u8; 32]>)>,
+    register: Option<PreparedRegister>,
+}
+
+/// A register write's value, encoded, and its hash in the root (none for a tombstone).
+struct PreparedRegister {
+    value: RegisterValue,
+    bytes: Vec<u8>,
+    hash: Option<[u8; 32]>,
 }
 
 impl Prepared {
@@ -74,10 +80,10 @@ impl Prepared {
             OpBody::LeaseSet { lease, key, .. } => (EntryKind::Lease, lease, key),
         };
         let id = identity_hash(kind, collection, key);
-        let register = register_value(op).map(|new| {
-            let bytes = encode_register(&new, origin_bytes);
+        let register = register_value(op).map(|value| {
+            let bytes = encode_register(&value, origin_bytes);
             let hash = root_hash(EntryKind::Register, &id, &bytes);
-            (bytes, hash)
+            PreparedRegister { value, bytes, hash }
         });
         Prepared { id, register }
     }
@@ -106,8 +112,8 @@ pub(crate) fn apply_op<S: StateSink>(
     let id = prepared.id;
     match &op.body {
         OpBody::RegisterPut { register, key, .. } | OpBody::RegisterDelete { register, key } => {
-            let (bytes, hash) = prepared.register.expect("a register write's preparation holds its value");
-            apply_register(sink, buckets, register, key, op, &id, bytes, hash)
+            let new = prepared.register.expect("a register write's preparation holds its value");
+            apply_register(sink, buckets, register, key, &id, new)
         }
         OpBody::CounterAdd { counter, key, delta } => {
             let old = sink.get(Kind::Counter, counter, key)?;
@@ -144,19 +150,16 @@ pub(crate) fn apply_op<S: StateSink>(
     }
 }
 
-/// Applies a register write of `op`, whose encoded value is `bytes` with hash `hash` in the root.
-#[allow(clippy::too_many_arguments)]
+/// Applies a register write of the value `new` to the entry `id`.
 fn apply_register<S: StateSink>(
     sink: &mut S,
     buckets: &mut Buckets,
     register: &str,
     key: &[u8],
-    op: &Op,
     id: &[u8; 32],
-    bytes: Vec<u8>,
-    hash: Option<[u8; 32]>,
+    new: PreparedRegister,
 ) -> Result<Effect, StoreError> {
-    let new = register_value(op).expect("a register write");
+    let PreparedRegister { value: new, bytes, hash } = new;
     // Store first and look at what it replaced: one B-tree walk for the usual case (a new key or a
     // newer write); a write that loses puts the winner back.
     let old = sink.swap(Kind::Register, register, key, &bytes)?;

@@ -10,7 +10,7 @@
 
 use redb::{ReadableTable, ReadableTableMetadata, WriteTransaction};
 
-use super::root::{bucket_of, Buckets, EntryKind, BUCKETS};
+use super::root::{bucket_of, root_hash, Buckets, EntryKind, BUCKETS};
 use super::tables::{BUCKETS_V1, BUCKET_ROWS};
 use super::StoreError;
 
@@ -123,10 +123,8 @@ pub(crate) struct BucketChanges {
 
 impl BucketChanges {
     pub fn replace(&mut self, buckets: &mut Buckets, kind: EntryKind, id: &[u8; 32], old: Option<&[u8]>, new: &[u8]) {
-        let b = bucket_of(id);
-        self.undo.push((b, buckets.0[b]));
-        buckets.replace(kind, id, old, new);
-        self.dirty.insert(b);
+        let old = old.and_then(|old| root_hash(kind, id, old));
+        self.replace_hashed(buckets, id, old, root_hash(kind, id, new));
     }
 
     /// Like [`BucketChanges::replace`], with the old and new values' hashes in the root already
