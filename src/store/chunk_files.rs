@@ -55,9 +55,14 @@ impl ChunkFiles {
 
     /// The bytes held under `cid`, as they are on disk (not hashed: see [`ChunkFiles::get_checked`]).
     pub fn get(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
+        self.at(cid, |p| std::fs::read(p))
+    }
+
+    /// `f` on the file of `cid`: `None` when there is no such file.
+    fn at<T>(&self, cid: &Cid, f: impl FnOnce(&Path) -> std::io::Result<T>) -> Result<Option<T>, StoreError> {
         let path = self.path(cid);
-        match std::fs::read(&path) {
-            Ok(bytes) => Ok(Some(bytes)),
+        match f(&path) {
+            Ok(v) => Ok(Some(v)),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(source) => Err(StoreError::ChunkFile { path, source }),
         }
@@ -80,12 +85,7 @@ impl ChunkFiles {
 
     /// The size of the file held under `cid`, if any.
     pub fn size(&self, cid: &Cid) -> Result<Option<u64>, StoreError> {
-        let path = self.path(cid);
-        match std::fs::metadata(&path) {
-            Ok(m) => Ok(Some(m.len())),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::ChunkFile { path, source }),
-        }
+        self.at(cid, |p| std::fs::metadata(p).map(|m| m.len()))
     }
 
     /// Keeps `bytes` under `cid` (the caller checked that they hash to it) unless a file of that
@@ -142,12 +142,7 @@ impl ChunkFiles {
 
     /// Removes the chunk held under `cid`. Returns whether there was one.
     pub fn remove(&self, cid: &Cid) -> Result<bool, StoreError> {
-        let path = self.path(cid);
-        match std::fs::remove_file(&path) {
-            Ok(()) => Ok(true),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(source) => Err(StoreError::ChunkFile { path, source }),
-        }
+        Ok(self.at(cid, |p| std::fs::remove_file(p))?.is_some())
     }
 
     /// The CIDs of every chunk held. Files whose names are not CIDs are left alone.

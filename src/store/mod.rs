@@ -72,14 +72,15 @@ fn move_chunks_to_files(txn: &redb::WriteTransaction, path: &Path, files: &Chunk
     if legacy.exists() {
         let open_error = |e: redb::DatabaseError| StoreError::Open { path: legacy.clone(), source: e.into() };
         let db = redb::Database::open(&legacy).map_err(open_error)?;
-        let read = db.begin_write()?;
-        moved += take_chunks(&read.open_table(SNAPSHOT_CHUNKS)?, files)?;
-        drop(read);
-        drop(db);
-        files.sync()?;
-        std::fs::remove_file(&legacy).map_err(|source| StoreError::ChunkFile { path: legacy.clone(), source })?;
+        // Read only, through a write transaction (which opens the table if an older build never
+        // made it) dropped uncommitted.
+        let legacy_txn = db.begin_write()?;
+        moved += take_chunks(&legacy_txn.open_table(SNAPSHOT_CHUNKS)?, files)?;
     }
     files.sync()?;
+    if legacy.exists() {
+        std::fs::remove_file(&legacy).map_err(|source| StoreError::ChunkFile { path: legacy.clone(), source })?;
+    }
     txn.delete_table(SNAPSHOT_CHUNKS)?;
     if moved > 0 {
         tracing::info!(chunks = moved, dir = %chunks_dir(path).display(), "moved snapshot chunks out of redb into files");
@@ -109,15 +110,19 @@ fn take_chunks(
 /// Where an older build kept the snapshot chunks of the state database at `path`:
 /// `state.redb` -> `state-chunks.redb`. Moved into [`chunks_dir`] at open.
 pub fn chunks_path(path: &Path) -> std::path::PathBuf {
-    let stem = path.file_stem().map_or_else(|| "state".into(), |s| s.to_string_lossy().into_owned());
-    path.with_file_name(format!("{stem}-chunks.redb"))
+    beside(path, "-chunks.redb")
 }
 
 /// Where the snapshot chunks of the state database at `path` are kept, a file per chunk:
 /// `state.redb` -> `state-chunks/`.
 pub fn chunks_dir(path: &Path) -> std::path::PathBuf {
+    beside(path, "-chunks")
+}
+
+/// `<stem of path><suffix>`, in the directory of `path`.
+fn beside(path: &Path, suffix: &str) -> std::path::PathBuf {
     let stem = path.file_stem().map_or_else(|| "state".into(), |s| s.to_string_lossy().into_owned());
-    path.with_file_name(format!("{stem}-chunks"))
+    path.with_file_name(format!("{stem}{suffix}"))
 }
 
 /// Where each origin's log stands: highest contiguous seq and the chain hash there.
@@ -152,9 +157,9 @@ pub struct Store {
     /// storing a fetched chunk never waits for the state's write lock, and the state's commits never
     /// carry chunk bytes.
     chunks: Arc<ChunkFiles>,
-    /// Serializes making and pruning snapshots, which write both databases.
+    /// Serializes making and pruning snapshots, which write the database and the chunk files.
     snapshot_lock: Arc<std::sync::Mutex<()>>,
-    /// Stages the chunks of a snapshot being pulled in turns (see `snapshots::Stager`).
+    /// Stages the chunks of a snapshot being pulled in turns (see `stager.rs`).
     stager: Arc<stager::Stager>,
     /// The state as of the last commit; written only by the writer thread (see `publish`).
     mirror: Arc<RwLock<publish::Published>>,

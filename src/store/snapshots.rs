@@ -250,10 +250,10 @@ impl Store {
         let horizon = super::writer::now_ms().saturating_add(super::writer::MAX_CLOCK_AHEAD_MS);
         let prepared = staging::prepare_chunk(chunk, bytes, horizon)?;
         let prepared_at = started.elapsed();
-        // The chunk first: staged entries whose chunk a crash lost are fetched again (and staged
-        // as no-ops); a chunk held but not staged is staged at install. A `durable` call fsyncs
-        // even when the chunk was held already, so the earlier chunks it covers are durable too.
-        // The chunk, then its entries in the staging tables.
+        // The chunk, then its entries in the staging tables: staged entries whose chunk a crash
+        // lost are fetched again (and staged as no-ops); a chunk held but not staged is staged at
+        // install. A `durable` call fsyncs even when the chunk was held already, so the earlier
+        // chunks it covers are durable too.
         self.check_disk(bytes.len() as u64 + chunk.raw_size * 2)?;
         let added = self.chunk_files().put(&chunk.cid, bytes, durable)?;
         let kept_at = started.elapsed();
@@ -302,9 +302,9 @@ impl Store {
                 all.push((k.value(), v.value().to_vec()));
             }
             let cut = all.len().saturating_sub(keep);
-            let chunk_set = |cid: &[u8]| -> Result<BTreeSet<Vec<u8>>, StoreError> {
+            let chunk_set = |cid: &[u8]| -> Result<BTreeSet<Cid>, StoreError> {
                 let s = stored_snapshot(&manifests, cid)?;
-                Ok(s.manifest.chunks.iter().map(|c| c.cid.to_bytes()).collect())
+                Ok(s.manifest.chunks.iter().map(|c| c.cid).collect())
             };
             let mut kept = BTreeSet::new();
             for (_, cid) in &all[cut..] {
@@ -322,9 +322,8 @@ impl Store {
         txn.commit()?;
         // The manifests are gone first: a crash in between leaves unlisted chunks, never a listed
         // chunk missing.
-        for c in &doomed {
-            let cid = Cid::try_from(c.as_slice()).map_err(|e| StoreError::Corrupt(format!("snapshot index: {e}")))?;
-            outcome.chunks += self.chunk_files().remove(&cid)? as usize;
+        for cid in &doomed {
+            outcome.chunks += self.chunk_files().remove(cid)? as usize;
         }
         Ok(outcome)
     }
