@@ -51,6 +51,9 @@ pub(crate) struct Memtable {
     pub log: BTreeMap<(Vec<u8>, u64), PendingRow>,
     /// Bytes held (keys, values and rows), to bound the memtable.
     pub bytes: usize,
+    /// Register tombstones the writes held add, less those they replace, against the state before
+    /// them: a reader adds it to the tombstone index's count rather than look up every entry.
+    pub tombstones: i64,
     /// The number of the flush that will write this memtable.
     pub generation: u64,
 }
@@ -102,6 +105,7 @@ impl Memtable {
         for ((origin, last), row) in other.log {
             self.log_row(&origin, last, row);
         }
+        self.tombstones += other.tombstones;
     }
 
     /// Empties the memtable once flush number `generation` is committed.
@@ -109,6 +113,7 @@ impl Memtable {
         self.state = StateMaps::default();
         self.log.clear();
         self.bytes = 0;
+        self.tombstones = 0;
         self.generation += 1;
     }
 
@@ -230,10 +235,12 @@ impl StateSink for MemSink {
         &mut self,
         _register: &str,
         _key: &[u8],
-        _old: Option<&RegisterValue>,
-        _new: &RegisterValue,
+        old: Option<&RegisterValue>,
+        new: &RegisterValue,
     ) -> Result<(), StoreError> {
-        // The flush indexes tombstones from what each value replaces in redb (`Memtable::write`).
+        // The flush indexes tombstones from what each value replaces in redb (`Memtable::write`);
+        // readers count them from here until then.
+        self.delta.tombstones += new.is_tombstone() as i64 - old.is_some_and(RegisterValue::is_tombstone) as i64;
         Ok(())
     }
 

@@ -329,16 +329,8 @@ impl Store {
 
     /// Register tombstones held now.
     pub fn tombstones(&self) -> Result<u64, StoreError> {
-        let (txn, pending) = self.overlay(|m| {
-            let registers = &m.state[crate::snapshot::Kind::Register as usize];
-            registers.iter().map(|(k, v)| (k.clone(), root::register_is_tombstone(v))).collect::<Vec<_>>()
-        })?;
-        let mut held = tombstones::count(&txn)? as i64;
-        let registers = txn.open_table(REGISTERS)?;
-        for ((register, key), tombstone) in pending.unwrap_or_default() {
-            let was = registers.get((register.as_str(), key.as_slice()))?;
-            held += tombstone as i64 - was.is_some_and(|v| root::register_is_tombstone(v.value())) as i64;
-        }
+        let (txn, pending) = self.overlay(|m| m.tombstones)?;
+        let held = tombstones::count(&txn)? as i64 + pending.unwrap_or(0);
         Ok(held.max(0) as u64)
     }
 
