@@ -640,6 +640,40 @@ async fn a_held_chunk_cut_short_by_a_crash_counts_as_missing_and_is_fetched_agai
 }
 
 #[tokio::test]
+async fn a_chunk_damaged_on_disk_is_not_served_but_reported_not_held() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = open(&dir, "a.redb");
+    write(&a, 1, 12).await;
+    let snap = a.store.create_snapshot(&a.signer, "test", 300).unwrap();
+    let m = a.store.snapshot_manifest(&snap.cid).unwrap().unwrap().verify().unwrap();
+    assert!(m.chunks.len() > 1);
+    let (bad, good) = (m.chunks[0].cid, m.chunks[1].cid);
+    let signer = a.close().await;
+    // Damaged while the node was down (a bad disk, a stray write): same size, one byte flipped.
+    let file = peersync::store::chunks_dir(&dir.path().join("a.redb")).join(bad.to_string());
+    let mut bytes = std::fs::read(&file).unwrap();
+    let middle = bytes.len() / 2;
+    bytes[middle] ^= 0x01;
+    std::fs::write(&file, &bytes).unwrap();
+
+    let a = open_with(&dir.path().join("a.redb"), signer);
+    let served = |cid| peersync::sync::serve(&a.store, peersync::wire::SyncRequest::GetChunk { cid });
+    match served(bad) {
+        peersync::wire::SyncResponse::Error { code, .. } => assert_eq!(code, "not_found"),
+        other => panic!("a damaged chunk was answered with {other:?}"),
+    }
+    assert!(!a.store.has_chunk(&bad).unwrap(), "removed, so the node no longer counts it held");
+    assert_eq!(a.store.missing_chunks(&m).unwrap(), vec![bad]);
+    // A sound chunk is served, the first time and again.
+    for _ in 0..2 {
+        match served(good) {
+            peersync::wire::SyncResponse::Chunk(bytes) => peersync::snapshot::verify_chunk_cid(&good, &bytes).unwrap(),
+            other => panic!("a sound chunk was answered with {other:?}"),
+        }
+    }
+}
+
+#[tokio::test]
 async fn chunks_no_held_snapshot_lists_are_collected_unless_kept() {
     let dir = tempfile::tempdir().unwrap();
     let a = open(&dir, "a.redb");

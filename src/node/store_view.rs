@@ -69,7 +69,7 @@ impl ServeStore for Store {
     }
 
     fn chunk(&self, cid: &Cid) -> Result<Option<Vec<u8>>, String> {
-        self.snapshot_chunk(cid).map_err(|e| e.to_string())
+        self.served_chunk(cid).map_err(|e| e.to_string())
     }
 
     fn bucket_hashes(&self) -> Vec<[u8; 32]> {

@@ -9,10 +9,12 @@
 //! is never half-written by a running node. A write that is not durable is fsynced later, by
 //! [`ChunkFiles::sync`] (a durable write syncs every write before it too); a crash before that may
 //! leave a file cut short or empty. Readers that rely on the bytes check them: an install hashes
-//! every chunk it reads (and removes one that does not hash to its name), and a puller counts a
-//! chunk whose size is not the manifest's as missing.
+//! every chunk it reads (and removes one that does not hash to its name), a puller counts a chunk
+//! whose size is not the manifest's as missing, and a chunk is hashed before it is first served
+//! (see [`ChunkFiles::get_served`]), so a damaged disk makes a node lack a chunk rather than serve
+//! bytes that make its pullers take it for a liar.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -33,6 +35,8 @@ pub(crate) struct ChunkFiles {
     unsynced: Mutex<BTreeSet<String>>,
     /// Numbers the temporary files, so two threads writing one chunk do not share one.
     next_partial: AtomicU64,
+    /// Chunks whose files this process wrote or hashed: served without hashing them again.
+    checked: Mutex<HashSet<Cid>>,
 }
 
 impl ChunkFiles {
@@ -46,7 +50,12 @@ impl ChunkFiles {
                 std::fs::remove_file(&path).map_err(|source| StoreError::ChunkFile { path, source })?;
             }
         }
-        Ok(ChunkFiles { dir: dir.to_owned(), unsynced: Mutex::default(), next_partial: AtomicU64::new(0) })
+        Ok(ChunkFiles {
+            dir: dir.to_owned(),
+            unsynced: Mutex::default(),
+            next_partial: AtomicU64::new(0),
+            checked: Mutex::default(),
+        })
     }
 
     fn path(&self, cid: &Cid) -> PathBuf {
@@ -83,6 +92,21 @@ impl ChunkFiles {
         }
     }
 
+    /// The bytes held under `cid`, to serve to a peer: hashed the first time this process serves
+    /// them (unless it wrote them itself), so that a file damaged on disk is removed and reported as
+    /// not held instead of being sent. Damage after that first check goes unseen until a restart,
+    /// and the receiver's own check refuses it.
+    pub fn get_served(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
+        if self.checked.lock().expect("chunk files lock").contains(cid) {
+            return self.get(cid);
+        }
+        let bytes = self.get_checked(cid)?;
+        if bytes.is_some() {
+            self.checked.lock().expect("chunk files lock").insert(*cid);
+        }
+        Ok(bytes)
+    }
+
     /// The size of the file held under `cid`, if any.
     pub fn size(&self, cid: &Cid) -> Result<Option<u64>, StoreError> {
         self.at(cid, |p| std::fs::metadata(p).map(|m| m.len()))
@@ -115,6 +139,8 @@ impl ChunkFiles {
             return Err(StoreError::ChunkFile { path: partial, source });
         }
         self.unsynced.lock().expect("chunk files lock").insert(name);
+        // Every caller checked the bytes against the CID (or moves chunks an older build checked).
+        self.checked.lock().expect("chunk files lock").insert(*cid);
         Ok(())
     }
 
@@ -142,6 +168,7 @@ impl ChunkFiles {
 
     /// Removes the chunk held under `cid`. Returns whether there was one.
     pub fn remove(&self, cid: &Cid) -> Result<bool, StoreError> {
+        self.checked.lock().expect("chunk files lock").remove(cid);
         Ok(self.at(cid, |p| std::fs::remove_file(p))?.is_some())
     }
 

@@ -199,6 +199,13 @@ impl Store {
         self.chunk_files().get(cid)
     }
 
+    /// The compressed bytes of a held chunk, to send to a peer: hashed against the CID the first
+    /// time this process serves them, so that a file damaged on disk is removed and reads as not
+    /// held (the peer asks elsewhere) instead of being sent.
+    pub fn served_chunk(&self, cid: &Cid) -> Result<Option<Vec<u8>>, StoreError> {
+        self.chunk_files().get_served(cid)
+    }
+
     pub fn has_chunk(&self, cid: &Cid) -> Result<bool, StoreError> {
         Ok(self.chunk_files().size(cid)?.is_some())
     }
