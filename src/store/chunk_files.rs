@@ -1,6 +1,7 @@
 //! Snapshot chunks as files: one file per chunk in a directory next to the state database, named
 //! by the chunk's CID. A chunk is immutable and content-addressed, so it needs no B-tree: a write is
-//! one `write` of its bytes into the page cache, a read one `read`. In redb, keeping a 4 MiB chunk
+//! one direct `write` of its bytes to the device (see [`write_new`]), a read one `read`. In redb,
+//! keeping a 4 MiB chunk
 //! cost page allocation, copies and checksums on top of that, and a snapshot pull kept every byte
 //! twice (chunk, then staged entries); W5 of `scripts/bench.sh` spent about a fifth of the puller's
 //! CPU keeping chunks.
