@@ -1,10 +1,9 @@
 //! Snapshot chunks as files: one file per chunk in a directory next to the state database, named
 //! by the chunk's CID. A chunk is immutable and content-addressed, so it needs no B-tree: a write is
 //! one direct `write` of its bytes to the device (see [`write_new`]), a read one `read`. In redb,
-//! keeping a 4 MiB chunk
-//! cost page allocation, copies and checksums on top of that, and a snapshot pull kept every byte
-//! twice (chunk, then staged entries); W5 of `scripts/bench.sh` spent about a fifth of the puller's
-//! CPU keeping chunks.
+//! keeping a 4 MiB chunk cost page allocation, copies and checksums on top of that, and a snapshot
+//! pull kept every byte twice (chunk, then staged entries); W5 of `scripts/bench.sh` spent about a
+//! fifth of the puller's CPU keeping chunks.
 //!
 //! A chunk is written to a temporary file and renamed into place, so a file under a chunk's name
 //! is never half-written by a running node. A write that is not durable is fsynced later, by
